@@ -1,0 +1,112 @@
+use std::sync::Arc;
+
+use super::*;
+
+/// A real ClientHello, written by a rustls client.
+fn client_hello(server_name: &str, alpn: &[&str]) -> Vec<u8> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).expect("server name");
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).expect("client connection");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("write ClientHello");
+    }
+    out
+}
+
+fn known(p: Protocol) -> Detection {
+    Detection::Known(p)
+}
+
+#[test]
+fn http1_request_lines() {
+    assert_eq!(detect(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), known(Protocol::Http1));
+    assert_eq!(detect(b"POST /x?y=1 HTTP/1.0\r\n"), known(Protocol::Http1));
+    assert_eq!(detect(b"OPTIONS * HTTP/1.1\n"), known(Protocol::Http1));
+    assert_eq!(detect(b"CONNECT example.com:443 HTTP/1.1\r\n"), known(Protocol::Http1));
+}
+
+#[test]
+fn http1_prefixes_need_more() {
+    for prefix in ["G", "GET", "GET ", "GET /index.html", "GET / ", "GET / HTTP/", "GET / HTTP/1.1", "GET / HTTP/1.1\r"] {
+        assert_eq!(detect(prefix.as_bytes()), Detection::NeedMore, "{prefix:?}");
+    }
+}
+
+#[test]
+fn not_http1() {
+    for bytes in [&b"GET  / HTTP/1.1\r\n"[..], b"GET / HTTP/2.0\r\n", b"GET / FTP/1.1\r\n", b"\x00\x01", b"220 smtp ready\r\n", b"GET / HTTP/1.1x"] {
+        assert_eq!(detect(bytes), known(Protocol::Opaque), "{bytes:?}");
+    }
+}
+
+#[test]
+fn h2_preface() {
+    assert_eq!(detect(H2_PREFACE), known(Protocol::Http2));
+    let mut with_settings = H2_PREFACE.to_vec();
+    with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    assert_eq!(detect(&with_settings), known(Protocol::Http2));
+    assert_eq!(detect(b"PRI * HTTP/2"), Detection::NeedMore);
+    // The preface shares its first bytes with an HTTP/1 request line but is not one.
+    assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nXX"), known(Protocol::Opaque));
+}
+
+#[test]
+fn tls_client_hello_with_sni_and_alpn() {
+    let hello = client_hello("reviews.default.svc.cluster.local", &["h2", "http/1.1"]);
+    let expected = ClientHelloInfo {
+        server_name: Some("reviews.default.svc.cluster.local".into()),
+        alpn: vec!["h2".into(), "http/1.1".into()],
+    };
+    assert_eq!(detect(&hello), known(Protocol::Tls(expected)));
+}
+
+#[test]
+fn tls_client_hello_arrives_in_pieces() {
+    let hello = client_hello("example.com", &[]);
+    for cut in [1, 2, 5, 40, hello.len() - 1] {
+        assert_eq!(detect(&hello[..cut]), Detection::NeedMore, "cut at {cut}");
+    }
+    let Detection::Known(Protocol::Tls(info)) = detect(&hello) else {
+        panic!("full hello not detected");
+    };
+    assert_eq!(info.server_name.as_deref(), Some("example.com"));
+    assert!(info.alpn.is_empty());
+}
+
+#[test]
+fn tls_lookalikes_are_opaque() {
+    assert_eq!(detect(&[0x16, 0x02, 0, 0]), known(Protocol::Opaque));
+    // A handshake record whose body is garbage.
+    assert_eq!(detect(&[0x16, 0x03, 0x01, 0x00, 0x04, 0xff, 0xff, 0xff, 0xff]), known(Protocol::Opaque));
+}
+
+#[test]
+fn endless_prefix_becomes_opaque() {
+    let mut long = b"GET /".to_vec();
+    long.resize(MAX_DETECT_BYTES, b'a');
+    assert_eq!(detect(&long), known(Protocol::Opaque));
+}
+
+#[test]
+fn arbitrary_bytes_never_panic() {
+    // A cheap stand-in for the fuzz target: every prefix of a few mixed inputs.
+    let hello = client_hello("a.b", &["h2"]);
+    let inputs: [&[u8]; 4] = [&hello, H2_PREFACE, b"GET /a HTTP/1.1\r\n", &[0x16, 0x03, 0x03, 0xff, 0xff, 0x01]];
+    for input in inputs {
+        for i in 0..=input.len() {
+            let _ = detect(&input[..i]);
+            let mut flipped = input[..i].to_vec();
+            if let Some(b) = flipped.last_mut() {
+                *b ^= 0x5a;
+            }
+            let _ = detect(&flipped);
+        }
+    }
+}
