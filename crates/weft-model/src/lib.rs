@@ -1,1 +1,17 @@
-//! placeholder
+//! The proxy's configuration: the static YAML file a user writes ([`file`]) and the validated runtime model
+//! the data path reads ([`Bootstrap`] for what is fixed for the life of the process, [`Mesh`] for the
+//! listeners, routes and clusters that a control plane will replace at run time).
+//!
+//! A [`Mesh`] is immutable once built; a change is a new `Arc<Mesh>` swapped in whole.
+
+pub mod file;
+mod mesh;
+
+pub use file::{LoadError, load_file, parse};
+pub use mesh::{
+    Bootstrap, Cluster, Egress, ExplicitListener, InboundPolicy, Mesh, Mode, Node, OutboundPolicy, Protocol,
+    Target,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,349 @@
+//! The static YAML configuration file (`weft proxy --config FILE`), field by field as documented in
+//! `docs/configuration.md`. Parsing rejects unknown fields; [`ProxyFile::validate`] then checks what serde
+//! cannot (references between sections, duplicates) and builds the runtime model.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::{
+    Bootstrap, Cluster, Egress, ExplicitListener, InboundPolicy, Mesh, Mode, Node, OutboundPolicy, Protocol,
+};
+
+/// Envoy's default cluster connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle upstream connections are closed after this long. Kept under the 5 s keep-alive that common app
+/// servers (Node.js, Go's default is longer) use, so the proxy closes an idle connection before the app
+/// does, rather than racing the app's close with a new request.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long to wait for a client's first bytes before calling the connection opaque TCP. Long enough for
+/// a client on a busy machine to send its request, short enough that a server-speaks-first protocol
+/// (MySQL, SMTP) only sees a small delay before its greeting.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long in-flight requests get to finish on shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const ADMIN_PORT: u16 = 15000;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
+pub const READINESS_PORT: u16 = 15021;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyFile {
+    pub mode: Mode,
+    pub node: NodeFile,
+    pub admin: AddressFile,
+    pub readiness: AddressFile,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub detect_timeout: Option<Duration>,
+    pub outbound: OutboundFile,
+    pub inbound: InboundFile,
+    pub listeners: Vec<ListenerFile>,
+    pub clusters: Vec<ClusterFile>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeFile {
+    pub id: Option<String>,
+    pub workload: Option<String>,
+    pub namespace: Option<String>,
+    pub service_account: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AddressFile {
+    pub address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundFile {
+    pub enabled: bool,
+    pub address: Option<SocketAddr>,
+    pub egress: Egress,
+    pub services: Vec<ServiceFile>,
+}
+
+impl Default for OutboundFile {
+    fn default() -> Self {
+        Self { enabled: true, address: None, egress: Egress::AllowAny, services: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceFile {
+    /// `ip:port` the app connects to; `0.0.0.0:port` matches any address on that port.
+    pub address: SocketAddr,
+    pub cluster: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboundFile {
+    pub enabled: bool,
+    pub address: Option<SocketAddr>,
+    pub app_address: IpAddr,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    pub ports: Vec<InboundPortFile>,
+}
+
+impl Default for InboundFile {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            address: None,
+            app_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            idle_timeout: None,
+            ports: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundPortFile {
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: String,
+    pub address: SocketAddr,
+    pub cluster: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub name: String,
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Why a configuration file was not accepted. Each variant names the file; `Invalid` names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{}: field `{field}`: {problem}", path.display())]
+    Invalid { path: PathBuf, field: String, problem: String },
+}
+
+/// A problem found after parsing: the field (as a path such as `clusters[2].name`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Invalid {
+    Invalid { field: field.into(), problem: problem.into() }
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load_file(path: &Path) -> Result<(Bootstrap, Mesh), LoadError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+    parse(&text).map_err(|e| match e {
+        ParseError::Yaml(source) => LoadError::Parse { path: path.into(), source },
+        ParseError::Invalid(Invalid { field, problem }) => LoadError::Invalid { path: path.into(), field, problem },
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error(transparent)]
+    Yaml(#[from] serde_yaml_ng::Error),
+    #[error("field `{}`: {}", .0.field, .0.problem)]
+    Invalid(Invalid),
+}
+
+/// Parses and validates configuration text. An empty document is the all-defaults configuration.
+pub fn parse(text: &str) -> Result<(Bootstrap, Mesh), ParseError> {
+    let file: ProxyFile =
+        if text.trim().is_empty() { ProxyFile::default() } else { serde_yaml_ng::from_str(text)? };
+    file.validate().map_err(ParseError::Invalid)
+}
+
+impl ProxyFile {
+    /// Checks what the types cannot and builds the runtime model.
+    pub fn validate(self) -> Result<(Bootstrap, Mesh), Invalid> {
+        let wildcard = self.mode.wildcard();
+        let bootstrap = Bootstrap {
+            mode: self.mode,
+            node: self.node.resolve(),
+            admin_address: self.admin.address.unwrap_or(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT)),
+            readiness_address: self.readiness.address.unwrap_or(SocketAddr::new(wildcard, READINESS_PORT)),
+            drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        };
+
+        let clusters = validate_clusters(self.clusters)?;
+        let known = |field: String, name: &str| -> Result<Arc<Cluster>, Invalid> {
+            clusters.get(name).cloned().ok_or_else(|| invalid(field, format!("unknown cluster \"{name}\"")))
+        };
+
+        let mut services = HashMap::new();
+        for (i, svc) in self.outbound.services.into_iter().enumerate() {
+            let cluster = known(format!("outbound.services[{i}].cluster"), &svc.cluster)?;
+            let target = crate::Target { cluster, protocol: svc.protocol };
+            if services.insert(svc.address, target).is_some() {
+                return Err(invalid(
+                    format!("outbound.services[{i}].address"),
+                    format!("{} is listed twice", svc.address),
+                ));
+            }
+        }
+        let outbound = self.outbound.enabled.then(|| OutboundPolicy {
+            address: self.outbound.address.unwrap_or(SocketAddr::new(wildcard, OUTBOUND_PORT)),
+            egress: self.outbound.egress,
+            services,
+        });
+
+        let mut inbound_ports = HashMap::new();
+        for (i, port) in self.inbound.ports.iter().enumerate() {
+            if port.port == 0 {
+                return Err(invalid(format!("inbound.ports[{i}].port"), "port 0 is not a port"));
+            }
+            if inbound_ports.insert(port.port, port.protocol).is_some() {
+                return Err(invalid(format!("inbound.ports[{i}].port"), format!("port {} is listed twice", port.port)));
+            }
+        }
+        let inbound = self.inbound.enabled.then(|| InboundPolicy {
+            address: self.inbound.address.unwrap_or(SocketAddr::new(wildcard, INBOUND_PORT)),
+            app_address: self.inbound.app_address,
+            idle_timeout: self.inbound.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+            ports: inbound_ports,
+        });
+
+        let mut listeners = Vec::new();
+        let mut names = HashSet::new();
+        for (i, l) in self.listeners.into_iter().enumerate() {
+            if l.name.is_empty() {
+                return Err(invalid(format!("listeners[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(l.name.clone()) {
+                return Err(invalid(format!("listeners[{i}].name"), format!("duplicate listener name \"{}\"", l.name)));
+            }
+            let cluster = known(format!("listeners[{i}].cluster"), &l.cluster)?;
+            listeners.push(ExplicitListener {
+                name: l.name,
+                address: l.address,
+                target: crate::Target { cluster, protocol: l.protocol },
+            });
+        }
+
+        check_distinct_addresses(&bootstrap, outbound.as_ref(), inbound.as_ref(), &listeners)?;
+
+        let mesh = Mesh {
+            detect_timeout: self.detect_timeout.unwrap_or(DEFAULT_DETECT_TIMEOUT),
+            outbound,
+            inbound,
+            listeners,
+            clusters,
+        };
+        Ok((bootstrap, mesh))
+    }
+}
+
+fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<Cluster>>, Invalid> {
+    let mut by_name = HashMap::new();
+    for (i, c) in clusters.into_iter().enumerate() {
+        if c.name.is_empty() {
+            return Err(invalid(format!("clusters[{i}].name"), "must not be empty"));
+        }
+        for (j, ep) in c.endpoints.iter().enumerate() {
+            if ep.port() == 0 || ep.ip().is_unspecified() {
+                return Err(invalid(format!("clusters[{i}].endpoints[{j}]"), format!("{ep} is not a connectable address")));
+            }
+        }
+        if c.connect_timeout == Some(Duration::ZERO) {
+            return Err(invalid(format!("clusters[{i}].connect_timeout"), "must be greater than 0"));
+        }
+        let cluster = Cluster {
+            name: c.name.clone(),
+            endpoints: c.endpoints,
+            connect_timeout: c.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+        };
+        if by_name.insert(c.name.clone(), Arc::new(cluster)).is_some() {
+            return Err(invalid(format!("clusters[{i}].name"), format!("duplicate cluster name \"{}\"", c.name)));
+        }
+    }
+    Ok(by_name)
+}
+
+/// Two of our own listeners on one address would fail at bind time with a less helpful message.
+fn check_distinct_addresses(
+    bootstrap: &Bootstrap,
+    outbound: Option<&OutboundPolicy>,
+    inbound: Option<&InboundPolicy>,
+    listeners: &[ExplicitListener],
+) -> Result<(), Invalid> {
+    let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+    let mut claim = |addr: SocketAddr, field: String| -> Result<(), Invalid> {
+        if addr.port() == 0 {
+            return Ok(()); // an ephemeral port never collides
+        }
+        match seen.insert(addr, field.clone()) {
+            Some(other) => Err(invalid(field, format!("address {addr} is also used by `{other}`"))),
+            None => Ok(()),
+        }
+    };
+    claim(bootstrap.admin_address, "admin.address".into())?;
+    claim(bootstrap.readiness_address, "readiness.address".into())?;
+    if let Some(o) = outbound {
+        claim(o.address, "outbound.address".into())?;
+    }
+    if let Some(i) = inbound {
+        claim(i.address, "inbound.address".into())?;
+    }
+    for (i, l) in listeners.iter().enumerate() {
+        claim(l.address, format!("listeners[{i}].address"))?;
+    }
+    Ok(())
+}
+
+impl NodeFile {
+    /// Fills what the file leaves out from the Istio-style environment of a pod.
+    fn resolve(self) -> Node {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let workload = self.workload.or_else(|| env("POD_NAME")).unwrap_or_else(|| "unknown".into());
+        let namespace = self.namespace.or_else(|| env("POD_NAMESPACE")).unwrap_or_else(|| "default".into());
+        let service_account =
+            self.service_account.or_else(|| env("SERVICE_ACCOUNT")).unwrap_or_else(|| "default".into());
+        let id = self.id.unwrap_or_else(|| format!("sidecar~{}~{workload}.{namespace}", env("INSTANCE_IP").unwrap_or_default()));
+        Node { id, workload, namespace, service_account }
+    }
+}

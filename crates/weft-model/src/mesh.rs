@@ -1,0 +1,180 @@
+//! The runtime model: validated, indexed, immutable.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the proxy runs: the defaults for bind addresses follow from it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// In front of a test service on a developer's machine: everything binds to loopback.
+    #[default]
+    Local,
+    /// Beside an app in a pod, behind `weft init`'s iptables rules: capture listeners bind to all addresses
+    /// (IPv4 and IPv6).
+    Pod,
+}
+
+impl Mode {
+    pub(crate) fn wildcard(self) -> IpAddr {
+        match self {
+            Mode::Local => Ipv4Addr::LOCALHOST.into(),
+            Mode::Pod => Ipv6Addr::UNSPECIFIED.into(),
+        }
+    }
+}
+
+/// The protocol a port speaks, when known in advance. Names follow Istio's port protocols.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Look at the client's first bytes; give up after the detect timeout (server-speaks-first).
+    #[default]
+    Detect,
+    /// HTTP/1.x or HTTP/2 prior knowledge: the client always speaks first, so no timeout applies.
+    Http,
+    /// HTTP/2 only (gRPC).
+    #[serde(alias = "grpc", alias = "h2c")]
+    Http2,
+    /// Opaque bytes, forwarded without waiting for or looking at anything.
+    #[serde(alias = "opaque", alias = "tls", alias = "mysql", alias = "mongo", alias = "redis")]
+    Tcp,
+}
+
+/// What to do with outbound connections to addresses no service claims.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Egress {
+    /// Forward to the original destination (Istio's `ALLOW_ANY`, Envoy's PassthroughCluster).
+    #[default]
+    AllowAny,
+    /// Refuse (Istio's `REGISTRY_ONLY`, Envoy's BlackHoleCluster).
+    RegistryOnly,
+}
+
+/// Fixed for the life of the process.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bootstrap {
+    pub mode: Mode,
+    pub node: Node,
+    pub admin_address: SocketAddr,
+    pub readiness_address: SocketAddr,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// Who this proxy is: the workload it serves.
+#[derive(Debug, Clone, Serialize)]
+pub struct Node {
+    pub id: String,
+    pub workload: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// Listeners, routes and clusters: the part a control plane replaces at run time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mesh {
+    #[serde(with = "humantime_serde")]
+    pub detect_timeout: Duration,
+    pub outbound: Option<OutboundPolicy>,
+    pub inbound: Option<InboundPolicy>,
+    pub listeners: Vec<ExplicitListener>,
+    #[serde(serialize_with = "sorted_values")]
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+/// The transparent outbound listener and the services it knows.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboundPolicy {
+    pub address: SocketAddr,
+    pub egress: Egress,
+    #[serde(serialize_with = "sorted_map")]
+    pub services: HashMap<SocketAddr, Target>,
+}
+
+/// The transparent inbound listener: forwards to the app on `app_address`, port preserved.
+#[derive(Debug, Clone, Serialize)]
+pub struct InboundPolicy {
+    pub address: SocketAddr,
+    pub app_address: IpAddr,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "sorted_map")]
+    pub ports: HashMap<u16, Protocol>,
+}
+
+/// A listener bound to a fixed address that sends everything to one cluster (no iptables needed).
+#[derive(Debug, Clone, Serialize)]
+pub struct ExplicitListener {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(flatten)]
+    pub target: Target,
+}
+
+/// Where a connection goes, and what it is known to speak.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    #[serde(serialize_with = "cluster_name")]
+    pub cluster: Arc<Cluster>,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl OutboundPolicy {
+    /// The service claiming `dst`: an exact `ip:port` match first, then one for any address on the port.
+    pub fn service_for(&self, dst: SocketAddr) -> Option<&Target> {
+        self.services.get(&dst).or_else(|| {
+            let any_v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), dst.port());
+            let any_v6 = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), dst.port());
+            self.services.get(&any_v4).or_else(|| self.services.get(&any_v6))
+        })
+    }
+}
+
+impl InboundPolicy {
+    /// The app's address for a connection that was going to `dst`.
+    pub fn app_for(&self, dst: SocketAddr) -> SocketAddr {
+        SocketAddr::new(self.app_address, dst.port())
+    }
+
+    pub fn protocol_for(&self, port: u16) -> Protocol {
+        self.ports.get(&port).copied().unwrap_or_default()
+    }
+}
+
+fn sorted_values<S: serde::Serializer>(
+    map: &HashMap<String, Arc<Cluster>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut values: Vec<_> = map.values().collect();
+    values.sort_by(|a, b| a.name.cmp(&b.name));
+    s.collect_seq(values)
+}
+
+fn sorted_map<K: Ord + ToString, V: Serialize, S: serde::Serializer>(
+    map: &HashMap<K, V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    s.collect_map(entries.into_iter().map(|(k, v)| (k.to_string(), v)))
+}
+
+fn cluster_name<S: serde::Serializer>(cluster: &Arc<Cluster>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&cluster.name)
+}

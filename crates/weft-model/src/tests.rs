@@ -1,0 +1,155 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::file::ParseError;
+use crate::*;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn invalid(text: &str) -> (String, String) {
+    match parse(text) {
+        Err(ParseError::Invalid(i)) => (i.field, i.problem),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn empty_file_is_local_defaults() {
+    let (bootstrap, mesh) = parse("").unwrap();
+    assert_eq!(bootstrap.mode, Mode::Local);
+    assert_eq!(bootstrap.admin_address, addr("127.0.0.1:15000"));
+    assert_eq!(bootstrap.readiness_address, addr("127.0.0.1:15021"));
+    assert_eq!(bootstrap.drain_timeout, Duration::from_secs(5));
+    assert_eq!(mesh.outbound.as_ref().unwrap().address, addr("127.0.0.1:15001"));
+    assert_eq!(mesh.inbound.as_ref().unwrap().address, addr("127.0.0.1:15006"));
+    assert_eq!(mesh.outbound.unwrap().egress, Egress::AllowAny);
+}
+
+#[test]
+fn pod_mode_binds_all_addresses() {
+    let (bootstrap, mesh) = parse("mode: pod").unwrap();
+    assert_eq!(bootstrap.admin_address, addr("127.0.0.1:15000"), "admin stays on loopback");
+    assert_eq!(bootstrap.readiness_address, addr("[::]:15021"));
+    assert_eq!(mesh.outbound.unwrap().address, addr("[::]:15001"));
+    assert_eq!(mesh.inbound.unwrap().address, addr("[::]:15006"));
+}
+
+const FULL: &str = r#"
+node: { workload: productpage-v1, namespace: bookinfo }
+drain_timeout: 10s
+detect_timeout: 150ms
+outbound:
+  egress: registry_only
+  services:
+    - { address: 10.96.0.20:9080, cluster: reviews, protocol: http }
+    - { address: 0.0.0.0:3306, cluster: db, protocol: mysql }
+inbound:
+  ports:
+    - { port: 9080, protocol: http }
+listeners:
+  - { name: reviews-local, address: 127.0.0.1:18080, cluster: reviews }
+clusters:
+  - name: reviews
+    endpoints: [127.0.0.1:9081, 127.0.0.1:9082]
+    connect_timeout: 1s
+  - name: db
+    endpoints: ["[::1]:3306"]
+"#;
+
+#[test]
+fn full_file() {
+    let (bootstrap, mesh) = parse(FULL).unwrap();
+    assert_eq!(bootstrap.node.workload, "productpage-v1");
+    assert_eq!(bootstrap.node.namespace, "bookinfo");
+    assert_eq!(bootstrap.drain_timeout, Duration::from_secs(10));
+    assert_eq!(mesh.detect_timeout, Duration::from_millis(150));
+
+    let outbound = mesh.outbound.as_ref().unwrap();
+    assert_eq!(outbound.egress, Egress::RegistryOnly);
+    let reviews = outbound.service_for(addr("10.96.0.20:9080")).unwrap();
+    assert_eq!(reviews.cluster.name, "reviews");
+    assert_eq!(reviews.protocol, Protocol::Http);
+    assert_eq!(reviews.cluster.endpoints, vec![addr("127.0.0.1:9081"), addr("127.0.0.1:9082")]);
+    assert_eq!(reviews.cluster.connect_timeout, Duration::from_secs(1));
+    // The wildcard service matches any address on its port, and a MySQL port is opaque.
+    let db = outbound.service_for(addr("10.1.2.3:3306")).unwrap();
+    assert_eq!((db.cluster.name.as_str(), db.protocol), ("db", Protocol::Tcp));
+    assert!(outbound.service_for(addr("10.96.0.20:9081")).is_none());
+
+    let inbound = mesh.inbound.as_ref().unwrap();
+    assert_eq!(inbound.app_for(addr("10.0.0.7:9080")), addr("127.0.0.1:9080"));
+    assert_eq!(inbound.protocol_for(9080), Protocol::Http);
+    assert_eq!(inbound.protocol_for(5432), Protocol::Detect);
+
+    assert_eq!(mesh.listeners[0].target.cluster.name, "reviews");
+}
+
+#[test]
+fn config_dump_is_stable_json_ready() {
+    let (_, mesh) = parse(FULL).unwrap();
+    let a = format!("{mesh:?}");
+    assert!(a.contains("reviews"));
+    // Serializing twice gives the same text: maps are emitted sorted.
+    let yaml1 = serde_yaml_ng::to_string(&mesh).unwrap();
+    let yaml2 = serde_yaml_ng::to_string(&mesh).unwrap();
+    assert_eq!(yaml1, yaml2);
+    assert!(yaml1.contains("0.0.0.0:3306"), "{yaml1}");
+}
+
+#[test]
+fn reference_errors_name_the_field() {
+    let (field, problem) = invalid("listeners: [{ name: a, address: 127.0.0.1:1, cluster: nope }]");
+    assert_eq!(field, "listeners[0].cluster");
+    assert_eq!(problem, "unknown cluster \"nope\"");
+
+    let (field, _) = invalid("outbound: { services: [{ address: 1.2.3.4:80, cluster: x }] }");
+    assert_eq!(field, "outbound.services[0].cluster");
+}
+
+#[test]
+fn duplicates_are_rejected() {
+    let (field, problem) = invalid("clusters: [{ name: a }, { name: a }]");
+    assert_eq!((field.as_str(), problem.as_str()), ("clusters[1].name", "duplicate cluster name \"a\""));
+
+    let (field, problem) = invalid(
+        "clusters: [{ name: a }]\nlisteners: [{ name: l, address: 127.0.0.1:15000, cluster: a }]",
+    );
+    assert_eq!(field, "listeners[0].address");
+    assert!(problem.contains("admin.address"), "{problem}");
+}
+
+#[test]
+fn unusable_endpoints_are_rejected() {
+    let (field, _) = invalid("clusters: [{ name: a, endpoints: [127.0.0.1:80, 0.0.0.0:80] }]");
+    assert_eq!(field, "clusters[0].endpoints[1]");
+    let (field, _) = invalid("clusters: [{ name: a, connect_timeout: 0s }]");
+    assert_eq!(field, "clusters[0].connect_timeout");
+}
+
+#[test]
+fn syntax_and_type_errors_say_where() {
+    let err = parse("clusters: [{ name: a, endpoints: [not-an-address] }]").unwrap_err().to_string();
+    assert!(err.contains("clusters[0].endpoints[0]"), "{err}");
+    let err = parse("drain_timeout: soon").unwrap_err().to_string();
+    assert!(err.contains("drain_timeout"), "{err}");
+    let err = parse("admin: { adress: 127.0.0.1:1 }").unwrap_err().to_string();
+    assert!(err.contains("unknown field `adress`"), "{err}");
+    let err = parse("inbound: { ports: [{ port: 80, protocol: smtp2 }] }").unwrap_err().to_string();
+    assert!(err.contains("inbound.ports[0].protocol"), "{err}");
+}
+
+#[test]
+fn load_file_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("weft-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, "clusters: [{ name: a }, { name: a }]").unwrap();
+    let err = load_file(&path).unwrap_err().to_string();
+    assert!(err.starts_with(&path.display().to_string()), "{err}");
+    assert!(err.contains("field `clusters[1].name`"), "{err}");
+    let err = load_file(&dir.join("missing.yaml")).unwrap_err().to_string();
+    assert!(err.contains("missing.yaml: cannot read"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
