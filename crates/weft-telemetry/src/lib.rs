@@ -1,1 +1,12 @@
-//! placeholder
+//! What the proxy tells about itself: Prometheus metrics under Istio's standard names (plus `weft_*`
+//! internals), Envoy's response flags, and log-level control at run time.
+
+mod flags;
+mod logging;
+mod metrics;
+
+pub use flags::ResponseFlags;
+pub use logging::{LogControl, LogError};
+pub use metrics::{
+    ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol, TcpLabels,
+};

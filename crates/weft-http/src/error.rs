@@ -1,0 +1,64 @@
+//! Why a request could not be forwarded, and what the client is told: one place maps each cause to the
+//! status code, Envoy response flag and body text users know from Envoy.
+
+use std::error::Error as _;
+
+use http::StatusCode;
+use weft_telemetry::ResponseFlags;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
+    #[error("upstream connect error: {0}")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream protocol error: {0}")]
+    Protocol(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream connection terminated before the response: {0}")]
+    Terminated(#[source] hyper_util::client::legacy::Error),
+}
+
+impl UpstreamError {
+    pub(crate) fn from_client(err: hyper_util::client::legacy::Error) -> Self {
+        if err.is_connect() {
+            return Self::Connect(err);
+        }
+        let parse_error = err
+            .source()
+            .and_then(|s| s.downcast_ref::<hyper::Error>())
+            .is_some_and(|e| e.is_parse() || e.is_parse_status());
+        if parse_error { Self::Protocol(err) } else { Self::Terminated(err) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Protocol(_) => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn flags(&self) -> ResponseFlags {
+        match self {
+            Self::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
+            Self::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+            Self::Protocol(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
+            Self::Terminated(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+        }
+    }
+
+    /// The response body, worded as Envoy words it so that users' searches find the right answers.
+    pub fn body(&self) -> &'static str {
+        match self {
+            Self::NoHealthyUpstream => "no healthy upstream",
+            Self::Connect(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            }
+            Self::Protocol(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+            }
+            Self::Terminated(_) => {
+                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+            }
+        }
+    }
+}

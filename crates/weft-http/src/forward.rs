@@ -1,0 +1,202 @@
+//! Forwarding one request: pick the endpoint, rewrite the request for the next hop, send it over a pooled
+//! connection, and stream the response back (or tunnel after an upgrade).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use weft_model::Cluster;
+use weft_telemetry::{Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
+
+use crate::body::Completion;
+use crate::headers::{set_upgrade, strip_hop_by_hop};
+use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
+
+/// Where requests of a connection go.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// A cluster's endpoints, taken in turn.
+    Cluster { cluster: Arc<Cluster>, next: Arc<AtomicUsize> },
+    /// The address the client was going to (egress passthrough, inbound to the app).
+    Direct { addr: SocketAddr, settings: PoolSettings },
+}
+
+impl Upstream {
+    fn pick(&self) -> Option<(SocketAddr, PoolSettings)> {
+        match self {
+            Upstream::Cluster { cluster, next } => {
+                let n = cluster.endpoints.len();
+                if n == 0 {
+                    return None;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed) % n;
+                let settings =
+                    PoolSettings { connect_timeout: cluster.connect_timeout, idle_timeout: cluster.idle_timeout };
+                Some((cluster.endpoints[i], settings))
+            }
+            Upstream::Direct { addr, settings } => Some((*addr, *settings)),
+        }
+    }
+}
+
+/// Per-connection facts every request on it shares.
+#[derive(Debug, Clone)]
+pub struct HttpContext {
+    pub upstream: Upstream,
+    /// Where the client was going; the authority of last resort for requests without one.
+    pub orig_dst: SocketAddr,
+    pub version: HttpVersion,
+    pub peers: Peers,
+}
+
+/// Sends requests upstream. Cheap to clone; shared by all connections.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    pools: Arc<Pools>,
+    metrics: Arc<Metrics>,
+}
+
+impl Forwarder {
+    pub fn new(pools: Arc<Pools>, metrics: Arc<Metrics>) -> Self {
+        Self { pools, metrics }
+    }
+
+    pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let request_protocol = if is_grpc(&req) { RequestProtocol::grpc } else { RequestProtocol::http };
+        let completion = |status: StatusCode, flags: ResponseFlags| Completion {
+            metrics: self.metrics.clone(),
+            labels: RequestLabels {
+                peers: ctx.peers.clone(),
+                request_protocol,
+                response_code: status.as_u16(),
+                response_flags: flags,
+            },
+            start,
+        };
+
+        let Some((endpoint, settings)) = ctx.upstream.pick() else {
+            return self.error_response(UpstreamError::NoHealthyUpstream, completion);
+        };
+
+        let downstream_upgrade =
+            (ctx.version == HttpVersion::Http1).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let upgrade = strip_hop_by_hop(&mut parts.headers, ctx.version == HttpVersion::Http2);
+        // The proxy answers `Expect: 100-continue` itself: hyper sends `100 Continue` when the body is first
+        // read, which happens once the upstream connection is ready for it.
+        parts.headers.remove(header::EXPECT);
+        let upgrade = upgrade.filter(|_| ctx.version == HttpVersion::Http1);
+        if let Some(protocol) = &upgrade {
+            set_upgrade(&mut parts.headers, protocol.clone());
+        }
+
+        let authority = request_authority(&parts, ctx.orig_dst);
+        if ctx.version == HttpVersion::Http1 && !parts.headers.contains_key(header::HOST) {
+            // HTTP/1.0 clients may send no Host; the next hop gets the address the client dialled.
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = match Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path).build() {
+            Ok(uri) => uri,
+            Err(_) => return self.bad_request(completion),
+        };
+        parts.version = match ctx.version {
+            HttpVersion::Http1 => Version::HTTP_11,
+            HttpVersion::Http2 => Version::HTTP_2,
+        };
+
+        let client = self.pools.client(endpoint, ctx.version, settings);
+        let mut response = match client.request(Request::from_parts(parts, body)).await {
+            Ok(response) => response,
+            Err(err) => {
+                let err = UpstreamError::from_client(err);
+                tracing::debug!(%endpoint, error = %err, "upstream request failed");
+                return self.error_response(err, completion);
+            }
+        };
+
+        let status = response.status();
+        match (status, upgrade, downstream_upgrade) {
+            (StatusCode::SWITCHING_PROTOCOLS, Some(protocol), Some(downstream)) => {
+                let upstream = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(downstream, upstream));
+                strip_hop_by_hop(response.headers_mut(), false);
+                set_upgrade(response.headers_mut(), protocol);
+            }
+            _ => {
+                strip_hop_by_hop(response.headers_mut(), false);
+            }
+        }
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, ProxyBody::upstream(body, completion(status, ResponseFlags::NONE)))
+    }
+
+    fn error_response(
+        &self,
+        err: UpstreamError,
+        completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
+    ) -> Response<ProxyBody> {
+        let status = err.status();
+        let body = ProxyBody::local(err.body(), Some(completion(status, err.flags())));
+        local_response(status, body)
+    }
+
+    fn bad_request(&self, completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion) -> Response<ProxyBody> {
+        let status = StatusCode::BAD_REQUEST;
+        let body = ProxyBody::local("bad request", Some(completion(status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR)));
+        local_response(status, body)
+    }
+}
+
+fn local_response(status: StatusCode, body: ProxyBody) -> Response<ProxyBody> {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// The authority the client meant: the URI's (absolute-form or HTTP/2), then Host, then where it dialled.
+fn request_authority(parts: &http::request::Parts, orig_dst: SocketAddr) -> Authority {
+    parts
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| {
+            let host = parts.headers.get(header::HOST)?;
+            Authority::try_from(host.as_bytes()).ok()
+        })
+        .or_else(|| Authority::try_from(orig_dst.to_string()).ok())
+        .unwrap_or_else(|| Authority::from_static("localhost"))
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// After `101 Switching Protocols` both sides speak the new protocol; the proxy copies bytes.
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut downstream = TokioIo::new(downstream);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((sent, received)) => tracing::debug!(sent, received, "upgraded connection closed"),
+        Err(err) => tracing::debug!(error = %err, "upgraded connection failed"),
+    }
+}

@@ -1,0 +1,242 @@
+//! One Prometheus registry for the proxy. Request and TCP metrics carry Istio's names and labels, so
+//! existing dashboards (Grafana's Istio dashboards, Kiali) read them unchanged.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::ResponseFlags;
+
+/// Istio's `istio_request_duration_milliseconds` buckets (Envoy's default histogram buckets).
+const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0,
+    300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// A cheaply cloned label value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Label(Arc<str>);
+
+impl Label {
+    pub fn unknown() -> Self {
+        Self::from("unknown")
+    }
+}
+
+impl From<&str> for Label {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for Label {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EncodeLabelValue for Label {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        fmt::Write::write_str(encoder, &self.0)
+    }
+}
+
+/// Which side of the hop reports: the client's proxy (`source`) or the server's (`destination`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Reporter {
+    source,
+    destination,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ConnectionSecurity {
+    mutual_tls,
+    none,
+    unknown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RequestProtocol {
+    http,
+    grpc,
+}
+
+/// Who talks to whom: fixed for a connection, built once and cloned per request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Peers {
+    pub reporter: Reporter,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_service: Label,
+    pub connection_security_policy: ConnectionSecurity,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub peers: Peers,
+    pub request_protocol: RequestProtocol,
+    pub response_code: u16,
+    pub response_flags: ResponseFlags,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TcpLabels {
+    #[prometheus(flatten)]
+    pub peers: Peers,
+    pub response_flags: ResponseFlags,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    inbound,
+    outbound,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration_ms: HistogramFamily<RequestLabels>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
+    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub detected: Family<ProtocolLabels, Counter>,
+    pub downstream_connections_active: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let request_duration_ms: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS_MS));
+        let tcp_opened = Family::default();
+        let tcp_closed = Family::default();
+        let tcp_sent_bytes = Family::default();
+        let tcp_received_bytes = Family::default();
+        let detected = Family::default();
+        let downstream_connections_active = Gauge::default();
+
+        // prometheus-client appends `_total` to counters.
+        registry.register("istio_requests", "Requests handled, by response code", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from request start to the end of the response",
+            request_duration_ms.clone(),
+        );
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client during a TCP connection",
+            tcp_sent_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client during a TCP connection",
+            tcp_received_bytes.clone(),
+        );
+        let weft = registry.sub_registry_with_prefix("weft");
+        weft.register("protocol_detections", "Connections by detected protocol", detected.clone());
+        weft.register(
+            "downstream_connections_active",
+            "Client connections currently open",
+            downstream_connections_active.clone(),
+        );
+
+        Arc::new(Self {
+            registry,
+            requests,
+            request_duration_ms,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent_bytes,
+            tcp_received_bytes,
+            detected,
+            downstream_connections_active,
+        })
+    }
+
+    /// Counts a connection's detected protocol.
+    pub fn count_detection(&self, inbound: bool, protocol: &'static str) {
+        let direction = if inbound { Direction::inbound } else { Direction::outbound };
+        self.detected.get_or_create(&ProtocolLabels { direction, protocol }).inc();
+    }
+
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_istio_names_and_labels() {
+        let metrics = Metrics::new();
+        let peers = Peers {
+            reporter: Reporter::source,
+            source_workload: "productpage".into(),
+            source_workload_namespace: "default".into(),
+            source_principal: Label::unknown(),
+            destination_workload: Label::unknown(),
+            destination_workload_namespace: Label::unknown(),
+            destination_principal: Label::unknown(),
+            destination_service: "reviews".into(),
+            connection_security_policy: ConnectionSecurity::none,
+        };
+        let labels = RequestLabels {
+            peers,
+            request_protocol: RequestProtocol::http,
+            response_code: 503,
+            response_flags: ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+        };
+        metrics.requests.get_or_create(&labels).inc();
+        metrics.request_duration_ms.get_or_create(&labels).observe(3.0);
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE istio_requests counter"), "{text}");
+        let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).expect(&text);
+        for part in ["reporter=\"source\"", "destination_service=\"reviews\"", "response_code=\"503\"", "response_flags=\"UF\"", "connection_security_policy=\"none\""] {
+            assert!(line.contains(part), "{part} missing in {line}");
+        }
+        assert!(line.ends_with(" 1"), "{line}");
+        assert!(text.contains("istio_request_duration_milliseconds_bucket{"), "{text}");
+        assert!(text.contains("le=\"5.0\""), "{text}");
+    }
+}
