@@ -1,1 +1,8 @@
-//! placeholder
+//! The proxy's own HTTP endpoints: the admin server (127.0.0.1:15000 by default) and the readiness
+//! server (15021, `/healthz/ready`) that kubelet probes.
+
+mod readiness;
+mod server;
+
+pub use readiness::Readiness;
+pub use server::{AdminState, serve_admin, serve_readiness};

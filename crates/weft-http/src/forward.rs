@@ -28,7 +28,7 @@ pub enum Upstream {
 }
 
 impl Upstream {
-    fn pick(&self) -> Option<(SocketAddr, PoolSettings)> {
+    pub fn pick(&self) -> Option<(SocketAddr, PoolSettings)> {
         match self {
             Upstream::Cluster { cluster, next } => {
                 let n = cluster.endpoints.len();

@@ -1,1 +1,116 @@
-fn main() {}
+//! `weft`: the sidecar proxy and its tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weft_app::{App, OsBinder};
+use weft_telemetry::LogControl;
+
+mod demo;
+
+/// Exit code for configuration that cannot be used (bad flags exit 2 as well, through clap).
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "weft", version, about = "A service-mesh sidecar proxy")]
+struct Cli {
+    /// Log filter: a level (info, debug) or per-module directives (weft_http=debug,info).
+    #[arg(long, global = true, env = "WEFT_LOG", default_value = "info")]
+    log: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the sidecar proxy.
+    Proxy {
+        /// Static configuration file (YAML); see docs/configuration.md. Without one, the defaults apply.
+        #[arg(long, short, env = "WEFT_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Start two test services with sidecars on loopback, send traffic through them, report what happened.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; proxy logs below warnings would drown it unless asked for.
+    let filter = match cli.command {
+        Command::Demo(_) if std::env::var_os("WEFT_LOG").is_none() && cli.log == "info" => "warn",
+        _ => cli.log.as_str(),
+    };
+    let log = match LogControl::install(filter, matches!(cli.log_format, LogFormat::Json)) {
+        Ok(log) => log,
+        Err(err) => {
+            eprintln!("error: --log: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Proxy { config } => proxy(config, log).await,
+            Command::Demo(args) => demo::run(args).await,
+        }
+    })
+}
+
+async fn proxy(config: Option<PathBuf>, log: LogControl) -> ExitCode {
+    let loaded = match &config {
+        Some(path) => weft_model::load_file(path).map_err(|e| e.to_string()),
+        None => weft_model::parse("").map_err(|e| e.to_string()),
+    };
+    let (bootstrap, mesh) = match loaded {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let running = match App::build(bootstrap, mesh, Arc::new(OsBinder), log).await {
+        Ok(running) => running,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = running.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        shutdown.cancel();
+    });
+    running.wait().await;
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM (kubelet) or SIGINT (a terminal) starts the drain.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the proxy with POST /quitquitquit");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutdown requested");
+}

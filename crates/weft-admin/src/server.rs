@@ -1,0 +1,174 @@
+//! Admin and readiness servers. Plain HTTP/1.1; the admin port binds loopback only, because it can
+//! change log levels and stop the proxy.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weft_telemetry::{LogControl, Metrics};
+
+use crate::Readiness;
+
+/// What the admin endpoints read and act on.
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Readiness,
+    pub log: LogControl,
+    /// The active configuration as JSON, computed on request.
+    pub config_dump: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Cancelled by `POST /quitquitquit`: the proxy drains and exits as on SIGTERM.
+    pub shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").field("readiness", &self.readiness).finish_non_exhaustive()
+    }
+}
+
+const HELP: &str = "\
+weft admin
+  GET  /ready          200 when ready to serve, else 503 with the reason
+  GET  /live           200 while the process runs
+  GET  /config_dump    the active configuration (JSON)
+  GET  /metrics        Prometheus metrics (also /stats/prometheus)
+  GET  /logging        the active log filter
+  POST /logging?level=FILTER   set the log filter (e.g. debug, weft_http=trace,info)
+  POST /quitquitquit   drain and exit
+";
+
+type AdminResponse = Response<Full<Bytes>>;
+
+pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    serve(listener, stop, move |req| {
+        let state = state.clone();
+        async move { admin(&state, req) }
+    })
+    .await
+}
+
+/// Kubelet's readiness probe target (`/healthz/ready`, Istio's path on 15021).
+pub async fn serve_readiness(listener: TcpListener, readiness: Readiness, stop: CancellationToken) {
+    serve(listener, stop, move |req: Request<Incoming>| {
+        let readiness = readiness.clone();
+        async move {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, "/healthz/ready") => ready(&readiness),
+                _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
+    })
+    .await
+}
+
+fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path();
+    let method = req.method();
+    match path {
+        "/" | "/help" => get_only(method, || text(StatusCode::OK, HELP)),
+        "/ready" => get_only(method, || ready(&state.readiness)),
+        "/live" => get_only(method, || text(StatusCode::OK, "live\n")),
+        "/config_dump" => get_only(method, || {
+            let body = serde_json::to_vec_pretty(&(state.config_dump)()).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }),
+        "/metrics" | "/stats/prometheus" => get_only(method, || {
+            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.encode())
+        }),
+        "/logging" => match *method {
+            Method::GET => text(StatusCode::OK, format!("{}\n", state.log.current())),
+            Method::POST => set_log_level(state, req.uri().query()),
+            _ => method_not_allowed("GET, POST"),
+        },
+        "/quitquitquit" => post_only(method, || {
+            tracing::info!("shutdown requested through the admin port");
+            state.shutdown.cancel();
+            text(StatusCode::OK, "OK\n")
+        }),
+        _ => text(StatusCode::NOT_FOUND, "not found; GET /help lists the endpoints\n"),
+    }
+}
+
+fn set_log_level(state: &AdminState, query: Option<&str>) -> AdminResponse {
+    let level = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "level")
+        .map(|(_, v)| v.into_owned());
+    let Some(level) = level else {
+        return text(StatusCode::BAD_REQUEST, "missing ?level=FILTER\n");
+    };
+    match state.log.set(&level) {
+        Ok(()) => text(StatusCode::OK, format!("{level}\n")),
+        Err(err) => text(StatusCode::BAD_REQUEST, format!("{err}\n")),
+    }
+}
+
+fn ready(readiness: &Readiness) -> AdminResponse {
+    match readiness.check() {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+    }
+}
+
+fn get_only(method: &Method, f: impl FnOnce() -> AdminResponse) -> AdminResponse {
+    if method == Method::GET || method == Method::HEAD { f() } else { method_not_allowed("GET") }
+}
+
+fn post_only(method: &Method, f: impl FnOnce() -> AdminResponse) -> AdminResponse {
+    if method == Method::POST { f() } else { method_not_allowed("POST") }
+}
+
+fn method_not_allowed(allow: &'static str) -> AdminResponse {
+    let mut response = text(StatusCode::METHOD_NOT_ALLOWED, format!("use {allow}\n"));
+    response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> AdminResponse {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
+}
+
+async fn serve<F, Fut>(listener: TcpListener, stop: CancellationToken, handle: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = AdminResponse> + Send + 'static,
+{
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(error = %err, "admin accept failed");
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let fut = handle(req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            if let Err(err) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
+                tracing::debug!(error = %err, "admin connection error");
+            }
+        });
+    }
+}

@@ -1,0 +1,304 @@
+//! Building and running the proxy: bind, accept, drain.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weft_admin::{AdminState, Readiness};
+use weft_http::{Forwarder, PoolSettings, Pools, Upstream};
+use weft_model::file::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
+use weft_model::{Bootstrap, Cluster, Mesh};
+use weft_telemetry::{LogControl, Metrics};
+use weft_transport::{Accepted, Binder};
+
+use crate::{inbound, outbound};
+
+/// After an accept error such as running out of file descriptors, wait this long before accepting again
+/// instead of spinning.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The readiness step this module reports.
+const LISTENERS: &str = "listeners";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot bind the {what} listener to {addr}: {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every connection reads. The configuration snapshot is read once per connection.
+pub(crate) struct Inputs {
+    pub(crate) bootstrap: Bootstrap,
+    mesh: watch::Receiver<Arc<Mesh>>,
+    pub(crate) binder: Arc<dyn Binder>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) forwarder: Forwarder,
+    /// Cancelled when draining starts: stop accepting, finish in-flight requests, close gracefully.
+    pub(crate) drain: CancellationToken,
+    /// Cancelled when the drain timeout ends: whatever is still open is closed.
+    pub(crate) force_close: CancellationToken,
+    /// Ports of the transparent listeners: a connection redirected to one of them is a loop.
+    transparent_ports: Vec<u16>,
+    round_robin: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs").field("node", &self.bootstrap.node.id).finish_non_exhaustive()
+    }
+}
+
+impl Inputs {
+    pub(crate) fn mesh(&self) -> Arc<Mesh> {
+        self.mesh.borrow().clone()
+    }
+
+    /// True when `dst` is one of our own transparent listeners: forwarding there would loop forever.
+    pub(crate) fn is_own_listener(&self, dst: SocketAddr, local: SocketAddr) -> bool {
+        self.transparent_ports.contains(&dst.port())
+            && (dst.ip() == local.ip() || dst.ip().is_loopback() || dst.ip().is_unspecified())
+    }
+
+    pub(crate) fn cluster_upstream(&self, cluster: &Arc<Cluster>) -> Upstream {
+        let mut counters = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
+        let next = counters.entry(cluster.name.clone()).or_default().clone();
+        Upstream::Cluster { cluster: cluster.clone(), next }
+    }
+
+    /// Straight to the address the client was going to (egress passthrough).
+    pub(crate) fn direct(&self, addr: SocketAddr) -> Upstream {
+        let settings =
+            PoolSettings { connect_timeout: DEFAULT_CONNECT_TIMEOUT, idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT };
+        Upstream::Direct { addr, settings }
+    }
+
+    pub(crate) fn app_upstream(&self, addr: SocketAddr, idle_timeout: Duration) -> Upstream {
+        let settings = PoolSettings { connect_timeout: DEFAULT_CONNECT_TIMEOUT, idle_timeout };
+        Upstream::Direct { addr, settings }
+    }
+}
+
+/// Builds proxies.
+#[derive(Debug)]
+pub struct App;
+
+impl App {
+    /// Binds every listener (failing fast if one cannot be bound), starts serving, and reports ready.
+    pub async fn build(
+        bootstrap: Bootstrap,
+        mesh: Mesh,
+        binder: Arc<dyn Binder>,
+        log: LogControl,
+    ) -> Result<Running, AppError> {
+        let bind = |what: &str, addr: SocketAddr| {
+            binder.bind(addr).map_err(|source| AppError::Bind { what: what.to_owned(), addr, source })
+        };
+        let outbound = mesh.outbound.as_ref().map(|o| bind("outbound", o.address)).transpose()?;
+        let inbound = mesh.inbound.as_ref().map(|i| bind("inbound", i.address)).transpose()?;
+        let mut explicit = Vec::new();
+        for l in &mesh.listeners {
+            explicit.push((l.clone(), bind(&format!("\"{}\"", l.name), l.address)?));
+        }
+        let admin = bind("admin", bootstrap.admin_address)?;
+        let readiness_listener = bind("readiness", bootstrap.readiness_address)?;
+
+        let local = |l: &TcpListener| l.local_addr().expect("a bound listener has an address");
+        let addresses = Addresses {
+            admin: local(&admin),
+            readiness: local(&readiness_listener),
+            outbound: outbound.as_ref().map(local),
+            inbound: inbound.as_ref().map(local),
+            listeners: explicit.iter().map(|(l, listener)| (l.name.clone(), local(listener))).collect(),
+        };
+
+        let metrics = Metrics::new();
+        let (config, mesh_rx) = watch::channel(Arc::new(mesh));
+        let inputs = Arc::new(Inputs {
+            bootstrap: bootstrap.clone(),
+            mesh: mesh_rx.clone(),
+            binder,
+            metrics: metrics.clone(),
+            forwarder: Forwarder::new(Arc::new(Pools::default()), metrics.clone()),
+            drain: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            transparent_ports: addresses.outbound.iter().chain(&addresses.inbound).map(|a| a.port()).collect(),
+            round_robin: Mutex::default(),
+        });
+
+        let tracker = TaskTracker::new();
+        if let Some(listener) = outbound {
+            tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), outbound::transparent));
+        }
+        if let Some(listener) = inbound {
+            tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), inbound::transparent));
+        }
+        for (spec, listener) in explicit {
+            let serve = move |inputs, conn| outbound::explicit(inputs, spec.clone(), conn);
+            tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), serve));
+        }
+
+        let readiness = Readiness::new(&[LISTENERS]);
+        let shutdown = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let dump_bootstrap = bootstrap.clone();
+        let admin_state = AdminState {
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+            log,
+            config_dump: Box::new(move || {
+                serde_json::json!({ "bootstrap": dump_bootstrap, "mesh": *mesh_rx.borrow().clone() })
+            }),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(weft_admin::serve_admin(admin, Arc::new(admin_state), admin_stop.clone()));
+        tokio::spawn(weft_admin::serve_readiness(readiness_listener, readiness.clone(), admin_stop.clone()));
+
+        readiness.mark_done(LISTENERS);
+        tracing::info!(
+            admin = %addresses.admin,
+            outbound = ?addresses.outbound,
+            inbound = ?addresses.inbound,
+            listeners = ?addresses.listeners,
+            "proxy serving",
+        );
+
+        let done = tokio::spawn(lifecycle(inputs, tracker, readiness, shutdown.clone(), admin_stop, bootstrap.drain_timeout));
+        Ok(Running { addresses, metrics, shutdown, config, done })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Addresses {
+    admin: SocketAddr,
+    readiness: SocketAddr,
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    listeners: Vec<(String, SocketAddr)>,
+}
+
+/// A serving proxy.
+#[derive(Debug)]
+pub struct Running {
+    addresses: Addresses,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    config: watch::Sender<Arc<Mesh>>,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    pub fn admin_address(&self) -> SocketAddr {
+        self.addresses.admin
+    }
+
+    pub fn readiness_address(&self) -> SocketAddr {
+        self.addresses.readiness
+    }
+
+    pub fn outbound_address(&self) -> Option<SocketAddr> {
+        self.addresses.outbound
+    }
+
+    pub fn inbound_address(&self) -> Option<SocketAddr> {
+        self.addresses.inbound
+    }
+
+    /// The bound address of an explicit listener, by name.
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        self.addresses.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Replaces the routing configuration. New connections use it; open ones finish on the snapshot they
+    /// started with. Listener addresses are fixed at build time.
+    pub fn update(&self, mesh: Mesh) {
+        self.config.send_replace(Arc::new(mesh));
+    }
+
+    /// A token that starts the drain when cancelled (signal handlers hold one).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Starts draining: stop accepting, let in-flight requests finish within the drain timeout.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the proxy has drained and stopped (after [`Running::shutdown`], a signal, or
+    /// `POST /quitquitquit`).
+    pub async fn wait(self) {
+        if let Err(err) = self.done.await {
+            tracing::error!(error = %err, "proxy lifecycle task failed");
+        }
+    }
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<Inputs>, tracker: TaskTracker, serve: F)
+where
+    F: Fn(Arc<Inputs>, Accepted) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = weft_transport::accept(&listener) => accepted,
+            () = inputs.drain.cancelled() => return, // dropping the listener refuses new connections
+        };
+        match accepted {
+            Ok(conn) => {
+                let connection = serve(inputs.clone(), conn);
+                let inputs = inputs.clone();
+                tracker.spawn(async move {
+                    inputs.metrics.downstream_connections_active.inc();
+                    tokio::select! {
+                        () = connection => {}
+                        () = inputs.force_close.cancelled() => {}
+                    }
+                    inputs.metrics.downstream_connections_active.dec();
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn lifecycle(
+    inputs: Arc<Inputs>,
+    tracker: TaskTracker,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+    admin_stop: CancellationToken,
+    drain_timeout: Duration,
+) {
+    shutdown.cancelled().await;
+    tracing::info!(?drain_timeout, "draining");
+    readiness.set_draining();
+    inputs.drain.cancel();
+    tracker.close();
+    if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "drain timeout reached; closing the remaining connections");
+        inputs.force_close.cancel();
+        tracker.wait().await;
+    }
+    admin_stop.cancel();
+    tracing::info!("drained");
+}

@@ -1,0 +1,102 @@
+//! What every connection does once its destination is decided: detect the protocol, then serve it as
+//! HTTP (request by request, through the pools) or forward it as opaque TCP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use weft_http::{HttpContext, Upstream};
+use weft_model::Protocol;
+use weft_telemetry::{Peers, ResponseFlags, TcpLabels};
+use weft_transport::PrefixedIo;
+
+use crate::app::Inputs;
+use crate::detect::{Handling, detect};
+
+/// A connection whose destination is decided.
+#[derive(Debug)]
+pub(crate) struct Routed {
+    pub(crate) stream: TcpStream,
+    pub(crate) orig_dst: SocketAddr,
+    pub(crate) upstream: Upstream,
+    pub(crate) protocol: Protocol,
+    pub(crate) peers: Peers,
+    pub(crate) inbound: bool,
+}
+
+pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
+    let (io, handling, hello) = detect(conn.stream, conn.protocol, detect_timeout).await;
+    inputs.metrics.count_detection(conn.inbound, handling.name());
+    if let Some(hello) = &hello {
+        tracing::debug!(sni = ?hello.server_name, alpn = ?hello.alpn, dst = %conn.orig_dst, "TLS from the client, forwarded as opaque");
+    }
+    match handling {
+        Handling::Http(version) => {
+            let ctx = Arc::new(HttpContext {
+                upstream: conn.upstream,
+                orig_dst: conn.orig_dst,
+                version,
+                peers: conn.peers,
+            });
+            let forwarder = inputs.forwarder.clone();
+            let result = weft_http::serve(io, version, inputs.drain.clone(), move |req| {
+                let forwarder = forwarder.clone();
+                let ctx = ctx.clone();
+                async move { forwarder.forward(req, &ctx).await }
+            })
+            .await;
+            if let Err(err) = result {
+                tracing::debug!(error = %err, dst = %conn.orig_dst, "HTTP connection ended with an error");
+            }
+        }
+        Handling::Opaque => forward_tcp(&inputs, io, conn.upstream, conn.peers, conn.orig_dst).await,
+    }
+}
+
+/// Copies bytes both ways until both sides have closed, half-close included: when one side finishes
+/// sending, the other side's write half is shut down and the opposite direction keeps flowing.
+async fn forward_tcp(
+    inputs: &Inputs,
+    mut downstream: PrefixedIo<TcpStream>,
+    upstream: Upstream,
+    peers: Peers,
+    dst: SocketAddr,
+) {
+    let mut labels = TcpLabels { peers, response_flags: ResponseFlags::NONE };
+    let Some((endpoint, settings)) = upstream.pick() else {
+        labels.response_flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
+        inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+        tracing::info!(%dst, "no healthy upstream; closing the connection");
+        return;
+    };
+    let mut upstream = match weft_transport::connect(endpoint, settings.connect_timeout).await {
+        Ok(stream) => stream,
+        Err(err) => {
+            labels.response_flags = ResponseFlags::UPSTREAM_CONNECT_FAILURE;
+            inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+            tracing::info!(%dst, error = %err, "upstream connect failed; closing the connection");
+            return;
+        }
+    };
+    inputs.metrics.tcp_opened.get_or_create(&labels).inc();
+
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied,
+        () = inputs.force_close.cancelled() => {
+            labels.response_flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
+            Ok((0, 0))
+        }
+    };
+    match copied {
+        Ok((received, sent)) => {
+            inputs.metrics.tcp_received_bytes.get_or_create(&labels).inc_by(received);
+            inputs.metrics.tcp_sent_bytes.get_or_create(&labels).inc_by(sent);
+            tracing::debug!(%dst, %endpoint, received, sent, "TCP connection closed");
+        }
+        Err(err) => {
+            labels.response_flags = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
+            tracing::debug!(%dst, %endpoint, error = %err, "TCP connection failed");
+        }
+    }
+    inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+}

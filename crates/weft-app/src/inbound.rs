@@ -1,0 +1,49 @@
+//! Inbound: connections from other workloads to this pod's ports, redirected to 15006, forwarded to
+//! the app on the same port.
+
+use std::sync::Arc;
+
+use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter};
+use weft_transport::Accepted;
+
+use crate::app::Inputs;
+use crate::forward::{Routed, serve};
+
+pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
+    let orig_dst = match inputs.binder.original_dst(&conn.stream) {
+        Ok(dst) => dst,
+        Err(err) => {
+            tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
+            return;
+        }
+    };
+    if inputs.is_own_listener(orig_dst, conn.local) {
+        tracing::warn!(%orig_dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
+        return;
+    }
+    let mesh = inputs.mesh();
+    let Some(policy) = &mesh.inbound else { return };
+    let app = policy.app_for(orig_dst);
+    let node = &inputs.bootstrap.node;
+    let peers = Peers {
+        reporter: Reporter::destination,
+        source_workload: Label::unknown(),
+        source_workload_namespace: Label::unknown(),
+        source_principal: Label::unknown(),
+        destination_workload: node.workload.as_str().into(),
+        destination_workload_namespace: node.namespace.as_str().into(),
+        destination_principal: Label::unknown(),
+        // Istio's name for the inbound cluster of a port.
+        destination_service: format!("inbound|{}||", orig_dst.port()).into(),
+        connection_security_policy: ConnectionSecurity::none,
+    };
+    let routed = Routed {
+        stream: conn.stream,
+        orig_dst,
+        upstream: inputs.app_upstream(app, policy.idle_timeout),
+        protocol: policy.protocol_for(orig_dst.port()),
+        peers,
+        inbound: true,
+    };
+    serve(inputs, routed, mesh.detect_timeout).await;
+}

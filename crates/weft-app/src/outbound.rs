@@ -1,0 +1,76 @@
+//! Outbound: the app's connections to other services, redirected to 15001, and explicit listeners.
+
+use std::sync::Arc;
+
+use weft_model::{Egress, ExplicitListener, Protocol};
+use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, TcpLabels};
+use weft_transport::Accepted;
+
+use crate::app::Inputs;
+use crate::forward::{Routed, serve};
+
+/// A connection the app made to some `ip:port`, captured by iptables.
+pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
+    let orig_dst = match inputs.binder.original_dst(&conn.stream) {
+        Ok(dst) => dst,
+        Err(err) => {
+            tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
+            return;
+        }
+    };
+    if inputs.is_own_listener(orig_dst, conn.local) {
+        tracing::warn!(%orig_dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
+        return;
+    }
+    let mesh = inputs.mesh();
+    let Some(policy) = &mesh.outbound else { return };
+
+    let (upstream, protocol, service) = match policy.service_for(orig_dst) {
+        Some(target) => (inputs.cluster_upstream(&target.cluster), target.protocol, target.cluster.name.as_str().into()),
+        None => match policy.egress {
+            Egress::AllowAny => (inputs.direct(orig_dst), Protocol::Detect, Label::from(orig_dst.to_string())),
+            Egress::RegistryOnly => {
+                let peers = source_peers(&inputs, Label::from(orig_dst.to_string()));
+                let labels = TcpLabels { peers, response_flags: ResponseFlags::NO_ROUTE };
+                inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+                tracing::info!(%orig_dst, "refused: no service for this destination and egress is registry_only");
+                return;
+            }
+        },
+    };
+    let peers = source_peers(&inputs, service);
+    let routed = Routed { stream: conn.stream, orig_dst, upstream, protocol, peers, inbound: false };
+    serve(inputs, routed, mesh.detect_timeout).await;
+}
+
+/// A connection to a listener bound on a fixed address: it goes to the listener's cluster.
+pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, conn: Accepted) {
+    let detect_timeout = inputs.mesh().detect_timeout;
+    let cluster = &listener.target.cluster;
+    let routed = Routed {
+        stream: conn.stream,
+        // The clients dialled the listener's own address; requests without an authority use it.
+        orig_dst: conn.local,
+        upstream: inputs.cluster_upstream(cluster),
+        protocol: listener.target.protocol,
+        peers: source_peers(&inputs, cluster.name.as_str().into()),
+        inbound: false,
+    };
+    serve(inputs, routed, detect_timeout).await;
+}
+
+fn source_peers(inputs: &Inputs, destination_service: Label) -> Peers {
+    let node = &inputs.bootstrap.node;
+    Peers {
+        reporter: Reporter::source,
+        source_workload: node.workload.as_str().into(),
+        source_workload_namespace: node.namespace.as_str().into(),
+        source_principal: Label::unknown(),
+        destination_workload: Label::unknown(),
+        destination_workload_namespace: Label::unknown(),
+        destination_principal: Label::unknown(),
+        destination_service,
+        // Istio's client side reports `unknown`: it cannot see how the server authenticated it.
+        connection_security_policy: ConnectionSecurity::unknown,
+    }
+}
