@@ -26,7 +26,8 @@ pub(crate) struct Routed {
 
 pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
     let (io, handling, hello) = detect(conn.stream, conn.protocol, detect_timeout).await;
-    inputs.metrics.count_detection(conn.inbound, handling.name());
+    let detected = if hello.is_some() { "tls" } else { handling.name() };
+    inputs.metrics.count_detection(conn.inbound, detected);
     if let Some(hello) = &hello {
         tracing::debug!(sni = ?hello.server_name, alpn = ?hello.alpn, dst = %conn.orig_dst, "TLS from the client, forwarded as opaque");
     }

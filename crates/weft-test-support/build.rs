@@ -1,0 +1,10 @@
+//! Compiles the test protos with protox (pure Rust), so no system `protoc` is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../proto");
+    let echo = "weft/test/v1/echo.proto";
+    println!("cargo:rerun-if-changed={proto_root}/{echo}");
+    let fds = protox::compile([echo], [proto_root])?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,74 @@
+//! A [`Binder`] for whole-proxy tests: instead of asking the kernel where a redirected connection was
+//! going, it looks the client's address up in a table that the test filled when it connected.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpSocket, TcpStream};
+use weft_transport::Binder;
+
+#[derive(Debug, Default)]
+pub struct MockOrigDst {
+    table: Mutex<HashMap<SocketAddr, SocketAddr>>,
+}
+
+impl MockOrigDst {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Connects to the proxy's transparent listener `proxy` as if iptables had redirected a connection
+    /// the client made to `dst`.
+    pub async fn connect(&self, proxy: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if proxy.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let any: SocketAddr = if proxy.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }.parse().expect("literal");
+        socket.bind(any)?;
+        let local = socket.local_addr()?;
+        self.table.lock().expect("orig dst table").insert(local, dst);
+        let stream = socket.connect(proxy).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// A connector for hyper and tonic clients whose every connection is "going to" `dst`.
+    pub fn connector(self: &Arc<Self>, proxy: SocketAddr, dst: SocketAddr) -> OrigDstConnector {
+        OrigDstConnector { table: self.clone(), proxy, dst }
+    }
+}
+
+impl Binder for MockOrigDst {
+    fn original_dst(&self, conn: &TcpStream) -> io::Result<SocketAddr> {
+        let peer = conn.peer_addr()?;
+        self.table.lock().expect("orig dst table").get(&peer).copied().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no original destination recorded for {peer}"))
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OrigDstConnector {
+    table: Arc<MockOrigDst>,
+    proxy: SocketAddr,
+    dst: SocketAddr,
+}
+
+impl tower_service::Service<http::Uri> for OrigDstConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.table.connect(this.proxy, this.dst).await.map(TokioIo::new) })
+    }
+}
