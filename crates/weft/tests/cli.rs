@@ -1,0 +1,119 @@
+//! The `weft` binary as users run it: exit codes, signals, the demo, and memory under large bodies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use http::StatusCode;
+use nix::sys::signal::{Signal, kill};
+use support::{ProxyProcess, WEFT, free_port};
+use weft_test_support::http::{HttpServer, drain_body, empty, streamed};
+
+#[test]
+fn bad_config_exits_2_naming_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, "clusters:\n  - name: web\n    endpoints: [127.0.0.1:8080]\nlisteners:\n  - { name: front, address: 127.0.0.1:18080, cluster: wbe }\n").unwrap();
+    let out = Command::new(WEFT).args(["proxy", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("field `listeners[0].cluster`: unknown cluster \"wbe\""), "{stderr}");
+
+    std::fs::write(&path, "drain_timeout: forever\n").unwrap();
+    let out = Command::new(WEFT).args(["proxy", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("drain_timeout"), "{stderr}");
+
+    let out = Command::new(WEFT).args(["proxy", "--config", "/nonexistent/weft.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/weft.yaml: cannot read"));
+}
+
+#[test]
+fn a_port_in_use_fails_with_the_listener_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, format!("admin: {{ address: {addr} }}\noutbound: {{ address: 127.0.0.1:0 }}\ninbound: {{ address: 127.0.0.1:0 }}\nreadiness: {{ address: 127.0.0.1:0 }}\n")).unwrap();
+    let out = Command::new(WEFT).args(["proxy", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot bind the admin listener to {addr}")), "{stderr}");
+}
+
+#[test]
+fn demo_runs_a_fixed_number_of_requests() {
+    let out = Command::new(WEFT).args(["demo", "--requests", "10", "--rate", "100"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("summary: 10 requests, 0 failed"), "{stdout}");
+    assert!(stdout.contains("\"reviews-v1\": 5") && stdout.contains("\"reviews-v2\": 5"), "{stdout}");
+    assert!(stdout.contains("istio_requests_total{reporter=\"source\""), "{stdout}");
+}
+
+fn explicit_listener(port: u16, app: std::net::SocketAddr) -> String {
+    format!(
+        "outbound: {{ enabled: false }}\ninbound: {{ enabled: false }}\nlisteners: [{{ name: front, address: 127.0.0.1:{port}, cluster: app }}]\nclusters: [{{ name: app, endpoints: [{app}] }}]\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let app = HttpServer::start("app").await;
+    let port = free_port();
+    let mut proxy = ProxyProcess::start(&explicit_listener(port, app.addr)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<weft_test_support::http::TestBody>();
+    let request = http::Request::get(format!("http://127.0.0.1:{port}/delay/1000")).body(empty()).unwrap();
+    let in_flight = tokio::spawn(async move {
+        let response = client.request(request).await.unwrap();
+        (response.status(), drain_body(response.into_body()).await.unwrap())
+    });
+    weft_test_support::assert_eventually!(app.request_count() == 1, "request not in flight");
+
+    kill(proxy.pid(), Signal::SIGTERM).unwrap();
+    let (status, len) = in_flight.await.unwrap();
+    assert_eq!((status, len), (StatusCode::OK, 2), "the in-flight request completes during the drain");
+    let exit = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap()).await.unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+async fn large_bodies_with_bounded_memory(h2: bool) {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    /// The proxy may hold some buffers per connection, never the body: well under the body's size.
+    const MAX_PEAK_RSS: u64 = 48 * 1024 * 1024;
+    let app = HttpServer::start("app").await;
+    let port = free_port();
+    let proxy = ProxyProcess::start(&explicit_listener(port, app.addr)).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(h2)
+        .build_http::<weft_test_support::http::TestBody>();
+
+    let upload = http::Request::post(format!("http://127.0.0.1:{port}/sink")).body(streamed(SIZE)).unwrap();
+    let response = client.request(upload).await.unwrap();
+    let counted = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
+    assert_eq!(counted, SIZE.to_string().as_bytes(), "the server received all 100 MB");
+
+    let download = http::Request::get(format!("http://127.0.0.1:{port}/bytes/{SIZE}")).body(empty()).unwrap();
+    let response = client.request(download).await.unwrap();
+    assert_eq!(drain_body(response.into_body()).await.unwrap(), SIZE);
+
+    let peak = proxy.peak_rss();
+    assert!(peak < MAX_PEAK_RSS, "proxy peak RSS {} MiB after streaming 2 x 100 MiB", peak >> 20);
+    eprintln!("proxy peak RSS after 2 x 100 MiB ({}): {} MiB", if h2 { "h2" } else { "http/1.1" }, peak >> 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_with_bounded_memory_http1() {
+    tokio::time::timeout(Duration::from_secs(300), large_bodies_with_bounded_memory(false)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_with_bounded_memory_http2() {
+    tokio::time::timeout(Duration::from_secs(300), large_bodies_with_bounded_memory(true)).await.unwrap();
+}
