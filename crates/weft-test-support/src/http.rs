@@ -88,7 +88,11 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub async fn start(name: &'static str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http server");
+        Self::start_on("127.0.0.1:0".parse().expect("literal"), name).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, name: &'static str) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind http server");
         let addr = listener.local_addr().expect("local addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
