@@ -1,1 +1,310 @@
-fn main() {}
+//! Weft's benchmark harness: the same client against the same backend, directly and through a `weft proxy`
+//! process, in one run, so the figures are ratios measured under identical conditions.
+//!
+//! Measured per path: requests/s at saturation (closed loop, N keep-alive connections) and latency at a
+//! fixed request rate (open loop: each request's latency counts from when it was *scheduled*, so a
+//! stalled server cannot hide its stall; no coordinated omission). For the proxy: CPU time per request
+//! and peak RSS, read from /proc.
+//!
+//! Usage: see docs/benchmarks.md.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[derive(Parser, Debug)]
+#[command(about = "Client -> backend directly vs client -> weft -> backend, in one run")]
+struct Args {
+    /// The weft binary (build it with `cargo build --release -p weft`).
+    #[arg(long, env = "WEFT_BIN")]
+    weft: Option<PathBuf>,
+    /// Length of each measured phase, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Keep-alive connections for the saturation phase.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Requests per second for the fixed-rate latency phase.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Print one JSON object with every figure instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    rps: f64,
+    p50_us: u64,
+    p99_us: u64,
+    errors: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let weft = args.weft.clone().unwrap_or_else(default_weft_path);
+    if !weft.exists() {
+        bail!("{} not found; build it first: cargo build --release -p weft", weft.display());
+    }
+
+    // The backend gets its own single-threaded runtime, the client another; the proxy is a process.
+    let backend_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let backend = backend_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let backend_addr = backend.local_addr()?;
+    std::thread::spawn(move || backend_rt.block_on(serve_backend(backend)));
+
+    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut proxy = Proxy::start(&weft, backend_addr)?;
+    client_rt.block_on(proxy.wait_ready())?;
+
+    let phase = Duration::from_secs(args.seconds);
+    let direct_sat = client_rt.block_on(saturate(backend_addr, args.connections, phase))?;
+    let cpu_before = proxy.cpu_seconds()?;
+    let proxied_sat = client_rt.block_on(saturate(proxy.listener, args.connections, phase))?;
+    let cpu_saturation = proxy.cpu_seconds()? - cpu_before;
+    let direct_lat = client_rt.block_on(fixed_rate(backend_addr, args.rate, phase))?;
+    let cpu_before = proxy.cpu_seconds()?;
+    let proxied_lat = client_rt.block_on(fixed_rate(proxy.listener, args.rate, phase))?;
+    let cpu_fixed = proxy.cpu_seconds()? - cpu_before;
+    let peak_rss_mib = proxy.peak_rss_kib()? as f64 / 1024.0;
+
+    let proxied_requests = proxied_sat.rps * phase.as_secs_f64();
+    let cpu_us_per_request = cpu_saturation * 1e6 / proxied_requests.max(1.0);
+    let cpu_cores_at_rate = cpu_fixed / phase.as_secs_f64();
+
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "direct": { "rps": direct_sat.rps, "p50_us": direct_lat.p50_us, "p99_us": direct_lat.p99_us },
+                "weft": { "rps": proxied_sat.rps, "p50_us": proxied_lat.p50_us, "p99_us": proxied_lat.p99_us },
+                "ratio": {
+                    "rps": proxied_sat.rps / direct_sat.rps,
+                    "p50": proxied_lat.p50_us as f64 / direct_lat.p50_us.max(1) as f64,
+                    "p99": proxied_lat.p99_us as f64 / direct_lat.p99_us.max(1) as f64,
+                },
+                "proxy": { "peak_rss_mib": peak_rss_mib, "cpu_us_per_request": cpu_us_per_request, "cpu_cores_at_rate": cpu_cores_at_rate },
+                "errors": direct_sat.errors + proxied_sat.errors + direct_lat.errors + proxied_lat.errors,
+                "settings": { "seconds": args.seconds, "connections": args.connections, "rate": args.rate },
+            })
+        );
+    } else {
+        println!("HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections, {} req/s fixed rate", args.seconds, args.connections, args.rate);
+        println!("{:<28}{:>14}{:>14}{:>10}", "", "direct", "via weft", "ratio");
+        println!("{:<28}{:>14.0}{:>14.0}{:>10.2}", "requests/s (saturation)", direct_sat.rps, proxied_sat.rps, proxied_sat.rps / direct_sat.rps);
+        for (name, d, w) in [("p50 latency at rate (us)", direct_lat.p50_us, proxied_lat.p50_us), ("p99 latency at rate (us)", direct_lat.p99_us, proxied_lat.p99_us)] {
+            println!("{:<28}{:>14}{:>14}{:>10.2}", name, d, w, w as f64 / d.max(1) as f64);
+        }
+        println!("proxy peak RSS: {peak_rss_mib:.1} MiB; CPU: {cpu_us_per_request:.1} us per request at saturation, {:.2} cores at {} req/s", cpu_cores_at_rate, args.rate);
+        let errors = direct_sat.errors + proxied_sat.errors + direct_lat.errors + proxied_lat.errors;
+        println!("errors: {errors}");
+    }
+    proxy.stop();
+    Ok(())
+}
+
+fn default_weft_path() -> PathBuf {
+    // Beside this binary: target/release/weft-bench -> target/release/weft.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("weft")))
+        .unwrap_or_else(|| PathBuf::from("target/release/weft"))
+}
+
+/// The backend: the smallest useful HTTP/1.1 server, answering every request with 13 bytes.
+async fn serve_backend(listener: tokio::net::TcpListener) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(|_req: hyper::Request<Incoming>| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"hello, world\n"))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// Closed loop: each connection sends its next request as soon as the previous response ends.
+async fn saturate(target: SocketAddr, connections: usize, duration: Duration) -> anyhow::Result<Figures> {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let stream = tokio::net::TcpStream::connect(target).await?;
+        stream.set_nodelay(true)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let request = hyper::Request::get("/").header("host", "backend").body(Empty::<Bytes>::new()).expect("request");
+                let ok = match sender.send_request(request).await {
+                    Ok(response) => response.status().is_success() && response.into_body().collect().await.is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = start.elapsed();
+    for task in tasks {
+        task.await?;
+    }
+    Ok(Figures {
+        rps: done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        errors: errors.load(Ordering::Relaxed),
+        ..Figures::default()
+    })
+}
+
+/// Open loop: request i is due at start + i/rate, whatever happened to earlier ones; its latency runs
+/// from that due time to the end of its response.
+async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration) -> anyhow::Result<Figures> {
+    let client: Client<HttpConnector, Empty<Bytes>> = {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new()).build(connector)
+    };
+    let uri: hyper::Uri = format!("http://{target}/").parse()?;
+    // Warm the pool so connection setup is not measured.
+    for _ in 0..4 {
+        let response = client.get(uri.clone()).await?;
+        response.into_body().collect().await?;
+    }
+    let total = rate * duration.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due).await;
+        let client = client.clone();
+        let uri = uri.clone();
+        tasks.push(tokio::spawn(async move {
+            let ok = match client.get(uri).await {
+                Ok(response) => response.status().is_success() && response.into_body().collect().await.is_ok(),
+                Err(_) => false,
+            };
+            (ok, due.elapsed())
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    for task in tasks {
+        let (ok, latency) = task.await?;
+        if ok {
+            histogram.record(latency.as_micros().max(1) as u64)?;
+        } else {
+            errors += 1;
+        }
+    }
+    Ok(Figures {
+        rps: histogram.len() as f64 / duration.as_secs_f64(),
+        p50_us: histogram.value_at_quantile(0.50),
+        p99_us: histogram.value_at_quantile(0.99),
+        errors,
+    })
+}
+
+/// A `weft proxy` process with one explicit listener in front of the backend.
+struct Proxy {
+    child: Child,
+    admin: SocketAddr,
+    listener: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Proxy {
+    fn start(weft: &std::path::Path, backend: SocketAddr) -> anyhow::Result<Self> {
+        let admin = free_addr()?;
+        let listener = free_addr()?;
+        let readiness = free_addr()?;
+        let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("weft.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\noutbound: {{ enabled: false }}\ninbound: {{ enabled: false }}\n\
+                 listeners: [{{ name: bench, address: {listener}, cluster: backend, protocol: http }}]\n\
+                 clusters: [{{ name: backend, endpoints: [{backend}] }}]\n"
+            ),
+        )?;
+        let child = Command::new(weft)
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .env("WEFT_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", weft.display()))?;
+        Ok(Self { child, admin, listener, dir })
+    }
+
+    async fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let uri: hyper::Uri = format!("http://{}/ready", self.admin).parse()?;
+        while Instant::now() < deadline {
+            if let Ok(response) = client.get(uri.clone()).await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("weft did not become ready")
+    }
+
+    /// User + system CPU time of the proxy process so far.
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).context("malformed /proc stat")?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let utime: f64 = fields.get(11).context("utime")?.parse()?;
+        let stime: f64 = fields.get(12).context("stime")?.parse()?;
+        Ok((utime + stime) / clock_ticks_per_second())
+    }
+
+    fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+        Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// USER_HZ: 100 on every Linux architecture the proxy targets.
+fn clock_ticks_per_second() -> f64 {
+    100.0
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
