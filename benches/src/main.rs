@@ -51,22 +51,30 @@ struct Figures {
     p50_us: u64,
     p99_us: u64,
     errors: u64,
+    max_send_lag_us: u64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let weft = args.weft.clone().unwrap_or_else(default_weft_path);
     if !weft.exists() {
-        bail!("{} not found; build it first: cargo build --release -p weft", weft.display());
+        bail!(
+            "{} not found; build it first: cargo build --release -p weft",
+            weft.display()
+        );
     }
 
     // The backend gets its own single-threaded runtime, the client another; the proxy is a process.
-    let backend_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let backend_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let backend = backend_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let backend_addr = backend.local_addr()?;
     std::thread::spawn(move || backend_rt.block_on(serve_backend(backend)));
 
-    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut proxy = Proxy::start(&weft, backend_addr)?;
     client_rt.block_on(proxy.wait_ready())?;
 
@@ -98,19 +106,44 @@ fn main() -> anyhow::Result<()> {
                 },
                 "proxy": { "peak_rss_mib": peak_rss_mib, "cpu_us_per_request": cpu_us_per_request, "cpu_cores_at_rate": cpu_cores_at_rate },
                 "errors": direct_sat.errors + proxied_sat.errors + direct_lat.errors + proxied_lat.errors,
+                "max_send_lag_us": direct_lat.max_send_lag_us.max(proxied_lat.max_send_lag_us),
                 "settings": { "seconds": args.seconds, "connections": args.connections, "rate": args.rate },
             })
         );
     } else {
-        println!("HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections, {} req/s fixed rate", args.seconds, args.connections, args.rate);
+        println!(
+            "HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections, {} req/s fixed rate",
+            args.seconds, args.connections, args.rate
+        );
         println!("{:<28}{:>14}{:>14}{:>10}", "", "direct", "via weft", "ratio");
-        println!("{:<28}{:>14.0}{:>14.0}{:>10.2}", "requests/s (saturation)", direct_sat.rps, proxied_sat.rps, proxied_sat.rps / direct_sat.rps);
-        for (name, d, w) in [("p50 latency at rate (us)", direct_lat.p50_us, proxied_lat.p50_us), ("p99 latency at rate (us)", direct_lat.p99_us, proxied_lat.p99_us)] {
-            println!("{:<28}{:>14}{:>14}{:>10.2}", name, d, w, w as f64 / d.max(1) as f64);
+        println!(
+            "{:<28}{:>14.0}{:>14.0}{:>10.2}",
+            "requests/s (saturation)",
+            direct_sat.rps,
+            proxied_sat.rps,
+            proxied_sat.rps / direct_sat.rps
+        );
+        for (name, d, w) in [
+            ("p50 latency at rate (us)", direct_lat.p50_us, proxied_lat.p50_us),
+            ("p99 latency at rate (us)", direct_lat.p99_us, proxied_lat.p99_us),
+        ] {
+            println!(
+                "{:<28}{:>14}{:>14}{:>10.2}",
+                name,
+                d,
+                w,
+                w as f64 / d.max(1) as f64
+            );
         }
-        println!("proxy peak RSS: {peak_rss_mib:.1} MiB; CPU: {cpu_us_per_request:.1} us per request at saturation, {:.2} cores at {} req/s", cpu_cores_at_rate, args.rate);
+        println!(
+            "proxy peak RSS: {peak_rss_mib:.1} MiB; CPU: {cpu_us_per_request:.1} us per request at saturation, {:.2} cores at {} req/s",
+            cpu_cores_at_rate, args.rate
+        );
         let errors = direct_sat.errors + proxied_sat.errors + direct_lat.errors + proxied_lat.errors;
-        println!("errors: {errors}");
+        println!(
+            "errors: {errors}; generator max send lag: direct {} us, via weft {} us",
+            direct_lat.max_send_lag_us, proxied_lat.max_send_lag_us
+        );
     }
     proxy.stop();
     Ok(())
@@ -130,9 +163,13 @@ async fn serve_backend(listener: tokio::net::TcpListener) {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(|_req: hyper::Request<Incoming>| async {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"hello, world\n"))))
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                    b"hello, world\n",
+                ))))
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -151,9 +188,14 @@ async fn saturate(target: SocketAddr, connections: usize, duration: Duration) ->
         let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let request = hyper::Request::get("/").header("host", "backend").body(Empty::<Bytes>::new()).expect("request");
+                let request = hyper::Request::get("/")
+                    .header("host", "backend")
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
                 let ok = match sender.send_request(request).await {
-                    Ok(response) => response.status().is_success() && response.into_body().collect().await.is_ok(),
+                    Ok(response) => {
+                        response.status().is_success() && response.into_body().collect().await.is_ok()
+                    }
                     Err(_) => false,
                 };
                 if !ok {
@@ -178,8 +220,10 @@ async fn saturate(target: SocketAddr, connections: usize, duration: Duration) ->
     })
 }
 
-/// Open loop: request i is due at start + i/rate, whatever happened to earlier ones; its latency runs
-/// from that due time to the end of its response.
+/// Open loop: request i is sent at start + i/rate, whatever happened to earlier ones, so a slow response
+/// never delays later sends (no coordinated omission). Latency runs from the send to the end of the
+/// response. The timer that paces sends ticks every millisecond; how late sends left is reported as
+/// `send_lag`, so a generator that fell behind shows.
 async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration) -> anyhow::Result<Figures> {
     let client: Client<HttpConnector, Empty<Bytes>> = {
         let mut connector = HttpConnector::new();
@@ -202,17 +246,22 @@ async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration) -> anyhow
         let client = client.clone();
         let uri = uri.clone();
         tasks.push(tokio::spawn(async move {
+            let sent = tokio::time::Instant::now();
             let ok = match client.get(uri).await {
-                Ok(response) => response.status().is_success() && response.into_body().collect().await.is_ok(),
+                Ok(response) => {
+                    response.status().is_success() && response.into_body().collect().await.is_ok()
+                }
                 Err(_) => false,
             };
-            (ok, due.elapsed())
+            (ok, sent.elapsed(), sent - due)
         }));
     }
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut errors = 0;
+    let mut max_send_lag = Duration::ZERO;
     for task in tasks {
-        let (ok, latency) = task.await?;
+        let (ok, latency, lag) = task.await?;
+        max_send_lag = max_send_lag.max(lag);
         if ok {
             histogram.record(latency.as_micros().max(1) as u64)?;
         } else {
@@ -224,6 +273,7 @@ async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration) -> anyhow
         p50_us: histogram.value_at_quantile(0.50),
         p99_us: histogram.value_at_quantile(0.99),
         errors,
+        max_send_lag_us: max_send_lag.as_micros() as u64,
     })
 }
 
@@ -258,7 +308,12 @@ impl Proxy {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", weft.display()))?;
-        Ok(Self { child, admin, listener, dir })
+        Ok(Self {
+            child,
+            admin,
+            listener,
+            dir,
+        })
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -266,10 +321,10 @@ impl Proxy {
         let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         let uri: hyper::Uri = format!("http://{}/ready", self.admin).parse()?;
         while Instant::now() < deadline {
-            if let Ok(response) = client.get(uri.clone()).await {
-                if response.status().is_success() {
-                    return Ok(());
-                }
+            if let Ok(response) = client.get(uri.clone()).await
+                && response.status().is_success()
+            {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -280,7 +335,10 @@ impl Proxy {
     fn cpu_seconds(&self) -> anyhow::Result<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
         // Fields after the command name (which is in parentheses and may hold spaces).
-        let after = stat.rsplit_once(')').map(|(_, rest)| rest).context("malformed /proc stat")?;
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .context("malformed /proc stat")?;
         let fields: Vec<&str> = after.split_whitespace().collect();
         let utime: f64 = fields.get(11).context("utime")?.parse()?;
         let stime: f64 = fields.get(12).context("stime")?.parse()?;
@@ -289,7 +347,10 @@ impl Proxy {
 
     fn peak_rss_kib(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .context("no VmHWM")?;
         Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
     }
 

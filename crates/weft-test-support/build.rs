@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let echo = "weft/test/v1/echo.proto";
     println!("cargo:rerun-if-changed={proto_root}/{echo}");
     let fds = protox::compile([echo], [proto_root])?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
     Ok(())
 }

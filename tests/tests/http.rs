@@ -49,7 +49,9 @@ fn dst(s: &str) -> SocketAddr {
 }
 
 fn get(path: &str, host: &str) -> Request<weft_test_support::http::TestBody> {
-    Request::get(format!("http://{host}{path}")).body(empty()).unwrap()
+    Request::get(format!("http://{host}{path}"))
+        .body(empty())
+        .unwrap()
 }
 
 async fn outbound_service_round_robins_over_its_cluster(h2: bool) {
@@ -63,7 +65,10 @@ async fn outbound_service_round_robins_over_its_cluster(h2: bool) {
     let client = client(proxy.orig_dst.connector(proxy.outbound(), dst(SERVICE)), h2);
     let mut served_by = Vec::new();
     for i in 0..6 {
-        let response = client.request(get(&format!("/r/{i}"), "web.default.svc")).await.unwrap();
+        let response = client
+            .request(get(&format!("/r/{i}"), "web.default.svc"))
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         served_by.push(response.headers()["x-served-by"].to_str().unwrap().to_owned());
         drain_body(response.into_body()).await.unwrap();
@@ -73,16 +78,54 @@ async fn outbound_service_round_robins_over_its_cluster(h2: bool) {
 
     let seen = a.last_request();
     assert_eq!(seen.uri.path(), "/r/4");
-    let authority = if h2 { seen.uri.authority().map(|a| a.to_string()) } else { seen.headers.get("host").map(|h| h.to_str().unwrap().to_owned()) };
-    assert_eq!(authority.as_deref(), Some("web.default.svc"), "the app's authority is kept");
-    assert_eq!(seen.version, if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 });
+    let authority = if h2 {
+        seen.uri.authority().map(|a| a.to_string())
+    } else {
+        seen.headers.get("host").map(|h| h.to_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        authority.as_deref(),
+        Some("web.default.svc"),
+        "the app's authority is kept"
+    );
+    assert_eq!(
+        seen.version,
+        if h2 {
+            http::Version::HTTP_2
+        } else {
+            http::Version::HTTP_11
+        }
+    );
 
     let metrics = proxy.metrics().await;
-    let labels = [("reporter", "source"), ("destination_service", "web"), ("response_code", "200"), ("response_flags", "-")];
-    assert_eq!(metric(&metrics, "istio_requests_total", &labels), 6.0, "{metrics}");
-    assert_eq!(metric(&metrics, "istio_request_duration_milliseconds_count", &labels), 6.0);
+    let labels = [
+        ("reporter", "source"),
+        ("destination_service", "web"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &labels),
+        6.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "istio_request_duration_milliseconds_count", &labels),
+        6.0
+    );
     let protocol = if h2 { "h2c" } else { "http/1.1" };
-    assert_eq!(metric(&metrics, "weft_protocol_detections_total", &[("protocol", protocol)]), if h2 { 1.0 } else { metric(&metrics, "weft_protocol_detections_total", &[]) });
+    assert_eq!(
+        metric(
+            &metrics,
+            "weft_protocol_detections_total",
+            &[("protocol", protocol)]
+        ),
+        if h2 {
+            1.0
+        } else {
+            metric(&metrics, "weft_protocol_detections_total", &[])
+        }
+    );
 }
 
 async fn passthrough_goes_to_the_original_destination(h2: bool) {
@@ -94,9 +137,16 @@ async fn passthrough_goes_to_the_original_destination(h2: bool) {
     assert_eq!(response.headers()["x-served-by"], "external");
     drain_body(response.into_body()).await.unwrap(); // the request is counted when its response ends
     let metrics = proxy.metrics().await;
-    let labels = [("destination_service", external.addr.to_string()), ("response_code", "200".into())];
+    let labels = [
+        ("destination_service", external.addr.to_string()),
+        ("response_code", "200".into()),
+    ];
     let labels: Vec<_> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    assert_eq!(metric(&metrics, "istio_requests_total", &labels), 1.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &labels),
+        1.0,
+        "{metrics}"
+    );
 }
 
 async fn inbound_forwards_to_the_app_on_the_same_port(h2: bool) {
@@ -111,8 +161,16 @@ async fn inbound_forwards_to_the_app_on_the_same_port(h2: bool) {
     drain_body(response.into_body()).await.unwrap();
     let metrics = proxy.metrics().await;
     let service = format!("inbound|{}||", app.addr.port());
-    let labels = [("reporter", "destination"), ("destination_service", service.as_str()), ("connection_security_policy", "none")];
-    assert_eq!(metric(&metrics, "istio_requests_total", &labels), 1.0, "{metrics}");
+    let labels = [
+        ("reporter", "destination"),
+        ("destination_service", service.as_str()),
+        ("connection_security_policy", "none"),
+    ];
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &labels),
+        1.0,
+        "{metrics}"
+    );
 }
 
 async fn explicit_listener_sends_everything_to_its_cluster(h2: bool) {
@@ -138,7 +196,9 @@ async fn streaming_bodies_both_ways(h2: bool) {
 
     // A chunked (length-less) upload, counted by the server.
     const UP: u64 = 3 * 1024 * 1024 + 17;
-    let request = Request::post(format!("http://{}/sink", app.addr)).body(streamed(UP)).unwrap();
+    let request = Request::post(format!("http://{}/sink", app.addr))
+        .body(streamed(UP))
+        .unwrap();
     let response = client.request(request).await.unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, UP.to_string().as_bytes());
@@ -149,13 +209,21 @@ async fn streaming_bodies_both_ways(h2: bool) {
 
     // A streamed download.
     const DOWN: u64 = 5 * 1024 * 1024 + 3;
-    let response = client.request(get(&format!("/bytes/{DOWN}"), "app")).await.unwrap();
+    let response = client
+        .request(get(&format!("/bytes/{DOWN}"), "app"))
+        .await
+        .unwrap();
     assert_eq!(drain_body(response.into_body()).await.unwrap(), DOWN);
 
     // An echo: what goes up comes back.
-    let request = Request::post(format!("http://{}/echo", app.addr)).body(full("ping-pong")).unwrap();
+    let request = Request::post(format!("http://{}/echo", app.addr))
+        .body(full("ping-pong"))
+        .unwrap();
     let response = client.request(request).await.unwrap();
-    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), Bytes::from_static(b"ping-pong"));
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from_static(b"ping-pong")
+    );
 }
 
 async fn hop_by_hop_headers_are_not_forwarded(h2: bool) {
@@ -199,11 +267,18 @@ async fn upstream_connections_are_pooled(h2: bool) {
     assert_eq!(app.request_count(), 15);
     // A connection goes back to the pool a moment after its response ends, so a request right behind it
     // may open a second one; without pooling there would be 15.
-    assert!(app.connections() <= 3, "15 sequential requests opened {} upstream connections", app.connections());
+    assert!(
+        app.connections() <= 3,
+        "15 sequential requests opened {} upstream connections",
+        app.connections()
+    );
 }
 
 async fn unreachable_endpoint_is_503_uf(h2: bool) {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // bound, then freed
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap(); // bound, then freed
     let proxy = TestProxy::start(&format!(
         "outbound: {{ services: [{{ address: {SERVICE}, cluster: gone }}] }}\nclusters: [{{ name: gone, endpoints: [{closed}] }}]"
     ))
@@ -212,9 +287,20 @@ async fn unreachable_endpoint_is_503_uf(h2: bool) {
     let response = client.request(get("/", "gone")).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&body).contains("reset reason: connection failure"), "{body:?}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("reset reason: connection failure"),
+        "{body:?}"
+    );
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "istio_requests_total", &[("response_code", "503"), ("response_flags", "UF")]), 1.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UF")]
+        ),
+        1.0,
+        "{metrics}"
+    );
     // The client's connection survives the failure.
     let response = client.request(get("/", "gone")).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -231,7 +317,11 @@ async fn empty_cluster_is_503_uh(h2: bool) {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, Bytes::from_static(b"no healthy upstream"));
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "istio_requests_total", &[("response_flags", "UH")]), 1.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &[("response_flags", "UH")]),
+        1.0,
+        "{metrics}"
+    );
 }
 
 async fn trailers_pass_through(h2: bool) {
@@ -268,14 +358,19 @@ async fn http10_client_without_host_gets_an_answer() {
     let proxy = TestProxy::start("").await;
     let response = raw_exchange(&proxy, app.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
     assert!(response.starts_with("HTTP/1.0 200"), "{response}");
-    assert_eq!(app.last_request().headers["host"], app.addr.to_string(), "Host is the address dialled");
+    assert_eq!(
+        app.last_request().headers["host"],
+        app.addr.to_string(),
+        "Host is the address dialled"
+    );
 }
 
 #[tokio::test]
 async fn keep_alive_serves_many_requests_on_one_connection() {
     let app = HttpServer::start("app").await;
     let proxy = TestProxy::start("").await;
-    let two = b"GET /1 HTTP/1.1\r\nhost: app\r\n\r\nGET /2 HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n";
+    let two =
+        b"GET /1 HTTP/1.1\r\nhost: app\r\n\r\nGET /2 HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n";
     let response = raw_exchange(&proxy, app.addr, two).await;
     assert_eq!(response.matches("HTTP/1.1 200 OK").count(), 2, "{response}");
     let paths: Vec<_> = app.requests().iter().map(|r| r.uri.path().to_owned()).collect();
@@ -309,7 +404,12 @@ async fn malformed_request_gets_400_and_the_proxy_keeps_serving() {
     let proxy = TestProxy::start("").await;
     let response = raw_exchange(&proxy, app.addr, b"GET / HTTP/1.1\r\nbad header line\r\n\r\n").await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
-    let response = raw_exchange(&proxy, app.addr, b"GET /fine HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await;
+    let response = raw_exchange(
+        &proxy,
+        app.addr,
+        b"GET /fine HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
@@ -323,7 +423,11 @@ async fn large_header_blocks_are_accepted() {
     }
     request.extend_from_slice(b"\r\n");
     let response = raw_exchange(&proxy, app.addr, &request).await;
-    assert!(response.starts_with("HTTP/1.1 200"), "{}", &response[..response.len().min(200)]);
+    assert!(
+        response.starts_with("HTTP/1.1 200"),
+        "{}",
+        &response[..response.len().min(200)]
+    );
     assert_eq!(app.last_request().headers.len(), 64 + 1);
 }
 
@@ -335,5 +439,13 @@ async fn registry_only_refuses_unknown_destinations() {
     assert_eq!(response, "", "the connection is closed without an answer");
     assert_eq!(app.request_count(), 0);
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "istio_tcp_connections_closed_total", &[("response_flags", "NR")]), 1.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "istio_tcp_connections_closed_total",
+            &[("response_flags", "NR")]
+        ),
+        1.0,
+        "{metrics}"
+    );
 }

@@ -10,7 +10,9 @@ use weft_test_support::tcp::TcpServer;
 use weft_test_support::{TestProxy, admin_get, admin_post, assert_eventually};
 
 fn get(path: &str) -> http::Request<weft_test_support::http::TestBody> {
-    http::Request::get(format!("http://app{path}")).body(empty()).unwrap()
+    http::Request::get(format!("http://app{path}"))
+        .body(empty())
+        .unwrap()
 }
 
 #[tokio::test]
@@ -25,7 +27,10 @@ async fn admin_endpoints() {
 
     assert_eq!(admin_get(admin, "/ready").await, (200, "ready\n".into()));
     assert_eq!(admin_get(admin, "/live").await, (200, "live\n".into()));
-    assert_eq!(admin_get(proxy.running.readiness_address(), "/healthz/ready").await, (200, "ready\n".into()));
+    assert_eq!(
+        admin_get(proxy.running.readiness_address(), "/healthz/ready").await,
+        (200, "ready\n".into())
+    );
     assert!(admin_get(admin, "/help").await.1.contains("/config_dump"));
     assert_eq!(admin_get(admin, "/nope").await.0, 404);
 
@@ -35,32 +40,57 @@ async fn admin_endpoints() {
     assert_eq!(dump["bootstrap"]["node"]["workload"], "ratings-v1");
     assert_eq!(dump["mesh"]["clusters"][0]["name"], "ratings");
     assert_eq!(dump["mesh"]["clusters"][0]["endpoints"][0], app.addr.to_string());
-    assert_eq!(dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["cluster"], "ratings");
-    assert_eq!(dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["protocol"], "http");
+    assert_eq!(
+        dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["cluster"],
+        "ratings"
+    );
+    assert_eq!(
+        dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["protocol"],
+        "http"
+    );
 
     let (status, metrics) = admin_get(admin, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(metrics.contains("# TYPE weft_downstream_connections_active gauge"), "{metrics}");
+    assert!(
+        metrics.contains("# TYPE weft_downstream_connections_active gauge"),
+        "{metrics}"
+    );
     assert_eq!(admin_get(admin, "/stats/prometheus").await.0, 200);
 
     assert_eq!(admin_get(admin, "/logging").await, (200, "info\n".into()));
-    assert_eq!(admin_post(admin, "/logging?level=weft_http%3Ddebug%2Cinfo").await, (200, "weft_http=debug,info\n".into()));
+    assert_eq!(
+        admin_post(admin, "/logging?level=weft_http%3Ddebug%2Cinfo").await,
+        (200, "weft_http=debug,info\n".into())
+    );
     assert_eq!(admin_get(admin, "/logging").await.1, "weft_http=debug,info\n");
     let (status, body) = admin_post(admin, "/logging?level=weft_http%3Dloud").await;
     assert_eq!(status, 400);
     assert!(body.contains("invalid log filter"), "{body}");
-    assert_eq!(admin_get(admin, "/logging").await.1, "weft_http=debug,info\n", "a bad filter keeps the last good one");
+    assert_eq!(
+        admin_get(admin, "/logging").await.1,
+        "weft_http=debug,info\n",
+        "a bad filter keeps the last good one"
+    );
 
     // Mutations are POST only.
     assert_eq!(admin_get(admin, "/quitquitquit").await.0, 405);
-    assert_eq!(admin_get(admin, "/ready").await.0, 200, "a refused GET changed nothing");
+    assert_eq!(
+        admin_get(admin, "/ready").await.0,
+        200,
+        "a refused GET changed nothing"
+    );
 }
 
 #[tokio::test]
 async fn quitquitquit_stops_the_proxy() {
     let proxy = TestProxy::start("").await;
-    assert_eq!(admin_post(proxy.admin(), "/quitquitquit").await, (200, "OK\n".into()));
-    tokio::time::timeout(Duration::from_secs(10), proxy.running.wait()).await.expect("the proxy stops");
+    assert_eq!(
+        admin_post(proxy.admin(), "/quitquitquit").await,
+        (200, "OK\n".into())
+    );
+    tokio::time::timeout(Duration::from_secs(10), proxy.running.wait())
+        .await
+        .expect("the proxy stops");
 }
 
 async fn drain_finishes_in_flight_request(h2: bool) {
@@ -85,13 +115,21 @@ async fn drain_finishes_in_flight_request(h2: bool) {
     running.shutdown();
 
     // Draining: not ready, and new connections are refused, while the admin port still answers.
-    assert_eventually!(admin_get(admin, "/ready").await == (503, "not ready: draining\n".into()), "not draining");
-    assert_eventually!(orig_dst.connect(outbound, app.addr).await.is_err(), "still accepting while draining");
+    assert_eventually!(
+        admin_get(admin, "/ready").await == (503, "not ready: draining\n".into()),
+        "not draining"
+    );
+    assert_eventually!(
+        orig_dst.connect(outbound, app.addr).await.is_err(),
+        "still accepting while draining"
+    );
 
     let (status, body) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK, "the in-flight request finished");
     assert_eq!(body, 2, "its body arrived whole");
-    tokio::time::timeout(Duration::from_secs(10), running.wait()).await.expect("the proxy stops after the drain");
+    tokio::time::timeout(Duration::from_secs(10), running.wait())
+        .await
+        .expect("the proxy stops after the drain");
 }
 
 #[tokio::test]
@@ -112,16 +150,27 @@ async fn drain_timeout_closes_what_is_left() {
         server.addr
     ))
     .await;
-    let mut idle = proxy.orig_dst.connect(proxy.outbound(), "10.96.0.7:7000".parse().unwrap()).await.unwrap();
+    let mut idle = proxy
+        .orig_dst
+        .connect(proxy.outbound(), "10.96.0.7:7000".parse().unwrap())
+        .await
+        .unwrap();
     idle.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     idle.read_exact(&mut one).await.unwrap();
 
     proxy.running.shutdown();
-    tokio::time::timeout(Duration::from_secs(10), proxy.running.wait()).await.expect("the drain timeout ends the wait");
+    tokio::time::timeout(Duration::from_secs(10), proxy.running.wait())
+        .await
+        .expect("the drain timeout ends the wait");
     let mut rest = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await.expect("connection closed");
-    assert!(closed.is_err() || rest.is_empty(), "the idle connection was closed by the proxy");
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+        .await
+        .expect("connection closed");
+    assert!(
+        closed.is_err() || rest.is_empty(),
+        "the idle connection was closed by the proxy"
+    );
 }
 
 #[tokio::test]
@@ -129,12 +178,15 @@ async fn config_update_applies_to_new_connections_only() {
     let old = HttpServer::start("old").await;
     let new = HttpServer::start("new").await;
     let config = |endpoint: std::net::SocketAddr| {
-        format!("outbound: {{ services: [{{ address: 10.96.0.3:80, cluster: web }}] }}\nclusters: [{{ name: web, endpoints: [{endpoint}] }}]")
+        format!(
+            "outbound: {{ services: [{{ address: 10.96.0.3:80, cluster: web }}] }}\nclusters: [{{ name: web, endpoints: [{endpoint}] }}]"
+        )
     };
     let proxy = TestProxy::start(&config(old.addr)).await;
     let service = "10.96.0.3:80".parse().unwrap();
     let before = client(proxy.orig_dst.connector(proxy.outbound(), service), false);
-    let served_by = |r: &http::Response<hyper::body::Incoming>| r.headers()["x-served-by"].to_str().unwrap().to_owned();
+    let served_by =
+        |r: &http::Response<hyper::body::Incoming>| r.headers()["x-served-by"].to_str().unwrap().to_owned();
     let response = before.request(get("/")).await.unwrap();
     assert_eq!(served_by(&response), "old");
     drain_body(response.into_body()).await.unwrap();
@@ -147,20 +199,41 @@ async fn config_update_applies_to_new_connections_only() {
     assert_eq!(served_by(&response), "new", "new connections see the new config");
     drain_body(response.into_body()).await.unwrap();
     let response = before.request(get("/")).await.unwrap();
-    assert_eq!(served_by(&response), "old", "the open connection keeps its snapshot and is not dropped");
+    assert_eq!(
+        served_by(&response),
+        "old",
+        "the open connection keeps its snapshot and is not dropped"
+    );
     drain_body(response.into_body()).await.unwrap();
     let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
-    assert!(dump.contains(&new.addr.to_string()), "config_dump shows the active config");
+    assert!(
+        dump.contains(&new.addr.to_string()),
+        "config_dump shows the active config"
+    );
 }
 
 #[tokio::test]
 async fn a_connection_to_the_proxy_itself_is_refused_not_looped() {
     let proxy = TestProxy::start("").await;
-    let mut stream = proxy.orig_dst.connect(proxy.outbound(), proxy.outbound()).await.unwrap();
+    let mut stream = proxy
+        .orig_dst
+        .connect(proxy.outbound(), proxy.outbound())
+        .await
+        .unwrap();
     let _ = stream.write_all(b"GET / HTTP/1.1\r\nhost: loop\r\n\r\n").await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await.expect("closed promptly");
-    assert!(out.is_empty(), "no answer for a loop: {:?}", String::from_utf8_lossy(&out));
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .expect("closed promptly");
+    assert!(
+        out.is_empty(),
+        "no answer for a loop: {:?}",
+        String::from_utf8_lossy(&out)
+    );
     let metrics = proxy.metrics().await;
-    assert_eq!(weft_test_support::metric(&metrics, "weft_protocol_detections_total", &[]), 0.0, "never forwarded: {metrics}");
+    assert_eq!(
+        weft_test_support::metric(&metrics, "weft_protocol_detections_total", &[]),
+        0.0,
+        "never forwarded: {metrics}"
+    );
 }

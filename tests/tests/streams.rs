@@ -32,16 +32,38 @@ async fn grpc_unary_and_errors_through_the_proxy() {
     let proxy = TestProxy::start("").await;
     let mut client = grpc_client(&proxy, server.addr).await;
 
-    let reply = client.unary(EchoRequest { message: "hello".into() }).await.unwrap().into_inner();
-    assert_eq!((reply.message.as_str(), reply.served_by.as_str()), ("hello", "grpc-a"));
+    let reply = client
+        .unary(EchoRequest {
+            message: "hello".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.message.as_str(), reply.served_by.as_str()),
+        ("hello", "grpc-a")
+    );
 
     // A gRPC error travels in trailers (trailers-only response) and arrives intact.
-    let status = client.unary(EchoRequest { message: "fail".into() }).await.unwrap_err();
+    let status = client
+        .unary(EchoRequest {
+            message: "fail".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
     assert_eq!(status.message(), "asked to fail");
 
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "istio_requests_total", &[("request_protocol", "grpc"), ("response_code", "200")]), 2.0, "{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "istio_requests_total",
+            &[("request_protocol", "grpc"), ("response_code", "200")]
+        ),
+        2.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,13 +82,24 @@ async fn grpc_bidirectional_streaming_interleaves() {
     let mut replies = client.bidi(outbound).await.unwrap().into_inner();
     // Each reply arrives before the next message is sent: the stream is not buffered anywhere.
     for i in 0..20 {
-        tx.send(EchoRequest { message: format!("m{i}") }).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(5), replies.next()).await.unwrap().unwrap().unwrap();
+        tx.send(EchoRequest {
+            message: format!("m{i}"),
+        })
+        .await
+        .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(5), replies.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(reply.message, format!("m{i}"));
         assert_eq!(reply.served_by, "grpc-b");
     }
     drop(tx);
-    assert!(replies.next().await.is_none(), "the stream ends when the client ends");
+    assert!(
+        replies.next().await.is_none(),
+        "the stream ends when the client ends"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,7 +107,9 @@ async fn websocket_echo_through_an_upgrade() {
     let app = HttpServer::start("ws").await;
     let proxy = TestProxy::start("").await;
     let stream = proxy.orig_dst.connect(proxy.outbound(), app.addr).await.unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async(format!("ws://{}/ws", app.addr), stream).await.unwrap();
+    let (mut ws, response) = tokio_tungstenite::client_async(format!("ws://{}/ws", app.addr), stream)
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
     for text in ["one", "two", "three"] {
         ws.send(Message::text(text)).await.unwrap();
@@ -82,7 +117,10 @@ async fn websocket_echo_through_an_upgrade() {
         assert_eq!(echoed.into_text().unwrap().as_str(), text);
     }
     ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().into_data().as_ref(), &[0u8, 1, 2, 255]);
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_data().as_ref(),
+        &[0u8, 1, 2, 255]
+    );
     ws.close(None).await.unwrap();
 }
 
@@ -94,7 +132,11 @@ async fn opaque_tcp_half_close_and_byte_counts() {
         server.addr
     ))
     .await;
-    let mut stream = proxy.orig_dst.connect(proxy.outbound(), "10.96.0.7:7000".parse().unwrap()).await.unwrap();
+    let mut stream = proxy
+        .orig_dst
+        .connect(proxy.outbound(), "10.96.0.7:7000".parse().unwrap())
+        .await
+        .unwrap();
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     stream.write_all(&payload).await.unwrap();
     // Half-close: we are done sending, but the echo of what we sent must still arrive in full.
@@ -106,12 +148,22 @@ async fn opaque_tcp_half_close_and_byte_counts() {
 
     let labels = [("destination_service", "echo")];
     weft_test_support::assert_eventually!(
-        metric(&proxy.metrics().await, "istio_tcp_connections_closed_total", &labels) == 1.0,
+        metric(
+            &proxy.metrics().await,
+            "istio_tcp_connections_closed_total",
+            &labels
+        ) == 1.0,
         "connection close not counted"
     );
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "istio_tcp_connections_opened_total", &labels), 1.0);
-    assert_eq!(metric(&metrics, "istio_tcp_received_bytes_total", &labels), 200_000.0);
+    assert_eq!(
+        metric(&metrics, "istio_tcp_connections_opened_total", &labels),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "istio_tcp_received_bytes_total", &labels),
+        200_000.0
+    );
     assert_eq!(metric(&metrics, "istio_tcp_sent_bytes_total", &labels), 200_000.0);
 }
 
@@ -119,17 +171,28 @@ async fn opaque_tcp_half_close_and_byte_counts() {
 async fn server_speaks_first_works_after_the_detect_timeout() {
     let server = TcpServer::greeter(b"220 smtp.example ready\r\n").await;
     let proxy = TestProxy::start("detect_timeout: 200ms").await;
-    let mut stream = proxy.orig_dst.connect(proxy.outbound(), server.addr).await.unwrap();
+    let mut stream = proxy
+        .orig_dst
+        .connect(proxy.outbound(), server.addr)
+        .await
+        .unwrap();
     // The client waits for the greeting, sending nothing; detection must give up and connect.
     let mut greeting = [0u8; 24];
-    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut greeting)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&greeting, b"220 smtp.example ready\r\n");
     stream.write_all(b"EHLO me\r\n").await.unwrap();
     let mut reply = [0u8; 9];
     stream.read_exact(&mut reply).await.unwrap();
     assert_eq!(&reply, b"EHLO me\r\n");
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "weft_protocol_detections_total", &[("protocol", "tcp")]), 1.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "weft_protocol_detections_total", &[("protocol", "tcp")]),
+        1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +204,11 @@ async fn declared_opaque_ports_never_wait_for_detection() {
         server.addr
     ))
     .await;
-    let mut stream = proxy.orig_dst.connect(proxy.outbound(), "10.96.0.9:3306".parse().unwrap()).await.unwrap();
+    let mut stream = proxy
+        .orig_dst
+        .connect(proxy.outbound(), "10.96.0.9:3306".parse().unwrap())
+        .await
+        .unwrap();
     let mut greeting = [0u8; 14];
     tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut greeting))
         .await
@@ -173,13 +240,21 @@ async fn tls_from_the_app_is_carried_opaque() {
     let server = TcpServer::echo().await;
     let proxy = TestProxy::start("").await;
     let hello = client_hello();
-    let mut stream = proxy.orig_dst.connect(proxy.outbound(), server.addr).await.unwrap();
+    let mut stream = proxy
+        .orig_dst
+        .connect(proxy.outbound(), server.addr)
+        .await
+        .unwrap();
     stream.write_all(&hello).await.unwrap();
     let mut echoed = vec![0u8; hello.len()];
     stream.read_exact(&mut echoed).await.unwrap();
     assert_eq!(echoed, hello, "the ClientHello reaches the server byte for byte");
     let metrics = proxy.metrics().await;
-    assert_eq!(metric(&metrics, "weft_protocol_detections_total", &[("protocol", "tls")]), 1.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "weft_protocol_detections_total", &[("protocol", "tls")]),
+        1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

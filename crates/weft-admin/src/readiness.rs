@@ -18,8 +18,13 @@ struct State {
 impl Readiness {
     /// Not ready until each of `steps` is marked done.
     pub fn new(steps: &[&'static str]) -> Self {
-        let state = State { waiting_for: steps.iter().copied().collect(), draining: false };
-        Self { inner: Arc::new(Mutex::new(state)) }
+        let state = State {
+            waiting_for: steps.iter().copied().collect(),
+            draining: false,
+        };
+        Self {
+            inner: Arc::new(Mutex::new(state)),
+        }
     }
 
     pub fn mark_done(&self, step: &'static str) {

@@ -30,7 +30,9 @@ pub struct AdminState {
 
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminState").field("readiness", &self.readiness).finish_non_exhaustive()
+        f.debug_struct("AdminState")
+            .field("readiness", &self.readiness)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,7 +83,11 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             respond(StatusCode::OK, "application/json", body)
         }),
         "/metrics" | "/stats/prometheus" => get_only(method, || {
-            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.encode())
+            respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                state.metrics.encode(),
+            )
         }),
         "/logging" => match *method {
             Method::GET => text(StatusCode::OK, format!("{}\n", state.log.current())),
@@ -93,7 +99,10 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             state.shutdown.cancel();
             text(StatusCode::OK, "OK\n")
         }),
-        _ => text(StatusCode::NOT_FOUND, "not found; GET /help lists the endpoints\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; GET /help lists the endpoints\n",
+        ),
     }
 }
 
@@ -118,16 +127,26 @@ fn ready(readiness: &Readiness) -> AdminResponse {
 }
 
 fn get_only(method: &Method, f: impl FnOnce() -> AdminResponse) -> AdminResponse {
-    if method == Method::GET || method == Method::HEAD { f() } else { method_not_allowed("GET") }
+    if method == Method::GET || method == Method::HEAD {
+        f()
+    } else {
+        method_not_allowed("GET")
+    }
 }
 
 fn post_only(method: &Method, f: impl FnOnce() -> AdminResponse) -> AdminResponse {
-    if method == Method::POST { f() } else { method_not_allowed("POST") }
+    if method == Method::POST {
+        f()
+    } else {
+        method_not_allowed("POST")
+    }
 }
 
 fn method_not_allowed(allow: &'static str) -> AdminResponse {
     let mut response = text(StatusCode::METHOD_NOT_ALLOWED, format!("use {allow}\n"));
-    response.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
     response
 }
 
@@ -138,7 +157,10 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> AdminResponse {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }
 
@@ -164,8 +186,9 @@ where
                 let fut = handle(req);
                 async move { Ok::<_, Infallible>(fut.await) }
             });
-            if let Err(err) =
-                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
             {
                 tracing::debug!(error = %err, "admin connection error");
             }

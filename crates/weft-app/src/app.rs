@@ -57,7 +57,9 @@ pub(crate) struct Inputs {
 
 impl std::fmt::Debug for Inputs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inputs").field("node", &self.bootstrap.node.id).finish_non_exhaustive()
+        f.debug_struct("Inputs")
+            .field("node", &self.bootstrap.node.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -75,18 +77,26 @@ impl Inputs {
     pub(crate) fn cluster_upstream(&self, cluster: &Arc<Cluster>) -> Upstream {
         let mut counters = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
         let next = counters.entry(cluster.name.clone()).or_default().clone();
-        Upstream::Cluster { cluster: cluster.clone(), next }
+        Upstream::Cluster {
+            cluster: cluster.clone(),
+            next,
+        }
     }
 
     /// Straight to the address the client was going to (egress passthrough).
     pub(crate) fn direct(&self, addr: SocketAddr) -> Upstream {
-        let settings =
-            PoolSettings { connect_timeout: DEFAULT_CONNECT_TIMEOUT, idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT };
+        let settings = PoolSettings {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        };
         Upstream::Direct { addr, settings }
     }
 
     pub(crate) fn app_upstream(&self, addr: SocketAddr, idle_timeout: Duration) -> Upstream {
-        let settings = PoolSettings { connect_timeout: DEFAULT_CONNECT_TIMEOUT, idle_timeout };
+        let settings = PoolSettings {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout,
+        };
         Upstream::Direct { addr, settings }
     }
 }
@@ -104,10 +114,22 @@ impl App {
         log: LogControl,
     ) -> Result<Running, AppError> {
         let bind = |what: &str, addr: SocketAddr| {
-            binder.bind(addr).map_err(|source| AppError::Bind { what: what.to_owned(), addr, source })
+            binder.bind(addr).map_err(|source| AppError::Bind {
+                what: what.to_owned(),
+                addr,
+                source,
+            })
         };
-        let outbound = mesh.outbound.as_ref().map(|o| bind("outbound", o.address)).transpose()?;
-        let inbound = mesh.inbound.as_ref().map(|i| bind("inbound", i.address)).transpose()?;
+        let outbound = mesh
+            .outbound
+            .as_ref()
+            .map(|o| bind("outbound", o.address))
+            .transpose()?;
+        let inbound = mesh
+            .inbound
+            .as_ref()
+            .map(|i| bind("inbound", i.address))
+            .transpose()?;
         let mut explicit = Vec::new();
         for l in &mesh.listeners {
             explicit.push((l.clone(), bind(&format!("\"{}\"", l.name), l.address)?));
@@ -121,7 +143,10 @@ impl App {
             readiness: local(&readiness_listener),
             outbound: outbound.as_ref().map(local),
             inbound: inbound.as_ref().map(local),
-            listeners: explicit.iter().map(|(l, listener)| (l.name.clone(), local(listener))).collect(),
+            listeners: explicit
+                .iter()
+                .map(|(l, listener)| (l.name.clone(), local(listener)))
+                .collect(),
         };
 
         let metrics = Metrics::new();
@@ -134,16 +159,31 @@ impl App {
             forwarder: Forwarder::new(Arc::new(Pools::default()), metrics.clone()),
             drain: CancellationToken::new(),
             force_close: CancellationToken::new(),
-            transparent_ports: addresses.outbound.iter().chain(&addresses.inbound).map(|a| a.port()).collect(),
+            transparent_ports: addresses
+                .outbound
+                .iter()
+                .chain(&addresses.inbound)
+                .map(|a| a.port())
+                .collect(),
             round_robin: Mutex::default(),
         });
 
         let tracker = TaskTracker::new();
         if let Some(listener) = outbound {
-            tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), outbound::transparent));
+            tokio::spawn(accept_loop(
+                listener,
+                inputs.clone(),
+                tracker.clone(),
+                outbound::transparent,
+            ));
         }
         if let Some(listener) = inbound {
-            tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), inbound::transparent));
+            tokio::spawn(accept_loop(
+                listener,
+                inputs.clone(),
+                tracker.clone(),
+                inbound::transparent,
+            ));
         }
         for (spec, listener) in explicit {
             let serve = move |inputs, conn| outbound::explicit(inputs, spec.clone(), conn);
@@ -158,13 +198,21 @@ impl App {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             log,
-            config_dump: Box::new(move || {
-                serde_json::json!({ "bootstrap": dump_bootstrap, "mesh": *mesh_rx.borrow().clone() })
-            }),
+            config_dump: Box::new(
+                move || serde_json::json!({ "bootstrap": dump_bootstrap, "mesh": *mesh_rx.borrow().clone() }),
+            ),
             shutdown: shutdown.clone(),
         };
-        tokio::spawn(weft_admin::serve_admin(admin, Arc::new(admin_state), admin_stop.clone()));
-        tokio::spawn(weft_admin::serve_readiness(readiness_listener, readiness.clone(), admin_stop.clone()));
+        tokio::spawn(weft_admin::serve_admin(
+            admin,
+            Arc::new(admin_state),
+            admin_stop.clone(),
+        ));
+        tokio::spawn(weft_admin::serve_readiness(
+            readiness_listener,
+            readiness.clone(),
+            admin_stop.clone(),
+        ));
 
         readiness.mark_done(LISTENERS);
         tracing::info!(
@@ -175,8 +223,21 @@ impl App {
             "proxy serving",
         );
 
-        let done = tokio::spawn(lifecycle(inputs, tracker, readiness, shutdown.clone(), admin_stop, bootstrap.drain_timeout));
-        Ok(Running { addresses, metrics, shutdown, config, done })
+        let done = tokio::spawn(lifecycle(
+            inputs,
+            tracker,
+            readiness,
+            shutdown.clone(),
+            admin_stop,
+            bootstrap.drain_timeout,
+        ));
+        Ok(Running {
+            addresses,
+            metrics,
+            shutdown,
+            config,
+            done,
+        })
     }
 }
 
@@ -218,7 +279,11 @@ impl Running {
 
     /// The bound address of an explicit listener, by name.
     pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
-        self.addresses.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+        self.addresses
+            .listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -295,7 +360,10 @@ async fn lifecycle(
     inputs.drain.cancel();
     tracker.close();
     if tokio::time::timeout(drain_timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "drain timeout reached; closing the remaining connections");
+        tracing::warn!(
+            open = tracker.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
         inputs.force_close.cancel();
         tracker.wait().await;
     }

@@ -41,10 +41,22 @@ pub(crate) async fn detect(
     stream: TcpStream,
     declared: Protocol,
     timeout: Duration,
-) -> (PrefixedIo<TcpStream>, Handling, Option<weft_detect::ClientHelloInfo>) {
+) -> (
+    PrefixedIo<TcpStream>,
+    Handling,
+    Option<weft_detect::ClientHelloInfo>,
+) {
     match declared {
-        Protocol::Tcp => (PrefixedIo::new(Default::default(), stream), Handling::Opaque, None),
-        Protocol::Http2 => (PrefixedIo::new(Default::default(), stream), Handling::Http(HttpVersion::Http2), None),
+        Protocol::Tcp => (
+            PrefixedIo::new(Default::default(), stream),
+            Handling::Opaque,
+            None,
+        ),
+        Protocol::Http2 => (
+            PrefixedIo::new(Default::default(), stream),
+            Handling::Http(HttpVersion::Http2),
+            None,
+        ),
         Protocol::Http => {
             let (buf, detected, stream) = sniff(stream, HTTP_FIRST_BYTES_TIMEOUT).await;
             let version = match detected {
@@ -52,7 +64,11 @@ pub(crate) async fn detect(
                 // Whatever else it is, the port is declared HTTP: the HTTP/1 server answers garbage with 400.
                 _ => HttpVersion::Http1,
             };
-            (PrefixedIo::new(buf.freeze(), stream), Handling::Http(version), None)
+            (
+                PrefixedIo::new(buf.freeze(), stream),
+                Handling::Http(version),
+                None,
+            )
         }
         Protocol::Detect => {
             let (buf, detected, stream) = sniff(stream, timeout).await;

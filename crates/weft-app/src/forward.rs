@@ -63,7 +63,10 @@ async fn forward_tcp(
     peers: Peers,
     dst: SocketAddr,
 ) {
-    let mut labels = TcpLabels { peers, response_flags: ResponseFlags::NONE };
+    let mut labels = TcpLabels {
+        peers,
+        response_flags: ResponseFlags::NONE,
+    };
     let Some((endpoint, settings)) = upstream.pick() else {
         labels.response_flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
         inputs.metrics.tcp_closed.get_or_create(&labels).inc();
@@ -90,7 +93,11 @@ async fn forward_tcp(
     };
     match copied {
         Ok((received, sent)) => {
-            inputs.metrics.tcp_received_bytes.get_or_create(&labels).inc_by(received);
+            inputs
+                .metrics
+                .tcp_received_bytes
+                .get_or_create(&labels)
+                .inc_by(received);
             inputs.metrics.tcp_sent_bytes.get_or_create(&labels).inc_by(sent);
             tracing::debug!(%dst, %endpoint, received, sent, "TCP connection closed");
         }

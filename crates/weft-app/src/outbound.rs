@@ -26,12 +26,23 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let Some(policy) = &mesh.outbound else { return };
 
     let (upstream, protocol, service) = match policy.service_for(orig_dst) {
-        Some(target) => (inputs.cluster_upstream(&target.cluster), target.protocol, target.cluster.name.as_str().into()),
+        Some(target) => (
+            inputs.cluster_upstream(&target.cluster),
+            target.protocol,
+            target.cluster.name.as_str().into(),
+        ),
         None => match policy.egress {
-            Egress::AllowAny => (inputs.direct(orig_dst), Protocol::Detect, Label::from(orig_dst.to_string())),
+            Egress::AllowAny => (
+                inputs.direct(orig_dst),
+                Protocol::Detect,
+                Label::from(orig_dst.to_string()),
+            ),
             Egress::RegistryOnly => {
                 let peers = source_peers(&inputs, Label::from(orig_dst.to_string()));
-                let labels = TcpLabels { peers, response_flags: ResponseFlags::NO_ROUTE };
+                let labels = TcpLabels {
+                    peers,
+                    response_flags: ResponseFlags::NO_ROUTE,
+                };
                 inputs.metrics.tcp_closed.get_or_create(&labels).inc();
                 tracing::info!(%orig_dst, "refused: no service for this destination and egress is registry_only");
                 return;
@@ -39,7 +50,14 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         },
     };
     let peers = source_peers(&inputs, service);
-    let routed = Routed { stream: conn.stream, orig_dst, upstream, protocol, peers, inbound: false };
+    let routed = Routed {
+        stream: conn.stream,
+        orig_dst,
+        upstream,
+        protocol,
+        peers,
+        inbound: false,
+    };
     serve(inputs, routed, mesh.detect_timeout).await;
 }
 

@@ -41,9 +41,7 @@ pub(crate) fn match_request_line(buf: &[u8]) -> Option<Detection> {
     match rest {
         [] => Some(Detection::NeedMore),
         [b'0' | b'1'] | [b'0' | b'1', b'\r'] => Some(Detection::NeedMore),
-        [b'0' | b'1', b'\n', ..] | [b'0' | b'1', b'\r', b'\n', ..] => {
-            Some(Detection::Known(Protocol::Http1))
-        }
+        [b'0' | b'1', b'\n', ..] | [b'0' | b'1', b'\r', b'\n', ..] => Some(Detection::Known(Protocol::Http1)),
         _ => None,
     }
 }

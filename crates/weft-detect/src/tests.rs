@@ -26,22 +26,44 @@ fn known(p: Protocol) -> Detection {
 
 #[test]
 fn http1_request_lines() {
-    assert_eq!(detect(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), known(Protocol::Http1));
+    assert_eq!(
+        detect(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+        known(Protocol::Http1)
+    );
     assert_eq!(detect(b"POST /x?y=1 HTTP/1.0\r\n"), known(Protocol::Http1));
     assert_eq!(detect(b"OPTIONS * HTTP/1.1\n"), known(Protocol::Http1));
-    assert_eq!(detect(b"CONNECT example.com:443 HTTP/1.1\r\n"), known(Protocol::Http1));
+    assert_eq!(
+        detect(b"CONNECT example.com:443 HTTP/1.1\r\n"),
+        known(Protocol::Http1)
+    );
 }
 
 #[test]
 fn http1_prefixes_need_more() {
-    for prefix in ["G", "GET", "GET ", "GET /index.html", "GET / ", "GET / HTTP/", "GET / HTTP/1.1", "GET / HTTP/1.1\r"] {
+    for prefix in [
+        "G",
+        "GET",
+        "GET ",
+        "GET /index.html",
+        "GET / ",
+        "GET / HTTP/",
+        "GET / HTTP/1.1",
+        "GET / HTTP/1.1\r",
+    ] {
         assert_eq!(detect(prefix.as_bytes()), Detection::NeedMore, "{prefix:?}");
     }
 }
 
 #[test]
 fn not_http1() {
-    for bytes in [&b"GET  / HTTP/1.1\r\n"[..], b"GET / HTTP/2.0\r\n", b"GET / FTP/1.1\r\n", b"\x00\x01", b"220 smtp ready\r\n", b"GET / HTTP/1.1x"] {
+    for bytes in [
+        &b"GET  / HTTP/1.1\r\n"[..],
+        b"GET / HTTP/2.0\r\n",
+        b"GET / FTP/1.1\r\n",
+        b"\x00\x01",
+        b"220 smtp ready\r\n",
+        b"GET / HTTP/1.1x",
+    ] {
         assert_eq!(detect(bytes), known(Protocol::Opaque), "{bytes:?}");
     }
 }
@@ -84,7 +106,10 @@ fn tls_client_hello_arrives_in_pieces() {
 fn tls_lookalikes_are_opaque() {
     assert_eq!(detect(&[0x16, 0x02, 0, 0]), known(Protocol::Opaque));
     // A handshake record whose body is garbage.
-    assert_eq!(detect(&[0x16, 0x03, 0x01, 0x00, 0x04, 0xff, 0xff, 0xff, 0xff]), known(Protocol::Opaque));
+    assert_eq!(
+        detect(&[0x16, 0x03, 0x01, 0x00, 0x04, 0xff, 0xff, 0xff, 0xff]),
+        known(Protocol::Opaque)
+    );
 }
 
 #[test]
@@ -98,7 +123,12 @@ fn endless_prefix_becomes_opaque() {
 fn arbitrary_bytes_never_panic() {
     // A cheap stand-in for the fuzz target: every prefix of a few mixed inputs.
     let hello = client_hello("a.b", &["h2"]);
-    let inputs: [&[u8]; 4] = [&hello, H2_PREFACE, b"GET /a HTTP/1.1\r\n", &[0x16, 0x03, 0x03, 0xff, 0xff, 0x01]];
+    let inputs: [&[u8]; 4] = [
+        &hello,
+        H2_PREFACE,
+        b"GET /a HTTP/1.1\r\n",
+        &[0x16, 0x03, 0x03, 0xff, 0xff, 0x01],
+    ];
     for input in inputs {
         for i in 0..=input.len() {
             let _ = detect(&input[..i]);

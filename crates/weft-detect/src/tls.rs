@@ -45,7 +45,9 @@ pub(crate) fn match_client_hello(buf: &[u8]) -> Option<Detection> {
                 alpn: hello
                     .alpn()
                     .map(|protocols| {
-                        protocols.map(|p| String::from_utf8_lossy(p).into_owned()).collect()
+                        protocols
+                            .map(|p| String::from_utf8_lossy(p).into_owned())
+                            .collect()
                     })
                     .unwrap_or_default(),
             };

@@ -38,21 +38,33 @@ impl Completion {
         self.labels.response_flags |= flags;
         let elapsed_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         self.metrics.requests.get_or_create(&self.labels).inc();
-        self.metrics.request_duration_ms.get_or_create(&self.labels).observe(elapsed_ms);
+        self.metrics
+            .request_duration_ms
+            .get_or_create(&self.labels)
+            .observe(elapsed_ms);
     }
 }
 
 impl ProxyBody {
     pub(crate) fn upstream(body: Incoming, completion: Completion) -> Self {
-        Self { kind: Kind::Upstream(body), completion: Some(completion) }
+        Self {
+            kind: Kind::Upstream(body),
+            completion: Some(completion),
+        }
     }
 
     pub(crate) fn local(text: &'static str, completion: Option<Completion>) -> Self {
-        Self { kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))), completion }
+        Self {
+            kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
+            completion,
+        }
     }
 
     pub fn empty() -> Self {
-        Self { kind: Kind::Local(Full::new(Bytes::new())), completion: None }
+        Self {
+            kind: Kind::Local(Full::new(Bytes::new())),
+            completion: None,
+        }
     }
 
     fn finish(&mut self, flags: ResponseFlags) {
@@ -66,7 +78,10 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = match &mut self.kind {
             Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
             Kind::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),

@@ -27,7 +27,11 @@ impl UpstreamError {
             .source()
             .and_then(|s| s.downcast_ref::<hyper::Error>())
             .is_some_and(|e| e.is_parse() || e.is_parse_status());
-        if parse_error { Self::Protocol(err) } else { Self::Terminated(err) }
+        if parse_error {
+            Self::Protocol(err)
+        } else {
+            Self::Terminated(err)
+        }
     }
 
     pub fn status(&self) -> StatusCode {

@@ -22,9 +22,15 @@ use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 #[derive(Debug, Clone)]
 pub enum Upstream {
     /// A cluster's endpoints, taken in turn.
-    Cluster { cluster: Arc<Cluster>, next: Arc<AtomicUsize> },
+    Cluster {
+        cluster: Arc<Cluster>,
+        next: Arc<AtomicUsize>,
+    },
     /// The address the client was going to (egress passthrough, inbound to the app).
-    Direct { addr: SocketAddr, settings: PoolSettings },
+    Direct {
+        addr: SocketAddr,
+        settings: PoolSettings,
+    },
 }
 
 impl Upstream {
@@ -36,8 +42,10 @@ impl Upstream {
                     return None;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed) % n;
-                let settings =
-                    PoolSettings { connect_timeout: cluster.connect_timeout, idle_timeout: cluster.idle_timeout };
+                let settings = PoolSettings {
+                    connect_timeout: cluster.connect_timeout,
+                    idle_timeout: cluster.idle_timeout,
+                };
                 Some((cluster.endpoints[i], settings))
             }
             Upstream::Direct { addr, settings } => Some((*addr, *settings)),
@@ -69,7 +77,11 @@ impl Forwarder {
 
     pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
         let start = Instant::now();
-        let request_protocol = if is_grpc(&req) { RequestProtocol::grpc } else { RequestProtocol::http };
+        let request_protocol = if is_grpc(&req) {
+            RequestProtocol::grpc
+        } else {
+            RequestProtocol::http
+        };
         let completion = |status: StatusCode, flags: ResponseFlags| Completion {
             metrics: self.metrics.clone(),
             labels: RequestLabels {
@@ -85,8 +97,7 @@ impl Forwarder {
             return self.error_response(UpstreamError::NoHealthyUpstream, completion);
         };
 
-        let downstream_upgrade =
-            (ctx.version == HttpVersion::Http1).then(|| hyper::upgrade::on(&mut req));
+        let downstream_upgrade = (ctx.version == HttpVersion::Http1).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let upgrade = strip_hop_by_hop(&mut parts.headers, ctx.version == HttpVersion::Http2);
         // The proxy answers `Expect: 100-continue` itself: hyper sends `100 Continue` when the body is first
@@ -104,8 +115,17 @@ impl Forwarder {
                 parts.headers.insert(header::HOST, host);
             }
         }
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = match Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(path).build() {
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = match Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+        {
             Ok(uri) => uri,
             Err(_) => return self.bad_request(completion),
         };
@@ -137,7 +157,10 @@ impl Forwarder {
             }
         }
         let (parts, body) = response.into_parts();
-        Response::from_parts(parts, ProxyBody::upstream(body, completion(status, ResponseFlags::NONE)))
+        Response::from_parts(
+            parts,
+            ProxyBody::upstream(body, completion(status, ResponseFlags::NONE)),
+        )
     }
 
     fn error_response(
@@ -150,9 +173,15 @@ impl Forwarder {
         local_response(status, body)
     }
 
-    fn bad_request(&self, completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion) -> Response<ProxyBody> {
+    fn bad_request(
+        &self,
+        completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
+    ) -> Response<ProxyBody> {
         let status = StatusCode::BAD_REQUEST;
-        let body = ProxyBody::local("bad request", Some(completion(status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR)));
+        let body = ProxyBody::local(
+            "bad request",
+            Some(completion(status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR)),
+        );
         local_response(status, body)
     }
 }
@@ -160,7 +189,9 @@ impl Forwarder {
 fn local_response(status: StatusCode, body: ProxyBody) -> Response<ProxyBody> {
     let mut response = Response::new(body);
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }
 

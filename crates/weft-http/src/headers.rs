@@ -30,9 +30,16 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
             HeaderName::from_bytes(name.as_bytes()).ok()
         })
         .collect();
-    let upgrade = if upgrade_requested { headers.get(header::UPGRADE).cloned() } else { None };
+    let upgrade = if upgrade_requested {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     let te_trailers = keep_te_trailers
-        && headers.get_all(header::TE).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
 
     for name in listed.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);

@@ -63,22 +63,41 @@ struct Inner {
 
 impl Default for Pools {
     fn default() -> Self {
-        Self { inner: Mutex::new(Inner { pools: HashMap::new(), last_sweep: Instant::now() }) }
+        Self {
+            inner: Mutex::new(Inner {
+                pools: HashMap::new(),
+                last_sweep: Instant::now(),
+            }),
+        }
     }
 }
 
 impl Pools {
-    pub(crate) fn client(&self, endpoint: SocketAddr, version: HttpVersion, settings: PoolSettings) -> UpstreamClient {
-        let key = PoolKey { endpoint, version, settings };
+    pub(crate) fn client(
+        &self,
+        endpoint: SocketAddr,
+        version: HttpVersion,
+        settings: PoolSettings,
+    ) -> UpstreamClient {
+        let key = PoolKey {
+            endpoint,
+            version,
+            settings,
+        };
         let now = Instant::now();
         // The lock is never held across an await; a poisoned lock only means another thread panicked
         // mid-update of a cache, which is still usable.
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if now.duration_since(inner.last_sweep) > SWEEP_INTERVAL {
             inner.last_sweep = now;
-            inner.pools.retain(|k, e| now.duration_since(e.last_used) < k.settings.idle_timeout + POOL_EXPIRY_GRACE);
+            inner
+                .pools
+                .retain(|k, e| now.duration_since(e.last_used) < k.settings.idle_timeout + POOL_EXPIRY_GRACE);
         }
-        let entry = inner.pools.entry(key).or_insert_with(|| Entry { client: build(key), last_used: now });
+        let entry = inner.pools.entry(key).or_insert_with(|| Entry {
+            client: build(key),
+            last_used: now,
+        });
         entry.last_used = now;
         entry.client.clone()
     }
@@ -94,7 +113,10 @@ impl Pools {
 }
 
 fn build(key: PoolKey) -> UpstreamClient {
-    let connector = EndpointConnector { endpoint: key.endpoint, timeout: key.settings.connect_timeout };
+    let connector = EndpointConnector {
+        endpoint: key.endpoint,
+        timeout: key.settings.connect_timeout,
+    };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

@@ -33,7 +33,12 @@ pub enum HttpVersion {
 
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
 /// have finished.
-pub async fn serve<I, F, Fut>(io: I, version: HttpVersion, drain: CancellationToken, handle: F) -> Result<(), hyper::Error>
+pub async fn serve<I, F, Fut>(
+    io: I,
+    version: HttpVersion,
+    drain: CancellationToken,
+    handle: F,
+) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,

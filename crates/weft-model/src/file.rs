@@ -76,7 +76,12 @@ pub struct OutboundFile {
 
 impl Default for OutboundFile {
     fn default() -> Self {
-        Self { enabled: true, address: None, egress: Egress::AllowAny, services: Vec::new() }
+        Self {
+            enabled: true,
+            address: None,
+            egress: Egress::AllowAny,
+            services: Vec::new(),
+        }
     }
 }
 
@@ -158,7 +163,11 @@ pub enum LoadError {
         source: serde_yaml_ng::Error,
     },
     #[error("{}: field `{field}`: {problem}", path.display())]
-    Invalid { path: PathBuf, field: String, problem: String },
+    Invalid {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
 }
 
 /// A problem found after parsing: the field (as a path such as `clusters[2].name`) and what is wrong.
@@ -169,16 +178,28 @@ pub struct Invalid {
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Invalid {
-    Invalid { field: field.into(), problem: problem.into() }
+    Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// Reads, parses and validates a configuration file.
 pub fn load_file(path: &Path) -> Result<(Bootstrap, Mesh), LoadError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(&text).map_err(|e| match e {
-        ParseError::Yaml(source) => LoadError::Parse { path: path.into(), source },
-        ParseError::Invalid(Invalid { field, problem }) => LoadError::Invalid { path: path.into(), field, problem },
+        ParseError::Yaml(source) => LoadError::Parse {
+            path: path.into(),
+            source,
+        },
+        ParseError::Invalid(Invalid { field, problem }) => LoadError::Invalid {
+            path: path.into(),
+            field,
+            problem,
+        },
     })
 }
 
@@ -192,8 +213,11 @@ pub enum ParseError {
 
 /// Parses and validates configuration text. An empty document is the all-defaults configuration.
 pub fn parse(text: &str) -> Result<(Bootstrap, Mesh), ParseError> {
-    let file: ProxyFile =
-        if text.trim().is_empty() { ProxyFile::default() } else { serde_yaml_ng::from_str(text)? };
+    let file: ProxyFile = if text.trim().is_empty() {
+        ProxyFile::default()
+    } else {
+        serde_yaml_ng::from_str(text)?
+    };
     file.validate().map_err(ParseError::Invalid)
 }
 
@@ -204,20 +228,32 @@ impl ProxyFile {
         let bootstrap = Bootstrap {
             mode: self.mode,
             node: self.node.resolve(),
-            admin_address: self.admin.address.unwrap_or(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT)),
-            readiness_address: self.readiness.address.unwrap_or(SocketAddr::new(wildcard, READINESS_PORT)),
+            admin_address: self
+                .admin
+                .address
+                .unwrap_or(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), ADMIN_PORT)),
+            readiness_address: self
+                .readiness
+                .address
+                .unwrap_or(SocketAddr::new(wildcard, READINESS_PORT)),
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
         };
 
         let clusters = validate_clusters(self.clusters)?;
         let known = |field: String, name: &str| -> Result<Arc<Cluster>, Invalid> {
-            clusters.get(name).cloned().ok_or_else(|| invalid(field, format!("unknown cluster \"{name}\"")))
+            clusters
+                .get(name)
+                .cloned()
+                .ok_or_else(|| invalid(field, format!("unknown cluster \"{name}\"")))
         };
 
         let mut services = HashMap::new();
         for (i, svc) in self.outbound.services.into_iter().enumerate() {
             let cluster = known(format!("outbound.services[{i}].cluster"), &svc.cluster)?;
-            let target = crate::Target { cluster, protocol: svc.protocol };
+            let target = crate::Target {
+                cluster,
+                protocol: svc.protocol,
+            };
             if services.insert(svc.address, target).is_some() {
                 return Err(invalid(
                     format!("outbound.services[{i}].address"),
@@ -226,7 +262,10 @@ impl ProxyFile {
             }
         }
         let outbound = self.outbound.enabled.then(|| OutboundPolicy {
-            address: self.outbound.address.unwrap_or(SocketAddr::new(wildcard, OUTBOUND_PORT)),
+            address: self
+                .outbound
+                .address
+                .unwrap_or(SocketAddr::new(wildcard, OUTBOUND_PORT)),
             egress: self.outbound.egress,
             services,
         });
@@ -234,14 +273,23 @@ impl ProxyFile {
         let mut inbound_ports = HashMap::new();
         for (i, port) in self.inbound.ports.iter().enumerate() {
             if port.port == 0 {
-                return Err(invalid(format!("inbound.ports[{i}].port"), "port 0 is not a port"));
+                return Err(invalid(
+                    format!("inbound.ports[{i}].port"),
+                    "port 0 is not a port",
+                ));
             }
             if inbound_ports.insert(port.port, port.protocol).is_some() {
-                return Err(invalid(format!("inbound.ports[{i}].port"), format!("port {} is listed twice", port.port)));
+                return Err(invalid(
+                    format!("inbound.ports[{i}].port"),
+                    format!("port {} is listed twice", port.port),
+                ));
             }
         }
         let inbound = self.inbound.enabled.then(|| InboundPolicy {
-            address: self.inbound.address.unwrap_or(SocketAddr::new(wildcard, INBOUND_PORT)),
+            address: self
+                .inbound
+                .address
+                .unwrap_or(SocketAddr::new(wildcard, INBOUND_PORT)),
             app_address: self.inbound.app_address,
             idle_timeout: self.inbound.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
             ports: inbound_ports,
@@ -254,13 +302,19 @@ impl ProxyFile {
                 return Err(invalid(format!("listeners[{i}].name"), "must not be empty"));
             }
             if !names.insert(l.name.clone()) {
-                return Err(invalid(format!("listeners[{i}].name"), format!("duplicate listener name \"{}\"", l.name)));
+                return Err(invalid(
+                    format!("listeners[{i}].name"),
+                    format!("duplicate listener name \"{}\"", l.name),
+                ));
             }
             let cluster = known(format!("listeners[{i}].cluster"), &l.cluster)?;
             listeners.push(ExplicitListener {
                 name: l.name,
                 address: l.address,
-                target: crate::Target { cluster, protocol: l.protocol },
+                target: crate::Target {
+                    cluster,
+                    protocol: l.protocol,
+                },
             });
         }
 
@@ -285,11 +339,17 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
         }
         for (j, ep) in c.endpoints.iter().enumerate() {
             if ep.port() == 0 || ep.ip().is_unspecified() {
-                return Err(invalid(format!("clusters[{i}].endpoints[{j}]"), format!("{ep} is not a connectable address")));
+                return Err(invalid(
+                    format!("clusters[{i}].endpoints[{j}]"),
+                    format!("{ep} is not a connectable address"),
+                ));
             }
         }
         if c.connect_timeout == Some(Duration::ZERO) {
-            return Err(invalid(format!("clusters[{i}].connect_timeout"), "must be greater than 0"));
+            return Err(invalid(
+                format!("clusters[{i}].connect_timeout"),
+                "must be greater than 0",
+            ));
         }
         let cluster = Cluster {
             name: c.name.clone(),
@@ -298,7 +358,10 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
             idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
         };
         if by_name.insert(c.name.clone(), Arc::new(cluster)).is_some() {
-            return Err(invalid(format!("clusters[{i}].name"), format!("duplicate cluster name \"{}\"", c.name)));
+            return Err(invalid(
+                format!("clusters[{i}].name"),
+                format!("duplicate cluster name \"{}\"", c.name),
+            ));
         }
     }
     Ok(by_name)
@@ -317,7 +380,10 @@ fn check_distinct_addresses(
             return Ok(()); // an ephemeral port never collides
         }
         match seen.insert(addr, field.clone()) {
-            Some(other) => Err(invalid(field, format!("address {addr} is also used by `{other}`"))),
+            Some(other) => Err(invalid(
+                field,
+                format!("address {addr} is also used by `{other}`"),
+            )),
             None => Ok(()),
         }
     };
@@ -339,11 +405,29 @@ impl NodeFile {
     /// Fills what the file leaves out from the Istio-style environment of a pod.
     fn resolve(self) -> Node {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let workload = self.workload.or_else(|| env("POD_NAME")).unwrap_or_else(|| "unknown".into());
-        let namespace = self.namespace.or_else(|| env("POD_NAMESPACE")).unwrap_or_else(|| "default".into());
-        let service_account =
-            self.service_account.or_else(|| env("SERVICE_ACCOUNT")).unwrap_or_else(|| "default".into());
-        let id = self.id.unwrap_or_else(|| format!("sidecar~{}~{workload}.{namespace}", env("INSTANCE_IP").unwrap_or_default()));
-        Node { id, workload, namespace, service_account }
+        let workload = self
+            .workload
+            .or_else(|| env("POD_NAME"))
+            .unwrap_or_else(|| "unknown".into());
+        let namespace = self
+            .namespace
+            .or_else(|| env("POD_NAMESPACE"))
+            .unwrap_or_else(|| "default".into());
+        let service_account = self
+            .service_account
+            .or_else(|| env("SERVICE_ACCOUNT"))
+            .unwrap_or_else(|| "default".into());
+        let id = self.id.unwrap_or_else(|| {
+            format!(
+                "sidecar~{}~{workload}.{namespace}",
+                env("INSTANCE_IP").unwrap_or_default()
+            )
+        });
+        Node {
+            id,
+            workload,
+            namespace,
+            service_account,
+        }
     }
 }

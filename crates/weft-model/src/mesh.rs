@@ -41,7 +41,13 @@ pub enum Protocol {
     #[serde(alias = "grpc", alias = "h2c")]
     Http2,
     /// Opaque bytes, forwarded without waiting for or looking at anything.
-    #[serde(alias = "opaque", alias = "tls", alias = "mysql", alias = "mongo", alias = "redis")]
+    #[serde(
+        alias = "opaque",
+        alias = "tls",
+        alias = "mysql",
+        alias = "mongo",
+        alias = "redis"
+    )]
     Tcp,
 }
 
@@ -157,10 +163,7 @@ impl InboundPolicy {
     }
 }
 
-fn sorted_values<S: serde::Serializer>(
-    map: &HashMap<String, Arc<Cluster>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
+fn sorted_values<S: serde::Serializer>(map: &HashMap<String, Arc<Cluster>>, s: S) -> Result<S::Ok, S::Error> {
     let mut values: Vec<_> = map.values().collect();
     values.sort_by(|a, b| a.name.cmp(&b.name));
     s.collect_seq(values)

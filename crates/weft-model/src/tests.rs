@@ -30,7 +30,11 @@ fn empty_file_is_local_defaults() {
 #[test]
 fn pod_mode_binds_all_addresses() {
     let (bootstrap, mesh) = parse("mode: pod").unwrap();
-    assert_eq!(bootstrap.admin_address, addr("127.0.0.1:15000"), "admin stays on loopback");
+    assert_eq!(
+        bootstrap.admin_address,
+        addr("127.0.0.1:15000"),
+        "admin stays on loopback"
+    );
     assert_eq!(bootstrap.readiness_address, addr("[::]:15021"));
     assert_eq!(mesh.outbound.unwrap().address, addr("[::]:15001"));
     assert_eq!(mesh.inbound.unwrap().address, addr("[::]:15006"));
@@ -71,7 +75,10 @@ fn full_file() {
     let reviews = outbound.service_for(addr("10.96.0.20:9080")).unwrap();
     assert_eq!(reviews.cluster.name, "reviews");
     assert_eq!(reviews.protocol, Protocol::Http);
-    assert_eq!(reviews.cluster.endpoints, vec![addr("127.0.0.1:9081"), addr("127.0.0.1:9082")]);
+    assert_eq!(
+        reviews.cluster.endpoints,
+        vec![addr("127.0.0.1:9081"), addr("127.0.0.1:9082")]
+    );
     assert_eq!(reviews.cluster.connect_timeout, Duration::from_secs(1));
     // The wildcard service matches any address on its port, and a MySQL port is opaque.
     let db = outbound.service_for(addr("10.1.2.3:3306")).unwrap();
@@ -111,11 +118,13 @@ fn reference_errors_name_the_field() {
 #[test]
 fn duplicates_are_rejected() {
     let (field, problem) = invalid("clusters: [{ name: a }, { name: a }]");
-    assert_eq!((field.as_str(), problem.as_str()), ("clusters[1].name", "duplicate cluster name \"a\""));
-
-    let (field, problem) = invalid(
-        "clusters: [{ name: a }]\nlisteners: [{ name: l, address: 127.0.0.1:15000, cluster: a }]",
+    assert_eq!(
+        (field.as_str(), problem.as_str()),
+        ("clusters[1].name", "duplicate cluster name \"a\"")
     );
+
+    let (field, problem) =
+        invalid("clusters: [{ name: a }]\nlisteners: [{ name: l, address: 127.0.0.1:15000, cluster: a }]");
     assert_eq!(field, "listeners[0].address");
     assert!(problem.contains("admin.address"), "{problem}");
 }
@@ -130,13 +139,17 @@ fn unusable_endpoints_are_rejected() {
 
 #[test]
 fn syntax_and_type_errors_say_where() {
-    let err = parse("clusters: [{ name: a, endpoints: [not-an-address] }]").unwrap_err().to_string();
+    let err = parse("clusters: [{ name: a, endpoints: [not-an-address] }]")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("clusters[0].endpoints[0]"), "{err}");
     let err = parse("drain_timeout: soon").unwrap_err().to_string();
     assert!(err.contains("drain_timeout"), "{err}");
     let err = parse("admin: { adress: 127.0.0.1:1 }").unwrap_err().to_string();
     assert!(err.contains("unknown field `adress`"), "{err}");
-    let err = parse("inbound: { ports: [{ port: 80, protocol: smtp2 }] }").unwrap_err().to_string();
+    let err = parse("inbound: { ports: [{ port: 80, protocol: smtp2 }] }")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("inbound.ports[0].protocol"), "{err}");
 }
 

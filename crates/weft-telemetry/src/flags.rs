@@ -109,6 +109,9 @@ mod tests {
     fn prints_like_envoy() {
         assert_eq!(F::NONE.to_string(), "-");
         assert_eq!(F::UPSTREAM_TIMEOUT.to_string(), "UT");
-        assert_eq!((F::UPSTREAM_CONNECT_FAILURE | F::UPSTREAM_RETRY_LIMIT_EXCEEDED).to_string(), "UF,URX");
+        assert_eq!(
+            (F::UPSTREAM_CONNECT_FAILURE | F::UPSTREAM_RETRY_LIMIT_EXCEEDED).to_string(),
+            "UF,URX"
+        );
     }
 }

@@ -29,18 +29,27 @@ impl LogControl {
         let (layer, handle) = reload::Layer::new(parse(filter)?);
         let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
         let result = if json {
-            tracing_subscriber::registry().with(layer).with(fmt.json().flatten_event(true)).try_init()
+            tracing_subscriber::registry()
+                .with(layer)
+                .with(fmt.json().flatten_event(true))
+                .try_init()
         } else {
             tracing_subscriber::registry().with(layer).with(fmt).try_init()
         };
         result.map_err(|_| LogError::AlreadyInstalled)?;
-        Ok(Self { current: Arc::new(Mutex::new(filter.to_owned())), handle: Some(handle) })
+        Ok(Self {
+            current: Arc::new(Mutex::new(filter.to_owned())),
+            handle: Some(handle),
+        })
     }
 
     /// A control not attached to any subscriber: it validates and remembers filters. For proxies embedded
     /// in tests, where the test harness owns logging.
     pub fn detached(filter: &str) -> Self {
-        Self { current: Arc::new(Mutex::new(filter.to_owned())), handle: None }
+        Self {
+            current: Arc::new(Mutex::new(filter.to_owned())),
+            handle: None,
+        }
     }
 
     pub fn current(&self) -> String {
@@ -63,7 +72,10 @@ impl LogControl {
 fn parse(filter: &str) -> Result<EnvFilter, LogError> {
     EnvFilter::builder()
         .parse(filter)
-        .map_err(|e| LogError::InvalidFilter { filter: filter.to_owned(), reason: e.to_string() })
+        .map_err(|e| LogError::InvalidFilter {
+            filter: filter.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]
@@ -77,6 +89,10 @@ mod tests {
         assert_eq!(control.current(), "weft_http=debug,warn");
         let err = control.set("weft_http=loud").unwrap_err().to_string();
         assert!(err.contains("weft_http=loud"), "{err}");
-        assert_eq!(control.current(), "weft_http=debug,warn", "a rejected filter keeps the last good one");
+        assert_eq!(
+            control.current(),
+            "weft_http=debug,warn",
+            "a rejected filter keeps the last good one"
+        );
     }
 }

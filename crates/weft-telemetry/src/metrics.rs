@@ -149,14 +149,26 @@ impl Metrics {
         let downstream_connections_active = Gauge::default();
 
         // prometheus-client appends `_total` to counters.
-        registry.register("istio_requests", "Requests handled, by response code", requests.clone());
+        registry.register(
+            "istio_requests",
+            "Requests handled, by response code",
+            requests.clone(),
+        );
         registry.register(
             "istio_request_duration_milliseconds",
             "Time from request start to the end of the response",
             request_duration_ms.clone(),
         );
-        registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
-        registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            tcp_closed.clone(),
+        );
         registry.register(
             "istio_tcp_sent_bytes",
             "Bytes sent to the client during a TCP connection",
@@ -168,7 +180,11 @@ impl Metrics {
             tcp_received_bytes.clone(),
         );
         let weft = registry.sub_registry_with_prefix("weft");
-        weft.register("protocol_detections", "Connections by detected protocol", detected.clone());
+        weft.register(
+            "protocol_detections",
+            "Connections by detected protocol",
+            detected.clone(),
+        );
         weft.register(
             "downstream_connections_active",
             "Client connections currently open",
@@ -190,8 +206,14 @@ impl Metrics {
 
     /// Counts a connection's detected protocol.
     pub fn count_detection(&self, inbound: bool, protocol: &'static str) {
-        let direction = if inbound { Direction::inbound } else { Direction::outbound };
-        self.detected.get_or_create(&ProtocolLabels { direction, protocol }).inc();
+        let direction = if inbound {
+            Direction::inbound
+        } else {
+            Direction::outbound
+        };
+        self.detected
+            .get_or_create(&ProtocolLabels { direction, protocol })
+            .inc();
     }
 
     /// Prometheus text exposition format.
@@ -231,12 +253,24 @@ mod tests {
         metrics.request_duration_ms.get_or_create(&labels).observe(3.0);
         let text = metrics.encode();
         assert!(text.contains("# TYPE istio_requests counter"), "{text}");
-        let line = text.lines().find(|l| l.starts_with("istio_requests_total{")).expect(&text);
-        for part in ["reporter=\"source\"", "destination_service=\"reviews\"", "response_code=\"503\"", "response_flags=\"UF\"", "connection_security_policy=\"none\""] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .expect(&text);
+        for part in [
+            "reporter=\"source\"",
+            "destination_service=\"reviews\"",
+            "response_code=\"503\"",
+            "response_flags=\"UF\"",
+            "connection_security_policy=\"none\"",
+        ] {
             assert!(line.contains(part), "{part} missing in {line}");
         }
         assert!(line.ends_with(" 1"), "{line}");
-        assert!(text.contains("istio_request_duration_milliseconds_bucket{"), "{text}");
+        assert!(
+            text.contains("istio_request_duration_milliseconds_bucket{"),
+            "{text}"
+        );
         assert!(text.contains("le=\"5.0\""), "{text}");
     }
 }

@@ -48,16 +48,22 @@ impl Echo for EchoService {
         if message == "fail" {
             return Err(Status::unavailable("asked to fail"));
         }
-        Ok(Response::new(EchoResponse { message, served_by: self.name.into() }))
+        Ok(Response::new(EchoResponse {
+            message,
+            served_by: self.name.into(),
+        }))
     }
 
     type BidiStream = EchoStream;
 
     async fn bidi(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<EchoStream>, Status> {
         let name = self.name;
-        let replies = request
-            .into_inner()
-            .map(move |m| m.map(|m| EchoResponse { message: m.message, served_by: name.into() }));
+        let replies = request.into_inner().map(move |m| {
+            m.map(|m| EchoResponse {
+                message: m.message,
+                served_by: name.into(),
+            })
+        });
         Ok(Response::new(Box::pin(replies)))
     }
 }

@@ -36,7 +36,9 @@ pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A client whose connections reach `proxy` as if going to `dst`; HTTP/2 prior knowledge when `h2`.
 pub fn client(connector: crate::OrigDstConnector, h2: bool) -> Client<crate::OrigDstConnector, TestBody> {
-    Client::builder(TokioExecutor::new()).http2_only(h2).build(connector)
+    Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build(connector)
 }
 
 pub fn empty() -> TestBody {
@@ -55,7 +57,10 @@ pub fn streamed(n: u64) -> TestBody {
             return None;
         }
         let len = left.min(64 * 1024);
-        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'y'; len as usize]))), left - len))
+        Some((
+            Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'y'; len as usize]))),
+            left - len,
+        ))
     });
     StreamBody::new(chunks).map_err(|never| match never {}).boxed()
 }
@@ -113,7 +118,11 @@ impl HttpServer {
                 });
             }
         });
-        Self { addr, seen, connections }
+        Self {
+            addr,
+            seen,
+            connections,
+        }
     }
 
     /// TCP connections accepted so far.
@@ -135,7 +144,11 @@ impl HttpServer {
     }
 }
 
-async fn handle(name: &'static str, log: &Mutex<Vec<Recorded>>, mut req: Request<Incoming>) -> Response<TestBody> {
+async fn handle(
+    name: &'static str,
+    log: &Mutex<Vec<Recorded>>,
+    mut req: Request<Incoming>,
+) -> Response<TestBody> {
     log.lock().expect("request log").push(Recorded {
         method: req.method().clone(),
         uri: req.uri().clone(),
@@ -162,13 +175,23 @@ async fn handle(name: &'static str, log: &Mutex<Vec<Recorded>>, mut req: Request
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             text("ok".into())
         }
-        ("status", Some(code)) => status(code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::BAD_REQUEST)),
+        ("status", Some(code)) => status(
+            code.parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST),
+        ),
         ("trailers", _) => with_trailers(),
         ("ws", _) => websocket(&mut req),
         _ => Response::new(req.into_body().map_err(Into::into).boxed()),
     };
-    response.headers_mut().insert("x-served-by", HeaderValue::from_static(name));
-    response.headers_mut().insert("x-seen-version", HeaderValue::from_str(&version).expect("version"));
+    response
+        .headers_mut()
+        .insert("x-served-by", HeaderValue::from_static(name));
+    response.headers_mut().insert(
+        "x-seen-version",
+        HeaderValue::from_str(&version).expect("version"),
+    );
     response
 }
 
@@ -194,7 +217,9 @@ fn generated(n: u64) -> Response<TestBody> {
         Some((Ok::<_, Infallible>(Frame::data(chunk)), left - len))
     });
     let mut response = Response::new(StreamBody::new(chunks).map_err(|never| match never {}).boxed());
-    response.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
     response
 }
 
@@ -230,6 +255,9 @@ fn websocket(req: &mut Request<Incoming>) -> Response<TestBody> {
     let headers = response.headers_mut();
     headers.insert("connection", HeaderValue::from_static("upgrade"));
     headers.insert("upgrade", HeaderValue::from_static("websocket"));
-    headers.insert("sec-websocket-accept", HeaderValue::from_str(&accept).expect("accept key"));
+    headers.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&accept).expect("accept key"),
+    );
     response
 }

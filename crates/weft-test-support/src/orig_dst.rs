@@ -26,8 +26,14 @@ impl MockOrigDst {
     /// Connects to the proxy's transparent listener `proxy` as if iptables had redirected a connection
     /// the client made to `dst`.
     pub async fn connect(&self, proxy: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if proxy.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        let any: SocketAddr = if proxy.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }.parse().expect("literal");
+        let socket = if proxy.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        let any: SocketAddr = if proxy.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }
+            .parse()
+            .expect("literal");
         socket.bind(any)?;
         let local = socket.local_addr()?;
         self.table.lock().expect("orig dst table").insert(local, dst);
@@ -38,16 +44,28 @@ impl MockOrigDst {
 
     /// A connector for hyper and tonic clients whose every connection is "going to" `dst`.
     pub fn connector(self: &Arc<Self>, proxy: SocketAddr, dst: SocketAddr) -> OrigDstConnector {
-        OrigDstConnector { table: self.clone(), proxy, dst }
+        OrigDstConnector {
+            table: self.clone(),
+            proxy,
+            dst,
+        }
     }
 }
 
 impl Binder for MockOrigDst {
     fn original_dst(&self, conn: &TcpStream) -> io::Result<SocketAddr> {
         let peer = conn.peer_addr()?;
-        self.table.lock().expect("orig dst table").get(&peer).copied().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("no original destination recorded for {peer}"))
-        })
+        self.table
+            .lock()
+            .expect("orig dst table")
+            .get(&peer)
+            .copied()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no original destination recorded for {peer}"),
+                )
+            })
     }
 }
 

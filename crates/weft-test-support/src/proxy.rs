@@ -82,9 +82,12 @@ pub async fn admin_post(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> (u16, String) {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect to admin");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("admin handshake");
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to admin");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("admin handshake");
     tokio::spawn(conn);
     let request = http::Request::builder()
         .method(method)
@@ -94,7 +97,12 @@ async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> (u
         .expect("request");
     let response = sender.send_request(request).await.expect("admin response");
     let status = response.status().as_u16();
-    let body = response.into_body().collect().await.expect("admin body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("admin body")
+        .to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 

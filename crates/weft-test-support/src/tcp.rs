@@ -44,10 +44,10 @@ impl TcpServer {
 }
 
 async fn echo(mut stream: TcpStream, greeting: Option<&'static [u8]>) {
-    if let Some(greeting) = greeting {
-        if stream.write_all(greeting).await.is_err() {
-            return;
-        }
+    if let Some(greeting) = greeting
+        && stream.write_all(greeting).await.is_err()
+    {
+        return;
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {

@@ -74,7 +74,11 @@ pub async fn accept(listener: &TcpListener) -> io::Result<Accepted> {
     let (stream, peer) = listener.accept().await?;
     stream.set_nodelay(true)?;
     let local = canonical(stream.local_addr()?);
-    Ok(Accepted { stream, peer: canonical(peer), local })
+    Ok(Accepted {
+        stream,
+        peer: canonical(peer),
+        local,
+    })
 }
 
 /// Turns IPv4-mapped IPv6 addresses (`::ffff:10.0.0.1`) into the IPv4 addresses they are.

@@ -25,6 +25,8 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, C
         .await
         .map_err(|_| ConnectError::Timeout { addr, timeout })?
         .map_err(|source| ConnectError::Io { addr, source })?;
-    stream.set_nodelay(true).map_err(|source| ConnectError::Io { addr, source })?;
+    stream
+        .set_nodelay(true)
+        .map_err(|source| ConnectError::Io { addr, source })?;
     Ok(stream)
 }

@@ -48,15 +48,22 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for name in SERVICES {
         let app = start_service(name).await?;
         let proxy = start_proxy(&server_side_config(name, app)).await?;
-        let entry = proxy.listener_address("inbound").ok_or_else(|| anyhow::anyhow!("no inbound listener"))?;
+        let entry = proxy
+            .listener_address("inbound")
+            .ok_or_else(|| anyhow::anyhow!("no inbound listener"))?;
         println!("service {name:<11} app {app}  <- weft (server side) {entry}");
         server_sides.push((entry, proxy));
     }
     let endpoints: Vec<SocketAddr> = server_sides.iter().map(|(entry, _)| *entry).collect();
     let client_side = start_proxy(&client_side_config(&endpoints)).await?;
-    let front = client_side.listener_address("reviews").ok_or_else(|| anyhow::anyhow!("no reviews listener"))?;
+    let front = client_side
+        .listener_address("reviews")
+        .ok_or_else(|| anyhow::anyhow!("no reviews listener"))?;
     println!("client -> weft (client side) {front}, cluster reviews = {endpoints:?}");
-    println!("admin: client side http://{}/ (GET /help)\n", client_side.admin_address());
+    println!(
+        "admin: client side http://{}/ (GET /help)\n",
+        client_side.admin_address()
+    );
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut report = Report::default();
@@ -94,7 +101,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         proxy.shutdown();
         proxy.wait().await;
     }
-    Ok(if report.failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn server_side_config(name: &str, app: SocketAddr) -> String {
@@ -146,10 +157,13 @@ async fn start_service(name: &'static str) -> anyhow::Result<SocketAddr> {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
                     let body = format!("{name} answered {} {}\n", req.method(), req.uri().path());
-                    let response = Response::builder().header("x-served-by", name).body(Full::new(Bytes::from(body)));
-                    response
+                    Response::builder()
+                        .header("x-served-by", name)
+                        .body(Full::new(Bytes::from(body)))
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -167,28 +181,40 @@ where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
     let start = Instant::now();
-    let request = Request::get(format!("http://{front}/reviews/{n}")).header("host", "reviews").body(Empty::new());
+    let request = Request::get(format!("http://{front}/reviews/{n}"))
+        .header("host", "reviews")
+        .body(Empty::new());
     let result = match request {
         Ok(request) => client.request(request).await.ok(),
         Err(_) => None,
     };
     let (status, served_by) = match result {
         Some(response) => {
-            let served_by = response.headers().get("x-served-by").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let served_by = response
+                .headers()
+                .get("x-served-by")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let status = response.status().as_u16();
             let _ = response.into_body().collect().await;
             (Some(status), served_by)
         }
         None => (None, None),
     };
-    Outcome { status, served_by, latency: start.elapsed() }
+    Outcome {
+        status,
+        served_by,
+        latency: start.elapsed(),
+    }
 }
 
 async fn fetch_metrics<C>(client: &Client<C, Empty<Bytes>>, admin: SocketAddr) -> anyhow::Result<String>
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
-    let response = client.request(Request::get(format!("http://{admin}/metrics")).body(Empty::new())?).await?;
+    let response = client
+        .request(Request::get(format!("http://{admin}/metrics")).body(Empty::new())?)
+        .await?;
     let body = response.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
@@ -207,12 +233,17 @@ impl Report {
     }
 
     fn record(&mut self, outcome: Outcome) {
-        let status = outcome.status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        let status = outcome
+            .status
+            .map_or_else(|| "error".to_owned(), |s| s.to_string());
         if outcome.status != Some(200) {
             self.failures += 1;
         }
         *self.by_status.entry(status).or_default() += 1;
-        *self.by_service.entry(outcome.served_by.unwrap_or_else(|| "-".into())).or_default() += 1;
+        *self
+            .by_service
+            .entry(outcome.served_by.unwrap_or_else(|| "-".into()))
+            .or_default() += 1;
         self.latencies.push(outcome.latency);
     }
 
@@ -224,7 +255,12 @@ impl Report {
     }
 
     fn line(&self) -> String {
-        format!("{} requests, by service {:?}, by status {:?}", self.total(), self.by_service, self.by_status)
+        format!(
+            "{} requests, by service {:?}, by status {:?}",
+            self.total(),
+            self.by_service,
+            self.by_status
+        )
     }
 
     fn summary(&self) -> String {

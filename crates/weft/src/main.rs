@@ -39,6 +39,10 @@ enum Command {
         /// Static configuration file (YAML); see docs/configuration.md. Without one, the defaults apply.
         #[arg(long, short, env = "WEFT_CONFIG")]
         config: Option<PathBuf>,
+        /// Worker threads. A sidecar serves one pod: one thread avoids cross-thread wakeups and is the
+        /// cheapest per request; raise it for pods that need more than a core of proxying.
+        #[arg(long, env = "WEFT_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
     },
     /// Start two test services with sidecars on loopback, send traffic through them, report what happened.
     Demo(demo::DemoArgs),
@@ -58,7 +62,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match cli.command {
+        Command::Proxy { concurrency: 1, .. } => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()
+        }
+        Command::Proxy { concurrency, .. } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(concurrency))
+            .enable_all()
+            .build(),
+        Command::Demo(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -67,7 +81,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Proxy { config } => proxy(config, log).await,
+            Command::Proxy { config, .. } => proxy(config, log).await,
             Command::Demo(args) => demo::run(args).await,
         }
     })
@@ -104,7 +118,8 @@ async fn proxy(config: Option<PathBuf>, log: LogControl) -> ExitCode {
 /// SIGTERM (kubelet) or SIGINT (a terminal) starts the drain.
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
         tracing::error!("cannot install signal handlers; stop the proxy with POST /quitquitquit");
         return std::future::pending().await;
     };

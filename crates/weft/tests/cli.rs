@@ -16,19 +16,33 @@ fn bad_config_exits_2_naming_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, "clusters:\n  - name: web\n    endpoints: [127.0.0.1:8080]\nlisteners:\n  - { name: front, address: 127.0.0.1:18080, cluster: wbe }\n").unwrap();
-    let out = Command::new(WEFT).args(["proxy", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(WEFT)
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
-    assert!(stderr.contains("field `listeners[0].cluster`: unknown cluster \"wbe\""), "{stderr}");
+    assert!(
+        stderr.contains("field `listeners[0].cluster`: unknown cluster \"wbe\""),
+        "{stderr}"
+    );
 
     std::fs::write(&path, "drain_timeout: forever\n").unwrap();
-    let out = Command::new(WEFT).args(["proxy", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(WEFT)
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("drain_timeout"), "{stderr}");
 
-    let out = Command::new(WEFT).args(["proxy", "--config", "/nonexistent/weft.yaml"]).output().unwrap();
+    let out = Command::new(WEFT)
+        .args(["proxy", "--config", "/nonexistent/weft.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/weft.yaml: cannot read"));
 }
@@ -40,20 +54,40 @@ fn a_port_in_use_fails_with_the_listener_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("proxy.yaml");
     std::fs::write(&path, format!("admin: {{ address: {addr} }}\noutbound: {{ address: 127.0.0.1:0 }}\ninbound: {{ address: 127.0.0.1:0 }}\nreadiness: {{ address: 127.0.0.1:0 }}\n")).unwrap();
-    let out = Command::new(WEFT).args(["proxy", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(WEFT)
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("cannot bind the admin listener to {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind the admin listener to {addr}")),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn demo_runs_a_fixed_number_of_requests() {
-    let out = Command::new(WEFT).args(["demo", "--requests", "10", "--rate", "100"]).output().unwrap();
+    let out = Command::new(WEFT)
+        .args(["demo", "--requests", "10", "--rate", "100"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("summary: 10 requests, 0 failed"), "{stdout}");
-    assert!(stdout.contains("\"reviews-v1\": 5") && stdout.contains("\"reviews-v2\": 5"), "{stdout}");
-    assert!(stdout.contains("istio_requests_total{reporter=\"source\""), "{stdout}");
+    assert!(
+        stdout.contains("\"reviews-v1\": 5") && stdout.contains("\"reviews-v2\": 5"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("istio_requests_total{reporter=\"source\""),
+        "{stdout}"
+    );
 }
 
 fn explicit_listener(port: u16, app: std::net::SocketAddr) -> String {
@@ -69,7 +103,9 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let mut proxy = ProxyProcess::start(&explicit_listener(port, app.addr)).await;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<weft_test_support::http::TestBody>();
-    let request = http::Request::get(format!("http://127.0.0.1:{port}/delay/1000")).body(empty()).unwrap();
+    let request = http::Request::get(format!("http://127.0.0.1:{port}/delay/1000"))
+        .body(empty())
+        .unwrap();
     let in_flight = tokio::spawn(async move {
         let response = client.request(request).await.unwrap();
         (response.status(), drain_body(response.into_body()).await.unwrap())
@@ -78,8 +114,14 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
 
     kill(proxy.pid(), Signal::SIGTERM).unwrap();
     let (status, len) = in_flight.await.unwrap();
-    assert_eq!((status, len), (StatusCode::OK, 2), "the in-flight request completes during the drain");
-    let exit = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap()).await.unwrap();
+    assert_eq!(
+        (status, len),
+        (StatusCode::OK, 2),
+        "the in-flight request completes during the drain"
+    );
+    let exit = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
 }
 
@@ -94,26 +136,49 @@ async fn large_bodies_with_bounded_memory(h2: bool) {
         .http2_only(h2)
         .build_http::<weft_test_support::http::TestBody>();
 
-    let upload = http::Request::post(format!("http://127.0.0.1:{port}/sink")).body(streamed(SIZE)).unwrap();
+    let upload = http::Request::post(format!("http://127.0.0.1:{port}/sink"))
+        .body(streamed(SIZE))
+        .unwrap();
     let response = client.request(upload).await.unwrap();
-    let counted = http_body_util::BodyExt::collect(response.into_body()).await.unwrap().to_bytes();
-    assert_eq!(counted, SIZE.to_string().as_bytes(), "the server received all 100 MB");
+    let counted = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(
+        counted,
+        SIZE.to_string().as_bytes(),
+        "the server received all 100 MB"
+    );
 
-    let download = http::Request::get(format!("http://127.0.0.1:{port}/bytes/{SIZE}")).body(empty()).unwrap();
+    let download = http::Request::get(format!("http://127.0.0.1:{port}/bytes/{SIZE}"))
+        .body(empty())
+        .unwrap();
     let response = client.request(download).await.unwrap();
     assert_eq!(drain_body(response.into_body()).await.unwrap(), SIZE);
 
     let peak = proxy.peak_rss();
-    assert!(peak < MAX_PEAK_RSS, "proxy peak RSS {} MiB after streaming 2 x 100 MiB", peak >> 20);
-    eprintln!("proxy peak RSS after 2 x 100 MiB ({}): {} MiB", if h2 { "h2" } else { "http/1.1" }, peak >> 20);
+    assert!(
+        peak < MAX_PEAK_RSS,
+        "proxy peak RSS {} MiB after streaming 2 x 100 MiB",
+        peak >> 20
+    );
+    eprintln!(
+        "proxy peak RSS after 2 x 100 MiB ({}): {} MiB",
+        if h2 { "h2" } else { "http/1.1" },
+        peak >> 20
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_with_bounded_memory_http1() {
-    tokio::time::timeout(Duration::from_secs(300), large_bodies_with_bounded_memory(false)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(300), large_bodies_with_bounded_memory(false))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_bodies_with_bounded_memory_http2() {
-    tokio::time::timeout(Duration::from_secs(300), large_bodies_with_bounded_memory(true)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(300), large_bodies_with_bounded_memory(true))
+        .await
+        .unwrap();
 }

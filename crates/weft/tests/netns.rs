@@ -26,7 +26,9 @@ fn skip_reason() -> Option<String> {
         return Some("needs root to create network namespaces and iptables rules".into());
     }
     for tool in ["ip", "iptables", "setpriv"] {
-        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output();
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output();
         if !found.is_ok_and(|o| o.status.success()) {
             return Some(format!("`{tool}` is not installed (.ci/run installs it)"));
         }
@@ -36,7 +38,11 @@ fn skip_reason() -> Option<String> {
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A network namespace and the processes in it, all removed on drop (also when the test fails).
@@ -50,7 +56,10 @@ impl Netns {
         let name = format!("weft-origdst-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(&["ip", "netns", "add", &name]);
-        let ns = Self { name, children: Vec::new() };
+        let ns = Self {
+            name,
+            children: Vec::new(),
+        };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns.exec(&["ip", "addr", "add", &format!("{SERVICE_IP}/32"), "dev", "lo"]);
         ns
@@ -89,8 +98,24 @@ fn iptables_redirect_and_so_original_dst() {
     // What `weft init` does, reduced to the rule under test: the app's TCP to the service address goes to
     // the proxy's outbound port; the proxy's own connections (UID 1337) are left alone.
     ns.exec(&[
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", SERVICE_IP, "-m", "owner", "!", "--uid-owner",
-        PROXY_UID, "-j", "REDIRECT", "--to-ports", "15001",
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        SERVICE_IP,
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        PROXY_UID,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
     ]);
 
     let dir = tempfile::tempdir().unwrap();
@@ -157,9 +182,14 @@ fn iptables_redirect_and_so_original_dst() {
 /// A plain HTTP GET from an app that knows nothing of the proxy; returns who served it.
 async fn get(authority: &str) -> String {
     let stream = tokio::net::TcpStream::connect(authority).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let request = http::Request::get("/").header("host", authority).body(empty()).unwrap();
+    let request = http::Request::get("/")
+        .header("host", authority)
+        .body(empty())
+        .unwrap();
     let response = sender.send_request(request).await.unwrap();
     let served_by = response.headers()["x-served-by"].to_str().unwrap().to_owned();
     response.into_body().collect().await.unwrap();

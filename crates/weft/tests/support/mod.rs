@@ -10,7 +10,11 @@ pub(crate) const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
 /// A loopback port that was free a moment ago.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A `weft proxy` process, killed when dropped.
@@ -27,7 +31,11 @@ impl ProxyProcess {
         let readiness = format!("127.0.0.1:{}", free_port());
         let dir = tempfile::tempdir().unwrap();
         let path: PathBuf = dir.path().join("weft.yaml");
-        std::fs::write(&path, format!("admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\n{yaml}")).unwrap();
+        std::fs::write(
+            &path,
+            format!("admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\n{yaml}"),
+        )
+        .unwrap();
         let child = Command::new(WEFT)
             .args(["proxy", "--config"])
             .arg(&path)
@@ -36,7 +44,11 @@ impl ProxyProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let proxy = Self { child, admin, _dir: dir };
+        let proxy = Self {
+            child,
+            admin,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(stream) = tokio::net::TcpStream::connect(admin).await {
