@@ -166,3 +166,12 @@ fn load_file_names_the_file() {
     assert!(err.contains("missing.yaml: cannot read"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let example = include_str!("../../../examples/proxy.yaml");
+    let (bootstrap, mesh) = parse(example).unwrap();
+    assert_eq!(bootstrap.node.workload, "productpage-v1");
+    assert_eq!(mesh.clusters.len(), 2);
+    assert_eq!(mesh.listeners[0].name, "reviews-local");
+}
