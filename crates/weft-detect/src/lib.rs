@@ -39,6 +39,8 @@ pub enum Detection {
 
 /// Classifies the first bytes of a client's stream.
 pub fn detect(buf: &[u8]) -> Detection {
+    // Only the first MAX_DETECT_BYTES count, so an answer never changes as more bytes arrive.
+    let buf = &buf[..buf.len().min(MAX_DETECT_BYTES)];
     if buf.is_empty() {
         return Detection::NeedMore;
     }

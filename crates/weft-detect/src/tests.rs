@@ -117,6 +117,9 @@ fn endless_prefix_becomes_opaque() {
     let mut long = b"GET /".to_vec();
     long.resize(MAX_DETECT_BYTES, b'a');
     assert_eq!(detect(&long), known(Protocol::Opaque));
+    // The answer stays the same however the line ends later.
+    long.extend_from_slice(b" HTTP/1.1\r\n");
+    assert_eq!(detect(&long), known(Protocol::Opaque));
 }
 
 #[test]
