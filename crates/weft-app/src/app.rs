@@ -43,7 +43,7 @@ pub enum AppError {
 pub(crate) struct Inputs {
     pub(crate) bootstrap: Bootstrap,
     mesh: watch::Receiver<Arc<Mesh>>,
-    pub(crate) binder: Arc<dyn Binder>,
+    binder: Arc<dyn Binder>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) forwarder: Forwarder,
     /// Cancelled when draining starts: stop accepting, finish in-flight requests, close gracefully.
@@ -68,10 +68,23 @@ impl Inputs {
         self.mesh.borrow().clone()
     }
 
-    /// True when `dst` is one of our own transparent listeners: forwarding there would loop forever.
-    pub(crate) fn is_own_listener(&self, dst: SocketAddr, local: SocketAddr) -> bool {
-        self.transparent_ports.contains(&dst.port())
-            && (dst.ip() == local.ip() || dst.ip().is_loopback() || dst.ip().is_unspecified())
+    /// Where a redirected connection was going, or `None` (logged) when that is unknown or is this proxy
+    /// itself: forwarding a connection to our own listener would loop forever.
+    pub(crate) fn original_dst(&self, conn: &Accepted) -> Option<SocketAddr> {
+        let dst = match self.binder.original_dst(&conn.stream) {
+            Ok(dst) => dst,
+            Err(err) => {
+                tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
+                return None;
+            }
+        };
+        let is_self = self.transparent_ports.contains(&dst.port())
+            && (dst.ip() == conn.local.ip() || dst.ip().is_loopback() || dst.ip().is_unspecified());
+        if is_self {
+            tracing::warn!(orig_dst = %dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
+            return None;
+        }
+        Some(dst)
     }
 
     pub(crate) fn cluster_upstream(&self, cluster: &Arc<Cluster>) -> Upstream {

@@ -10,17 +10,9 @@ use crate::app::Inputs;
 use crate::forward::{Routed, serve};
 
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
-    let orig_dst = match inputs.binder.original_dst(&conn.stream) {
-        Ok(dst) => dst,
-        Err(err) => {
-            tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
-            return;
-        }
-    };
-    if inputs.is_own_listener(orig_dst, conn.local) {
-        tracing::warn!(%orig_dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
+    let Some(orig_dst) = inputs.original_dst(&conn) else {
         return;
-    }
+    };
     let mesh = inputs.mesh();
     let Some(policy) = &mesh.inbound else { return };
     let app = policy.app_for(orig_dst);

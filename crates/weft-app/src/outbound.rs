@@ -11,17 +11,9 @@ use crate::forward::{Routed, serve};
 
 /// A connection the app made to some `ip:port`, captured by iptables.
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
-    let orig_dst = match inputs.binder.original_dst(&conn.stream) {
-        Ok(dst) => dst,
-        Err(err) => {
-            tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
-            return;
-        }
-    };
-    if inputs.is_own_listener(orig_dst, conn.local) {
-        tracing::warn!(%orig_dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
+    let Some(orig_dst) = inputs.original_dst(&conn) else {
         return;
-    }
+    };
     let mesh = inputs.mesh();
     let Some(policy) = &mesh.outbound else { return };
 
