@@ -39,7 +39,11 @@ async fn admin_endpoints() {
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["bootstrap"]["node"]["workload"], "ratings-v1");
     assert_eq!(dump["mesh"]["clusters"][0]["name"], "ratings");
-    assert_eq!(dump["mesh"]["clusters"][0]["endpoints"][0], app.addr.to_string());
+    assert_eq!(
+        dump["mesh"]["clusters"][0]["endpoints"][0]["address"],
+        app.addr.to_string()
+    );
+    assert_eq!(dump["mesh"]["clusters"][0]["endpoints"][0]["weight"], 1);
     assert_eq!(
         dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["cluster"],
         "ratings"

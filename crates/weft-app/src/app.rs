@@ -1,10 +1,8 @@
 //! Building and running the proxy: bind, accept, drain.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -13,12 +11,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_admin::{AdminState, Readiness};
-use weft_http::{Forwarder, PoolSettings, Pools, Upstream};
+use weft_http::{Forwarder, PoolSettings, Pools};
 use weft_model::file::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
-use weft_model::{Bootstrap, Cluster, Mesh};
+use weft_model::{Bootstrap, Mesh};
 use weft_telemetry::{LogControl, Metrics};
 use weft_transport::{Accepted, Binder};
 
+use crate::forward::Destination;
 use crate::{inbound, outbound};
 
 /// After an accept error such as running out of file descriptors, wait this long before accepting again
@@ -52,7 +51,6 @@ pub(crate) struct Inputs {
     pub(crate) force_close: CancellationToken,
     /// Ports of the transparent listeners: a connection redirected to one of them is a loop.
     transparent_ports: Vec<u16>,
-    round_robin: Mutex<HashMap<String, Arc<AtomicUsize>>>,
 }
 
 impl std::fmt::Debug for Inputs {
@@ -87,30 +85,24 @@ impl Inputs {
         Some(dst)
     }
 
-    pub(crate) fn cluster_upstream(&self, cluster: &Arc<Cluster>) -> Upstream {
-        let mut counters = self.round_robin.lock().unwrap_or_else(|p| p.into_inner());
-        let next = counters.entry(cluster.name.clone()).or_default().clone();
-        Upstream::Cluster {
-            cluster: cluster.clone(),
-            next,
-        }
-    }
-
     /// Straight to the address the client was going to (egress passthrough).
-    pub(crate) fn direct(&self, addr: SocketAddr) -> Upstream {
+    pub(crate) fn passthrough(&self, addr: SocketAddr) -> Destination {
         let settings = PoolSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
         };
-        Upstream::Direct { addr, settings }
+        Destination::Direct(addr, settings)
     }
 
-    pub(crate) fn app_upstream(&self, addr: SocketAddr, idle_timeout: Duration) -> Upstream {
-        let settings = PoolSettings {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout,
-        };
-        Upstream::Direct { addr, settings }
+    /// To the app beside us.
+    pub(crate) fn app(&self, addr: SocketAddr, idle_timeout: Duration) -> Destination {
+        Destination::Direct(
+            addr,
+            PoolSettings {
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                idle_timeout,
+            },
+        )
     }
 }
 
@@ -178,7 +170,6 @@ impl App {
                 .chain(&addresses.inbound)
                 .map(|a| a.port())
                 .collect(),
-            round_robin: Mutex::default(),
         });
 
         let tracker = TaskTracker::new();

@@ -5,27 +5,47 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
-use weft_http::{HttpContext, Upstream};
-use weft_model::Protocol;
+use weft_http::{HttpContext, PoolSettings, Upstream};
+use weft_model::{Protocol, Target};
 use weft_telemetry::{Peers, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
 
 use crate::app::Inputs;
 use crate::detect::{Handling, detect};
 
+/// Where a connection goes.
+#[derive(Debug, Clone)]
+pub(crate) enum Destination {
+    /// A service or listener: HTTP requests by its routes, opaque bytes to its cluster.
+    Target(Target),
+    /// One address: the original destination (passthrough) or the app (inbound).
+    Direct(SocketAddr, PoolSettings),
+}
+
+impl Destination {
+    fn protocol(&self) -> Protocol {
+        match self {
+            Destination::Target(target) => target.protocol,
+            Destination::Direct(..) => Protocol::Detect,
+        }
+    }
+}
+
 /// A connection whose destination is decided.
 #[derive(Debug)]
 pub(crate) struct Routed {
     pub(crate) stream: TcpStream,
     pub(crate) orig_dst: SocketAddr,
-    pub(crate) upstream: Upstream,
-    pub(crate) protocol: Protocol,
+    pub(crate) destination: Destination,
+    /// Overrides the destination's protocol (inbound ports declare theirs).
+    pub(crate) protocol: Option<Protocol>,
     pub(crate) peers: Peers,
     pub(crate) inbound: bool,
 }
 
 pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
-    let (io, handling, hello) = detect(conn.stream, conn.protocol, detect_timeout).await;
+    let protocol = conn.protocol.unwrap_or_else(|| conn.destination.protocol());
+    let (io, handling, hello) = detect(conn.stream, protocol, detect_timeout).await;
     let detected = if hello.is_some() { "tls" } else { handling.name() };
     inputs.metrics.count_detection(conn.inbound, detected);
     if let Some(hello) = &hello {
@@ -33,8 +53,12 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
     }
     match handling {
         Handling::Http(version) => {
+            let upstream = match conn.destination {
+                Destination::Target(target) => Upstream::Routes(target.route),
+                Destination::Direct(addr, settings) => Upstream::Direct { addr, settings },
+            };
             let ctx = Arc::new(HttpContext {
-                upstream: conn.upstream,
+                upstream,
                 orig_dst: conn.orig_dst,
                 version,
                 peers: conn.peers,
@@ -50,7 +74,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 tracing::debug!(error = %err, dst = %conn.orig_dst, "HTTP connection ended with an error");
             }
         }
-        Handling::Opaque => forward_tcp(&inputs, io, conn.upstream, conn.peers, conn.orig_dst).await,
+        Handling::Opaque => forward_tcp(&inputs, io, conn.destination, conn.peers, conn.orig_dst).await,
     }
 }
 
@@ -59,7 +83,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
 async fn forward_tcp(
     inputs: &Inputs,
     mut downstream: PrefixedIo<TcpStream>,
-    upstream: Upstream,
+    destination: Destination,
     peers: Peers,
     dst: SocketAddr,
 ) {
@@ -67,11 +91,25 @@ async fn forward_tcp(
         peers,
         response_flags: ResponseFlags::NONE,
     };
-    let Some((endpoint, settings)) = upstream.pick() else {
-        labels.response_flags = ResponseFlags::NO_HEALTHY_UPSTREAM;
-        inputs.metrics.tcp_closed.get_or_create(&labels).inc();
-        tracing::info!(%dst, "no healthy upstream; closing the connection");
-        return;
+    let picked = match &destination {
+        Destination::Direct(addr, settings) => Ok((*addr, *settings)),
+        Destination::Target(Target {
+            cluster: Some(cluster),
+            ..
+        }) => inputs
+            .forwarder
+            .pick_endpoint(cluster)
+            .ok_or(ResponseFlags::NO_HEALTHY_UPSTREAM),
+        Destination::Target(Target { cluster: None, .. }) => Err(ResponseFlags::NO_CLUSTER),
+    };
+    let (endpoint, settings) = match picked {
+        Ok(picked) => picked,
+        Err(flags) => {
+            labels.response_flags = flags;
+            inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+            tracing::info!(%dst, %flags, "no upstream for this TCP connection; closing it");
+            return;
+        }
     };
     let mut upstream = match weft_transport::connect(endpoint, settings.connect_timeout).await {
         Ok(stream) => stream,

@@ -32,8 +32,8 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let routed = Routed {
         stream: conn.stream,
         orig_dst,
-        upstream: inputs.app_upstream(app, policy.idle_timeout),
-        protocol: policy.protocol_for(orig_dst.port()),
+        destination: inputs.app(app, policy.idle_timeout),
+        protocol: Some(policy.protocol_for(orig_dst.port())),
         peers,
         inbound: true,
     };

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use weft_model::{Egress, ExplicitListener, Protocol};
+use weft_model::{Egress, ExplicitListener, Target};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, TcpLabels};
 use weft_transport::Accepted;
 
 use crate::app::Inputs;
-use crate::forward::{Routed, serve};
+use crate::forward::{Destination, Routed, serve};
 
 /// A connection the app made to some `ip:port`, captured by iptables.
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
@@ -17,18 +17,10 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let mesh = inputs.mesh();
     let Some(policy) = &mesh.outbound else { return };
 
-    let (upstream, protocol, service) = match policy.service_for(orig_dst) {
-        Some(target) => (
-            inputs.cluster_upstream(&target.cluster),
-            target.protocol,
-            target.cluster.name.as_str().into(),
-        ),
+    let (destination, service) = match policy.service_for(orig_dst) {
+        Some(target) => (Destination::Target(target.clone()), service_label(target)),
         None => match policy.egress {
-            Egress::AllowAny => (
-                inputs.direct(orig_dst),
-                Protocol::Detect,
-                Label::from(orig_dst.to_string()),
-            ),
+            Egress::AllowAny => (inputs.passthrough(orig_dst), Label::from(orig_dst.to_string())),
             Egress::RegistryOnly => {
                 let peers = source_peers(&inputs, Label::from(orig_dst.to_string()));
                 let labels = TcpLabels {
@@ -45,28 +37,35 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let routed = Routed {
         stream: conn.stream,
         orig_dst,
-        upstream,
-        protocol,
+        destination,
+        protocol: None,
         peers,
         inbound: false,
     };
     serve(inputs, routed, mesh.detect_timeout).await;
 }
 
-/// A connection to a listener bound on a fixed address: it goes to the listener's cluster.
+/// A connection to a listener bound on a fixed address: it goes to the listener's target.
 pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, conn: Accepted) {
     let detect_timeout = inputs.mesh().detect_timeout;
-    let cluster = &listener.target.cluster;
     let routed = Routed {
         stream: conn.stream,
         // The clients dialled the listener's own address; requests without an authority use it.
         orig_dst: conn.local,
-        upstream: inputs.cluster_upstream(cluster),
-        protocol: listener.target.protocol,
-        peers: source_peers(&inputs, cluster.name.as_str().into()),
+        peers: source_peers(&inputs, service_label(&listener.target)),
+        destination: Destination::Target(listener.target),
+        protocol: None,
         inbound: false,
     };
     serve(inputs, routed, detect_timeout).await;
+}
+
+/// `destination_service`: the cluster a service sends everything to, else its route table's name.
+fn service_label(target: &Target) -> Label {
+    match &target.cluster {
+        Some(cluster) if target.route.name == cluster.name => cluster.name.as_str().into(),
+        _ => target.route.name.as_str().into(),
+    }
 }
 
 fn source_peers(inputs: &Inputs, destination_service: Label) -> Peers {

@@ -10,6 +10,12 @@ use weft_telemetry::ResponseFlags;
 pub enum UpstreamError {
     #[error("no healthy upstream")]
     NoHealthyUpstream,
+    #[error("no route matched the request")]
+    NoRoute,
+    #[error("route names cluster \"{0}\", which does not exist")]
+    NoCluster(String),
+    #[error("upstream request timeout after {0:?}")]
+    Timeout(std::time::Duration),
     #[error("upstream connect error: {0}")]
     Connect(#[source] hyper_util::client::legacy::Error),
     #[error("upstream protocol error: {0}")]
@@ -37,6 +43,8 @@ impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Protocol(_) => StatusCode::BAD_GATEWAY,
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -44,6 +52,9 @@ impl UpstreamError {
     pub fn flags(&self) -> ResponseFlags {
         match self {
             Self::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
+            Self::NoRoute => ResponseFlags::NO_ROUTE,
+            Self::NoCluster(_) => ResponseFlags::NO_CLUSTER,
+            Self::Timeout(_) => ResponseFlags::UPSTREAM_TIMEOUT,
             Self::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
             Self::Protocol(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             Self::Terminated(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
@@ -54,6 +65,9 @@ impl UpstreamError {
     pub fn body(&self) -> &'static str {
         match self {
             Self::NoHealthyUpstream => "no healthy upstream",
+            Self::NoRoute => "no route",
+            Self::NoCluster(_) => "cluster not found",
+            Self::Timeout(_) => "upstream request timeout",
             Self::Connect(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
             }

@@ -3,8 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -12,8 +11,10 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use weft_model::Cluster;
+use weft_model::route::{RequestView, RouteTable};
 use weft_telemetry::{Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
 
+use crate::balance::Balancer;
 use crate::body::Completion;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
@@ -21,11 +22,8 @@ use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 /// Where requests of a connection go.
 #[derive(Debug, Clone)]
 pub enum Upstream {
-    /// A cluster's endpoints, taken in turn.
-    Cluster {
-        cluster: Arc<Cluster>,
-        next: Arc<AtomicUsize>,
-    },
+    /// Routed request by request through a route table.
+    Routes(Arc<RouteTable>),
     /// The address the client was going to (egress passthrough, inbound to the app).
     Direct {
         addr: SocketAddr,
@@ -33,24 +31,11 @@ pub enum Upstream {
     },
 }
 
-impl Upstream {
-    pub fn pick(&self) -> Option<(SocketAddr, PoolSettings)> {
-        match self {
-            Upstream::Cluster { cluster, next } => {
-                let n = cluster.endpoints.len();
-                if n == 0 {
-                    return None;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed) % n;
-                let settings = PoolSettings {
-                    connect_timeout: cluster.connect_timeout,
-                    idle_timeout: cluster.idle_timeout,
-                };
-                Some((cluster.endpoints[i], settings))
-            }
-            Upstream::Direct { addr, settings } => Some((*addr, *settings)),
-        }
-    }
+/// How a request was routed: where it goes and under which deadline.
+struct Decision {
+    endpoint: SocketAddr,
+    settings: PoolSettings,
+    timeout: Option<Duration>,
 }
 
 /// Per-connection facts every request on it shares.
@@ -68,11 +53,69 @@ pub struct HttpContext {
 pub struct Forwarder {
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
+    balancer: Arc<Balancer>,
 }
 
 impl Forwarder {
     pub fn new(pools: Arc<Pools>, metrics: Arc<Metrics>) -> Self {
-        Self { pools, metrics }
+        Self {
+            pools,
+            metrics,
+            balancer: Arc::default(),
+        }
+    }
+
+    /// An endpoint of `cluster` for a new request or connection, by the cluster's balancing policy.
+    pub fn pick_endpoint(&self, cluster: &Cluster) -> Option<(SocketAddr, PoolSettings)> {
+        let endpoint = self.balancer.pick(cluster)?;
+        Some((
+            endpoint,
+            PoolSettings {
+                connect_timeout: cluster.connect_timeout,
+                idle_timeout: cluster.idle_timeout,
+            },
+        ))
+    }
+
+    fn decide(
+        &self,
+        parts: &http::request::Parts,
+        authority: &Authority,
+        upstream: &Upstream,
+    ) -> Result<Decision, UpstreamError> {
+        let table = match upstream {
+            Upstream::Direct { addr, settings } => {
+                return Ok(Decision {
+                    endpoint: *addr,
+                    settings: *settings,
+                    timeout: None,
+                });
+            }
+            Upstream::Routes(table) => table,
+        };
+        let view = RequestView {
+            authority: authority.as_str(),
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            method: parts.method.as_str(),
+            headers: &parts.headers,
+        };
+        let route = table.route(&view).ok_or(UpstreamError::NoRoute)?;
+        let weighted = route
+            .action
+            .pick(rand::random::<f64>())
+            .ok_or(UpstreamError::NoRoute)?;
+        let cluster = weighted
+            .cluster
+            .as_ref()
+            .ok_or_else(|| UpstreamError::NoCluster(weighted.name.clone()))?;
+        let (endpoint, settings) = self
+            .pick_endpoint(cluster)
+            .ok_or(UpstreamError::NoHealthyUpstream)?;
+        Ok(Decision {
+            endpoint,
+            settings,
+            timeout: route.action.timeout,
+        })
     }
 
     pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
@@ -93,10 +136,6 @@ impl Forwarder {
             start,
         };
 
-        let Some((endpoint, settings)) = ctx.upstream.pick() else {
-            return self.error_response(UpstreamError::NoHealthyUpstream, completion);
-        };
-
         let downstream_upgrade = (ctx.version == HttpVersion::Http1).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let upgrade = strip_hop_by_hop(&mut parts.headers, ctx.version == HttpVersion::Http2);
@@ -109,6 +148,14 @@ impl Forwarder {
         }
 
         let authority = request_authority(&parts, ctx.orig_dst);
+        let Decision {
+            endpoint,
+            settings,
+            timeout,
+        } = match self.decide(&parts, &authority, &ctx.upstream) {
+            Ok(decision) => decision,
+            Err(err) => return self.error_response(err, completion),
+        };
         if ctx.version == HttpVersion::Http1 && !parts.headers.contains_key(header::HOST) {
             // HTTP/1.0 clients may send no Host; the next hop gets the address the client dialled.
             if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
@@ -135,10 +182,16 @@ impl Forwarder {
         };
 
         let client = self.pools.client(endpoint, ctx.version, settings);
-        let mut response = match client.request(Request::from_parts(parts, body)).await {
+        let request = client.request(Request::from_parts(parts, body));
+        let result = match timeout {
+            Some(limit) => tokio::time::timeout(limit, request)
+                .await
+                .map_err(|_| UpstreamError::Timeout(limit)),
+            None => Ok(request.await),
+        };
+        let mut response = match result.and_then(|r| r.map_err(UpstreamError::from_client)) {
             Ok(response) => response,
             Err(err) => {
-                let err = UpstreamError::from_client(err);
                 tracing::debug!(%endpoint, error = %err, "upstream request failed");
                 return self.error_response(err, completion);
             }

@@ -3,6 +3,7 @@
 //!
 //! Request-level policy (routing, retries, timeouts) builds on [`forward`].
 
+mod balance;
 mod body;
 mod error;
 mod forward;

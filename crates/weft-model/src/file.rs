@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::mesh::{
     Bootstrap, Cluster, Egress, ExplicitListener, InboundPolicy, Mesh, Mode, Node, OutboundPolicy, Protocol,
 };
+use crate::route::{
+    DEFAULT_ROUTE_TIMEOUT, HeaderMatch, PathMatch, Route, RouteAction, RouteMatch, RouteTable, ValueMatch,
+    VirtualHost, WeightedCluster, compile_regex,
+};
 
 /// Envoy's default cluster connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +52,7 @@ pub struct ProxyFile {
     pub inbound: InboundFile,
     pub listeners: Vec<ListenerFile>,
     pub clusters: Vec<ClusterFile>,
+    pub routes: Vec<RouteTableFile>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -90,7 +95,19 @@ impl Default for OutboundFile {
 pub struct ServiceFile {
     /// `ip:port` the app connects to; `0.0.0.0:port` matches any address on that port.
     pub address: SocketAddr,
-    pub cluster: String,
+    #[serde(flatten)]
+    pub target: TargetFile,
+}
+
+/// Where a service's or listener's connections go: `cluster` for everything, `route` for HTTP requests
+/// (then `cluster`, if given, takes the opaque connections).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetFile {
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub route: Option<String>,
     #[serde(default)]
     pub protocol: Protocol,
 }
@@ -130,9 +147,8 @@ pub struct InboundPortFile {
 pub struct ListenerFile {
     pub name: String,
     pub address: SocketAddr,
-    pub cluster: String,
-    #[serde(default)]
-    pub protocol: Protocol,
+    #[serde(flatten)]
+    pub target: TargetFile,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,11 +156,141 @@ pub struct ListenerFile {
 pub struct ClusterFile {
     pub name: String,
     #[serde(default)]
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<EndpointFile>,
+    #[serde(default)]
+    pub lb_policy: crate::LbPolicy,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+}
+
+/// `127.0.0.1:8080`, or `{ address: 127.0.0.1:8080, weight: 3 }`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EndpointFile {
+    Address(SocketAddr),
+    Weighted { address: SocketAddr, weight: u32 },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightedEndpointFile {
+    address: SocketAddr,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+// Hand-written so that errors keep their position (`clusters[0].endpoints[1]: ...`), which serde's
+// untagged enums lose.
+impl<'de> Deserialize<'de> for EndpointFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EndpointFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address (ip:port) or { address, weight }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EndpointFile, E> {
+                v.parse()
+                    .map(EndpointFile::Address)
+                    .map_err(|_| E::custom(format!("\"{v}\" is not an ip:port address")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EndpointFile, A::Error> {
+                let w = WeightedEndpointFile::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(EndpointFile::Weighted {
+                    address: w.address,
+                    weight: w.weight,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl EndpointFile {
+    fn endpoint(&self) -> crate::Endpoint {
+        match *self {
+            EndpointFile::Address(address) => crate::Endpoint::new(address),
+            EndpointFile::Weighted { address, weight } => crate::Endpoint {
+                address,
+                weight,
+                healthy: true,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTableFile {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHostFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHostFile {
+    pub name: String,
+    #[serde(default = "any_domain")]
+    pub domains: Vec<String>,
+    pub routes: Vec<RouteFile>,
+}
+
+fn any_domain() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchFile,
+    /// All requests to one cluster...
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// ...or split by weight.
+    #[serde(default)]
+    pub clusters: Vec<WeightedClusterFile>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchFile {
+    pub prefix: Option<String>,
+    pub path: Option<String>,
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchFile {
+    pub name: String,
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub suffix: Option<String>,
+    pub regex: Option<String>,
+    #[serde(default)]
+    pub present: bool,
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedClusterFile {
+    pub name: String,
+    pub weight: u32,
 }
 
 /// Why a configuration file was not accepted. Each variant names the file; `Invalid` names the field.
@@ -240,21 +386,13 @@ impl ProxyFile {
         };
 
         let clusters = validate_clusters(self.clusters)?;
-        let known = |field: String, name: &str| -> Result<Arc<Cluster>, Invalid> {
-            clusters
-                .get(name)
-                .cloned()
-                .ok_or_else(|| invalid(field, format!("unknown cluster \"{name}\"")))
-        };
+        let routes = validate_routes(self.routes, &clusters)?;
+        let target = |field: String, t: &TargetFile| resolve_target(&field, t, &clusters, &routes);
 
         let mut services = HashMap::new();
         for (i, svc) in self.outbound.services.into_iter().enumerate() {
-            let cluster = known(format!("outbound.services[{i}].cluster"), &svc.cluster)?;
-            let target = crate::Target {
-                cluster,
-                protocol: svc.protocol,
-            };
-            if services.insert(svc.address, target).is_some() {
+            let resolved = target(format!("outbound.services[{i}]"), &svc.target)?;
+            if services.insert(svc.address, resolved).is_some() {
                 return Err(invalid(
                     format!("outbound.services[{i}].address"),
                     format!("{} is listed twice", svc.address),
@@ -307,14 +445,11 @@ impl ProxyFile {
                     format!("duplicate listener name \"{}\"", l.name),
                 ));
             }
-            let cluster = known(format!("listeners[{i}].cluster"), &l.cluster)?;
+            let resolved = target(format!("listeners[{i}]"), &l.target)?;
             listeners.push(ExplicitListener {
                 name: l.name,
                 address: l.address,
-                target: crate::Target {
-                    cluster,
-                    protocol: l.protocol,
-                },
+                target: resolved,
             });
         }
 
@@ -326,6 +461,7 @@ impl ProxyFile {
             inbound,
             listeners,
             clusters,
+            routes,
         };
         Ok((bootstrap, mesh))
     }
@@ -337,7 +473,8 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
         if c.name.is_empty() {
             return Err(invalid(format!("clusters[{i}].name"), "must not be empty"));
         }
-        for (j, ep) in c.endpoints.iter().enumerate() {
+        let endpoints: Vec<crate::Endpoint> = c.endpoints.iter().map(EndpointFile::endpoint).collect();
+        for (j, ep) in endpoints.iter().map(|e| e.address).enumerate() {
             if ep.port() == 0 || ep.ip().is_unspecified() {
                 return Err(invalid(
                     format!("clusters[{i}].endpoints[{j}]"),
@@ -353,7 +490,8 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
         }
         let cluster = Cluster {
             name: c.name.clone(),
-            endpoints: c.endpoints,
+            endpoints,
+            lb_policy: c.lb_policy,
             connect_timeout: c.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
         };
@@ -365,6 +503,153 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
         }
     }
     Ok(by_name)
+}
+
+fn resolve_target(
+    field: &str,
+    t: &TargetFile,
+    clusters: &HashMap<String, Arc<Cluster>>,
+    routes: &HashMap<String, Arc<RouteTable>>,
+) -> Result<crate::Target, Invalid> {
+    let cluster = match &t.cluster {
+        Some(name) => Some(
+            clusters
+                .get(name)
+                .cloned()
+                .ok_or_else(|| invalid(format!("{field}.cluster"), format!("unknown cluster \"{name}\"")))?,
+        ),
+        None => None,
+    };
+    let route = match (&t.route, &cluster) {
+        (Some(name), _) => routes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| invalid(format!("{field}.route"), format!("unknown route \"{name}\"")))?,
+        (None, Some(cluster)) => Arc::new(RouteTable::to_cluster(cluster)),
+        (None, None) => return Err(invalid(field, "needs a `cluster`, a `route`, or both")),
+    };
+    Ok(crate::Target {
+        protocol: t.protocol,
+        cluster,
+        route,
+    })
+}
+
+fn validate_routes(
+    tables: Vec<RouteTableFile>,
+    clusters: &HashMap<String, Arc<Cluster>>,
+) -> Result<HashMap<String, Arc<RouteTable>>, Invalid> {
+    let mut by_name = HashMap::new();
+    for (i, table) in tables.into_iter().enumerate() {
+        let mut virtual_hosts = Vec::new();
+        for (j, vh) in table.virtual_hosts.into_iter().enumerate() {
+            let mut routes = Vec::new();
+            for (k, r) in vh.routes.into_iter().enumerate() {
+                let field = format!("routes[{i}].virtual_hosts[{j}].routes[{k}]");
+                routes.push(validate_route(&field, r, clusters)?);
+            }
+            virtual_hosts.push(VirtualHost {
+                name: vh.name,
+                domains: vh.domains,
+                routes,
+            });
+        }
+        let name = table.name.clone();
+        if by_name
+            .insert(
+                name.clone(),
+                Arc::new(RouteTable {
+                    name: table.name,
+                    virtual_hosts,
+                }),
+            )
+            .is_some()
+        {
+            return Err(invalid(
+                format!("routes[{i}].name"),
+                format!("duplicate route name \"{name}\""),
+            ));
+        }
+    }
+    Ok(by_name)
+}
+
+fn validate_route(
+    field: &str,
+    r: RouteFile,
+    clusters: &HashMap<String, Arc<Cluster>>,
+) -> Result<Route, Invalid> {
+    let regex = |f: String, pattern: &str| {
+        compile_regex(pattern).map_err(|e| invalid(f, format!("invalid regex: {e}")))
+    };
+    let m = &r.matcher;
+    let path = match (&m.prefix, &m.path, &m.regex) {
+        (None, None, None) => PathMatch::default(),
+        (Some(p), None, None) => PathMatch::Prefix(p.clone()),
+        (None, Some(p), None) => PathMatch::Exact(p.clone()),
+        (None, None, Some(re)) => PathMatch::Regex(regex(format!("{field}.match.regex"), re)?),
+        _ => {
+            return Err(invalid(
+                format!("{field}.match"),
+                "give at most one of prefix, path, regex",
+            ));
+        }
+    };
+    let mut headers = Vec::new();
+    for (h, hm) in m.headers.iter().enumerate() {
+        let f = format!("{field}.match.headers[{h}]");
+        let value = match (&hm.exact, &hm.prefix, &hm.suffix, &hm.regex, hm.present) {
+            (Some(v), None, None, None, false) => ValueMatch::Exact(v.clone()),
+            (None, Some(v), None, None, false) => ValueMatch::Prefix(v.clone()),
+            (None, None, Some(v), None, false) => ValueMatch::Suffix(v.clone()),
+            (None, None, None, Some(re), false) => ValueMatch::Regex(regex(format!("{f}.regex"), re)?),
+            (None, None, None, None, true) => ValueMatch::Present,
+            _ => {
+                return Err(invalid(
+                    f,
+                    "give exactly one of exact, prefix, suffix, regex, present",
+                ));
+            }
+        };
+        headers.push(HeaderMatch {
+            name: hm.name.to_ascii_lowercase(),
+            value,
+            invert: hm.invert,
+        });
+    }
+    let weighted: Vec<(String, u32)> = match (&r.cluster, r.clusters.is_empty()) {
+        (Some(c), true) => vec![(c.clone(), 1)],
+        (None, false) => r.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect(),
+        _ => return Err(invalid(field, "give either `cluster` or `clusters`")),
+    };
+    let mut targets = Vec::new();
+    for (w, (name, weight)) in weighted.into_iter().enumerate() {
+        let cluster = clusters.get(&name).cloned().ok_or_else(|| {
+            let f = if r.cluster.is_some() {
+                format!("{field}.cluster")
+            } else {
+                format!("{field}.clusters[{w}].name")
+            };
+            invalid(f, format!("unknown cluster \"{name}\""))
+        })?;
+        targets.push(WeightedCluster {
+            name,
+            cluster: Some(cluster),
+            weight,
+        });
+    }
+    if targets.iter().all(|t| t.weight == 0) {
+        return Err(invalid(format!("{field}.clusters"), "weights must not all be 0"));
+    }
+    Ok(Route {
+        name: r.name.unwrap_or_default(),
+        matcher: RouteMatch { path, headers },
+        action: RouteAction {
+            clusters: targets,
+            timeout: r.timeout.or(Some(DEFAULT_ROUTE_TIMEOUT)),
+            retry: None,
+        },
+    })
 }
 
 /// Two of our own listeners on one address would fail at bind time with a less helpful message.

@@ -6,12 +6,14 @@
 
 pub mod file;
 mod mesh;
+pub mod route;
 
 pub use file::{LoadError, load_file, parse};
 pub use mesh::{
-    Bootstrap, Cluster, Egress, ExplicitListener, InboundPolicy, Mesh, Mode, Node, OutboundPolicy, Protocol,
-    Target,
+    Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, InboundPolicy, LbPolicy, Mesh, Mode, Node,
+    OutboundPolicy, Protocol, Target,
 };
+pub use route::RouteTable;
 
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::route::RouteTable;
+
 /// Where the proxy runs: the defaults for bind addresses follow from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,6 +94,8 @@ pub struct Mesh {
     pub listeners: Vec<ExplicitListener>,
     #[serde(serialize_with = "sorted_values")]
     pub clusters: HashMap<String, Arc<Cluster>>,
+    #[serde(serialize_with = "sorted_routes")]
+    pub routes: HashMap<String, Arc<RouteTable>>,
 }
 
 /// The transparent outbound listener and the services it knows.
@@ -126,19 +130,80 @@ pub struct ExplicitListener {
 /// Where a connection goes, and what it is known to speak.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
-    #[serde(serialize_with = "cluster_name")]
-    pub cluster: Arc<Cluster>,
     pub protocol: Protocol,
+    /// Where opaque (non-HTTP) connections go; without one they are refused.
+    #[serde(serialize_with = "optional_cluster_name")]
+    pub cluster: Option<Arc<Cluster>>,
+    /// How HTTP requests are routed.
+    #[serde(serialize_with = "route_name")]
+    pub route: Arc<RouteTable>,
+}
+
+impl Target {
+    /// Everything, HTTP or not, to one cluster.
+    pub fn to_cluster(cluster: Arc<Cluster>, protocol: Protocol) -> Self {
+        Self {
+            protocol,
+            route: Arc::new(RouteTable::to_cluster(&cluster)),
+            cluster: Some(cluster),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Cluster {
     pub name: String,
-    pub endpoints: Vec<SocketAddr>,
+    pub endpoints: Vec<Endpoint>,
+    pub lb_policy: LbPolicy,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+}
+
+impl Cluster {
+    /// A cluster with no endpoints and default settings.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            endpoints: Vec::new(),
+            lb_policy: LbPolicy::default(),
+            connect_timeout: crate::file::DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: crate::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        }
+    }
+
+    /// Endpoints that may receive traffic.
+    pub fn healthy_endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().filter(|e| e.healthy && e.weight > 0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub healthy: bool,
+}
+
+impl Endpoint {
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            healthy: true,
+        }
+    }
+}
+
+/// How a cluster spreads requests over its endpoints (Envoy's `lb_policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
 }
 
 impl OutboundPolicy {
@@ -178,6 +243,25 @@ fn sorted_map<K: Ord + ToString, V: Serialize, S: serde::Serializer>(
     s.collect_map(entries.into_iter().map(|(k, v)| (k.to_string(), v)))
 }
 
-fn cluster_name<S: serde::Serializer>(cluster: &Arc<Cluster>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&cluster.name)
+fn sorted_routes<S: serde::Serializer>(
+    map: &HashMap<String, Arc<RouteTable>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut values: Vec<_> = map.values().collect();
+    values.sort_by(|a, b| a.name.cmp(&b.name));
+    s.collect_seq(values)
+}
+
+fn optional_cluster_name<S: serde::Serializer>(
+    cluster: &Option<Arc<Cluster>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match cluster {
+        Some(c) => s.serialize_some(&c.name),
+        None => s.serialize_none(),
+    }
+}
+
+fn route_name<S: serde::Serializer>(route: &Arc<RouteTable>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&route.name)
 }

@@ -73,16 +73,25 @@ fn full_file() {
     let outbound = mesh.outbound.as_ref().unwrap();
     assert_eq!(outbound.egress, Egress::RegistryOnly);
     let reviews = outbound.service_for(addr("10.96.0.20:9080")).unwrap();
-    assert_eq!(reviews.cluster.name, "reviews");
+    assert_eq!(reviews.cluster.as_ref().unwrap().name, "reviews");
     assert_eq!(reviews.protocol, Protocol::Http);
     assert_eq!(
-        reviews.cluster.endpoints,
-        vec![addr("127.0.0.1:9081"), addr("127.0.0.1:9082")]
+        reviews.cluster.as_ref().unwrap().endpoints,
+        vec![
+            Endpoint::new(addr("127.0.0.1:9081")),
+            Endpoint::new(addr("127.0.0.1:9082"))
+        ]
     );
-    assert_eq!(reviews.cluster.connect_timeout, Duration::from_secs(1));
+    assert_eq!(
+        reviews.cluster.as_ref().unwrap().connect_timeout,
+        Duration::from_secs(1)
+    );
     // The wildcard service matches any address on its port, and a MySQL port is opaque.
     let db = outbound.service_for(addr("10.1.2.3:3306")).unwrap();
-    assert_eq!((db.cluster.name.as_str(), db.protocol), ("db", Protocol::Tcp));
+    assert_eq!(
+        (db.cluster.as_ref().unwrap().name.as_str(), db.protocol),
+        ("db", Protocol::Tcp)
+    );
     assert!(outbound.service_for(addr("10.96.0.20:9081")).is_none());
 
     let inbound = mesh.inbound.as_ref().unwrap();
@@ -90,7 +99,7 @@ fn full_file() {
     assert_eq!(inbound.protocol_for(9080), Protocol::Http);
     assert_eq!(inbound.protocol_for(5432), Protocol::Detect);
 
-    assert_eq!(mesh.listeners[0].target.cluster.name, "reviews");
+    assert_eq!(mesh.listeners[0].target.cluster.as_ref().unwrap().name, "reviews");
 }
 
 #[test]
@@ -174,4 +183,81 @@ fn the_shipped_example_is_valid() {
     assert_eq!(bootstrap.node.workload, "productpage-v1");
     assert_eq!(mesh.clusters.len(), 2);
     assert_eq!(mesh.listeners[0].name, "reviews-local");
+}
+
+const ROUTED: &str = r#"
+outbound:
+  services:
+    - { address: 10.96.0.30:80, route: orders, cluster: orders-v1 }
+clusters:
+  - { name: orders-v1, endpoints: [127.0.0.1:9001, { address: 127.0.0.1:9002, weight: 3 }], lb_policy: RANDOM }
+  - { name: orders-v2, endpoints: [127.0.0.1:9003] }
+routes:
+  - name: orders
+    virtual_hosts:
+      - name: orders
+        domains: [orders, "orders:80"]
+        routes:
+          - match: { headers: [{ name: X-Canary, exact: "true" }] }
+            cluster: orders-v2
+          - match: { prefix: /api }
+            clusters: [{ name: orders-v1, weight: 90 }, { name: orders-v2, weight: 10 }]
+            timeout: 10s
+"#;
+
+#[test]
+fn static_routes() {
+    let (_, mesh) = parse(ROUTED).unwrap();
+    let target = mesh
+        .outbound
+        .as_ref()
+        .unwrap()
+        .service_for(addr("10.96.0.30:80"))
+        .unwrap();
+    assert_eq!(target.route.name, "orders");
+    let v1 = &mesh.clusters["orders-v1"];
+    assert_eq!(v1.lb_policy, LbPolicy::Random);
+    assert_eq!(
+        v1.endpoints[1],
+        Endpoint {
+            address: addr("127.0.0.1:9002"),
+            weight: 3,
+            healthy: true
+        }
+    );
+    let vhost = &target.route.virtual_hosts[0];
+    assert_eq!(
+        vhost.routes[0].matcher.headers[0].name, "x-canary",
+        "header names are case-insensitive"
+    );
+    let api = &vhost.routes[1].action;
+    assert_eq!(api.timeout, Some(Duration::from_secs(10)));
+    assert_eq!(
+        vhost.routes[0].action.timeout,
+        Some(Duration::from_secs(15)),
+        "Envoy's default route timeout"
+    );
+    assert_eq!(
+        api.clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.weight))
+            .collect::<Vec<_>>(),
+        [("orders-v1", 90), ("orders-v2", 10)]
+    );
+}
+
+#[test]
+fn route_errors_name_the_field() {
+    let bad = ROUTED.replace("name: orders-v2, weight: 10", "name: orders-v3, weight: 10");
+    let (field, problem) = invalid(&bad);
+    assert_eq!(field, "routes[0].virtual_hosts[0].routes[1].clusters[1].name");
+    assert_eq!(problem, "unknown cluster \"orders-v3\"");
+    let bad = ROUTED.replace("prefix: /api", "regex: \"(unclosed\"");
+    let (field, problem) = invalid(&bad);
+    assert_eq!(field, "routes[0].virtual_hosts[0].routes[1].match.regex");
+    assert!(problem.starts_with("invalid regex"), "{problem}");
+    let (field, _) = invalid("outbound: { services: [{ address: 1.2.3.4:80 }] }");
+    assert_eq!(field, "outbound.services[0]");
+    let (field, _) = invalid("outbound: { services: [{ address: 1.2.3.4:80, route: nope }] }");
+    assert_eq!(field, "outbound.services[0].route");
 }
