@@ -1,1 +1,8 @@
-//! placeholder
+//! xDS v3 for the proxy: conversion of Envoy's resources into Weft's model ([`convert`], pure), the
+//! accepted state and how it becomes a model ([`state`]), and the ADS client ([`client`]).
+
+pub mod client;
+pub mod convert;
+pub mod state;
+
+pub use client::{Hooks, ResourceType, XdsConfig, XdsStatus, spawn};

@@ -1,0 +1,610 @@
+//! xDS resources to Weft's model: pure functions, one resource at a time, each rejected on its own with
+//! the resource, the field and the problem named. What is supported is listed in `docs/xds.md`; anything
+//! else that would change behaviour is rejected rather than silently ignored.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as XCluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy as XLbPolicy};
+use envoy_types::pb::envoy::config::core::v3::address::Address as XAddressKind;
+use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use envoy_types::pb::envoy::config::core::v3::{Address, HealthStatus};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
+use envoy_types::pb::envoy::config::route::v3::route::Action;
+use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier;
+use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
+use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, RouteConfiguration};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpClusterSpecifier;
+use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::google::protobuf::{Any, Duration as XDuration};
+use prost::{Message, Name};
+use weft_model::route::{
+    DEFAULT_ROUTE_TIMEOUT, HeaderMatch, PathMatch, RetryPolicy, Route, RouteAction, RouteMatch, RouteTable, ValueMatch,
+    VirtualHost, WeightedCluster, compile_regex,
+};
+use weft_model::{Egress, Endpoint, LbPolicy, Protocol};
+
+const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+/// Istio's names for the egress catch-alls.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+/// Istio's names for the capture listeners.
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+
+/// A rejected resource.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} \"{name}\": {field}: {problem}")]
+pub struct ResourceError {
+    pub kind: &'static str,
+    pub name: String,
+    pub field: String,
+    pub problem: String,
+}
+
+/// Builds errors for one resource.
+struct Ctx<'a> {
+    kind: &'static str,
+    name: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: impl Into<String>, problem: impl Into<String>) -> ResourceError {
+        ResourceError {
+            kind: self.kind,
+            name: self.name.to_owned(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Decodes an `Any` of the expected type.
+pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, ResourceError> {
+    let expected = M::type_url();
+    if any.type_url != expected {
+        return Err(ResourceError {
+            kind: M::NAME,
+            name: String::new(),
+            field: "type_url".into(),
+            problem: format!("expected {expected}, got {}", any.type_url),
+        });
+    }
+    M::decode(any.value.as_slice()).map_err(|e| ResourceError {
+        kind: M::NAME,
+        name: String::new(),
+        field: "value".into(),
+        problem: format!("cannot decode: {e}"),
+    })
+}
+
+/// What a listener means to the proxy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenerSpec {
+    /// A service the app reaches at `address` (Istio's per-port outbound listeners, `bind_to_port: false`).
+    Service {
+        address: SocketAddr,
+        http: Option<RouteRef>,
+        tcp_cluster: Option<String>,
+        protocol: Protocol,
+    },
+    /// The outbound capture listener: its catch-all chain decides egress.
+    VirtualOutbound { egress: Egress },
+    /// The inbound capture listener: the app's ports and their protocols.
+    VirtualInbound { ports: HashMap<u16, Protocol> },
+}
+
+/// Where an HTTP connection manager gets its routes.
+#[derive(Debug, Clone)]
+pub enum RouteRef {
+    Rds(String),
+    Inline(RouteTable),
+}
+
+impl PartialEq for RouteRef {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (RouteRef::Rds(a), RouteRef::Rds(b)) => a == b,
+            (RouteRef::Inline(a), RouteRef::Inline(b)) => a.name == b.name,
+            _ => false,
+        }
+    }
+}
+
+/// A cluster before its endpoints are known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterSpec {
+    pub name: String,
+    /// The ClusterLoadAssignment name to wait for (EDS); `None` for static clusters.
+    pub eds_name: Option<String>,
+    pub static_endpoints: Vec<Endpoint>,
+    pub lb_policy: LbPolicy,
+    pub connect_timeout: Duration,
+}
+
+pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
+    let ctx = Ctx {
+        kind: "Listener",
+        name: &l.name,
+    };
+    if l.name.is_empty() {
+        return Err(ctx.err("name", "must not be empty"));
+    }
+    let use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
+    if l.name == VIRTUAL_OUTBOUND || (use_original_dst && l.name != VIRTUAL_INBOUND) {
+        let chain = l.default_filter_chain.as_ref().or(l.filter_chains.last());
+        let egress = match chain
+            .map(|c| chain_targets(&ctx, "default_filter_chain", c))
+            .transpose()?
+        {
+            Some(ChainTargets {
+                tcp_cluster: Some(c), ..
+            }) if c == BLACKHOLE_CLUSTER => Egress::RegistryOnly,
+            _ => Egress::AllowAny,
+        };
+        return Ok(ListenerSpec::VirtualOutbound { egress });
+    }
+    if l.name == VIRTUAL_INBOUND {
+        let mut ports = HashMap::new();
+        for (i, chain) in l.filter_chains.iter().enumerate() {
+            let field = format!("filter_chains[{i}]");
+            let Some(port) = chain
+                .filter_chain_match
+                .as_ref()
+                .and_then(|m| m.destination_port.as_ref())
+            else {
+                continue; // chains without a port are the catch-all: detect
+            };
+            let port = u16::try_from(port.value)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    ctx.err(
+                        format!("{field}.filter_chain_match.destination_port"),
+                        "not a port",
+                    )
+                })?;
+            let targets = chain_targets(&ctx, &field, chain)?;
+            let protocol = if targets.http.is_some() {
+                Protocol::Http
+            } else {
+                Protocol::Tcp
+            };
+            ports.insert(port, protocol);
+        }
+        return Ok(ListenerSpec::VirtualInbound { ports });
+    }
+    if l.bind_to_port.as_ref().is_some_and(|b| b.value) {
+        return Err(ctx.err(
+            "bind_to_port",
+            "listeners that bind their own port are not supported over xDS; use bind_to_port: false listeners reached through the capture listener",
+        ));
+    }
+    let address = socket_address(&ctx, "address", l.address.as_ref())?;
+    let mut http = None;
+    let mut tcp_cluster = None;
+    for (i, chain) in l
+        .filter_chains
+        .iter()
+        .chain(l.default_filter_chain.iter())
+        .enumerate()
+    {
+        let targets = chain_targets(&ctx, &format!("filter_chains[{i}]"), chain)?;
+        http = http.or(targets.http);
+        tcp_cluster = tcp_cluster.or(targets.tcp_cluster);
+    }
+    let protocol = match (&http, &tcp_cluster) {
+        (Some(_), Some(_)) => Protocol::Detect,
+        (Some(_), None) => Protocol::Http,
+        (None, Some(_)) => Protocol::Tcp,
+        (None, None) => return Err(ctx.err("filter_chains", "no HTTP connection manager or TCP proxy")),
+    };
+    Ok(ListenerSpec::Service {
+        address,
+        http,
+        tcp_cluster,
+        protocol,
+    })
+}
+
+struct ChainTargets {
+    http: Option<RouteRef>,
+    tcp_cluster: Option<String>,
+}
+
+fn chain_targets(ctx: &Ctx<'_>, field: &str, chain: &FilterChain) -> Result<ChainTargets, ResourceError> {
+    if chain.transport_socket.is_some() {
+        return Err(ctx.err(
+            format!("{field}.transport_socket"),
+            "TLS termination is not supported yet",
+        ));
+    }
+    let mut targets = ChainTargets {
+        http: None,
+        tcp_cluster: None,
+    };
+    for (i, filter) in chain.filters.iter().enumerate() {
+        let f = format!("{field}.filters[{i}]");
+        let Some(ConfigType::TypedConfig(any)) = &filter.config_type else {
+            return Err(ctx.err(format!("{f}.typed_config"), "missing"));
+        };
+        let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+        match type_name {
+            HCM => {
+                let hcm: HttpConnectionManager =
+                    decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
+                targets.http = Some(match hcm.route_specifier {
+                    Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
+                        RouteRef::Rds(rds.route_config_name)
+                    }
+                    Some(RouteSpecifier::RouteConfig(rc)) => RouteRef::Inline(
+                        route_configuration(&rc)
+                            .map_err(|e| ctx.err(format!("{f}.route_config.{}", e.field), e.problem))?,
+                    ),
+                    _ => {
+                        return Err(ctx.err(
+                            format!("{f}.route_specifier"),
+                            "needs rds.route_config_name or route_config",
+                        ));
+                    }
+                });
+            }
+            TCP_PROXY => {
+                let tcp: TcpProxy =
+                    decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
+                match tcp.cluster_specifier {
+                    Some(TcpClusterSpecifier::Cluster(c)) if !c.is_empty() => targets.tcp_cluster = Some(c),
+                    _ => {
+                        return Err(ctx.err(
+                            format!("{f}.cluster"),
+                            "a TCP proxy needs one cluster (weighted_clusters are not supported)",
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(ctx.err(
+                    format!("{f}.typed_config"),
+                    format!("unsupported network filter {other}"),
+                ));
+            }
+        }
+    }
+    Ok(targets)
+}
+
+pub fn route_configuration(rc: &RouteConfiguration) -> Result<RouteTable, ResourceError> {
+    let ctx = Ctx {
+        kind: "RouteConfiguration",
+        name: &rc.name,
+    };
+    let mut virtual_hosts = Vec::new();
+    for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+        let mut routes = Vec::new();
+        for (j, r) in vh.routes.iter().enumerate() {
+            routes.push(route(
+                &ctx,
+                &format!("virtual_hosts[{i}].routes[{j}]"),
+                r,
+                vh.retry_policy.as_ref(),
+            )?);
+        }
+        let domains = vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+        virtual_hosts.push(VirtualHost {
+            name: vh.name.clone(),
+            domains,
+            routes,
+        });
+    }
+    Ok(RouteTable {
+        name: rc.name.clone(),
+        virtual_hosts,
+    })
+}
+
+fn route(
+    ctx: &Ctx<'_>,
+    field: &str,
+    r: &envoy_types::pb::envoy::config::route::v3::Route,
+    vhost_retry: Option<&envoy_types::pb::envoy::config::route::v3::RetryPolicy>,
+) -> Result<Route, ResourceError> {
+    let m = r
+        .r#match
+        .as_ref()
+        .ok_or_else(|| ctx.err(format!("{field}.match"), "required"))?;
+    if m.case_sensitive.as_ref().is_some_and(|c| !c.value) {
+        return Err(ctx.err(
+            format!("{field}.match.case_sensitive"),
+            "case-insensitive path matching is not supported",
+        ));
+    }
+    if !m.query_parameters.is_empty() || m.grpc.is_some() || m.runtime_fraction.is_some() {
+        return Err(ctx.err(
+            format!("{field}.match"),
+            "query_parameters, grpc and runtime_fraction matches are not supported",
+        ));
+    }
+    let path = match &m.path_specifier {
+        Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(PathSpecifier::SafeRegex(re)) => PathMatch::Regex(
+            compile_regex(&re.regex)
+                .map_err(|e| ctx.err(format!("{field}.match.safe_regex"), format!("invalid regex: {e}")))?,
+        ),
+        _ => {
+            return Err(ctx.err(
+                format!("{field}.match.path_specifier"),
+                "needs prefix, path or safe_regex",
+            ));
+        }
+    };
+    let mut headers = Vec::new();
+    for (k, h) in m.headers.iter().enumerate() {
+        headers.push(header_match(ctx, &format!("{field}.match.headers[{k}]"), h)?);
+    }
+    let action = match &r.action {
+        Some(Action::Route(a)) => a,
+        _ => {
+            return Err(ctx.err(
+                format!("{field}.action"),
+                "only route actions are supported (not redirect or direct_response)",
+            ));
+        }
+    };
+    let clusters = match &action.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => vec![WeightedCluster {
+            name: c.clone(),
+            cluster: None,
+            weight: 1,
+        }],
+        Some(ClusterSpecifier::WeightedClusters(w)) if !w.clusters.is_empty() => w
+            .clusters
+            .iter()
+            .map(|c| WeightedCluster {
+                name: c.name.clone(),
+                cluster: None,
+                weight: c.weight.as_ref().map_or(1, |w| w.value),
+            })
+            .collect(),
+        _ => {
+            return Err(ctx.err(
+                format!("{field}.route.cluster_specifier"),
+                "needs cluster or weighted_clusters",
+            ));
+        }
+    };
+    if clusters.iter().all(|c| c.weight == 0) {
+        return Err(ctx.err(
+            format!("{field}.route.weighted_clusters"),
+            "weights must not all be 0",
+        ));
+    }
+    // Envoy: unset means 15 s; 0 disables.
+    let timeout = match &action.timeout {
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    };
+    let retry = action.retry_policy.as_ref().or(vhost_retry).map(|p| RetryPolicy {
+        retry_on: p
+            .retry_on
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout: p.per_try_timeout.as_ref().map(duration),
+    });
+    Ok(Route {
+        name: r.name.clone(),
+        matcher: RouteMatch { path, headers },
+        action: RouteAction {
+            clusters,
+            timeout,
+            retry,
+        },
+    })
+}
+
+// The deprecated matchers are still what many control planes send; Envoy accepts them, so do we.
+#[allow(deprecated)]
+fn header_match(ctx: &Ctx<'_>, field: &str, h: &HeaderMatcher) -> Result<HeaderMatch, ResourceError> {
+    let regex = |re: &str| compile_regex(re).map_err(|e| ctx.err(field, format!("invalid regex: {e}")));
+    let value = match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::ExactMatch(v)) => ValueMatch::Exact(v.clone()),
+        Some(HeaderMatchSpecifier::PrefixMatch(v)) => ValueMatch::Prefix(v.clone()),
+        Some(HeaderMatchSpecifier::SuffixMatch(v)) => ValueMatch::Suffix(v.clone()),
+        Some(HeaderMatchSpecifier::ContainsMatch(v)) => ValueMatch::Contains(v.clone()),
+        Some(HeaderMatchSpecifier::SafeRegexMatch(re)) => ValueMatch::Regex(regex(&re.regex)?),
+        Some(HeaderMatchSpecifier::PresentMatch(true)) | None => ValueMatch::Present,
+        Some(HeaderMatchSpecifier::StringMatch(s)) => string_match(ctx, field, s)?,
+        Some(_) => return Err(ctx.err(field, "range and present_match: false are not supported")),
+    };
+    Ok(HeaderMatch {
+        name: h.name.to_ascii_lowercase(),
+        value,
+        invert: h.invert_match,
+    })
+}
+
+fn string_match(ctx: &Ctx<'_>, field: &str, s: &StringMatcher) -> Result<ValueMatch, ResourceError> {
+    if s.ignore_case {
+        return Err(ctx.err(format!("{field}.string_match.ignore_case"), "not supported"));
+    }
+    Ok(match &s.match_pattern {
+        Some(MatchPattern::Exact(v)) => ValueMatch::Exact(v.clone()),
+        Some(MatchPattern::Prefix(v)) => ValueMatch::Prefix(v.clone()),
+        Some(MatchPattern::Suffix(v)) => ValueMatch::Suffix(v.clone()),
+        Some(MatchPattern::Contains(v)) => ValueMatch::Contains(v.clone()),
+        Some(MatchPattern::SafeRegex(re)) => ValueMatch::Regex(
+            compile_regex(&re.regex)
+                .map_err(|e| ctx.err(format!("{field}.string_match"), format!("invalid regex: {e}")))?,
+        ),
+        _ => return Err(ctx.err(format!("{field}.string_match"), "unsupported pattern")),
+    })
+}
+
+pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
+    let ctx = Ctx {
+        kind: "Cluster",
+        name: &c.name,
+    };
+    if c.name.is_empty() {
+        return Err(ctx.err("name", "must not be empty"));
+    }
+    let discovery = match c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => {
+            DiscoveryType::try_from(t).map_err(|_| ctx.err("type", format!("unknown type {t}")))?
+        }
+        None => DiscoveryType::Static,
+        Some(ClusterDiscoveryType::ClusterType(_)) => {
+            return Err(ctx.err("cluster_type", "custom cluster types are not supported"));
+        }
+    };
+    let (eds_name, static_endpoints) = match discovery {
+        DiscoveryType::Eds => {
+            let service = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.clone())
+                .unwrap_or_default();
+            (
+                Some(if service.is_empty() {
+                    c.name.clone()
+                } else {
+                    service
+                }),
+                Vec::new(),
+            )
+        }
+        DiscoveryType::Static => {
+            let endpoints = match &c.load_assignment {
+                Some(cla) => endpoints(&ctx, "load_assignment", cla)?,
+                None => Vec::new(),
+            };
+            (None, endpoints)
+        }
+        // Istio's egress catch-alls are handled by the capture listener, not as clusters.
+        DiscoveryType::OriginalDst if c.name == PASSTHROUGH_CLUSTER => (None, Vec::new()),
+        other => {
+            return Err(ctx.err(
+                "type",
+                format!(
+                    "{} clusters are not supported (use EDS or STATIC)",
+                    other.as_str_name()
+                ),
+            ));
+        }
+    };
+    let lb_policy = match XLbPolicy::try_from(c.lb_policy) {
+        Ok(XLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(XLbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(XLbPolicy::Random) => LbPolicy::Random,
+        Ok(other) => return Err(ctx.err("lb_policy", format!("{} is not supported", other.as_str_name()))),
+        Err(_) => return Err(ctx.err("lb_policy", format!("unknown policy {}", c.lb_policy))),
+    };
+    let connect_timeout = c
+        .connect_timeout
+        .as_ref()
+        .map(duration)
+        .unwrap_or(weft_model::file::DEFAULT_CONNECT_TIMEOUT);
+    if connect_timeout.is_zero() {
+        return Err(ctx.err("connect_timeout", "must be greater than 0"));
+    }
+    Ok(ClusterSpec {
+        name: c.name.clone(),
+        eds_name,
+        static_endpoints,
+        lb_policy,
+        connect_timeout,
+    })
+}
+
+pub fn load_assignment(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, ResourceError> {
+    let ctx = Ctx {
+        kind: "ClusterLoadAssignment",
+        name: &cla.cluster_name,
+    };
+    if cla.cluster_name.is_empty() {
+        return Err(ctx.err("cluster_name", "must not be empty"));
+    }
+    endpoints(&ctx, "", cla)
+}
+
+fn endpoints(
+    ctx: &Ctx<'_>,
+    prefix: &str,
+    cla: &ClusterLoadAssignment,
+) -> Result<Vec<Endpoint>, ResourceError> {
+    let dot = if prefix.is_empty() { "" } else { "." };
+    let mut out = Vec::new();
+    for (i, locality) in cla.endpoints.iter().enumerate() {
+        for (j, lb) in locality.lb_endpoints.iter().enumerate() {
+            let field = format!("{prefix}{dot}endpoints[{i}].lb_endpoints[{j}]");
+            let Some(HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                return Err(ctx.err(
+                    format!("{field}.endpoint"),
+                    "required (named endpoints are not supported)",
+                ));
+            };
+            let address = socket_address(ctx, &format!("{field}.endpoint.address"), ep.address.as_ref())?;
+            let weight = lb.load_balancing_weight.as_ref().map_or(1, |w| w.value);
+            if weight == 0 {
+                return Err(ctx.err(format!("{field}.load_balancing_weight"), "must be at least 1"));
+            }
+            // UNKNOWN counts as healthy, DEGRADED and the rest as unhealthy (Envoy).
+            let healthy = matches!(
+                HealthStatus::try_from(lb.health_status),
+                Ok(HealthStatus::Unknown | HealthStatus::Healthy)
+            );
+            out.push(Endpoint {
+                address,
+                weight,
+                healthy,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn socket_address(
+    ctx: &Ctx<'_>,
+    field: &str,
+    address: Option<&Address>,
+) -> Result<SocketAddr, ResourceError> {
+    let Some(XAddressKind::SocketAddress(sa)) = address.and_then(|a| a.address.as_ref()) else {
+        return Err(ctx.err(field, "needs a socket_address"));
+    };
+    let ip: IpAddr = sa.address.parse().map_err(|_| {
+        ctx.err(
+            format!("{field}.address"),
+            format!("\"{}\" is not an IP address", sa.address),
+        )
+    })?;
+    let port = match sa.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => u16::try_from(p).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| ctx.err(format!("{field}.port_value"), "needs a port from 0 to 65535"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn duration(d: &XDuration) -> Duration {
+    Duration::new(
+        u64::try_from(d.seconds).unwrap_or(0),
+        u32::try_from(d.nanos).unwrap_or(0),
+    )
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,395 @@
+use envoy_types::pb::envoy::config::cluster::v3::cluster::EdsClusterConfig;
+use envoy_types::pb::envoy::config::core::v3::{SocketAddress, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint as XEndpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::config::listener::v3::Filter;
+use envoy_types::pb::envoy::config::route::v3::{
+    Route as XRoute, RouteAction as XRouteAction, RouteMatch as XRouteMatch, VirtualHost as XVirtualHost,
+    WeightedCluster as XWeightedCluster, route_action, weighted_cluster::ClusterWeight,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds;
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+use envoy_types::util::pack_any;
+
+use super::*;
+use crate::state::XdsState;
+
+fn address(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(XAddressKind::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn chain(filter: Any) -> FilterChain {
+    FilterChain {
+        filters: vec![Filter {
+            name: "f".into(),
+            config_type: Some(ConfigType::TypedConfig(filter)),
+        }],
+        ..Default::default()
+    }
+}
+
+fn hcm_rds(route: &str) -> Any {
+    pack_any(HttpConnectionManager {
+        stat_prefix: "x".into(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            route_config_name: route.into(),
+            config_source: None,
+        })),
+        ..Default::default()
+    })
+}
+
+fn tcp_proxy(cluster: &str) -> Any {
+    pack_any(TcpProxy {
+        stat_prefix: "x".into(),
+        cluster_specifier: Some(TcpClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    })
+}
+
+fn service_listener(name: &str, port: u32, chains: Vec<FilterChain>) -> Listener {
+    Listener {
+        name: name.into(),
+        address: Some(address("0.0.0.0", port)),
+        filter_chains: chains,
+        bind_to_port: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+fn weighted_route(prefix: &str, clusters: &[(&str, u32)]) -> XRoute {
+    XRoute {
+        r#match: Some(XRouteMatch {
+            path_specifier: Some(PathSpecifier::Prefix(prefix.into())),
+            ..Default::default()
+        }),
+        action: Some(Action::Route(XRouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
+                XWeightedCluster {
+                    clusters: clusters
+                        .iter()
+                        .map(|(n, w)| ClusterWeight {
+                            name: (*n).into(),
+                            weight: Some(UInt32Value { value: *w }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn eds_cluster(name: &str) -> XCluster {
+    XCluster {
+        name: name.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            service_name: String::new(),
+            eds_config: None,
+        }),
+        lb_policy: XLbPolicy::LeastRequest as i32,
+        ..Default::default()
+    }
+}
+
+fn cla(name: &str, endpoints: &[(&str, u32, HealthStatus)]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints
+                .iter()
+                .map(|(addr, weight, health)| {
+                    let sa: SocketAddr = addr.parse().unwrap();
+                    LbEndpoint {
+                        host_identifier: Some(HostIdentifier::Endpoint(XEndpoint {
+                            address: Some(address(&sa.ip().to_string(), u32::from(sa.port()))),
+                            ..Default::default()
+                        })),
+                        health_status: *health as i32,
+                        load_balancing_weight: Some(UInt32Value { value: *weight }),
+                        ..Default::default()
+                    }
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn http_and_tcp_service_listeners() {
+    let http = listener(&service_listener(
+        "0.0.0.0_9080",
+        9080,
+        vec![chain(hcm_rds("9080"))],
+    ))
+    .unwrap();
+    assert_eq!(
+        http,
+        ListenerSpec::Service {
+            address: "0.0.0.0:9080".parse().unwrap(),
+            http: Some(RouteRef::Rds("9080".into())),
+            tcp_cluster: None,
+            protocol: Protocol::Http
+        }
+    );
+    let both = listener(&service_listener(
+        "10.0.0.1_3306",
+        3306,
+        vec![chain(hcm_rds("r")), chain(tcp_proxy("db"))],
+    ))
+    .unwrap();
+    let ListenerSpec::Service {
+        protocol,
+        tcp_cluster,
+        ..
+    } = both
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (protocol, tcp_cluster.as_deref()),
+        (Protocol::Detect, Some("db")),
+        "both chains: detect"
+    );
+}
+
+#[test]
+fn capture_listeners() {
+    let outbound = Listener {
+        name: VIRTUAL_OUTBOUND.into(),
+        address: Some(address("0.0.0.0", 15001)),
+        use_original_dst: Some(BoolValue { value: true }),
+        default_filter_chain: Some(chain(tcp_proxy(BLACKHOLE_CLUSTER))),
+        ..Default::default()
+    };
+    assert_eq!(
+        listener(&outbound).unwrap(),
+        ListenerSpec::VirtualOutbound {
+            egress: Egress::RegistryOnly
+        }
+    );
+
+    let mut http_port = chain(hcm_rds("inbound"));
+    http_port.filter_chain_match = Some(envoy_types::pb::envoy::config::listener::v3::FilterChainMatch {
+        destination_port: Some(UInt32Value { value: 9080 }),
+        ..Default::default()
+    });
+    let inbound = Listener {
+        name: VIRTUAL_INBOUND.into(),
+        filter_chains: vec![http_port],
+        ..Default::default()
+    };
+    let ListenerSpec::VirtualInbound { ports } = listener(&inbound).unwrap() else {
+        panic!()
+    };
+    assert_eq!(ports.get(&9080), Some(&Protocol::Http));
+}
+
+#[test]
+fn unsupported_listeners_are_rejected_precisely() {
+    let mut bound = service_listener("l", 80, vec![chain(hcm_rds("r"))]);
+    bound.bind_to_port = Some(BoolValue { value: true });
+    assert_eq!(listener(&bound).unwrap_err().field, "bind_to_port");
+
+    let odd = service_listener("l", 80, vec![chain(pack_any(UInt32Value { value: 1 }))]);
+    let err = listener(&odd).unwrap_err();
+    assert_eq!(err.field, "filter_chains[0].filters[0].typed_config");
+    assert!(
+        err.problem
+            .contains("unsupported network filter google.protobuf.UInt32Value"),
+        "{}",
+        err.problem
+    );
+    assert_eq!(
+        err.to_string(),
+        format!("Listener \"l\": {}: {}", err.field, err.problem)
+    );
+}
+
+#[test]
+fn routes_with_weights_headers_and_timeouts() {
+    let mut canary = weighted_route("/", &[("v2", 1)]);
+    canary.r#match.as_mut().unwrap().headers = vec![HeaderMatcher {
+        name: "X-Canary".into(),
+        header_match_specifier: Some(HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(MatchPattern::Exact("true".into())),
+            ignore_case: false,
+        })),
+        ..Default::default()
+    }];
+    let mut split = weighted_route("/", &[("v1", 90), ("v2", 10)]);
+    if let Some(Action::Route(a)) = &mut split.action {
+        a.timeout = Some(XDuration { seconds: 0, nanos: 0 });
+    }
+    let rc = RouteConfiguration {
+        name: "9080".into(),
+        virtual_hosts: vec![XVirtualHost {
+            name: "orders".into(),
+            domains: vec!["Orders".into()],
+            routes: vec![canary, split],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let table = route_configuration(&rc).unwrap();
+    let vhost = &table.virtual_hosts[0];
+    assert_eq!(vhost.domains, ["orders"]);
+    assert_eq!(vhost.routes[0].matcher.headers[0].name, "x-canary");
+    assert_eq!(
+        vhost.routes[0].action.timeout,
+        Some(DEFAULT_ROUTE_TIMEOUT),
+        "unset: Envoy's 15 s"
+    );
+    assert_eq!(vhost.routes[1].action.timeout, None, "0 disables");
+    assert_eq!(
+        vhost.routes[1]
+            .action
+            .clusters
+            .iter()
+            .map(|c| c.weight)
+            .collect::<Vec<_>>(),
+        [90, 10]
+    );
+}
+
+#[test]
+fn unsupported_route_actions_name_the_route() {
+    let mut r = weighted_route("/", &[("v1", 1)]);
+    r.action = Some(Action::Redirect(Default::default()));
+    let rc = RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![XVirtualHost {
+            name: "a".into(),
+            domains: vec!["*".into()],
+            routes: vec![weighted_route("/", &[("v1", 1)]), r],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let err = route_configuration(&rc).unwrap_err();
+    assert_eq!(
+        (err.kind, err.name.as_str(), err.field.as_str()),
+        ("RouteConfiguration", "80", "virtual_hosts[0].routes[1].action")
+    );
+}
+
+#[test]
+fn clusters_and_endpoints() {
+    let spec = cluster(&eds_cluster("outbound|80||orders")).unwrap();
+    assert_eq!(spec.eds_name.as_deref(), Some("outbound|80||orders"));
+    assert_eq!(spec.lb_policy, LbPolicy::LeastRequest);
+    let mut dns = eds_cluster("dns");
+    dns.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+    let err = cluster(&dns).unwrap_err();
+    assert_eq!(err.field, "type");
+    assert!(err.problem.contains("STRICT_DNS"), "{}", err.problem);
+
+    let endpoints = load_assignment(&cla(
+        "orders",
+        &[
+            ("10.0.0.1:80", 2, HealthStatus::Healthy),
+            ("10.0.0.2:80", 1, HealthStatus::Unknown),
+            ("10.0.0.3:80", 1, HealthStatus::Draining),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        endpoints
+            .iter()
+            .map(|e| (e.weight, e.healthy))
+            .collect::<Vec<_>>(),
+        [(2, true), (1, true), (1, false)]
+    );
+}
+
+#[test]
+fn decode_checks_the_type_url() {
+    let any = pack_any(eds_cluster("x"));
+    assert!(decode::<XCluster>(&any).is_ok());
+    let err = decode::<Listener>(&any).unwrap_err();
+    assert!(
+        err.problem
+            .contains("expected type.googleapis.com/envoy.config.listener.v3.Listener"),
+        "{}",
+        err.problem
+    );
+}
+
+#[test]
+fn state_builds_a_mesh_once_references_resolve() {
+    let (_, base) = weft_model::parse("").unwrap();
+    let mut state = XdsState::default();
+    state.listeners.insert(
+        "0.0.0.0_80".into(),
+        listener(&service_listener("0.0.0.0_80", 80, vec![chain(hcm_rds("80"))])).unwrap(),
+    );
+    state
+        .clusters
+        .insert("v1".into(), cluster(&eds_cluster("v1")).unwrap());
+    assert_eq!(state.rds_names().into_iter().collect::<Vec<_>>(), ["80"]);
+    assert_eq!(
+        state.warming(),
+        ["RouteConfiguration \"80\"", "ClusterLoadAssignment \"v1\""]
+    );
+    let mesh = state.build(&base);
+    assert!(
+        mesh.outbound.as_ref().unwrap().services.is_empty(),
+        "the listener is warming"
+    );
+
+    let rc = RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![XVirtualHost {
+            name: "a".into(),
+            domains: vec!["*".into()],
+            routes: vec![weighted_route("/", &[("v1", 1)])],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    state
+        .routes
+        .insert("80".into(), route_configuration(&rc).unwrap());
+    let mesh = state.build(&base);
+    let target = mesh
+        .outbound
+        .as_ref()
+        .unwrap()
+        .service_for("10.1.1.1:80".parse().unwrap())
+        .unwrap();
+    assert!(
+        target.route.virtual_hosts[0].routes[0].action.clusters[0]
+            .cluster
+            .is_none(),
+        "v1 is warming: NC until its endpoints arrive"
+    );
+
+    state.endpoints.insert(
+        "v1".into(),
+        load_assignment(&cla("v1", &[("10.0.0.1:80", 1, HealthStatus::Healthy)])).unwrap(),
+    );
+    assert!(state.warming().is_empty());
+    let mesh = state.build(&base);
+    let target = mesh
+        .outbound
+        .as_ref()
+        .unwrap()
+        .service_for("10.1.1.1:80".parse().unwrap())
+        .unwrap();
+    let v1 = target.route.virtual_hosts[0].routes[0].action.clusters[0]
+        .cluster
+        .as_ref()
+        .unwrap();
+    assert_eq!(v1.endpoints[0].address, "10.0.0.1:80".parse().unwrap());
+}

@@ -1,0 +1,150 @@
+//! The accepted xDS resources, and the runtime model they make together.
+//!
+//! Resources refer to each other by name (listener -> route configuration -> cluster -> load
+//! assignment). A listener whose routes have not arrived, or a cluster whose endpoints have not, is
+//! *warming*: left out of the model until it is complete, so traffic never sees half a configuration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use weft_model::route::RouteTable;
+use weft_model::{Cluster, Endpoint, Mesh, Target};
+
+use crate::convert::{ClusterSpec, ListenerSpec, RouteRef};
+
+#[derive(Debug, Default, Clone)]
+pub struct XdsState {
+    pub listeners: BTreeMap<String, ListenerSpec>,
+    pub routes: BTreeMap<String, RouteTable>,
+    pub clusters: BTreeMap<String, ClusterSpec>,
+    /// Endpoints by ClusterLoadAssignment name.
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
+}
+
+impl XdsState {
+    /// Route configurations the listeners ask for (RDS subscription).
+    pub fn rds_names(&self) -> BTreeSet<String> {
+        self.listeners
+            .values()
+            .filter_map(|l| match l {
+                ListenerSpec::Service {
+                    http: Some(RouteRef::Rds(name)),
+                    ..
+                } => Some(name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Load assignments the clusters ask for (EDS subscription).
+    pub fn eds_names(&self) -> BTreeSet<String> {
+        self.clusters
+            .values()
+            .filter_map(|c| c.eds_name.clone())
+            .collect()
+    }
+
+    /// What is still missing before the configuration is complete, for readiness and the admin view.
+    pub fn warming(&self) -> Vec<String> {
+        let mut missing: Vec<String> = self
+            .rds_names()
+            .into_iter()
+            .filter(|n| !self.routes.contains_key(n))
+            .map(|n| format!("RouteConfiguration \"{n}\""))
+            .collect();
+        missing.extend(
+            self.eds_names()
+                .into_iter()
+                .filter(|n| !self.endpoints.contains_key(n))
+                .map(|n| format!("ClusterLoadAssignment \"{n}\"")),
+        );
+        missing
+    }
+
+    /// The model: `base` (from the bootstrap file: listener addresses, static clusters) with the xDS
+    /// resources laid over it.
+    pub fn build(&self, base: &Mesh) -> Mesh {
+        let mut mesh = base.clone();
+
+        for spec in self.clusters.values() {
+            let endpoints = match &spec.eds_name {
+                Some(name) => match self.endpoints.get(name) {
+                    Some(endpoints) => endpoints.clone(),
+                    None => continue, // warming
+                },
+                None => spec.static_endpoints.clone(),
+            };
+            let mut cluster = Cluster::new(&spec.name);
+            cluster.endpoints = endpoints;
+            cluster.lb_policy = spec.lb_policy;
+            cluster.connect_timeout = spec.connect_timeout;
+            mesh.clusters.insert(spec.name.clone(), Arc::new(cluster));
+        }
+
+        let resolve = |table: &RouteTable| {
+            let mut table = table.clone();
+            for route in table.virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
+                for wc in &mut route.action.clusters {
+                    wc.cluster = mesh.clusters.get(&wc.name).cloned();
+                }
+            }
+            Arc::new(table)
+        };
+        let routes: BTreeMap<String, Arc<RouteTable>> = self
+            .routes
+            .iter()
+            .map(|(name, table)| (name.clone(), resolve(table)))
+            .collect();
+
+        let mut services = Vec::new();
+        let mut egress = None;
+        let mut inbound_ports = None;
+        for spec in self.listeners.values() {
+            match spec {
+                ListenerSpec::Service {
+                    address,
+                    http,
+                    tcp_cluster,
+                    protocol,
+                } => {
+                    let cluster = tcp_cluster.as_ref().and_then(|c| mesh.clusters.get(c).cloned());
+                    let route = match http {
+                        Some(RouteRef::Rds(name)) => match routes.get(name) {
+                            Some(table) => table.clone(),
+                            None => continue, // warming
+                        },
+                        Some(RouteRef::Inline(table)) => resolve(table),
+                        None => match &cluster {
+                            Some(c) => Arc::new(RouteTable::to_cluster(c)),
+                            None => Arc::new(RouteTable {
+                                name: tcp_cluster.clone().unwrap_or_default(),
+                                virtual_hosts: vec![],
+                            }),
+                        },
+                    };
+                    services.push((
+                        *address,
+                        Target {
+                            protocol: *protocol,
+                            cluster,
+                            route,
+                        },
+                    ));
+                }
+                ListenerSpec::VirtualOutbound { egress: e } => egress = Some(*e),
+                ListenerSpec::VirtualInbound { ports } => inbound_ports = Some(ports.clone()),
+            }
+        }
+        if let Some(outbound) = &mut mesh.outbound {
+            outbound.services.extend(services);
+            if let Some(egress) = egress {
+                outbound.egress = egress;
+            }
+        }
+        if let (Some(inbound), Some(ports)) = (&mut mesh.inbound, inbound_ports) {
+            inbound.ports.extend(ports);
+        }
+        mesh.routes.extend(routes);
+        mesh
+    }
+}
