@@ -13,8 +13,8 @@ use tokio_util::task::TaskTracker;
 use weft_admin::{AdminState, Readiness};
 use weft_http::{Forwarder, PoolSettings, Pools};
 use weft_model::file::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
-use weft_model::{Bootstrap, Mesh};
-use weft_telemetry::{LogControl, Metrics};
+use weft_model::{Bootstrap, Mesh, XdsSource};
+use weft_telemetry::{LogControl, Metrics, XdsLabels};
 use weft_transport::{Accepted, Binder};
 
 use crate::forward::Destination;
@@ -24,8 +24,9 @@ use crate::{inbound, outbound};
 /// instead of spinning.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// The readiness step this module reports.
+/// Readiness steps: every listener bound, and (with a control plane) the first complete configuration.
 const LISTENERS: &str = "listeners";
+const CONFIG: &str = "xds config";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -155,7 +156,9 @@ impl App {
         };
 
         let metrics = Metrics::new();
+        let xds_base = bootstrap.xds.as_ref().map(|_| mesh.clone());
         let (config, mesh_rx) = watch::channel(Arc::new(mesh));
+        let config = Arc::new(config);
         let inputs = Arc::new(Inputs {
             bootstrap: bootstrap.clone(),
             mesh: mesh_rx.clone(),
@@ -194,7 +197,18 @@ impl App {
             tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), serve));
         }
 
-        let readiness = Readiness::new(&[LISTENERS]);
+        let steps: &[&'static str] = if bootstrap.xds.is_some() {
+            &[LISTENERS, CONFIG]
+        } else {
+            &[LISTENERS]
+        };
+        let readiness = Readiness::new(steps);
+        let xds_status = match (&bootstrap.xds, xds_base) {
+            (Some(source), Some(base)) => {
+                Some(start_xds(&bootstrap, source, base, &config, &readiness, &metrics))
+            }
+            _ => None,
+        };
         let shutdown = CancellationToken::new();
         let admin_stop = CancellationToken::new();
         let dump_bootstrap = bootstrap.clone();
@@ -202,9 +216,10 @@ impl App {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             log,
-            config_dump: Box::new(
-                move || serde_json::json!({ "bootstrap": dump_bootstrap, "mesh": *mesh_rx.borrow().clone() }),
-            ),
+            config_dump: Box::new(move || {
+                let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
+                serde_json::json!({ "bootstrap": dump_bootstrap, "xds": xds, "mesh": *mesh_rx.borrow().clone() })
+            }),
             shutdown: shutdown.clone(),
         };
         tokio::spawn(weft_admin::serve_admin(
@@ -260,7 +275,7 @@ pub struct Running {
     addresses: Addresses,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    config: watch::Sender<Arc<Mesh>>,
+    config: Arc<watch::Sender<Arc<Mesh>>>,
     done: JoinHandle<()>,
 }
 
@@ -317,6 +332,41 @@ impl Running {
             tracing::error!(error = %err, "proxy lifecycle task failed");
         }
     }
+}
+
+/// Starts the ADS client; its updates replace the configuration snapshot.
+fn start_xds(
+    bootstrap: &Bootstrap,
+    source: &XdsSource,
+    base: Mesh,
+    config: &Arc<watch::Sender<Arc<Mesh>>>,
+    readiness: &Readiness,
+    metrics: &Arc<Metrics>,
+) -> Arc<std::sync::Mutex<weft_xds::XdsStatus>> {
+    let xds = weft_xds::XdsConfig {
+        address: source.address.clone(),
+        node: bootstrap.node.clone(),
+        initial_fetch_timeout: source.initial_fetch_timeout,
+    };
+    let (config, readiness) = (config.clone(), readiness.clone());
+    let (counted, connected) = (metrics.clone(), metrics.clone());
+    let hooks = weft_xds::Hooks {
+        update: Box::new(move |mesh| {
+            config.send_replace(Arc::new(mesh));
+        }),
+        ready: Box::new(move || readiness.mark_done(CONFIG)),
+        counted: Box::new(move |ty, accepted| {
+            let labels = XdsLabels {
+                resource_type: ty.name(),
+                result: if accepted { "accepted" } else { "rejected" },
+            };
+            counted.xds_updates.get_or_create(&labels).inc();
+        }),
+        connected: Box::new(move |up| {
+            connected.xds_connected.set(i64::from(up));
+        }),
+    };
+    weft_xds::spawn(xds, base, hooks)
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<Inputs>, tracker: TaskTracker, serve: F)

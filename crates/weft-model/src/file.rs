@@ -28,6 +28,8 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// a client on a busy machine to send its request, short enough that a server-speaks-first protocol
 /// (MySQL, SMTP) only sees a small delay before its greeting.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
+pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long in-flight requests get to finish on shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,6 +55,17 @@ pub struct ProxyFile {
     pub listeners: Vec<ListenerFile>,
     pub clusters: Vec<ClusterFile>,
     pub routes: Vec<RouteTableFile>,
+    pub xds: Option<XdsFile>,
+}
+
+/// The control plane to take listeners, routes, clusters and endpoints from (ADS).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsFile {
+    /// `http://host:15010`.
+    pub address: String,
+    #[serde(default, with = "humantime_serde")]
+    pub initial_fetch_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -383,6 +396,19 @@ impl ProxyFile {
                 .address
                 .unwrap_or(SocketAddr::new(wildcard, READINESS_PORT)),
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            xds: match self.xds {
+                Some(x) if !(x.address.starts_with("http://") || x.address.starts_with("https://")) => {
+                    return Err(invalid(
+                        "xds.address",
+                        format!("\"{}\" must start with http:// or https://", x.address),
+                    ));
+                }
+                Some(x) => Some(crate::XdsSource {
+                    address: x.address,
+                    initial_fetch_timeout: x.initial_fetch_timeout.unwrap_or(DEFAULT_INITIAL_FETCH_TIMEOUT),
+                }),
+                None => None,
+            },
         };
 
         let clusters = validate_clusters(self.clusters)?;

@@ -11,7 +11,7 @@ pub mod route;
 pub use file::{LoadError, load_file, parse};
 pub use mesh::{
     Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, InboundPolicy, LbPolicy, Mesh, Mode, Node,
-    OutboundPolicy, Protocol, Target,
+    OutboundPolicy, Protocol, Target, XdsSource,
 };
 pub use route::RouteTable;
 

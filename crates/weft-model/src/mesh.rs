@@ -73,6 +73,15 @@ pub struct Bootstrap {
     pub readiness_address: SocketAddr,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Where dynamic configuration comes from; `None`: the file is the whole configuration.
+    pub xds: Option<XdsSource>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct XdsSource {
+    pub address: String,
+    #[serde(with = "humantime_serde")]
+    pub initial_fetch_timeout: Duration,
 }
 
 /// Who this proxy is: the workload it serves.

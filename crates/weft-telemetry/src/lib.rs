@@ -8,5 +8,5 @@ mod metrics;
 pub use flags::ResponseFlags;
 pub use logging::{LogControl, LogError};
 pub use metrics::{
-    ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol, TcpLabels,
+    ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol, TcpLabels, XdsLabels,
 };

@@ -119,6 +119,12 @@ pub enum Direction {
     outbound,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct XdsLabels {
+    pub resource_type: &'static str,
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the proxy exports.
@@ -133,6 +139,8 @@ pub struct Metrics {
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub detected: Family<ProtocolLabels, Counter>,
     pub downstream_connections_active: Gauge,
+    pub xds_updates: Family<XdsLabels, Counter>,
+    pub xds_connected: Gauge,
 }
 
 impl Metrics {
@@ -147,6 +155,8 @@ impl Metrics {
         let tcp_received_bytes = Family::default();
         let detected = Family::default();
         let downstream_connections_active = Gauge::default();
+        let xds_updates = Family::default();
+        let xds_connected = Gauge::default();
 
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -191,6 +201,17 @@ impl Metrics {
             downstream_connections_active.clone(),
         );
 
+        weft.register(
+            "xds_updates",
+            "xDS responses by resource type and result (accepted: ACK, rejected: NACK)",
+            xds_updates.clone(),
+        );
+        weft.register(
+            "xds_connected",
+            "1 while the xDS stream to the control plane is open",
+            xds_connected.clone(),
+        );
+
         Arc::new(Self {
             registry,
             requests,
@@ -201,6 +222,8 @@ impl Metrics {
             tcp_received_bytes,
             detected,
             downstream_connections_active,
+            xds_updates,
+            xds_connected,
         })
     }
 

@@ -1,0 +1,167 @@
+//! `weft control`: the reference control plane. It reads Kubernetes and Istio resources from a
+//! directory ([`resources`]), watches it, turns the resources into each proxy's xDS ([`translate`]) and
+//! serves them over ADS ([`server`]).
+
+pub mod resources;
+pub mod server;
+pub mod translate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use resources::{Catalog, Problem, load_dir};
+pub use server::{NackRecord, Observed};
+
+/// Istio's name for the egress passthrough cluster.
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+/// The plaintext xDS port (Istio's 15010, for development).
+pub const XDS_PORT: u16 = 15010;
+/// How often the directory is checked for changes: pushes follow a file change within about this long.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Checks a directory as the control plane would load it; an empty list means it is all valid.
+pub fn check(dir: &Path) -> Vec<Problem> {
+    load_dir(dir).1
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    address: SocketAddr,
+    problems: Arc<Mutex<Vec<Problem>>>,
+    observed: Arc<Observed>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    watcher: JoinHandle<()>,
+}
+
+impl ControlPlane {
+    /// Loads `dir`, starts watching it, and serves ADS on `listen`.
+    pub async fn start(dir: PathBuf, listen: SocketAddr) -> std::io::Result<Self> {
+        let (catalog, problems) = load_dir(&dir);
+        report(&problems);
+        let problems = Arc::new(Mutex::new(problems));
+        let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
+        let watcher = tokio::spawn(watch_dir(dir, catalog_tx, problems.clone()));
+
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let address = listener.local_addr()?;
+        let observed = Arc::new(Observed::default());
+        let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(catalog_rx, observed.clone()));
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .add_service(ads)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop.await;
+                }),
+        );
+        tracing::info!(%address, "serving xDS (ADS, State of the World)");
+        Ok(Self {
+            address,
+            problems,
+            observed,
+            shutdown,
+            server,
+            watcher,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The problems found in the current files.
+    pub fn problems(&self) -> Vec<Problem> {
+        self.problems.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// NACKs received from proxies so far.
+    pub fn nacks(&self) -> Vec<NackRecord> {
+        self.observed.nacks.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// Responses sent to a node so far.
+    pub fn pushes(&self, node_id: &str) -> u64 {
+        self.observed
+            .pushes
+            .lock()
+            .map(|p| p.get(node_id).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Stops serving; proxies keep their configuration and reconnect when a control plane returns.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(());
+        self.watcher.abort();
+        let _ = self.server.await;
+    }
+
+    /// Serves until the process is stopped.
+    pub async fn wait(self) {
+        let _ = self.server.await;
+    }
+}
+
+fn report(problems: &[Problem]) {
+    for problem in problems {
+        tracing::warn!("{problem}");
+    }
+}
+
+/// Polls the directory; reloads when a file appears, disappears or changes, and publishes the new
+/// catalog if its content differs.
+async fn watch_dir(dir: PathBuf, catalog: watch::Sender<Arc<Catalog>>, problems: Arc<Mutex<Vec<Problem>>>) {
+    let mut seen = fingerprint(&dir);
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now = fingerprint(&dir);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let (next, found) = load_dir(&dir);
+        report(&found);
+        if let Ok(mut p) = problems.lock() {
+            *p = found;
+        }
+        catalog.send_if_modified(|current| {
+            if **current == next {
+                return false;
+            }
+            tracing::info!("configuration changed; pushing to the proxies it affects");
+            *current = Arc::new(next);
+            true
+        });
+    }
+}
+
+/// Names, sizes and modification times of the YAML files under `dir`.
+fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push((path, meta.len(), meta.modified().ok()));
+            }
+        }
+    }
+    out.sort();
+    out
+}

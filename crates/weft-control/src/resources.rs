@@ -1,0 +1,641 @@
+//! The Kubernetes and Istio resources the control plane reads, as users write them (apiVersion, kind,
+//! metadata, spec), and loading them from a directory of YAML files. Every problem is reported with the
+//! file, the resource and the field; a bad resource is left out and never stops the rest.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const CLUSTER_DOMAIN: &str = "svc.cluster.local";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
+    }
+}
+
+// ---- core/v1 Service ----
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: u16,
+    #[serde(default)]
+    pub target_port: Option<TargetPort>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// What a service port speaks, by Istio's rules: `appProtocol`, else the port name's prefix
+/// (`http-web`, `grpc`, ...), else unknown (detected by the proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortProtocol {
+    Http,
+    Tcp,
+    Unknown,
+}
+
+impl ServicePort {
+    pub fn protocol(&self) -> PortProtocol {
+        let classify = |p: &str| match p.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "grpc" | "grpc-web" | "h2c" => Some(PortProtocol::Http),
+            "tcp" | "tls" | "https" | "mysql" | "mongo" | "redis" => Some(PortProtocol::Tcp),
+            _ => None,
+        };
+        if let Some(p) = self.app_protocol.as_deref().and_then(classify) {
+            return p;
+        }
+        let name = self.name.as_deref().unwrap_or_default();
+        let prefix = name.split('-').next().unwrap_or_default();
+        classify(prefix).unwrap_or(PortProtocol::Unknown)
+    }
+}
+
+// ---- networking.istio.io WorkloadEntry ----
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Service port name -> the port this workload listens on for it.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    #[serde(default)]
+    pub service_account: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+// ---- networking.istio.io VirtualService ----
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retries: Option<Retries>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatch {
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub without_headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StringMatch {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct PortSelector {
+    pub number: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Retries {
+    pub attempts: u32,
+    #[serde(default, with = "humantime_serde")]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry_on: Option<String>,
+}
+
+// ---- networking.istio.io DestinationRule ----
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct LoadBalancer {
+    pub simple: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct ConnectionPool {
+    #[serde(default)]
+    pub tcp: Option<TcpPool>,
+    #[serde(default)]
+    pub http: Option<HttpPool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPool {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPool {
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<u32>,
+    #[serde(default)]
+    pub http2_max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    #[serde(default)]
+    pub consecutive5xx_errors: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub base_ejection_time: Option<Duration>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+// ---- loading ----
+
+/// One resource of a kind the control plane understands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource<S> {
+    pub metadata: Metadata,
+    pub spec: S,
+    /// Where it was read from, for reports.
+    pub file: PathBuf,
+}
+
+/// Everything loaded from the configuration directory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    pub services: Vec<Resource<ServiceSpec>>,
+    pub workload_entries: Vec<Resource<WorkloadEntrySpec>>,
+    pub virtual_services: Vec<Resource<VirtualServiceSpec>>,
+    pub destination_rules: Vec<Resource<DestinationRuleSpec>>,
+}
+
+/// A problem with one resource (or one document).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// `Kind namespace/name`, or the document's position when it has no name.
+    pub resource: String,
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {}: field `{}`: {}",
+            self.file.display(),
+            self.resource,
+            self.field,
+            self.problem
+        )
+    }
+}
+
+/// Kinds from other APIs (PeerAuthentication, AuthorizationPolicy, Deployments...) are skipped quietly:
+/// they belong to other parts of the mesh or to Kubernetes itself.
+const KNOWN_ELSEWHERE: [&str; 6] = [
+    "PeerAuthentication",
+    "AuthorizationPolicy",
+    "Deployment",
+    "ServiceAccount",
+    "Namespace",
+    "ConfigMap",
+];
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<Metadata>,
+    spec: Option<serde_yaml_ng::Value>,
+}
+
+/// Reads every `.yaml`/`.yml` file under `dir` (sorted, so reports and versions are stable).
+pub fn load_dir(dir: &Path) -> (Catalog, Vec<Problem>) {
+    let mut catalog = Catalog::default();
+    let mut problems = Vec::new();
+    let mut files = Vec::new();
+    collect_files(dir, &mut files, &mut problems);
+    files.sort();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => load_text(&file, &text, &mut catalog, &mut problems),
+            Err(e) => problems.push(Problem {
+                file,
+                resource: "-".into(),
+                field: "-".into(),
+                problem: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    validate(&mut catalog, &mut problems);
+    (catalog, problems)
+}
+
+fn collect_files(dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Problem>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            problems.push(Problem {
+                file: dir.into(),
+                resource: "-".into(),
+                field: "-".into(),
+                problem: format!("cannot read directory: {e}"),
+            });
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(&path, files, problems);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(path);
+        }
+    }
+}
+
+/// Parses one multi-document file into the catalog.
+pub fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut Vec<Problem>) {
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let position = format!("document {}", index + 1);
+        let problem = |resource: &str, field: &str, problem: String| Problem {
+            file: file.into(),
+            resource: resource.into(),
+            field: field.into(),
+            problem,
+        };
+        let value = match serde_yaml_ng::Value::deserialize(document) {
+            Ok(serde_yaml_ng::Value::Null) => continue, // an empty document between `---`
+            Ok(value) => value,
+            Err(e) => {
+                problems.push(problem(&position, "-", format!("not YAML: {e}")));
+                break; // the parser cannot resynchronise after a syntax error
+            }
+        };
+        let envelope: Envelope = match serde_yaml_ng::from_value(value) {
+            Ok(e) => e,
+            Err(e) => {
+                problems.push(problem(&position, "-", e.to_string()));
+                continue;
+            }
+        };
+        let Some(kind) = envelope.kind else {
+            problems.push(problem(&position, "kind", "missing".into()));
+            continue;
+        };
+        let Some(metadata) = envelope.metadata else {
+            problems.push(problem(
+                &format!("{kind} ({position})"),
+                "metadata.name",
+                "missing".into(),
+            ));
+            continue;
+        };
+        let resource = format!("{kind} {}/{}", metadata.namespace(), metadata.name);
+        let api = envelope.api_version.unwrap_or_default();
+        let spec = envelope.spec.unwrap_or(serde_yaml_ng::Value::Null);
+        macro_rules! push {
+            ($list:expr, $api_ok:expr) => {{
+                if !$api_ok {
+                    problems.push(problem(
+                        &resource,
+                        "apiVersion",
+                        format!("\"{api}\" is not an API version of {kind}"),
+                    ));
+                    continue;
+                }
+                match serde_path_to_error::deserialize(spec) {
+                    Ok(spec) => $list.push(Resource {
+                        metadata,
+                        spec,
+                        file: file.into(),
+                    }),
+                    Err(e) => {
+                        let path = e.path().to_string();
+                        let field = if path == "." {
+                            "spec".to_owned()
+                        } else {
+                            format!("spec.{path}")
+                        };
+                        problems.push(problem(&resource, &field, e.into_inner().to_string()));
+                    }
+                }
+            }};
+        }
+        let istio = api.starts_with("networking.istio.io/");
+        match kind.as_str() {
+            "Service" => push!(catalog.services, api == "v1"),
+            "WorkloadEntry" => push!(catalog.workload_entries, istio),
+            "VirtualService" => push!(catalog.virtual_services, istio),
+            "DestinationRule" => push!(catalog.destination_rules, istio),
+            k if KNOWN_ELSEWHERE.contains(&k) => {}
+            other => problems.push(problem(
+                &resource,
+                "kind",
+                format!("{other} is not a kind weft control reads"),
+            )),
+        }
+    }
+}
+
+/// Checks across resources; what fails is reported and removed.
+fn validate(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
+    let report =
+        |problems: &mut Vec<Problem>, file: &Path, resource: String, field: String, problem: String| {
+            problems.push(Problem {
+                file: file.into(),
+                resource,
+                field,
+                problem,
+            });
+        };
+    catalog.services.retain(|s| {
+        let resource = format!("Service {}/{}", s.metadata.namespace(), s.metadata.name);
+        for (i, p) in s.spec.ports.iter().enumerate() {
+            if p.port == 0 {
+                report(
+                    problems,
+                    &s.file,
+                    resource,
+                    format!("spec.ports[{i}].port"),
+                    "port 0 is not a port".into(),
+                );
+                return false;
+            }
+        }
+        if let Some(ip) = &s.spec.cluster_ip
+            && ip != "None"
+            && ip.parse::<std::net::IpAddr>().is_err()
+        {
+            report(
+                problems,
+                &s.file,
+                resource,
+                "spec.clusterIP".into(),
+                format!("\"{ip}\" is not an IP address"),
+            );
+            return false;
+        }
+        true
+    });
+    catalog.workload_entries.retain(|w| {
+        if w.spec.address.parse::<std::net::IpAddr>().is_err() {
+            let resource = format!("WorkloadEntry {}/{}", w.metadata.namespace(), w.metadata.name);
+            report(
+                problems,
+                &w.file,
+                resource,
+                "spec.address".into(),
+                format!("\"{}\" is not an IP address", w.spec.address),
+            );
+            return false;
+        }
+        true
+    });
+    let hosts: Vec<String> = catalog
+        .services
+        .iter()
+        .map(|s| fqdn(&s.metadata.name, s.metadata.namespace()))
+        .collect();
+    let destination_rules = catalog.destination_rules.clone();
+    catalog.virtual_services.retain(|vs| {
+        let resource = format!("VirtualService {}/{}", vs.metadata.namespace(), vs.metadata.name);
+        for (i, rule) in vs.spec.http.iter().enumerate() {
+            if rule.route.is_empty() {
+                report(
+                    problems,
+                    &vs.file,
+                    resource.clone(),
+                    format!("spec.http[{i}].route"),
+                    "at least one destination is required".into(),
+                );
+                return false;
+            }
+            for (j, m) in rule.matches.iter().enumerate() {
+                let uri = m
+                    .uri
+                    .iter()
+                    .map(|u| (format!("spec.http[{i}].match[{j}].uri"), u));
+                let headers = m
+                    .headers
+                    .iter()
+                    .chain(&m.without_headers)
+                    .map(|(h, v)| (format!("spec.http[{i}].match[{j}].headers.{h}"), v));
+                for (field, sm) in uri.chain(headers) {
+                    let set = [&sm.exact, &sm.prefix, &sm.regex]
+                        .iter()
+                        .filter(|o| o.is_some())
+                        .count();
+                    if set != 1 {
+                        report(
+                            problems,
+                            &vs.file,
+                            resource.clone(),
+                            field,
+                            "give exactly one of exact, prefix, regex".into(),
+                        );
+                        return false;
+                    }
+                    if let Some(re) = &sm.regex
+                        && regex_is_invalid(re)
+                    {
+                        report(
+                            problems,
+                            &vs.file,
+                            resource.clone(),
+                            field,
+                            format!("invalid regex \"{re}\""),
+                        );
+                        return false;
+                    }
+                }
+            }
+            for (j, dest) in rule.route.iter().enumerate() {
+                let host = resolve_host(&dest.destination.host, vs.metadata.namespace());
+                let field = format!("spec.http[{i}].route[{j}].destination");
+                if !hosts.contains(&host) {
+                    report(
+                        problems,
+                        &vs.file,
+                        resource.clone(),
+                        format!("{field}.host"),
+                        format!("no Service \"{host}\""),
+                    );
+                    return false;
+                }
+                if let Some(subset) = &dest.destination.subset {
+                    let defined = destination_rules.iter().any(|dr| {
+                        resolve_host(&dr.spec.host, dr.metadata.namespace()) == host
+                            && dr.spec.subsets.iter().any(|s| &s.name == subset)
+                    });
+                    if !defined {
+                        report(
+                            problems,
+                            &vs.file,
+                            resource.clone(),
+                            format!("{field}.subset"),
+                            format!("no DestinationRule defines subset \"{subset}\" of {host}"),
+                        );
+                        return false;
+                    }
+                }
+            }
+            let weights: u32 = rule.route.iter().map(|r| r.weight.unwrap_or(0)).sum();
+            if rule.route.len() > 1 && weights != 100 {
+                report(
+                    problems,
+                    &vs.file,
+                    resource.clone(),
+                    format!("spec.http[{i}].route"),
+                    format!("weights add up to {weights}, not 100"),
+                );
+                return false;
+            }
+        }
+        true
+    });
+}
+
+/// Istio's patterns are RE2; the proxy compiles them with the same engine as this check.
+fn regex_is_invalid(pattern: &str) -> bool {
+    regex::Regex::new(pattern).is_err()
+}
+
+/// `reviews.default.svc.cluster.local`.
+pub fn fqdn(name: &str, namespace: &str) -> String {
+    format!("{name}.{namespace}.{CLUSTER_DOMAIN}")
+}
+
+/// A host as written in a VirtualService or DestinationRule, made fully qualified: `reviews` and
+/// `reviews.default` are names in the resource's namespace or the given one.
+pub fn resolve_host(host: &str, namespace: &str) -> String {
+    let parts: Vec<&str> = host.split('.').collect();
+    match parts.len() {
+        1 => fqdn(host, namespace),
+        2 => fqdn(parts[0], parts[1]),
+        _ => host.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+use std::path::Path;
+
+use super::*;
+use crate::translate::{NodeInfo, snapshot};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mesh")
+}
+
+fn load(text: &str) -> (Catalog, Vec<Problem>) {
+    let mut catalog = Catalog::default();
+    let mut problems = Vec::new();
+    load_text(Path::new("test.yaml"), text, &mut catalog, &mut problems);
+    validate(&mut catalog, &mut problems);
+    (catalog, problems)
+}
+
+#[test]
+fn the_seed_examples_load_as_written() {
+    let (catalog, problems) = load_dir(&examples());
+    assert_eq!(problems, vec![], "the examples must be valid");
+    assert_eq!(catalog.services.len(), 2);
+    assert_eq!(catalog.workload_entries.len(), 4);
+    assert_eq!(catalog.virtual_services.len(), 2);
+    assert_eq!(catalog.destination_rules.len(), 2);
+    let order = catalog
+        .virtual_services
+        .iter()
+        .find(|v| v.metadata.name == "order-service")
+        .unwrap();
+    let canary = &order.spec.http[0].matches[0].headers["x-canary"];
+    assert_eq!(canary.exact.as_deref(), Some("true"));
+    let split = &order.spec.http[1];
+    assert_eq!(split.timeout, Some(Duration::from_secs(10)));
+    let retries = split.retries.as_ref().unwrap();
+    assert_eq!(
+        (
+            retries.attempts,
+            retries.per_try_timeout,
+            retries.retry_on.as_deref()
+        ),
+        (3, Some(Duration::from_secs(2)), Some("5xx"))
+    );
+    let dr = catalog
+        .destination_rules
+        .iter()
+        .find(|d| d.metadata.name == "order-service")
+        .unwrap();
+    let od = dr
+        .spec
+        .traffic_policy
+        .as_ref()
+        .unwrap()
+        .outlier_detection
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (od.consecutive5xx_errors, od.max_ejection_percent),
+        (Some(5), Some(50))
+    );
+}
+
+#[test]
+fn problems_name_file_resource_and_field() {
+    let (catalog, problems) = load(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: web }\nspec:\n  selector: { app: web }\n  ports:\n    - { name: http, port: eighty }\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: ghost, namespace: shop }\nspec:\n  hosts: [ghost]\n  http:\n    - route: [{ destination: { host: ghost } }]\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: { name: ok }\nspec: { selector: { app: ok }, ports: [{ port: 80 }] }\n",
+    );
+    assert_eq!(catalog.services.len(), 1, "the valid Service still loads");
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert_eq!(problems[0].resource, "Service default/web");
+    assert_eq!(problems[0].field, "spec.ports[0].port");
+    assert_eq!(problems[1].resource, "VirtualService shop/ghost");
+    assert_eq!(problems[1].field, "spec.http[0].route[0].destination.host");
+    assert_eq!(problems[1].problem, "no Service \"ghost.shop.svc.cluster.local\"");
+    assert_eq!(
+        problems[1].to_string(),
+        "test.yaml: VirtualService shop/ghost: field `spec.http[0].route[0].destination.host`: no Service \"ghost.shop.svc.cluster.local\""
+    );
+}
+
+#[test]
+fn bad_weights_subsets_and_regexes_are_reported() {
+    let base = std::fs::read_to_string(examples().join("payment.yaml")).unwrap();
+    let (_, problems) = load(&base.replace("weight: 10 #", "weight: 20 #"));
+    assert_eq!(problems[0].problem, "weights add up to 110, not 100");
+    let (_, problems) = load(&base.replace("subset: v2", "subset: v3"));
+    assert_eq!(problems[0].field, "spec.http[0].route[1].destination.subset");
+    let (catalog, problems) = load(&base.replace(
+        "    - route:",
+        "    - match: [{ uri: { regex: \"/(unclosed\" } }]\n      route:",
+    ));
+    assert_eq!(problems[0].field, "spec.http[0].match[0].uri");
+    assert!(catalog.virtual_services.is_empty());
+}
+
+#[test]
+fn port_protocols_follow_istio() {
+    let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+        name: name.map(Into::into),
+        port: 80,
+        target_port: None,
+        protocol: None,
+        app_protocol: app.map(Into::into),
+    };
+    assert_eq!(port(Some("http-web"), None).protocol(), PortProtocol::Http);
+    assert_eq!(port(Some("grpc"), None).protocol(), PortProtocol::Http);
+    assert_eq!(port(Some("tcp-db"), None).protocol(), PortProtocol::Tcp);
+    assert_eq!(port(Some("web"), Some("http")).protocol(), PortProtocol::Http);
+    assert_eq!(port(Some("web"), None).protocol(), PortProtocol::Unknown);
+}
+
+#[test]
+fn translation_follows_istio_names() {
+    let (catalog, _) = load_dir(&examples());
+    let node = NodeInfo {
+        workload: "order-v1".into(),
+        namespace: "default".into(),
+    };
+    let snap = snapshot(&catalog, &node);
+    let names = |ty: &str| snap.types[ty].resources.keys().cloned().collect::<Vec<_>>();
+    let clusters = names("type.googleapis.com/envoy.config.cluster.v3.Cluster");
+    for expected in [
+        "outbound|8080||order-svc.default.svc.cluster.local",
+        "outbound|8080|v2|order-svc.default.svc.cluster.local",
+        "outbound|80|v1|payment.default.svc.cluster.local",
+        "PassthroughCluster",
+    ] {
+        assert!(
+            clusters.contains(&expected.to_owned()),
+            "{expected} missing from {clusters:?}"
+        );
+    }
+    assert_eq!(
+        names("type.googleapis.com/envoy.config.listener.v3.Listener"),
+        ["0.0.0.0_80", "0.0.0.0_8080", "virtualInbound", "virtualOutbound"]
+    );
+    assert_eq!(
+        names("type.googleapis.com/envoy.config.route.v3.RouteConfiguration"),
+        ["80", "8080"]
+    );
+
+    // The proxy's own conversion accepts every resource the control plane makes.
+    for any in snap.types["type.googleapis.com/envoy.config.listener.v3.Listener"]
+        .resources
+        .values()
+    {
+        let l: envoy_types::pb::envoy::config::listener::v3::Listener =
+            prost::Message::decode(any.value.as_slice()).unwrap();
+        assert!(!l.name.is_empty());
+    }
+
+    // Versions are content hashes: the same input gives the same versions; other input, others.
+    assert_eq!(snapshot(&catalog, &node), snap);
+    let other = NodeInfo {
+        workload: "payment-v1".into(),
+        namespace: "default".into(),
+    };
+    let other_snap = snapshot(&catalog, &other);
+    let cds = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    let lds = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    assert_eq!(
+        other_snap.types[cds].version, snap.types[cds].version,
+        "clusters do not depend on the node"
+    );
+    assert_ne!(
+        other_snap.types[lds].version, snap.types[lds].version,
+        "its inbound listener does"
+    );
+}

@@ -1,0 +1,693 @@
+//! The catalog to xDS, for one proxy. Names follow Istio's, so what users know from `istioctl
+//! proxy-config` reads the same here: clusters `outbound|<port>|<subset>|<fqdn>`, per-port listeners
+//! `0.0.0.0_<port>` (HTTP, routes from RDS `"<port>"`) and `<clusterIP>_<port>` (TCP), the capture
+//! listeners `virtualOutbound` and `virtualInbound`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy as XLbPolicy,
+};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection as XOutlier, circuit_breakers::Thresholds,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, address, config_source,
+    socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, FilterChainMatch, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as XDuration, UInt32Value};
+use envoy_types::util::pack_any;
+use prost::{Message, Name};
+
+use crate::resources::{
+    Catalog, DestinationRuleSpec, HttpMatch, PortProtocol, Resource, ServicePort, ServiceSpec, StringMatch,
+    TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
+};
+
+pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
+pub const INBOUND_CAPTURE_PORT: u32 = 15006;
+const ROUTER_FILTER: &str = "envoy.filters.http.router";
+const ROUTER_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+/// Istio's default retry policy for routes without one (`pilot/pkg/networking/core/route/retry`).
+const ISTIO_DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+
+/// Which workload a proxy serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeInfo {
+    pub workload: String,
+    pub namespace: String,
+}
+
+/// The resources of one type for one proxy, and their version (a hash of the content: it changes only
+/// when the content does).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeResources {
+    pub version: String,
+    pub resources: BTreeMap<String, Any>,
+}
+
+/// Everything one proxy should have, by type URL.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub types: BTreeMap<String, TypeResources>,
+}
+
+impl Snapshot {
+    pub fn get(&self, type_url: &str) -> Option<&TypeResources> {
+        self.types.get(type_url)
+    }
+}
+
+struct Builder {
+    clusters: BTreeMap<String, Cluster>,
+    endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    listeners: BTreeMap<String, Listener>,
+    routes: BTreeMap<String, RouteConfiguration>,
+}
+
+pub fn snapshot(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+    let mut b = Builder {
+        clusters: BTreeMap::new(),
+        endpoints: BTreeMap::new(),
+        listeners: BTreeMap::new(),
+        routes: BTreeMap::new(),
+    };
+    for service in &catalog.services {
+        for port in &service.spec.ports {
+            b.outbound(catalog, service, port);
+        }
+    }
+    b.capture_listeners(catalog, node);
+
+    let mut snapshot = Snapshot::default();
+    insert(&mut snapshot, b.clusters);
+    insert(&mut snapshot, b.endpoints);
+    insert(&mut snapshot, b.listeners);
+    insert(&mut snapshot, b.routes);
+    snapshot
+}
+
+fn insert<M: Message + Name>(snapshot: &mut Snapshot, resources: BTreeMap<String, M>) {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let resources: BTreeMap<String, Any> = resources
+        .into_iter()
+        .map(|(name, m)| {
+            let any = pack_any(m);
+            name.hash(&mut hasher);
+            any.value.hash(&mut hasher);
+            (name, any)
+        })
+        .collect();
+    let version = format!("{:016x}", hasher.finish());
+    snapshot
+        .types
+        .insert(M::type_url(), TypeResources { version, resources });
+}
+
+impl Builder {
+    fn outbound(&mut self, catalog: &Catalog, service: &Resource<ServiceSpec>, port: &ServicePort) {
+        let namespace = service.metadata.namespace();
+        let host = fqdn(&service.metadata.name, namespace);
+        let rule = destination_rule(catalog, &host);
+        let policy = rule.and_then(|r| r.traffic_policy.as_ref());
+
+        let default_cluster = cluster_name(port.port, "", &host);
+        self.cluster(&default_cluster, policy);
+        self.load_assignment(&default_cluster, catalog, service, port, &Default::default());
+        for subset in rule.map(|r| r.subsets.as_slice()).unwrap_or_default() {
+            let name = cluster_name(port.port, &subset.name, &host);
+            self.cluster(&name, policy);
+            self.load_assignment(&name, catalog, service, port, &subset.labels);
+        }
+
+        let cluster_ip = service.spec.cluster_ip.as_deref().filter(|ip| *ip != "None");
+        let protocol = port.protocol();
+        let mut chains = Vec::new();
+        if protocol != PortProtocol::Tcp {
+            let route_name = port.port.to_string();
+            let vhost = self.virtual_host(catalog, service, port, &host, cluster_ip);
+            self.routes
+                .entry(route_name.clone())
+                .or_insert_with(|| RouteConfiguration {
+                    name: route_name.clone(),
+                    ..Default::default()
+                })
+                .virtual_hosts
+                .push(vhost);
+            chains.push(filter_chain(hcm_rds(&route_name)));
+        }
+        if protocol != PortProtocol::Http {
+            chains.push(filter_chain(tcp_proxy(&default_cluster)));
+        }
+        // HTTP services share one wildcard listener per port (virtual hosts tell them apart); TCP needs the
+        // service's own address.
+        let listen_ip = if protocol == PortProtocol::Http {
+            "0.0.0.0"
+        } else {
+            cluster_ip.unwrap_or("0.0.0.0")
+        };
+        let name = format!("{listen_ip}_{}", port.port);
+        let listener = self.listeners.entry(name.clone()).or_insert_with(|| Listener {
+            name,
+            address: Some(socket(listen_ip, u32::from(port.port))),
+            bind_to_port: Some(BoolValue { value: false }),
+            ..Default::default()
+        });
+        if listener.filter_chains.is_empty() {
+            listener.filter_chains = chains;
+        }
+    }
+
+    fn cluster(&mut self, name: &str, policy: Option<&TrafficPolicy>) {
+        let lb_policy = match policy
+            .and_then(|p| p.load_balancer.as_ref())
+            .and_then(|l| l.simple.as_deref())
+        {
+            Some("ROUND_ROBIN") => XLbPolicy::RoundRobin,
+            Some("RANDOM") => XLbPolicy::Random,
+            // Istio's default since 1.14.
+            _ => XLbPolicy::LeastRequest,
+        };
+        let pool = policy.and_then(|p| p.connection_pool.as_ref());
+        let connect_timeout = pool
+            .and_then(|p| p.tcp.as_ref())
+            .and_then(|t| t.connect_timeout)
+            .unwrap_or(Duration::from_secs(10));
+        // Istio lifts Envoy's default limits to "unlimited" unless the DestinationRule says otherwise.
+        let max = u32::MAX;
+        let thresholds = Thresholds {
+            max_connections: Some(UInt32Value {
+                value: pool
+                    .and_then(|p| p.tcp.as_ref())
+                    .and_then(|t| t.max_connections)
+                    .unwrap_or(max),
+            }),
+            max_pending_requests: Some(UInt32Value {
+                value: pool
+                    .and_then(|p| p.http.as_ref())
+                    .and_then(|h| h.http1_max_pending_requests)
+                    .unwrap_or(max),
+            }),
+            max_requests: Some(UInt32Value {
+                value: pool
+                    .and_then(|p| p.http.as_ref())
+                    .and_then(|h| h.http2_max_requests)
+                    .unwrap_or(max),
+            }),
+            max_retries: Some(UInt32Value {
+                value: pool
+                    .and_then(|p| p.http.as_ref())
+                    .and_then(|h| h.max_retries)
+                    .unwrap_or(max),
+            }),
+            track_remaining: true,
+            ..Default::default()
+        };
+        let outlier_detection = policy
+            .and_then(|p| p.outlier_detection.as_ref())
+            .map(|o| XOutlier {
+                consecutive_5xx: o.consecutive5xx_errors.map(|v| UInt32Value { value: v }),
+                consecutive_gateway_failure: o.consecutive_gateway_errors.map(|v| UInt32Value { value: v }),
+                interval: o.interval.map(duration),
+                base_ejection_time: o.base_ejection_time.map(duration),
+                max_ejection_percent: o.max_ejection_percent.map(|v| UInt32Value { value: v }),
+                ..Default::default()
+            });
+        self.clusters.insert(
+            name.to_owned(),
+            Cluster {
+                name: name.to_owned(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                eds_cluster_config: Some(EdsClusterConfig {
+                    eds_config: Some(ads()),
+                    service_name: String::new(),
+                }),
+                connect_timeout: Some(duration(connect_timeout)),
+                lb_policy: lb_policy as i32,
+                circuit_breakers: Some(CircuitBreakers {
+                    thresholds: vec![thresholds],
+                    ..Default::default()
+                }),
+                outlier_detection,
+                ..Default::default()
+            },
+        );
+    }
+
+    fn load_assignment(
+        &mut self,
+        cluster: &str,
+        catalog: &Catalog,
+        service: &Resource<ServiceSpec>,
+        port: &ServicePort,
+        subset: &BTreeMap<String, String>,
+    ) {
+        let lb_endpoints = workloads_of(catalog, service)
+            .filter(|w| labels_match(subset, &w.spec.labels))
+            .filter_map(|w| {
+                let port = endpoint_port(port, &w.spec)?;
+                Some(LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(&w.spec.address, u32::from(port))),
+                        ..Default::default()
+                    })),
+                    load_balancing_weight: w.spec.weight.map(|value| UInt32Value { value }),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        self.endpoints.insert(
+            cluster.to_owned(),
+            ClusterLoadAssignment {
+                cluster_name: cluster.to_owned(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+    }
+
+    fn virtual_host(
+        &self,
+        catalog: &Catalog,
+        service: &Resource<ServiceSpec>,
+        port: &ServicePort,
+        host: &str,
+        cluster_ip: Option<&str>,
+    ) -> VirtualHost {
+        let name = &service.metadata.name;
+        let namespace = service.metadata.namespace();
+        let mut domains: Vec<String> = Vec::new();
+        for d in [host.to_owned(), name.clone(), format!("{name}.{namespace}")]
+            .into_iter()
+            .chain(cluster_ip.map(str::to_owned))
+        {
+            domains.push(format!("{d}:{}", port.port));
+            domains.push(d);
+        }
+        let routes = match virtual_service(catalog, host) {
+            Some(vs) => vs
+                .spec
+                .http
+                .iter()
+                .flat_map(|rule| {
+                    let matches = if rule.matches.is_empty() {
+                        vec![HttpMatch::default()]
+                    } else {
+                        rule.matches.clone()
+                    };
+                    matches.into_iter().map(move |m| (rule, m))
+                })
+                .map(|(rule, m)| {
+                    let clusters = rule
+                        .route
+                        .iter()
+                        .map(|d| {
+                            let dest_host = resolve_host(&d.destination.host, vs.metadata.namespace());
+                            let dest_port = d.destination.port.as_ref().map_or(port.port, |p| p.number);
+                            let subset = d.destination.subset.as_deref().unwrap_or_default();
+                            (
+                                cluster_name(dest_port, subset, &dest_host),
+                                d.weight.unwrap_or(if rule.route.len() == 1 { 100 } else { 0 }),
+                            )
+                        })
+                        .collect();
+                    let retry = rule.retries.as_ref().map(|r| RetryPolicy {
+                        retry_on: r
+                            .retry_on
+                            .clone()
+                            .unwrap_or_else(|| ISTIO_DEFAULT_RETRY_ON.into()),
+                        num_retries: Some(UInt32Value { value: r.attempts }),
+                        per_try_timeout: r.per_try_timeout.map(duration),
+                        ..Default::default()
+                    });
+                    route_to(
+                        rule.name.clone().unwrap_or_default(),
+                        route_match(&m),
+                        clusters,
+                        rule.timeout,
+                        retry,
+                    )
+                })
+                .collect(),
+            None => vec![route_to(
+                "default".into(),
+                prefix_match("/"),
+                vec![(cluster_name(port.port, "", host), 100)],
+                None,
+                Some(RetryPolicy {
+                    retry_on: ISTIO_DEFAULT_RETRY_ON.into(),
+                    num_retries: Some(UInt32Value { value: 2 }),
+                    ..Default::default()
+                }),
+            )],
+        };
+        VirtualHost {
+            name: format!("{host}:{}", port.port),
+            domains,
+            routes,
+            ..Default::default()
+        }
+    }
+
+    /// `virtualOutbound` (anything else passes through) and `virtualInbound` (the ports of the services
+    /// this workload serves).
+    fn capture_listeners(&mut self, catalog: &Catalog, node: &NodeInfo) {
+        self.clusters.insert(
+            crate::PASSTHROUGH.into(),
+            Cluster {
+                name: crate::PASSTHROUGH.into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
+                lb_policy: XLbPolicy::ClusterProvided as i32,
+                ..Default::default()
+            },
+        );
+        self.listeners.insert(
+            "virtualOutbound".into(),
+            Listener {
+                name: "virtualOutbound".into(),
+                address: Some(socket("0.0.0.0", OUTBOUND_CAPTURE_PORT)),
+                use_original_dst: Some(BoolValue { value: true }),
+                default_filter_chain: Some(filter_chain(tcp_proxy(crate::PASSTHROUGH))),
+                ..Default::default()
+            },
+        );
+
+        let me = catalog
+            .workload_entries
+            .iter()
+            .find(|w| w.metadata.name == node.workload && w.metadata.namespace() == node.namespace);
+        let mut chains = Vec::new();
+        let mut seen = BTreeSet::new();
+        if let Some(me) = me {
+            for service in catalog.services.iter().filter(|s| {
+                s.metadata.namespace() == me.metadata.namespace()
+                    && selects(&s.spec.selector, &me.spec.labels)
+            }) {
+                for port in &service.spec.ports {
+                    let Some(target) = endpoint_port(port, &me.spec) else {
+                        continue;
+                    };
+                    if !seen.insert(target) {
+                        continue;
+                    }
+                    let inbound_cluster = format!("inbound|{target}||");
+                    let filter = if port.protocol() == PortProtocol::Http {
+                        hcm_inline(&inbound_cluster)
+                    } else {
+                        tcp_proxy(&inbound_cluster)
+                    };
+                    let mut chain = filter_chain(filter);
+                    chain.filter_chain_match = Some(FilterChainMatch {
+                        destination_port: Some(UInt32Value {
+                            value: u32::from(target),
+                        }),
+                        ..Default::default()
+                    });
+                    chains.push(chain);
+                }
+            }
+        }
+        self.listeners.insert(
+            "virtualInbound".into(),
+            Listener {
+                name: "virtualInbound".into(),
+                address: Some(socket("0.0.0.0", INBOUND_CAPTURE_PORT)),
+                filter_chains: chains,
+                ..Default::default()
+            },
+        );
+    }
+}
+
+fn cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+fn destination_rule<'a>(catalog: &'a Catalog, host: &str) -> Option<&'a DestinationRuleSpec> {
+    catalog
+        .destination_rules
+        .iter()
+        .find(|r| resolve_host(&r.spec.host, r.metadata.namespace()) == host)
+        .map(|r| &r.spec)
+}
+
+fn virtual_service<'a>(
+    catalog: &'a Catalog,
+    host: &str,
+) -> Option<&'a Resource<crate::resources::VirtualServiceSpec>> {
+    catalog.virtual_services.iter().find(|vs| {
+        vs.spec
+            .hosts
+            .iter()
+            .any(|h| resolve_host(h, vs.metadata.namespace()) == host)
+    })
+}
+
+fn workloads_of<'a>(
+    catalog: &'a Catalog,
+    service: &'a Resource<ServiceSpec>,
+) -> impl Iterator<Item = &'a Resource<WorkloadEntrySpec>> {
+    catalog.workload_entries.iter().filter(move |w| {
+        w.metadata.namespace() == service.metadata.namespace()
+            && selects(&service.spec.selector, &w.spec.labels)
+    })
+}
+
+/// A service with no selector selects nothing (its endpoints are managed elsewhere).
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && labels_match(selector, labels)
+}
+
+fn labels_match(wanted: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The port a workload serves a service port on: a named target port or the port's name looked up in the
+/// workload's `ports`, else the numeric target port, else the service port.
+fn endpoint_port(port: &ServicePort, workload: &WorkloadEntrySpec) -> Option<u16> {
+    match &port.target_port {
+        Some(TargetPort::Name(name)) => workload.ports.get(name).copied(),
+        Some(TargetPort::Number(n)) => Some(
+            port.name
+                .as_ref()
+                .and_then(|name| workload.ports.get(name).copied())
+                .unwrap_or(*n),
+        ),
+        None => Some(
+            port.name
+                .as_ref()
+                .and_then(|name| workload.ports.get(name).copied())
+                .unwrap_or(port.port),
+        ),
+    }
+}
+
+fn route_match(m: &HttpMatch) -> RouteMatch {
+    let path_specifier = match &m.uri {
+        Some(StringMatch { exact: Some(p), .. }) => route_match::PathSpecifier::Path(p.clone()),
+        Some(StringMatch { regex: Some(re), .. }) => route_match::PathSpecifier::SafeRegex(regex(re)),
+        Some(StringMatch { prefix: Some(p), .. }) => route_match::PathSpecifier::Prefix(p.clone()),
+        _ => route_match::PathSpecifier::Prefix("/".into()),
+    };
+    let mut headers: Vec<HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(name, sm)| header(name, sm, false))
+        .collect();
+    headers.extend(m.without_headers.iter().map(|(name, sm)| header(name, sm, true)));
+    if let Some(method) = &m.method {
+        headers.push(header(":method", method, false));
+    }
+    RouteMatch {
+        path_specifier: Some(path_specifier),
+        headers,
+        ..Default::default()
+    }
+}
+
+fn prefix_match(prefix: &str) -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(prefix.into())),
+        ..Default::default()
+    }
+}
+
+fn header(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
+    let pattern = match sm {
+        StringMatch { exact: Some(v), .. } => string_matcher::MatchPattern::Exact(v.clone()),
+        StringMatch { prefix: Some(v), .. } => string_matcher::MatchPattern::Prefix(v.clone()),
+        StringMatch { regex: Some(re), .. } => string_matcher::MatchPattern::SafeRegex(regex(re)),
+        _ => string_matcher::MatchPattern::Prefix(String::new()),
+    };
+    HeaderMatcher {
+        name: name.to_ascii_lowercase(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(pattern),
+            ignore_case: false,
+        })),
+        invert_match: invert,
+        ..Default::default()
+    }
+}
+
+fn regex(pattern: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: pattern.to_owned(),
+        ..Default::default()
+    }
+}
+
+/// Istio disables Envoy's 15 s default route timeout unless the VirtualService sets one.
+fn route_to(
+    name: String,
+    matcher: RouteMatch,
+    clusters: Vec<(String, u32)>,
+    timeout: Option<Duration>,
+    retry_policy: Option<RetryPolicy>,
+) -> Route {
+    let cluster_specifier = if let [(single, _)] = clusters.as_slice() {
+        route_action::ClusterSpecifier::Cluster(single.clone())
+    } else {
+        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: clusters
+                .into_iter()
+                .map(|(name, weight)| weighted_cluster::ClusterWeight {
+                    name,
+                    weight: Some(UInt32Value { value: weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    Route {
+        name,
+        r#match: Some(matcher),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            timeout: Some(duration(timeout.unwrap_or(Duration::ZERO))),
+            retry_policy,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn filter_chain(filter: Any) -> FilterChain {
+    let name = if filter.type_url.ends_with("HttpConnectionManager") {
+        "envoy.filters.network.http_connection_manager"
+    } else {
+        "envoy.filters.network.tcp_proxy"
+    };
+    FilterChain {
+        filters: vec![Filter {
+            name: name.into(),
+            config_type: Some(filter::ConfigType::TypedConfig(filter)),
+        }],
+        ..Default::default()
+    }
+}
+
+fn router() -> HttpFilter {
+    HttpFilter {
+        name: ROUTER_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(Any {
+            type_url: ROUTER_TYPE_URL.into(),
+            value: Vec::new(),
+        })),
+        ..Default::default()
+    }
+}
+
+fn hcm_rds(route_name: &str) -> Any {
+    pack_any(HttpConnectionManager {
+        stat_prefix: format!("outbound_0.0.0.0_{route_name}"),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_name.into(),
+        })),
+        http_filters: vec![router()],
+        ..Default::default()
+    })
+}
+
+fn hcm_inline(cluster: &str) -> Any {
+    let route = route_to(
+        "default".into(),
+        prefix_match("/"),
+        vec![(cluster.to_owned(), 100)],
+        None,
+        None,
+    );
+    pack_any(HttpConnectionManager {
+        stat_prefix: cluster.into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+            RouteConfiguration {
+                name: cluster.into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: cluster.into(),
+                    domains: vec!["*".into()],
+                    routes: vec![route],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )),
+        http_filters: vec![router()],
+        ..Default::default()
+    })
+}
+
+fn tcp_proxy(cluster: &str) -> Any {
+    pack_any(TcpProxy {
+        stat_prefix: cluster.into(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    })
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn socket(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn duration(d: Duration) -> XDuration {
+    XDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
