@@ -178,7 +178,7 @@ async fn drain_timeout_closes_what_is_left() {
 }
 
 #[tokio::test]
-async fn config_update_applies_to_new_connections_only() {
+async fn config_update_applies_to_the_next_request() {
     let old = HttpServer::start("old").await;
     let new = HttpServer::start("new").await;
     let config = |endpoint: std::net::SocketAddr| {
@@ -195,6 +195,18 @@ async fn config_update_applies_to_new_connections_only() {
     assert_eq!(served_by(&response), "old");
     drain_body(response.into_body()).await.unwrap();
 
+    // A request in flight on the old configuration when it changes.
+    let in_flight = tokio::spawn({
+        let before = before.clone();
+        async move {
+            let response = before.request(get("/delay/300")).await.unwrap();
+            let who = response.headers()["x-served-by"].to_str().unwrap().to_owned();
+            drain_body(response.into_body()).await.unwrap();
+            who
+        }
+    });
+    assert_eventually!(old.request_count() == 2, "the slow request did not start");
+
     let (_, mesh) = weft_model::parse(&config(new.addr)).unwrap();
     proxy.running.update(mesh);
 
@@ -202,13 +214,27 @@ async fn config_update_applies_to_new_connections_only() {
     let response = after.request(get("/")).await.unwrap();
     assert_eq!(served_by(&response), "new", "new connections see the new config");
     drain_body(response.into_body()).await.unwrap();
+    assert_eq!(
+        in_flight.await.unwrap(),
+        "old",
+        "the in-flight request finished where it started"
+    );
     let response = before.request(get("/")).await.unwrap();
     assert_eq!(
         served_by(&response),
-        "old",
-        "the open connection keeps its snapshot and is not dropped"
+        "new",
+        "the next request on an open connection sees it too"
     );
     drain_body(response.into_body()).await.unwrap();
+    assert_eq!(
+        weft_test_support::metric(
+            &proxy.metrics().await,
+            "istio_requests_total",
+            &[("response_code", "200")]
+        ),
+        4.0,
+        "nothing failed"
+    );
     let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
     assert!(
         dump.contains(&new.addr.to_string()),

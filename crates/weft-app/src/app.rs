@@ -17,7 +17,7 @@ use weft_model::{Bootstrap, Mesh, XdsSource};
 use weft_telemetry::{LogControl, Metrics, XdsLabels};
 use weft_transport::{Accepted, Binder};
 
-use crate::forward::Destination;
+use crate::forward::{Destination, LiveRoutes, TargetKey};
 use crate::{inbound, outbound};
 
 /// After an accept error such as running out of file descriptors, wait this long before accepting again
@@ -84,6 +84,14 @@ impl Inputs {
             return None;
         }
         Some(dst)
+    }
+
+    /// The routes for `key`, as of each request.
+    pub(crate) fn live_routes(&self, key: TargetKey) -> Arc<dyn weft_http::RouteSource> {
+        Arc::new(LiveRoutes {
+            mesh: self.mesh.clone(),
+            key,
+        })
     }
 
     /// Straight to the address the client was going to (egress passthrough).

@@ -16,8 +16,9 @@ use crate::detect::{Handling, detect};
 /// Where a connection goes.
 #[derive(Debug, Clone)]
 pub(crate) enum Destination {
-    /// A service or listener: HTTP requests by its routes, opaque bytes to its cluster.
-    Target(Target),
+    /// A service or listener: HTTP requests by its routes (looked up again for every request), opaque
+    /// bytes to its cluster.
+    Target(Target, TargetKey),
     /// One address: the original destination (passthrough) or the app (inbound).
     Direct(SocketAddr, PoolSettings),
 }
@@ -25,8 +26,38 @@ pub(crate) enum Destination {
 impl Destination {
     fn protocol(&self) -> Protocol {
         match self {
-            Destination::Target(target) => target.protocol,
+            Destination::Target(target, _) => target.protocol,
             Destination::Direct(..) => Protocol::Detect,
+        }
+    }
+}
+
+/// How to find a connection's target in a newer configuration snapshot.
+#[derive(Debug, Clone)]
+pub(crate) enum TargetKey {
+    /// The outbound service at this original destination.
+    Service(SocketAddr),
+    /// The explicit listener of this name.
+    Listener(String),
+}
+
+/// The routes of one target, read from the configuration snapshot current at each request.
+#[derive(Debug)]
+pub(crate) struct LiveRoutes {
+    pub(crate) mesh: tokio::sync::watch::Receiver<Arc<weft_model::Mesh>>,
+    pub(crate) key: TargetKey,
+}
+
+impl weft_http::RouteSource for LiveRoutes {
+    fn current(&self) -> Option<Arc<weft_model::RouteTable>> {
+        let mesh = self.mesh.borrow().clone();
+        match &self.key {
+            TargetKey::Service(dst) => mesh.outbound.as_ref()?.service_for(*dst).map(|t| t.route.clone()),
+            TargetKey::Listener(name) => mesh
+                .listeners
+                .iter()
+                .find(|l| &l.name == name)
+                .map(|l| l.target.route.clone()),
         }
     }
 }
@@ -54,7 +85,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
     match handling {
         Handling::Http(version) => {
             let upstream = match conn.destination {
-                Destination::Target(target) => Upstream::Routes(target.route),
+                Destination::Target(_, key) => Upstream::Routes(inputs.live_routes(key)),
                 Destination::Direct(addr, settings) => Upstream::Direct { addr, settings },
             };
             let ctx = Arc::new(HttpContext {
@@ -93,14 +124,17 @@ async fn forward_tcp(
     };
     let picked = match &destination {
         Destination::Direct(addr, settings) => Ok((*addr, *settings)),
-        Destination::Target(Target {
-            cluster: Some(cluster),
-            ..
-        }) => inputs
+        Destination::Target(
+            Target {
+                cluster: Some(cluster),
+                ..
+            },
+            _,
+        ) => inputs
             .forwarder
             .pick_endpoint(cluster)
             .ok_or(ResponseFlags::NO_HEALTHY_UPSTREAM),
-        Destination::Target(Target { cluster: None, .. }) => Err(ResponseFlags::NO_CLUSTER),
+        Destination::Target(Target { cluster: None, .. }, _) => Err(ResponseFlags::NO_CLUSTER),
     };
     let (endpoint, settings) = match picked {
         Ok(picked) => picked,

@@ -7,7 +7,7 @@ use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, 
 use weft_transport::Accepted;
 
 use crate::app::Inputs;
-use crate::forward::{Destination, Routed, serve};
+use crate::forward::{Destination, Routed, TargetKey, serve};
 
 /// A connection the app made to some `ip:port`, captured by iptables.
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
@@ -18,7 +18,10 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let Some(policy) = &mesh.outbound else { return };
 
     let (destination, service) = match policy.service_for(orig_dst) {
-        Some(target) => (Destination::Target(target.clone()), service_label(target)),
+        Some(target) => (
+            Destination::Target(target.clone(), TargetKey::Service(orig_dst)),
+            service_label(target),
+        ),
         None => match policy.egress {
             Egress::AllowAny => (inputs.passthrough(orig_dst), Label::from(orig_dst.to_string())),
             Egress::RegistryOnly => {
@@ -53,7 +56,7 @@ pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, co
         // The clients dialled the listener's own address; requests without an authority use it.
         orig_dst: conn.local,
         peers: source_peers(&inputs, service_label(&listener.target)),
-        destination: Destination::Target(listener.target),
+        destination: Destination::Target(listener.target, TargetKey::Listener(listener.name)),
         protocol: None,
         inbound: false,
     };

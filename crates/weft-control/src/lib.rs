@@ -128,8 +128,9 @@ async fn watch_dir(dir: PathBuf, catalog: watch::Sender<Arc<Catalog>>, problems:
             continue;
         }
         seen = now;
-        let (next, found) = load_dir(&dir);
+        let (mut next, found) = load_dir(&dir);
         report(&found);
+        resources::keep_last_good(&catalog.borrow(), &mut next, &found);
         if let Ok(mut p) = problems.lock() {
             *p = found;
         }

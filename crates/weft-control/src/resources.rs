@@ -458,6 +458,43 @@ pub fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut 
     }
 }
 
+/// A resource that was valid and now has a problem keeps its last good version: a typo in an edit never
+/// takes a route away from traffic that had it. (A resource that never was valid stays out.)
+pub fn keep_last_good(previous: &Catalog, next: &mut Catalog, problems: &[Problem]) {
+    fn carry<S: Clone>(kind: &str, prev: &[Resource<S>], next: &mut Vec<Resource<S>>, problems: &[Problem]) {
+        for p in prev {
+            let id = format!("{kind} {}/{}", p.metadata.namespace(), p.metadata.name);
+            let broken = problems.iter().any(|problem| problem.resource == id);
+            let present = next.iter().any(|n| {
+                n.metadata.name == p.metadata.name && n.metadata.namespace() == p.metadata.namespace()
+            });
+            if broken && !present {
+                tracing::warn!(resource = %id, "keeping the last good version");
+                next.push(p.clone());
+            }
+        }
+    }
+    carry("Service", &previous.services, &mut next.services, problems);
+    carry(
+        "WorkloadEntry",
+        &previous.workload_entries,
+        &mut next.workload_entries,
+        problems,
+    );
+    carry(
+        "VirtualService",
+        &previous.virtual_services,
+        &mut next.virtual_services,
+        problems,
+    );
+    carry(
+        "DestinationRule",
+        &previous.destination_rules,
+        &mut next.destination_rules,
+        problems,
+    );
+}
+
 /// Checks across resources; what fails is reported and removed.
 fn validate(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
     let report =

@@ -19,11 +19,18 @@ use crate::body::Completion;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 
+/// The route table in force for a connection's requests. Looked up for every request, so a configuration
+/// change applies to the next request on an open connection.
+pub trait RouteSource: std::fmt::Debug + Send + Sync {
+    /// `None` when the configuration no longer has routes for this connection.
+    fn current(&self) -> Option<Arc<RouteTable>>;
+}
+
 /// Where requests of a connection go.
 #[derive(Debug, Clone)]
 pub enum Upstream {
-    /// Routed request by request through a route table.
-    Routes(Arc<RouteTable>),
+    /// Routed request by request through the current route table.
+    Routes(Arc<dyn RouteSource>),
     /// The address the client was going to (egress passthrough, inbound to the app).
     Direct {
         addr: SocketAddr,
@@ -91,7 +98,7 @@ impl Forwarder {
                     timeout: None,
                 });
             }
-            Upstream::Routes(table) => table,
+            Upstream::Routes(source) => source.current().ok_or(UpstreamError::NoRoute)?,
         };
         let view = RequestView {
             authority: authority.as_str(),

@@ -13,6 +13,6 @@ mod server;
 
 pub use body::ProxyBody;
 pub use error::UpstreamError;
-pub use forward::{Forwarder, HttpContext, Upstream};
+pub use forward::{Forwarder, HttpContext, RouteSource, Upstream};
 pub use pool::{PoolSettings, Pools};
 pub use server::{HttpVersion, serve};

@@ -7,6 +7,7 @@ pub mod http;
 mod orig_dst;
 mod proxy;
 pub mod tcp;
+pub mod xds;
 
 pub use orig_dst::{MockOrigDst, OrigDstConnector};
 pub use proxy::{TestProxy, admin_get, admin_post, metric};

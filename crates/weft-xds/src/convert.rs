@@ -507,6 +507,8 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
         }
     };
     let lb_policy = match XLbPolicy::try_from(c.lb_policy) {
+        // ORIGINAL_DST clusters must say CLUSTER_PROVIDED; the capture listener handles them.
+        Ok(XLbPolicy::ClusterProvided) if discovery == DiscoveryType::OriginalDst => LbPolicy::RoundRobin,
         Ok(XLbPolicy::RoundRobin) => LbPolicy::RoundRobin,
         Ok(XLbPolicy::LeastRequest) => LbPolicy::LeastRequest,
         Ok(XLbPolicy::Random) => LbPolicy::Random,

@@ -43,7 +43,22 @@ enum Command {
         /// cheapest per request; raise it for pods that need more than a core of proxying.
         #[arg(long, env = "WEFT_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// Control plane to take configuration from over ADS (`http://host:15010`); overrides the file's
+        /// `xds.address`.
+        #[arg(long, env = "WEFT_XDS_ADDRESS")]
+        xds_address: Option<String>,
     },
+    /// Run the reference control plane: serve xDS computed from Kubernetes/Istio YAML in a directory.
+    Control {
+        /// Directory of YAML files (Service, WorkloadEntry, VirtualService, DestinationRule), watched.
+        #[arg(long, env = "WEFT_CONFIG_DIR")]
+        config_dir: PathBuf,
+        /// Address to serve ADS on.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        listen: std::net::SocketAddr,
+    },
+    /// Check a directory of Kubernetes/Istio YAML as `weft control` would load it; exit 1 on problems.
+    Check { dir: PathBuf },
     /// Start two test services with sidecars on loopback, send traffic through them, report what happened.
     Demo(demo::DemoArgs),
 }
@@ -70,7 +85,9 @@ fn main() -> ExitCode {
             .worker_threads(usize::from(concurrency))
             .enable_all()
             .build(),
-        Command::Demo(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        Command::Demo(_) | Command::Control { .. } | Command::Check { .. } => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        }
     };
     let runtime = match runtime {
         Ok(rt) => rt,
@@ -81,17 +98,41 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Proxy { config, .. } => proxy(config, log).await,
+            Command::Proxy {
+                config, xds_address, ..
+            } => proxy(config, xds_address, log).await,
+            Command::Control { config_dir, listen } => control(config_dir, listen).await,
+            Command::Check { dir } => check(&dir),
             Command::Demo(args) => demo::run(args).await,
         }
     })
 }
 
-async fn proxy(config: Option<PathBuf>, log: LogControl) -> ExitCode {
+async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogControl) -> ExitCode {
     let loaded = match &config {
         Some(path) => weft_model::load_file(path).map_err(|e| e.to_string()),
         None => weft_model::parse("").map_err(|e| e.to_string()),
     };
+    let loaded = loaded.and_then(|(mut bootstrap, mesh)| {
+        if let Some(address) = xds_address {
+            if !(address.starts_with("http://") || address.starts_with("https://")) {
+                return Err(format!(
+                    "--xds-address: \"{address}\" must start with http:// or https://"
+                ));
+            }
+            let initial_fetch_timeout = bootstrap
+                .xds
+                .as_ref()
+                .map_or(weft_model::file::DEFAULT_INITIAL_FETCH_TIMEOUT, |x| {
+                    x.initial_fetch_timeout
+                });
+            bootstrap.xds = Some(weft_model::XdsSource {
+                address,
+                initial_fetch_timeout,
+            });
+        }
+        Ok((bootstrap, mesh))
+    });
     let (bootstrap, mesh) = match loaded {
         Ok(config) => config,
         Err(err) => {
@@ -113,6 +154,39 @@ async fn proxy(config: Option<PathBuf>, log: LogControl) -> ExitCode {
     });
     running.wait().await;
     ExitCode::SUCCESS
+}
+
+async fn control(config_dir: PathBuf, listen: std::net::SocketAddr) -> ExitCode {
+    if !config_dir.is_dir() {
+        eprintln!("error: --config-dir {}: not a directory", config_dir.display());
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    }
+    let control_plane = match weft_control::ControlPlane::start(config_dir, listen).await {
+        Ok(cp) => cp,
+        Err(err) => {
+            eprintln!("error: cannot serve xDS on {listen}: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        () = wait_for_signal() => {}
+        () = control_plane.wait() => {}
+    }
+    ExitCode::SUCCESS
+}
+
+fn check(dir: &std::path::Path) -> ExitCode {
+    let problems = weft_control::check(dir);
+    for problem in &problems {
+        println!("{problem}");
+    }
+    if problems.is_empty() {
+        println!("{}: no problems", dir.display());
+        ExitCode::SUCCESS
+    } else {
+        println!("{} problem(s)", problems.len());
+        ExitCode::FAILURE
+    }
 }
 
 /// SIGTERM (kubelet) or SIGINT (a terminal) starts the drain.

@@ -1,0 +1,320 @@
+//! Configuration over xDS: a proxy configured only by `weft control` (and by a minimal xDS server that is
+//! not weft control), changes under load, rejected resources, and a control plane that goes away.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use weft_control::ControlPlane;
+use weft_test_support::http::{HttpServer, TestBody, client, drain_body, empty};
+use weft_test_support::{TestProxy, admin_get, assert_eventually};
+
+const ORDER_SVC: &str = "10.96.0.30:8080";
+
+/// The seed's order-service example, with its workloads at these servers' ports.
+fn order_yaml(v1: &HttpServer, v2: &HttpServer) -> String {
+    let example = include_str!("../../examples/mesh/order-service.yaml");
+    example
+        .replace("http: 18081", &format!("http: {}", v1.addr.port()))
+        .replace("http: 18082", &format!("http: {}", v2.addr.port()))
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write-then-rename, as editors and kubectl-like tools do, so the watcher never reads half a file.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+async fn proxy_of(control_plane: &str) -> TestProxy {
+    let proxy = TestProxy::start(&format!(
+        "node: {{ workload: client, namespace: default }}\nxds: {{ address: \"{control_plane}\", initial_fetch_timeout: 10s }}"
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.0 == 200,
+        "the proxy never became ready"
+    );
+    proxy
+}
+
+fn get(path: &str, canary: bool) -> Request<TestBody> {
+    let mut b = Request::get(format!("http://order-svc:8080{path}"));
+    if canary {
+        b = b.header("x-canary", "true");
+    }
+    b.body(empty()).unwrap()
+}
+
+async fn served_by(
+    client: &hyper_util::client::legacy::Client<weft_test_support::OrigDstConnector, TestBody>,
+    canary: bool,
+) -> Result<String, String> {
+    let response = client
+        .request(get("/orders", canary))
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let who = response
+        .headers()
+        .get("x-served-by")
+        .map(|v| v.to_str().unwrap().to_owned());
+    drain_body(response.into_body())
+        .await
+        .map_err(|e| e.to_string())?;
+    match (status, who) {
+        (StatusCode::OK, Some(who)) => Ok(who),
+        (status, _) => Err(format!("status {status}")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_configured_only_by_weft_control_routes_as_the_yaml_says() {
+    weft_test_support::init_tracing();
+    let v1 = HttpServer::start("v1").await;
+    let v2 = HttpServer::start("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "order.yaml", &order_yaml(&v1, &v2));
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(cp.problems().is_empty(), "{:?}", cp.problems());
+
+    let proxy = proxy_of(&format!("http://{}", cp.address())).await;
+    let client = client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), ORDER_SVC.parse().unwrap()),
+        false,
+    );
+
+    // The header match sends everything to v2.
+    for _ in 0..20 {
+        assert_eq!(served_by(&client, true).await.unwrap(), "v2");
+    }
+    // Otherwise 90/10 (binomial, n = 1000: 60..=140 is beyond 4 standard deviations).
+    let mut to_v2 = 0;
+    for _ in 0..1000 {
+        if served_by(&client, false).await.unwrap() == "v2" {
+            to_v2 += 1;
+        }
+    }
+    assert!((60..=140).contains(&to_v2), "v2 got {to_v2} of 1000");
+
+    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["xds"]["connected"], true);
+    assert!(
+        dump["xds"]["types"]["Cluster"]["accepted_version"]
+            .as_str()
+            .is_some_and(|v| !v.is_empty()),
+        "{dump}"
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        weft_test_support::metric(&metrics, "weft_xds_updates_total", &[("result", "accepted")]) >= 4.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shifting_weights_under_load_moves_traffic_without_a_failed_request() {
+    let v1 = HttpServer::start("v1").await;
+    let v2 = HttpServer::start("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let all_to = |a: u32, b: u32| {
+        order_yaml(&v1, &v2)
+            .replace("weight: 10\n", &format!("weight: {b}\n"))
+            .replace("weight: 90\n", &format!("weight: {a}\n"))
+    };
+    write(dir.path(), "order.yaml", &all_to(100, 0));
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = proxy_of(&format!("http://{}", cp.address())).await;
+    let client = client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), ORDER_SVC.parse().unwrap()),
+        false,
+    );
+    for _ in 0..50 {
+        assert_eq!(served_by(&client, false).await.unwrap(), "v1");
+    }
+
+    // Steady load from 4 clients while the weights flip.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (client, stop, failures) = (client.clone(), stop.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut sent = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                if served_by(&client, false).await.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let flipped_at = std::time::Instant::now();
+    write(dir.path(), "order.yaml", &all_to(0, 100));
+    // Within 2 s every new request goes to v2.
+    let mut moved = None;
+    while flipped_at.elapsed() < Duration::from_secs(5) {
+        let mut all_v2 = true;
+        for _ in 0..20 {
+            all_v2 &= served_by(&client, false).await.unwrap() == "v2";
+        }
+        if all_v2 {
+            moved = Some(flipped_at.elapsed());
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    for task in load {
+        sent += task.await.unwrap();
+    }
+    let moved = moved.expect("traffic never moved to v2");
+    assert!(moved < Duration::from_secs(2), "traffic moved after {moved:?}");
+    assert!(sent > 100, "the load was not steady: {sent} requests");
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed during the change ({sent} sent)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_resource_is_reported_and_the_last_good_one_stays() {
+    let v1 = HttpServer::start("v1").await;
+    let v2 = HttpServer::start("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let good = order_yaml(&v1, &v2)
+        .replace("weight: 10\n", "weight: 100\n")
+        .replace("weight: 90\n", "weight: 0\n");
+    write(dir.path(), "order.yaml", &good);
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = proxy_of(&format!("http://{}", cp.address())).await;
+    let client = client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), ORDER_SVC.parse().unwrap()),
+        false,
+    );
+    assert_eq!(served_by(&client, false).await.unwrap(), "v2");
+
+    // An edit that names a subset no DestinationRule defines.
+    write(
+        dir.path(),
+        "order.yaml",
+        &good.replace(
+            "subset: v1\n          weight: 0",
+            "subset: v9\n          weight: 0",
+        ),
+    );
+    assert_eventually!(
+        !cp.problems().is_empty(),
+        "the control plane did not report the problem"
+    );
+    let problem = cp.problems().remove(0);
+    assert!(problem.file.ends_with("order.yaml"), "{problem}");
+    assert_eq!(problem.resource, "VirtualService default/order-service");
+    assert_eq!(problem.field, "spec.http[1].route[0].destination.subset");
+    for _ in 0..50 {
+        assert_eq!(
+            served_by(&client, false).await.unwrap(),
+            "v2",
+            "the last good VirtualService still routes"
+        );
+    }
+    assert!(
+        cp.nacks().is_empty(),
+        "the control plane never sends what it rejected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_control_plane_changes_nothing_and_a_new_one_resyncs() {
+    let v1 = HttpServer::start("v1").await;
+    let v2 = HttpServer::start("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let to = |a: u32, b: u32| {
+        order_yaml(&v1, &v2)
+            .replace("weight: 10\n", &format!("weight: {b}\n"))
+            .replace("weight: 90\n", &format!("weight: {a}\n"))
+    };
+    write(dir.path(), "order.yaml", &to(100, 0));
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let address: SocketAddr = cp.address();
+    let proxy = proxy_of(&format!("http://{address}")).await;
+    let client = client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), ORDER_SVC.parse().unwrap()),
+        false,
+    );
+    assert_eq!(served_by(&client, false).await.unwrap(), "v1");
+
+    cp.stop().await;
+    assert_eventually!(
+        weft_test_support::metric(&proxy.metrics().await, "weft_xds_connected", &[]) == 0.0,
+        "still connected"
+    );
+    for _ in 0..50 {
+        assert_eq!(
+            served_by(&client, false).await.unwrap(),
+            "v1",
+            "traffic is unaffected"
+        );
+    }
+    assert_eq!(admin_get(proxy.admin(), "/ready").await.0, 200, "still ready");
+
+    // A new control plane on the same address, with changed configuration: the proxy reconnects and
+    // resyncs.
+    write(dir.path(), "order.yaml", &to(0, 100));
+    let cp = ControlPlane::start(dir.path().into(), address).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if served_by(&client, false).await.unwrap() == "v2" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the proxy did not resync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_control_plane_the_proxy_is_not_ready_until_the_initial_fetch_timeout() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TestProxy::start(&format!(
+        "xds: {{ address: \"http://{dead}\", initial_fetch_timeout: 1s }}"
+    ))
+    .await;
+    let (status, body) = admin_get(proxy.admin(), "/ready").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: waiting for xds config\n")
+    );
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.0 == 200,
+        "initial fetch timeout did not end the wait"
+    );
+}
