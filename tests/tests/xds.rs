@@ -318,3 +318,240 @@ async fn without_a_control_plane_the_proxy_is_not_ready_until_the_initial_fetch_
         "initial fetch timeout did not end the wait"
     );
 }
+
+mod envoy_style {
+    //! Hand-written Envoy-style resources from a minimal xDS server that is not weft control.
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
+    };
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    };
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+    use envoy_types::pb::envoy::config::route::v3::{
+        Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
+    };
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, Rds, http_connection_manager,
+    };
+    use envoy_types::pb::google::protobuf::{Any, BoolValue};
+    use envoy_types::util::pack_any;
+    use prost::Name;
+
+    pub(crate) fn url<T: Name>() -> String {
+        T::type_url()
+    }
+
+    fn socket(ip: &str, port: u16) -> Address {
+        Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+                ..Default::default()
+            })),
+        }
+    }
+
+    pub(crate) fn listener(port: u16, route: &str) -> Any {
+        let hcm = HttpConnectionManager {
+            stat_prefix: "web".into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                route_config_name: route.into(),
+                config_source: None,
+            })),
+            ..Default::default()
+        };
+        pack_any(Listener {
+            name: format!("0.0.0.0_{port}"),
+            address: Some(socket("0.0.0.0", port)),
+            bind_to_port: Some(BoolValue { value: false }),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "hcm".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn routes(name: &str, cluster: &str) -> Any {
+        pack_any(RouteConfiguration {
+            name: name.into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "web".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    pub(crate) fn eds_cluster(name: &str) -> Cluster {
+        Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            eds_cluster_config: Some(EdsClusterConfig::default()),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn endpoints(cluster: &str, addr: std::net::SocketAddr) -> Any {
+        pack_any(ClusterLoadAssignment {
+            cluster_name: cluster.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(&addr.ip().to_string(), addr.port())),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xds_server_that_is_not_weft_control_drives_the_proxy_and_gets_precise_nacks() {
+    use envoy_style::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::util::pack_any;
+
+    let web = HttpServer::start("web").await;
+    let xds = weft_test_support::xds::TestXdsServer::start().await;
+    xds.set(&url::<Cluster>(), "c1", vec![pack_any(eds_cluster("web"))]);
+    xds.set(
+        &url::<ClusterLoadAssignment>(),
+        "e1",
+        vec![endpoints("web", web.addr)],
+    );
+    xds.set(&url::<Listener>(), "l1", vec![listener(8000, "8000")]);
+    xds.set(&url::<RouteConfiguration>(), "r1", vec![routes("8000", "web")]);
+
+    let proxy = proxy_of(&xds.url()).await;
+    let client = client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), "10.0.0.9:8000".parse().unwrap()),
+        false,
+    );
+    let response = client
+        .request(Request::get("http://web:8000/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-served-by"], "web");
+    drain_body(response.into_body()).await.unwrap();
+    assert!(
+        xds.acked_versions(&url::<Cluster>()).contains(&"c1".to_owned()),
+        "CDS was ACKed"
+    );
+    assert!(
+        xds.acked_versions(&url::<RouteConfiguration>())
+            .contains(&"r1".to_owned()),
+        "RDS was ACKed"
+    );
+
+    // Version c2 adds a cluster weft cannot serve: it is NACKed, naming the resource and the field, and
+    // the proxy stays on c1.
+    let mut dns = eds_cluster("dns");
+    dns.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+    xds.set(
+        &url::<Cluster>(),
+        "c2",
+        vec![pack_any(eds_cluster("web")), pack_any(dns)],
+    );
+    assert_eventually!(!xds.nacks().is_empty(), "no NACK");
+    let (type_url, still_on, message) = xds.nacks().remove(0);
+    assert_eq!(type_url, url::<Cluster>());
+    assert_eq!(still_on, "c1", "the NACK carries the last accepted version");
+    assert_eq!(
+        message,
+        "Cluster \"dns\": type: STRICT_DNS clusters are not supported (use EDS or STATIC)"
+    );
+    for _ in 0..20 {
+        let response = client
+            .request(Request::get("http://web:8000/").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "traffic keeps flowing");
+        drain_body(response.into_body()).await.unwrap();
+    }
+    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["xds"]["types"]["Cluster"]["accepted_version"], "c1");
+    assert_eq!(dump["xds"]["types"]["Cluster"]["last_nack"]["version"], "c2");
+    assert_eq!(dump["xds"]["types"]["Cluster"]["last_nack"]["reason"], message);
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        weft_test_support::metric(
+            &metrics,
+            "weft_xds_updates_total",
+            &[("resource_type", "Cluster"), ("result", "rejected")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_pushed_once_and_only_as_the_types_it_changes() {
+    let v1 = HttpServer::start("v1").await;
+    let v2 = HttpServer::start("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = order_yaml(&v1, &v2);
+    write(dir.path(), "order.yaml", &yaml);
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = proxy_of(&format!("http://{}", cp.address())).await;
+    let node = "sidecar~~client.default";
+    assert_eventually!(
+        cp.pushes(node) == 4,
+        "initial push: one response per type, got {}",
+        cp.pushes(node)
+    );
+
+    // Rewriting the same content changes no version: nothing is pushed.
+    write(dir.path(), "order.yaml", &yaml);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(cp.pushes(node), 4, "an unchanged configuration was pushed");
+
+    // A timeout change touches only the routes: one RDS push, within a second.
+    let changed_at = std::time::Instant::now();
+    write(
+        dir.path(),
+        "order.yaml",
+        &yaml.replace("timeout: 10s", "timeout: 12s"),
+    );
+    assert_eventually!(cp.pushes(node) == 5, "the change was not pushed");
+    assert!(
+        changed_at.elapsed() < Duration::from_secs(1),
+        "pushed after {:?}",
+        changed_at.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cp.pushes(node), 5, "only the route configuration changed");
+    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    assert!(dump.contains("\"timeout\": \"12s\""), "{dump}");
+}
