@@ -211,14 +211,20 @@ impl App {
             &[LISTENERS]
         };
         let readiness = Readiness::new(steps);
-        let xds_status = match (&bootstrap.xds, xds_base) {
-            (Some(source), Some(base)) => {
-                Some(start_xds(&bootstrap, source, base, &config, &readiness, &metrics))
-            }
-            _ => None,
-        };
         let shutdown = CancellationToken::new();
         let admin_stop = CancellationToken::new();
+        let xds_status = match (&bootstrap.xds, xds_base) {
+            (Some(source), Some(base)) => Some(start_xds(
+                &bootstrap,
+                source,
+                base,
+                &config,
+                &readiness,
+                &metrics,
+                admin_stop.clone(),
+            )),
+            _ => None,
+        };
         let dump_bootstrap = bootstrap.clone();
         let admin_state = AdminState {
             metrics: metrics.clone(),
@@ -350,6 +356,7 @@ fn start_xds(
     config: &Arc<watch::Sender<Arc<Mesh>>>,
     readiness: &Readiness,
     metrics: &Arc<Metrics>,
+    stop: CancellationToken,
 ) -> Arc<std::sync::Mutex<weft_xds::XdsStatus>> {
     let xds = weft_xds::XdsConfig {
         address: source.address.clone(),
@@ -374,7 +381,7 @@ fn start_xds(
             connected.xds_connected.set(i64::from(up));
         }),
     };
-    weft_xds::spawn(xds, base, hooks)
+    weft_xds::spawn(xds, base, hooks, stop)
 }
 
 async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<Inputs>, tracker: TaskTracker, serve: F)

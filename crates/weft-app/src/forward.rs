@@ -76,7 +76,11 @@ pub(crate) struct Routed {
 
 pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
     let protocol = conn.protocol.unwrap_or_else(|| conn.destination.protocol());
-    let (io, handling, hello) = detect(conn.stream, protocol, detect_timeout).await;
+    // A connection still waiting for its first bytes has nothing in flight: draining closes it.
+    let (io, handling, hello) = tokio::select! {
+        detected = detect(conn.stream, protocol, detect_timeout) => detected,
+        () = inputs.drain.cancelled() => return,
+    };
     let detected = if hello.is_some() { "tls" } else { handling.name() };
     inputs.metrics.count_detection(conn.inbound, detected);
     if let Some(hello) = &hello {

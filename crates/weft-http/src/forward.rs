@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use weft_model::Cluster;
 use weft_model::route::{RequestView, RouteTable};
-use weft_telemetry::{Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
+use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
 
 use crate::balance::Balancer;
 use crate::body::Completion;
@@ -43,6 +43,8 @@ struct Decision {
     endpoint: SocketAddr,
     settings: PoolSettings,
     timeout: Option<Duration>,
+    /// The service the request went to, for `destination_service`, when routing tells.
+    service: Option<Label>,
 }
 
 /// Per-connection facts every request on it shares.
@@ -96,6 +98,7 @@ impl Forwarder {
                     endpoint: *addr,
                     settings: *settings,
                     timeout: None,
+                    service: None,
                 });
             }
             Upstream::Routes(source) => source.current().ok_or(UpstreamError::NoRoute)?,
@@ -122,6 +125,7 @@ impl Forwarder {
             endpoint,
             settings,
             timeout: route.action.timeout,
+            service: Some(service_of(&cluster.name)),
         })
     }
 
@@ -132,17 +136,6 @@ impl Forwarder {
         } else {
             RequestProtocol::http
         };
-        let completion = |status: StatusCode, flags: ResponseFlags| Completion {
-            metrics: self.metrics.clone(),
-            labels: RequestLabels {
-                peers: ctx.peers.clone(),
-                request_protocol,
-                response_code: status.as_u16(),
-                response_flags: flags,
-            },
-            start,
-        };
-
         let downstream_upgrade = (ctx.version == HttpVersion::Http1).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let upgrade = strip_hop_by_hop(&mut parts.headers, ctx.version == HttpVersion::Http2);
@@ -155,11 +148,31 @@ impl Forwarder {
         }
 
         let authority = request_authority(&parts, ctx.orig_dst);
+        let decided = self.decide(&parts, &authority, &ctx.upstream);
+        let mut peers = ctx.peers.clone();
+        if let Ok(Decision {
+            service: Some(service),
+            ..
+        }) = &decided
+        {
+            peers.destination_service = service.clone();
+        }
+        let completion = |status: StatusCode, flags: ResponseFlags| Completion {
+            metrics: self.metrics.clone(),
+            labels: RequestLabels {
+                peers: peers.clone(),
+                request_protocol,
+                response_code: status.as_u16(),
+                response_flags: flags,
+            },
+            start,
+        };
         let Decision {
             endpoint,
             settings,
             timeout,
-        } = match self.decide(&parts, &authority, &ctx.upstream) {
+            ..
+        } = match decided {
             Ok(decision) => decision,
             Err(err) => return self.error_response(err, completion),
         };
@@ -267,6 +280,15 @@ fn request_authority(parts: &http::request::Parts, orig_dst: SocketAddr) -> Auth
         })
         .or_else(|| Authority::try_from(orig_dst.to_string()).ok())
         .unwrap_or_else(|| Authority::from_static("localhost"))
+}
+
+/// Istio's clusters are named `outbound|<port>|<subset>|<host>`: the host is the service. Other names
+/// stand for themselves.
+fn service_of(cluster: &str) -> Label {
+    match cluster.rsplit_once('|') {
+        Some((_, host)) if cluster.starts_with("outbound|") && !host.is_empty() => Label::from(host),
+        _ => Label::from(cluster),
+    }
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {

@@ -22,6 +22,7 @@ use envoy_types::pb::google::rpc::Status;
 use prost::Name;
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use weft_model::{Mesh, Node};
 
 use crate::convert::{self, ResourceError};
@@ -126,8 +127,8 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
-/// Starts the client on the current runtime; it runs until the runtime stops.
-pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks) -> Arc<Mutex<XdsStatus>> {
+/// Starts the client on the current runtime; it runs until `stop` is cancelled.
+pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks, stop: CancellationToken) -> Arc<Mutex<XdsStatus>> {
     let status = Arc::new(Mutex::new(XdsStatus {
         control_plane: config.address.clone(),
         ..Default::default()
@@ -135,9 +136,12 @@ pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks) -> Arc<Mutex<XdsStatus
     let hooks = Arc::new(hooks);
     let timeout = config.initial_fetch_timeout;
     let ready_hooks = hooks.clone();
+    let stop_timer = stop.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(timeout).await;
-        (ready_hooks.ready)();
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => (ready_hooks.ready)(),
+            () = stop_timer.cancelled() => {}
+        }
     });
     let client = Client {
         config,
@@ -147,7 +151,12 @@ pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks) -> Arc<Mutex<XdsStatus
         state: XdsState::default(),
         streams: BTreeMap::new(),
     };
-    tokio::spawn(client.run());
+    tokio::spawn(async move {
+        tokio::select! {
+            () = client.run() => {}
+            () = stop.cancelled() => {}
+        }
+    });
     status
 }
 

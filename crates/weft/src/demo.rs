@@ -1,8 +1,10 @@
 //! `weft demo`: the product on one machine, no root needed.
 //!
-//! Two small HTTP services (`reviews-v1`, `reviews-v2`), each behind its own server-side weft, and a
-//! client-side weft that balances a `reviews` cluster over them. The demo sends requests through the
-//! client-side proxy, prints where each went, and ends with the proxies' own metrics.
+//! `weft control` serves a `reviews` Service with two versions, a VirtualService (90/10 canary, and
+//! `x-canary: true` to v2) and a DestinationRule, from Istio YAML written to a temporary directory. Two
+//! small HTTP services (`reviews-v1`, `reviews-v2`) each sit behind a server-side weft; a client-side weft
+//! takes all its configuration from the control plane over xDS. The demo sends requests to the service
+//! address through the client-side proxy, prints where each went, and ends with the proxy's metrics.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,21 +49,41 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut server_sides = Vec::new();
     for name in SERVICES {
         let app = start_service(name).await?;
-        let proxy = start_proxy(&server_side_config(name, app)).await?;
+        let proxy = start_proxy(&server_side_config(name, app), Arc::new(OsBinder)).await?;
         let entry = proxy
             .listener_address("inbound")
             .ok_or_else(|| anyhow::anyhow!("no inbound listener"))?;
         println!("service {name:<11} app {app}  <- weft (server side) {entry}");
         server_sides.push((entry, proxy));
     }
-    let endpoints: Vec<SocketAddr> = server_sides.iter().map(|(entry, _)| *entry).collect();
-    let client_side = start_proxy(&client_side_config(&endpoints)).await?;
-    let front = client_side
-        .listener_address("reviews")
-        .ok_or_else(|| anyhow::anyhow!("no reviews listener"))?;
-    println!("client -> weft (client side) {front}, cluster reviews = {endpoints:?}");
+
+    let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("reviews.yaml"),
+        mesh_yaml(server_sides[0].0, server_sides[1].0),
+    )?;
+    let control_plane = weft_control::ControlPlane::start(dir.clone(), "127.0.0.1:0".parse()?).await?;
     println!(
-        "admin: client side http://{}/ (GET /help)\n",
+        "weft control   xDS on {} from {}",
+        control_plane.address(),
+        dir.join("reviews.yaml").display()
+    );
+
+    // Without root there is no iptables: the client-side proxy's outbound listener treats every
+    // connection as one the app made to the reviews Service address, as the redirect would.
+    let client_side = start_proxy(
+        &client_side_config(control_plane.address()),
+        Arc::new(RedirectedTo(REVIEWS)),
+    )
+    .await?;
+    let front = client_side
+        .outbound_address()
+        .ok_or_else(|| anyhow::anyhow!("no outbound listener"))?;
+    wait_ready(&client_side).await?;
+    println!("client -> weft (client side) {front} as if to {REVIEWS}; configuration from weft control");
+    println!(
+        "admin: client side http://{}/ (GET /help, /config_dump)\n",
         client_side.admin_address()
     );
 
@@ -80,7 +102,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             _ = ticker.tick() => {}
             _ = &mut interrupted => break,
         }
-        report.record(send(&client, front, report.total()).await);
+        report.record(send(&client, front, report.total(), false).await);
         if args.requests.is_none() && last_print.elapsed() >= Duration::from_secs(1) {
             println!("{}", report.line());
             last_print = Instant::now();
@@ -88,6 +110,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
 
     println!("\n{}", report.summary());
+    let mut canary = Report::default();
+    for n in 0..5 {
+        canary.record(send(&client, front, n, true).await);
+    }
+    println!("  with x-canary: true: {:?}", canary.by_service);
     println!("\nclient-side weft metrics (GET /metrics):");
     for line in fetch_metrics(&client, client_side.admin_address()).await?.lines() {
         if line.starts_with("istio_requests_total") {
@@ -101,7 +128,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         proxy.shutdown();
         proxy.wait().await;
     }
-    Ok(if report.failures == 0 {
+    control_plane.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let canary_ok = canary.by_service.get("reviews-v2") == Some(&canary.total());
+    Ok(if report.failures == 0 && canary_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -124,28 +154,109 @@ clusters:
     )
 }
 
-fn client_side_config(endpoints: &[SocketAddr]) -> String {
-    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+/// The Service address the demo's client calls.
+const REVIEWS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 50)), 9080);
+
+fn client_side_config(control_plane: SocketAddr) -> String {
     format!(
         r#"
 node: {{ workload: productpage, namespace: demo }}
 admin: {{ address: 127.0.0.1:0 }}
 readiness: {{ address: 127.0.0.1:0 }}
-outbound: {{ enabled: false }}
+outbound: {{ address: 127.0.0.1:0 }}
 inbound: {{ enabled: false }}
-listeners:
-  - {{ name: reviews, address: 127.0.0.1:0, cluster: reviews }}
-clusters:
-  - {{ name: reviews, endpoints: [{}] }}
-"#,
-        endpoints.join(", ")
+xds: {{ address: "http://{control_plane}" }}
+"#
     )
 }
 
-async fn start_proxy(config: &str) -> anyhow::Result<Running> {
+/// Istio resources as a user writes them; the workloads are the server-side proxies' listeners.
+fn mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{ name: reviews, namespace: demo }}
+spec:
+  clusterIP: {ip}
+  selector: {{ app: reviews }}
+  ports:
+    - {{ name: http, port: {port} }}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: reviews-v1, namespace: demo }}
+spec:
+  address: {v1ip}
+  labels: {{ app: reviews, version: v1 }}
+  ports: {{ http: {v1port} }}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{ name: reviews-v2, namespace: demo }}
+spec:
+  address: {v2ip}
+  labels: {{ app: reviews, version: v2 }}
+  ports: {{ http: {v2port} }}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: reviews, namespace: demo }}
+spec:
+  hosts: [reviews]
+  http:
+    - match: [{{ headers: {{ x-canary: {{ exact: "true" }} }} }}]
+      route: [{{ destination: {{ host: reviews, subset: v2 }} }}]
+    - route:
+        - {{ destination: {{ host: reviews, subset: v1 }}, weight: 90 }}
+        - {{ destination: {{ host: reviews, subset: v2 }}, weight: 10 }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews, namespace: demo }}
+spec:
+  host: reviews
+  subsets:
+    - {{ name: v1, labels: {{ version: v1 }} }}
+    - {{ name: v2, labels: {{ version: v2 }} }}
+"#,
+        ip = REVIEWS.ip(),
+        port = REVIEWS.port(),
+        v1ip = v1.ip(),
+        v1port = v1.port(),
+        v2ip = v2.ip(),
+        v2port = v2.port(),
+    )
+}
+
+/// Stands in for iptables: every connection "was going to" one address.
+#[derive(Debug)]
+struct RedirectedTo(SocketAddr);
+
+impl weft_app::Binder for RedirectedTo {
+    fn original_dst(&self, _conn: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+        Ok(self.0)
+    }
+}
+
+async fn wait_ready(proxy: &Running) -> anyhow::Result<()> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: hyper::Uri = format!("http://{}/ready", proxy.admin_address()).parse()?;
+    for _ in 0..200 {
+        if let Ok(response) = client.get(uri.clone()).await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the client-side proxy did not get its configuration from weft control")
+}
+
+async fn start_proxy(config: &str, binder: Arc<dyn weft_app::Binder>) -> anyhow::Result<Running> {
     let (bootstrap, mesh) = weft_model::parse(config)?;
     // The process-wide logger belongs to `main`; the demo's proxies get detached controls.
-    Ok(App::build(bootstrap, mesh, Arc::new(OsBinder), LogControl::detached("info")).await?)
+    Ok(App::build(bootstrap, mesh, binder, LogControl::detached("info")).await?)
 }
 
 /// A tiny HTTP service that says who it is.
@@ -176,14 +287,16 @@ struct Outcome {
     latency: Duration,
 }
 
-async fn send<C>(client: &Client<C, Empty<Bytes>>, front: SocketAddr, n: u64) -> Outcome
+async fn send<C>(client: &Client<C, Empty<Bytes>>, front: SocketAddr, n: u64, canary: bool) -> Outcome
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
     let start = Instant::now();
-    let request = Request::get(format!("http://{front}/reviews/{n}"))
-        .header("host", "reviews")
-        .body(Empty::new());
+    let mut request = Request::get(format!("http://{front}/reviews/{n}")).header("host", "reviews");
+    if canary {
+        request = request.header("x-canary", "true");
+    }
+    let request = request.body(Empty::new());
     let result = match request {
         Ok(request) => client.request(request).await.ok(),
         Err(_) => None,

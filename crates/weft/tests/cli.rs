@@ -70,7 +70,7 @@ fn a_port_in_use_fails_with_the_listener_named() {
 #[test]
 fn demo_runs_a_fixed_number_of_requests() {
     let out = Command::new(WEFT)
-        .args(["demo", "--requests", "10", "--rate", "100"])
+        .args(["demo", "--requests", "100", "--rate", "500"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -79,13 +79,57 @@ fn demo_runs_a_fixed_number_of_requests() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("summary: 10 requests, 0 failed"), "{stdout}");
+    assert!(stdout.contains("summary: 100 requests, 0 failed"), "{stdout}");
+    // 90/10 from the VirtualService: binomial, n = 100; both versions answer (P(no v2) = 3e-5).
+    let count = |name: &str| -> u32 {
+        let key = format!("\"{name}\": ");
+        stdout
+            .split(&key)
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let (v1, v2) = (count("reviews-v1"), count("reviews-v2"));
+    assert_eq!(v1 + v2 + 5, 105, "{stdout}");
+    assert!(v1 > v2 && v2 >= 1, "expected about 90/10, got {v1}/{v2}");
     assert!(
-        stdout.contains("\"reviews-v1\": 5") && stdout.contains("\"reviews-v2\": 5"),
+        stdout.contains("with x-canary: true: {\"reviews-v2\": 5}"),
         "{stdout}"
     );
     assert!(
-        stdout.contains("istio_requests_total{reporter=\"source\""),
+        stdout.contains("destination_service=\"reviews.demo.svc.cluster.local\""),
+        "{stdout}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("drain timeout"),
+        "the demo's proxies drained at once"
+    );
+}
+
+#[test]
+fn check_reports_problems_and_exits_1() {
+    let out = Command::new(WEFT)
+        .args([
+            "check",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/mesh"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("no problems\n"));
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: { name: r }\nspec: { subsets: [] }\n",
+    )
+    .unwrap();
+    let out = Command::new(WEFT).arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("bad.yaml: DestinationRule default/r: field `spec`: missing field `host`"),
         "{stdout}"
     );
 }
