@@ -2,8 +2,10 @@
 //! directory ([`resources`]), watches it, turns the resources into each proxy's xDS ([`translate`]) and
 //! serves them over ADS ([`server`]).
 
+pub mod ca;
 pub mod resources;
 pub mod server;
+pub mod tokens;
 pub mod translate;
 
 use std::net::SocketAddr;

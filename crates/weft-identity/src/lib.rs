@@ -1,0 +1,16 @@
+//! Workload identity: SPIFFE IDs ([`SpiffeId`]), keys and CSRs made in-process ([`csr`]), the CA client
+//! ([`CaClient`], Istio's CreateCertificate with a bearer token), parsed certificates
+//! ([`Credentials`]) and the store that keeps them fresh ([`CredentialStore`]): it renews at half life
+//! with jittered backoff, keeps a still-valid certificate when a renewal fails, and publishes each new
+//! one on a watch channel so the next handshake uses it.
+
+mod client;
+mod credentials;
+pub mod csr;
+mod spiffe;
+mod store;
+
+pub use client::{CaClient, CaError};
+pub use credentials::{Credentials, CredentialsError};
+pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use store::{CredentialStore, StoreConfig, StoreEvents};
