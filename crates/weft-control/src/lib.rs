@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use weft_proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer;
 
 pub use resources::{Catalog, Problem, load_dir};
 pub use server::{NackRecord, Observed};
@@ -42,11 +43,26 @@ pub struct ControlPlane {
     shutdown: tokio::sync::oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     watcher: JoinHandle<()>,
+    ca: Arc<ca::CertificateAuthority>,
 }
 
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 impl ControlPlane {
-    /// Loads `dir`, starts watching it, and serves ADS on `listen`.
+    /// Loads `dir`, starts watching it, and serves ADS and a CA (with a root kept only in memory) on
+    /// `listen`.
     pub async fn start(dir: PathBuf, listen: SocketAddr) -> std::io::Result<Self> {
+        let ca = ca::CertificateAuthority::ephemeral(DEFAULT_TRUST_DOMAIN).map_err(std::io::Error::other)?;
+        Self::start_with_ca(dir, listen, Arc::new(ca)).await
+    }
+
+    /// As [`ControlPlane::start`], with a given CA.
+    pub async fn start_with_ca(
+        dir: PathBuf,
+        listen: SocketAddr,
+        ca: Arc<ca::CertificateAuthority>,
+    ) -> std::io::Result<Self> {
         let (catalog, problems) = load_dir(&dir);
         report(&problems);
         let problems = Arc::new(Mutex::new(problems));
@@ -62,11 +78,12 @@ impl ControlPlane {
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(ads)
+                .add_service(IstioCertificateServiceServer::new(ca::CaService::new(ca.clone())))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stop.await;
                 }),
         );
-        tracing::info!(%address, "serving xDS (ADS, State of the World)");
+        tracing::info!(%address, "serving xDS (ADS, State of the World) and the CA (istio.v1.auth)");
         Ok(Self {
             address,
             problems,
@@ -74,11 +91,16 @@ impl ControlPlane {
             shutdown,
             server,
             watcher,
+            ca,
         })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    pub fn ca(&self) -> &Arc<ca::CertificateAuthority> {
+        &self.ca
     }
 
     /// The problems found in the current files.

@@ -18,6 +18,8 @@ use crate::{CaClient, Credentials, SpiffeId, csr};
 const RENEW_AT: f64 = 0.5;
 /// Spread renewals by up to this fraction of the lifetime.
 const JITTER: f64 = 0.05;
+/// Never renew faster than this, whatever the CA hands out.
+const MIN_RENEWAL_DELAY: Duration = Duration::from_millis(250);
 const RETRY_BASE: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -124,14 +126,13 @@ async fn fetch(config: &StoreConfig, ca: &CaClient) -> Result<Credentials, Strin
     Credentials::new(config.id.clone(), chain, key.serialize_pem()).map_err(|e| e.to_string())
 }
 
-/// Half the lifetime from issuance, less up to 5 % jitter, never negative.
+/// Half of what remains of a fresh certificate's validity, less up to 5 % jitter. Measured from now, not
+/// from `not_before`: CAs backdate certificates for clock skew, and a short-lived certificate timed from
+/// its backdated start would be renewed at once, over and over.
 fn renewal_delay(c: &Credentials) -> Duration {
-    let lifetime = c.lifetime().as_secs_f64();
-    let at = lifetime * (RENEW_AT - JITTER * rand::random::<f64>());
-    let issued_ago = std::time::SystemTime::now()
-        .duration_since(c.not_before)
-        .unwrap_or_default();
-    Duration::from_secs_f64(at).saturating_sub(issued_ago)
+    let remaining = c.remaining().as_secs_f64();
+    let delay = Duration::from_secs_f64(remaining * (RENEW_AT - JITTER * rand::random::<f64>()));
+    delay.max(MIN_RENEWAL_DELAY)
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -32,6 +32,39 @@ enum LogFormat {
     Json,
 }
 
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ControlArgs {
+    #[command(subcommand)]
+    action: Option<ControlAction>,
+    /// Directory of YAML files (Service, WorkloadEntry, VirtualService, DestinationRule), watched.
+    #[arg(long, env = "WEFT_CONFIG_DIR", required = true)]
+    config_dir: Option<PathBuf>,
+    /// Address to serve ADS and the CA on.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    listen: std::net::SocketAddr,
+    /// Where the CA keeps its root, token key and extra trusted roots (made on first start).
+    #[arg(long, env = "WEFT_CA_DIR", default_value = "weft-ca", global = true)]
+    ca_dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = weft_control::DEFAULT_TRUST_DOMAIN, global = true)]
+    trust_domain: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum ControlAction {
+    /// Print a token that proves a workload identity to the CA (for proxies outside Kubernetes).
+    Token {
+        #[arg(long)]
+        ns: String,
+        #[arg(long)]
+        sa: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the sidecar proxy.
@@ -48,15 +81,9 @@ enum Command {
         #[arg(long, env = "WEFT_XDS_ADDRESS")]
         xds_address: Option<String>,
     },
-    /// Run the reference control plane: serve xDS computed from Kubernetes/Istio YAML in a directory.
-    Control {
-        /// Directory of YAML files (Service, WorkloadEntry, VirtualService, DestinationRule), watched.
-        #[arg(long, env = "WEFT_CONFIG_DIR")]
-        config_dir: PathBuf,
-        /// Address to serve ADS on.
-        #[arg(long, default_value = "127.0.0.1:15010")]
-        listen: std::net::SocketAddr,
-    },
+    /// Run the reference control plane: serve xDS computed from Kubernetes/Istio YAML in a directory, and
+    /// the CA that signs workload certificates.
+    Control(ControlArgs),
     /// Check a directory of Kubernetes/Istio YAML as `weft control` would load it; exit 1 on problems.
     Check { dir: PathBuf },
     /// Start two test services with sidecars on loopback, send traffic through them, report what happened.
@@ -85,7 +112,7 @@ fn main() -> ExitCode {
             .worker_threads(usize::from(concurrency))
             .enable_all()
             .build(),
-        Command::Demo(_) | Command::Control { .. } | Command::Check { .. } => {
+        Command::Demo(_) | Command::Control(_) | Command::Check { .. } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()
         }
     };
@@ -101,7 +128,7 @@ fn main() -> ExitCode {
             Command::Proxy {
                 config, xds_address, ..
             } => proxy(config, xds_address, log).await,
-            Command::Control { config_dir, listen } => control(config_dir, listen).await,
+            Command::Control(args) => control(args).await,
             Command::Check { dir } => check(&dir),
             Command::Demo(args) => demo::run(args).await,
         }
@@ -156,12 +183,32 @@ async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogCon
     ExitCode::SUCCESS
 }
 
-async fn control(config_dir: PathBuf, listen: std::net::SocketAddr) -> ExitCode {
-    if !config_dir.is_dir() {
-        eprintln!("error: --config-dir {}: not a directory", config_dir.display());
-        return ExitCode::from(EXIT_BAD_CONFIG);
+async fn control(args: ControlArgs) -> ExitCode {
+    let ca = match weft_control::ca::CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain) {
+        Ok(ca) => std::sync::Arc::new(ca),
+        Err(err) => {
+            eprintln!("error: --ca-dir: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if let Some(ControlAction::Token { ns, sa, ttl }) = args.action {
+        return match ca.tokens().issue(&ns, &sa, ttl) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        };
     }
-    let control_plane = match weft_control::ControlPlane::start(config_dir, listen).await {
+    let Some(config_dir) = args.config_dir.filter(|d| d.is_dir()) else {
+        eprintln!("error: --config-dir: not a directory");
+        return ExitCode::from(EXIT_BAD_CONFIG);
+    };
+    let listen = args.listen;
+    let control_plane = match weft_control::ControlPlane::start_with_ca(config_dir, listen, ca).await {
         Ok(cp) => cp,
         Err(err) => {
             eprintln!("error: cannot serve xDS on {listen}: {err}");
