@@ -9,6 +9,7 @@ mod credentials;
 pub mod csr;
 mod spiffe;
 mod store;
+pub mod tls;
 
 pub use client::{CaClient, CaError};
 pub use credentials::{Credentials, CredentialsError};

@@ -1,0 +1,203 @@
+//! Mutual TLS between sidecars: rustls configurations built from the current credentials.
+//!
+//! Both sides speak TLS 1.3 only and verify the peer's chain against the trust bundle. The client then
+//! requires the server's single URI SAN to be one of the identities it was told to expect; the server
+//! requires a client certificate and reports the client's identity. Configurations are rebuilt for each
+//! new certificate, so the next handshake uses it and established connections are untouched.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::{Credentials, SpiffeId};
+
+/// ALPN offered between sidecars.
+pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("PEM does not parse: {0}")]
+    Pem(String),
+    #[error("the trust bundle has no usable root: {0}")]
+    Roots(String),
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Everything a handshake needs, for one certificate generation.
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub credentials: Arc<Credentials>,
+    chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    roots: Arc<RootCertStore>,
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("identity", &self.credentials.id)
+            .field("serial", &self.credentials.serial)
+            .finish()
+    }
+}
+
+impl TlsMaterial {
+    /// `trust_bundle`: the PEM roots to trust; the root the chain ends in is always one of them.
+    pub fn new(credentials: Arc<Credentials>, trust_bundle: &[String]) -> Result<Self, TlsError> {
+        let mut chain = Vec::new();
+        for pem in &credentials.chain_pem[..credentials.chain_pem.len().saturating_sub(1)] {
+            chain.push(
+                CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))?,
+            );
+        }
+        let key = PrivateKeyDer::from_pem_slice(credentials.key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(e.to_string()))?;
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for pem in std::iter::once(credentials.root_pem()).chain(trust_bundle.iter().map(String::as_str)) {
+            let der =
+                CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))?;
+            let anchor = webpki::anchor_from_trusted_cert(&der)
+                .map_err(|e| TlsError::Roots(e.to_string()))?
+                .to_owned();
+            roots.add(der).map_err(|e| TlsError::Roots(e.to_string()))?;
+            anchors.push(anchor);
+        }
+        Ok(Self {
+            credentials,
+            chain,
+            key: Arc::new(key),
+            roots: Arc::new(roots),
+            anchors: Arc::new(anchors),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        })
+    }
+
+    /// For the inbound side: a client certificate chained to the trust bundle is required.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+            .build()
+            .map_err(|e| TlsError::Roots(e.to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// For one outbound connection: the server must prove one of `expected`.
+    pub fn client_config(&self, expected: Vec<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
+        let verifier = SpiffeServerVerifier {
+            anchors: self.anchors.clone(),
+            expected,
+            algorithms: self.provider.signature_verification_algorithms,
+        };
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+/// The SPIFFE identity in a peer's leaf certificate (its single URI SAN), if it has one.
+pub fn identity_of(certificate: &CertificateDer<'_>) -> Option<SpiffeId> {
+    let cert = webpki::EndEntityCert::try_from(certificate).ok()?;
+    let uris: Vec<&str> = cert.valid_uri_names().collect();
+    match uris.as_slice() {
+        [uri] => uri.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Checks the chain like any TLS client, but instead of a DNS name requires the SPIFFE identity the
+/// control plane said this endpoint has.
+struct SpiffeServerVerifier {
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+    expected: Vec<SpiffeId>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("bad certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::General(format!("peer certificate rejected: {e}")))?;
+        let presented: Vec<&str> = cert.valid_uri_names().collect();
+        let matches = match presented.as_slice() {
+            [uri] => uri
+                .parse::<SpiffeId>()
+                .is_ok_and(|id| self.expected.contains(&id)),
+            _ => false,
+        };
+        if matches {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            let expected: Vec<String> = self.expected.iter().map(ToString::to_string).collect();
+            Err(rustls::Error::General(format!(
+                "peer identity mismatch: expected one of {expected:?}, presented {presented:?}"
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests;
