@@ -24,6 +24,8 @@ pub struct AdminState {
     pub log: LogControl,
     /// The active configuration as JSON, computed on request.
     pub config_dump: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// The workload certificate in use and the trusted roots, as JSON (`null` without an identity).
+    pub certs: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Cancelled by `POST /quitquitquit`: the proxy drains and exits as on SIGTERM.
     pub shutdown: CancellationToken,
 }
@@ -41,6 +43,7 @@ weft admin
   GET  /ready          200 when ready to serve, else 503 with the reason
   GET  /live           200 while the process runs
   GET  /config_dump    the active configuration (JSON)
+  GET  /certs          the workload certificate and trusted roots (JSON)
   GET  /metrics        Prometheus metrics (also /stats/prometheus)
   GET  /logging        the active log filter
   POST /logging?level=FILTER   set the log filter (e.g. debug, weft_http=trace,info)
@@ -80,6 +83,10 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
         "/live" => get_only(method, || text(StatusCode::OK, "live\n")),
         "/config_dump" => get_only(method, || {
             let body = serde_json::to_vec_pretty(&(state.config_dump)()).unwrap_or_default();
+            respond(StatusCode::OK, "application/json", body)
+        }),
+        "/certs" => get_only(method, || {
+            let body = serde_json::to_vec_pretty(&(state.certs)()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }),
         "/metrics" | "/stats/prometheus" => get_only(method, || {

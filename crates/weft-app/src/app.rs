@@ -27,9 +27,12 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// Readiness steps: every listener bound, and (with a control plane) the first complete configuration.
 const LISTENERS: &str = "listeners";
 const CONFIG: &str = "xds config";
+const CERTIFICATE: &str = "certificate";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error("identity: {0}")]
+    Identity(String),
     #[error("cannot bind the {what} listener to {addr}: {source}")]
     Bind {
         what: String,
@@ -52,6 +55,9 @@ pub(crate) struct Inputs {
     pub(crate) force_close: CancellationToken,
     /// Ports of the transparent listeners: a connection redirected to one of them is a loop.
     transparent_ports: Vec<u16>,
+    /// The TLS material of the current workload certificate (`None` before the first, or without an
+    /// identity).
+    pub(crate) tls: watch::Receiver<Option<weft_identity::tls::TlsMaterial>>,
 }
 
 impl std::fmt::Debug for Inputs {
@@ -99,6 +105,7 @@ impl Inputs {
         let settings = PoolSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            tls: None,
         };
         Destination::Direct(addr, settings)
     }
@@ -110,6 +117,7 @@ impl Inputs {
             PoolSettings {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout,
+                tls: None,
             },
         )
     }
@@ -164,6 +172,20 @@ impl App {
         };
 
         let metrics = Metrics::new();
+        let mut steps = vec![LISTENERS];
+        if bootstrap.xds.is_some() {
+            steps.push(CONFIG);
+        }
+        if bootstrap.identity.is_some() {
+            steps.push(CERTIFICATE);
+        }
+        let readiness = Readiness::new(&steps);
+        let shutdown = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+        let tls = match &bootstrap.identity {
+            Some(source) => start_identity(source, &readiness, &metrics, admin_stop.clone())?,
+            None => watch::channel(None).1,
+        };
         let xds_base = bootstrap.xds.as_ref().map(|_| mesh.clone());
         let (config, mesh_rx) = watch::channel(Arc::new(mesh));
         let config = Arc::new(config);
@@ -172,9 +194,10 @@ impl App {
             mesh: mesh_rx.clone(),
             binder,
             metrics: metrics.clone(),
-            forwarder: Forwarder::new(Arc::new(Pools::default()), metrics.clone()),
+            forwarder: Forwarder::new(Arc::new(Pools::new(tls.clone())), metrics.clone()),
             drain: CancellationToken::new(),
             force_close: CancellationToken::new(),
+            tls: tls.clone(),
             transparent_ports: addresses
                 .outbound
                 .iter()
@@ -205,14 +228,6 @@ impl App {
             tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), serve));
         }
 
-        let steps: &[&'static str] = if bootstrap.xds.is_some() {
-            &[LISTENERS, CONFIG]
-        } else {
-            &[LISTENERS]
-        };
-        let readiness = Readiness::new(steps);
-        let shutdown = CancellationToken::new();
-        let admin_stop = CancellationToken::new();
         let xds_status = match (&bootstrap.xds, xds_base) {
             (Some(source), Some(base)) => Some(start_xds(
                 &bootstrap,
@@ -230,6 +245,7 @@ impl App {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             log,
+            certs: Box::new(move || certs_json(&tls.borrow())),
             config_dump: Box::new(move || {
                 let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
                 serde_json::json!({ "bootstrap": dump_bootstrap, "xds": xds, "mesh": *mesh_rx.borrow().clone() })
@@ -346,6 +362,88 @@ impl Running {
             tracing::error!(error = %err, "proxy lifecycle task failed");
         }
     }
+}
+
+/// Starts the credential store; every new certificate becomes new TLS material, published for the next
+/// handshakes. Readiness waits for the first.
+fn start_identity(
+    source: &weft_model::IdentitySource,
+    readiness: &Readiness,
+    metrics: &Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<watch::Receiver<Option<weft_identity::tls::TlsMaterial>>, AppError> {
+    let id: weft_identity::SpiffeId = source
+        .id
+        .parse()
+        .map_err(|e: weft_identity::SpiffeIdError| AppError::Identity(e.to_string()))?;
+    let ca = weft_identity::CaClient::new(&source.ca_address, &source.token)
+        .map_err(|e| AppError::Identity(e.to_string()))?;
+    let (renewed, failed) = (metrics.clone(), metrics.clone());
+    let events = weft_identity::StoreEvents {
+        renewed: Box::new(move |c| {
+            renewed.certificate_renewals.inc();
+            let expiry = c
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            renewed
+                .certificate_expiry
+                .set(i64::try_from(expiry).unwrap_or(i64::MAX));
+        }),
+        failed: Box::new(move |_| {
+            failed.certificate_failures.inc();
+        }),
+    };
+    let store = weft_identity::CredentialStore::start(
+        weft_identity::StoreConfig {
+            id,
+            validity: source.validity,
+        },
+        ca,
+        events,
+        stop.clone(),
+    );
+    let (tx, rx) = watch::channel(None);
+    let readiness = readiness.clone();
+    tokio::spawn(async move {
+        let mut credentials = store.watch();
+        loop {
+            let current = credentials.borrow_and_update().clone();
+            if let Some(c) = current {
+                match weft_identity::tls::TlsMaterial::new(c, &[]) {
+                    Ok(material) => {
+                        tx.send_replace(Some(material));
+                        readiness.mark_done(CERTIFICATE);
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot use the new certificate; keeping the previous one")
+                    }
+                }
+            }
+            tokio::select! {
+                changed = credentials.changed() => if changed.is_err() { return },
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn certs_json(material: &Option<weft_identity::tls::TlsMaterial>) -> serde_json::Value {
+    let Some(m) = material else {
+        return serde_json::Value::Null;
+    };
+    let c = &m.credentials;
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    serde_json::json!({
+        "identity": c.id.to_string(),
+        "serial": c.serial,
+        "not_before": time(c.not_before),
+        "not_after": time(c.not_after),
+        "seconds_until_expiry": c.remaining().as_secs(),
+        "trusted_roots_sha256": m.root_fingerprints(),
+    })
 }
 
 /// Starts the ADS client; its updates replace the configuration snapshot.

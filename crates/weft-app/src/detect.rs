@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use weft_detect::{Detection, Protocol as Detected};
 use weft_http::HttpVersion;
 use weft_model::Protocol;
@@ -37,15 +36,11 @@ const HTTP_FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
 /// A declared protocol costs nothing: `tcp` and `http2` never read. `http` waits for the client (HTTP
 /// clients always speak first) only to tell HTTP/1 from HTTP/2. `detect` waits at most `timeout`, so
 /// a protocol where the server speaks first is forwarded as opaque TCP after that short delay.
-pub(crate) async fn detect(
-    stream: TcpStream,
+pub(crate) async fn detect<S: AsyncRead + Unpin>(
+    stream: S,
     declared: Protocol,
     timeout: Duration,
-) -> (
-    PrefixedIo<TcpStream>,
-    Handling,
-    Option<weft_detect::ClientHelloInfo>,
-) {
+) -> (PrefixedIo<S>, Handling, Option<weft_detect::ClientHelloInfo>) {
     match declared {
         Protocol::Tcp => (
             PrefixedIo::new(Default::default(), stream),
@@ -84,7 +79,7 @@ pub(crate) async fn detect(
 }
 
 /// Reads until detection decides, the client stops sending (EOF or error), or the deadline passes.
-async fn sniff(mut stream: TcpStream, timeout: Duration) -> (BytesMut, Option<Detected>, TcpStream) {
+async fn sniff<S: AsyncRead + Unpin>(mut stream: S, timeout: Duration) -> (BytesMut, Option<Detected>, S) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

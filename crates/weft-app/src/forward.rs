@@ -4,10 +4,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use weft_http::HttpVersion;
 use weft_http::{HttpContext, PoolSettings, Upstream};
-use weft_model::{Protocol, Target};
-use weft_telemetry::{Peers, ResponseFlags, TcpLabels};
+use weft_model::{PeerAuthentication, Protocol, Target};
+use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
 
 use crate::app::Inputs;
@@ -72,20 +74,137 @@ pub(crate) struct Routed {
     pub(crate) protocol: Option<Protocol>,
     pub(crate) peers: Peers,
     pub(crate) inbound: bool,
+    /// Whether peers must, may or may not use mutual TLS on this connection.
+    pub(crate) peer_authentication: PeerAuthentication,
 }
 
 pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
-    let protocol = conn.protocol.unwrap_or_else(|| conn.destination.protocol());
-    // A connection still waiting for its first bytes has nothing in flight: draining closes it.
+    let declared = conn.protocol.unwrap_or_else(|| conn.destination.protocol());
+    // Mesh peers speak TLS first, so where mutual TLS is possible the first bytes are read whatever the
+    // port declares. A connection still waiting for its first bytes has nothing in flight: draining
+    // closes it.
+    let sniffed = if conn.peer_authentication == PeerAuthentication::Disable {
+        declared
+    } else {
+        Protocol::Detect
+    };
     let (io, handling, hello) = tokio::select! {
-        detected = detect(conn.stream, protocol, detect_timeout) => detected,
+        detected = detect(conn.stream, sniffed, detect_timeout) => detected,
         () = inputs.drain.cancelled() => return,
     };
+    let Routed {
+        orig_dst,
+        destination,
+        mut peers,
+        inbound,
+        peer_authentication,
+        ..
+    } = conn;
     let detected = if hello.is_some() { "tls" } else { handling.name() };
-    inputs.metrics.count_detection(conn.inbound, detected);
-    if let Some(hello) = &hello {
-        tracing::debug!(sni = ?hello.server_name, alpn = ?hello.alpn, dst = %conn.orig_dst, "TLS from the client, forwarded as opaque");
+    inputs.metrics.count_detection(inbound, detected);
+
+    let terminate = hello.is_some() && peer_authentication != PeerAuthentication::Disable;
+    if terminate {
+        let Some(material) = inputs.tls.borrow().clone() else {
+            tracing::warn!(dst = %orig_dst, "mutual TLS connection before the first certificate arrived; closing it");
+            return;
+        };
+        let config = match material.server_config() {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot build the TLS server configuration");
+                return;
+            }
+        };
+        let tls = match tokio_rustls::TlsAcceptor::from(config).accept(io).await {
+            Ok(tls) => tls,
+            Err(err) => {
+                tracing::info!(dst = %orig_dst, error = %err, "mutual TLS handshake failed; closing");
+                return;
+            }
+        };
+        let (_, session) = tls.get_ref();
+        let client = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(weft_identity::tls::identity_of);
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        peers.connection_security_policy = ConnectionSecurity::mutual_tls;
+        peers.source_principal = client
+            .as_ref()
+            .map_or_else(Label::unknown, |id| Label::from(id.to_string()));
+        let client_cert = client.map(|id| format!("By={};URI={id}", material.credentials.id));
+        let handling = match alpn.as_deref() {
+            Some(b"h2") => Some(Handling::Http(HttpVersion::Http2)),
+            Some(b"http/1.1") => Some(Handling::Http(HttpVersion::Http1)),
+            _ => None,
+        };
+        let (io, handling) = match handling {
+            Some(handling) => (PrefixedIo::new(Default::default(), tls), handling),
+            None => {
+                let (io, handling, _) = detect(tls, declared, detect_timeout).await;
+                (io, handling)
+            }
+        };
+        return forward(
+            inputs,
+            io,
+            handling,
+            Connection {
+                orig_dst,
+                destination,
+                peers,
+                client_cert,
+            },
+        )
+        .await;
     }
+    if peer_authentication == PeerAuthentication::Strict {
+        tracing::info!(dst = %orig_dst, "plaintext connection refused: mutual TLS is STRICT here");
+        let labels = TcpLabels {
+            peers,
+            response_flags: ResponseFlags::NONE,
+        };
+        inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+        return;
+    }
+    if let Some(hello) = &hello {
+        tracing::debug!(sni = ?hello.server_name, alpn = ?hello.alpn, dst = %orig_dst, "TLS from the client, forwarded as opaque");
+    }
+    // Sniffed only for mutual TLS: the port's declared protocol still decides.
+    let handling = match (declared, handling) {
+        (Protocol::Tcp, _) => Handling::Opaque,
+        (Protocol::Http2, _) => Handling::Http(HttpVersion::Http2),
+        (Protocol::Http, Handling::Opaque) => Handling::Http(HttpVersion::Http1),
+        (_, handling) => handling,
+    };
+    forward(
+        inputs,
+        io,
+        handling,
+        Connection {
+            orig_dst,
+            destination,
+            peers,
+            client_cert: None,
+        },
+    )
+    .await
+}
+
+/// What forwarding a connection needs once its protocol and peer are known.
+struct Connection {
+    orig_dst: SocketAddr,
+    destination: Destination,
+    peers: Peers,
+    /// `x-forwarded-client-cert` for the app, when the client proved an identity.
+    client_cert: Option<String>,
+}
+
+async fn forward<S>(inputs: Arc<Inputs>, io: PrefixedIo<S>, handling: Handling, conn: Connection)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     match handling {
         Handling::Http(version) => {
             let upstream = match conn.destination {
@@ -97,6 +216,9 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 orig_dst: conn.orig_dst,
                 version,
                 peers: conn.peers,
+                client_cert: conn
+                    .client_cert
+                    .and_then(|v| http::HeaderValue::from_str(&v).ok()),
             });
             let forwarder = inputs.forwarder.clone();
             let result = weft_http::serve(io, version, inputs.drain.clone(), move |req| {
@@ -115,19 +237,21 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
 
 /// Copies bytes both ways until both sides have closed, half-close included: when one side finishes
 /// sending, the other side's write half is shut down and the opposite direction keeps flowing.
-async fn forward_tcp(
+async fn forward_tcp<S>(
     inputs: &Inputs,
-    mut downstream: PrefixedIo<TcpStream>,
+    mut downstream: PrefixedIo<S>,
     destination: Destination,
     peers: Peers,
     dst: SocketAddr,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut labels = TcpLabels {
         peers,
         response_flags: ResponseFlags::NONE,
     };
     let picked = match &destination {
-        Destination::Direct(addr, settings) => Ok((*addr, *settings)),
+        Destination::Direct(addr, settings) => Ok((*addr, settings.clone())),
         Destination::Target(
             Target {
                 cluster: Some(cluster),
@@ -149,7 +273,7 @@ async fn forward_tcp(
             return;
         }
     };
-    let mut upstream = match weft_transport::connect(endpoint, settings.connect_timeout).await {
+    let mut upstream = match inputs.forwarder.connect_tcp(endpoint, &settings).await {
         Ok(stream) => stream,
         Err(err) => {
             labels.response_flags = ResponseFlags::UPSTREAM_CONNECT_FAILURE;

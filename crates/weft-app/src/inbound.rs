@@ -16,19 +16,8 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let mesh = inputs.mesh();
     let Some(policy) = &mesh.inbound else { return };
     let app = policy.app_for(orig_dst);
-    let node = &inputs.bootstrap.node;
-    let peers = Peers {
-        reporter: Reporter::destination,
-        source_workload: Label::unknown(),
-        source_workload_namespace: Label::unknown(),
-        source_principal: Label::unknown(),
-        destination_workload: node.workload.as_str().into(),
-        destination_workload_namespace: node.namespace.as_str().into(),
-        destination_principal: Label::unknown(),
-        // Istio's name for the inbound cluster of a port.
-        destination_service: format!("inbound|{}||", orig_dst.port()).into(),
-        connection_security_policy: ConnectionSecurity::none,
-    };
+    // Istio's name for the inbound cluster of a port.
+    let peers = destination_peers(&inputs, format!("inbound|{}||", orig_dst.port()).into());
     let routed = Routed {
         stream: conn.stream,
         orig_dst,
@@ -36,6 +25,27 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         protocol: Some(policy.protocol_for(orig_dst.port())),
         peers,
         inbound: true,
+        peer_authentication: policy.peer_authentication,
     };
     serve(inputs, routed, mesh.detect_timeout).await;
+}
+
+/// Labels for the server side of a hop; the caller is unknown until mutual TLS names it.
+pub(crate) fn destination_peers(inputs: &Inputs, destination_service: Label) -> Peers {
+    let node = &inputs.bootstrap.node;
+    Peers {
+        reporter: Reporter::destination,
+        source_workload: Label::unknown(),
+        source_workload_namespace: Label::unknown(),
+        source_principal: Label::unknown(),
+        destination_workload: node.workload.as_str().into(),
+        destination_workload_namespace: node.namespace.as_str().into(),
+        destination_principal: inputs
+            .bootstrap
+            .identity
+            .as_ref()
+            .map_or_else(Label::unknown, |i| Label::from(i.id.as_str())),
+        destination_service,
+        connection_security_policy: ConnectionSecurity::none,
+    }
 }

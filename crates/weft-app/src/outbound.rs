@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use weft_model::{Egress, ExplicitListener, Target};
+use weft_model::{Egress, ExplicitListener, PeerAuthentication, Target};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, TcpLabels};
 use weft_transport::Accepted;
 
@@ -44,6 +44,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         protocol: None,
         peers,
         inbound: false,
+        peer_authentication: PeerAuthentication::Disable,
     };
     serve(inputs, routed, mesh.detect_timeout).await;
 }
@@ -51,14 +52,23 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
 /// A connection to a listener bound on a fixed address: it goes to the listener's target.
 pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, conn: Accepted) {
     let detect_timeout = inputs.mesh().detect_timeout;
+    // A listener that authenticates peers is a workload's entry point (the server side of a hop).
+    let entry = listener.peer_authentication != PeerAuthentication::Disable;
+    let service = service_label(&listener.target);
+    let peers = if entry {
+        crate::inbound::destination_peers(&inputs, service)
+    } else {
+        source_peers(&inputs, service)
+    };
     let routed = Routed {
         stream: conn.stream,
         // The clients dialled the listener's own address; requests without an authority use it.
         orig_dst: conn.local,
-        peers: source_peers(&inputs, service_label(&listener.target)),
+        peers,
         destination: Destination::Target(listener.target, TargetKey::Listener(listener.name)),
         protocol: None,
-        inbound: false,
+        inbound: entry,
+        peer_authentication: listener.peer_authentication,
     };
     serve(inputs, routed, detect_timeout).await;
 }

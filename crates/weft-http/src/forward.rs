@@ -26,6 +26,8 @@ pub trait RouteSource: std::fmt::Debug + Send + Sync {
     fn current(&self) -> Option<Arc<RouteTable>>;
 }
 
+const XFCC: &str = "x-forwarded-client-cert";
+
 /// Where requests of a connection go.
 #[derive(Debug, Clone)]
 pub enum Upstream {
@@ -55,6 +57,8 @@ pub struct HttpContext {
     pub orig_dst: SocketAddr,
     pub version: HttpVersion,
     pub peers: Peers,
+    /// Set as `x-forwarded-client-cert` (the caller's proven identity); any the client sent is removed.
+    pub client_cert: Option<HeaderValue>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -74,14 +78,28 @@ impl Forwarder {
         }
     }
 
+    /// A connection for opaque TCP (mutual TLS when the settings ask for it).
+    pub async fn connect_tcp(
+        &self,
+        endpoint: SocketAddr,
+        settings: &PoolSettings,
+    ) -> Result<crate::UpstreamIo, crate::ConnectError> {
+        self.pools.connect_tcp(endpoint, settings).await
+    }
+
     /// An endpoint of `cluster` for a new request or connection, by the cluster's balancing policy.
     pub fn pick_endpoint(&self, cluster: &Cluster) -> Option<(SocketAddr, PoolSettings)> {
         let endpoint = self.balancer.pick(cluster)?;
+        let tls = cluster
+            .tls
+            .as_ref()
+            .map(|t| t.identities.iter().filter_map(|id| id.parse().ok()).collect());
         Some((
             endpoint,
             PoolSettings {
                 connect_timeout: cluster.connect_timeout,
                 idle_timeout: cluster.idle_timeout,
+                tls,
             },
         ))
     }
@@ -96,7 +114,7 @@ impl Forwarder {
             Upstream::Direct { addr, settings } => {
                 return Ok(Decision {
                     endpoint: *addr,
-                    settings: *settings,
+                    settings: settings.clone(),
                     timeout: None,
                     service: None,
                 });
@@ -142,6 +160,11 @@ impl Forwarder {
         // The proxy answers `Expect: 100-continue` itself: hyper sends `100 Continue` when the body is first
         // read, which happens once the upstream connection is ready for it.
         parts.headers.remove(header::EXPECT);
+        // Only the proxy may say who the client is (Envoy's SANITIZE_SET).
+        parts.headers.remove(XFCC);
+        if let Some(value) = &ctx.client_cert {
+            parts.headers.insert(XFCC, value.clone());
+        }
         let upgrade = upgrade.filter(|_| ctx.version == HttpVersion::Http1);
         if let Some(protocol) = &upgrade {
             set_upgrade(&mut parts.headers, protocol.clone());

@@ -14,5 +14,5 @@ mod server;
 pub use body::ProxyBody;
 pub use error::UpstreamError;
 pub use forward::{Forwarder, HttpContext, RouteSource, Upstream};
-pub use pool::{PoolSettings, Pools};
+pub use pool::{ConnectError, PoolSettings, Pools, UpstreamIo};
 pub use server::{HttpVersion, serve};

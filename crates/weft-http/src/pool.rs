@@ -1,22 +1,29 @@
-//! Pooled upstream connections, one pool per endpoint and protocol.
+//! Pooled upstream connections, one pool per endpoint, protocol and connection settings.
 //!
 //! Each pool is a hyper-util client whose connector always dials its one endpoint, so connections are
-//! reused per endpoint (what load balancing needs) while requests keep the authority the app sent.
-//! This connector is where TLS to mesh peers is added.
+//! reused per endpoint (what load balancing needs) while requests keep the authority the app sent. The
+//! connect step is [`connect`]: plain TCP, or mutual TLS to a mesh peer that must prove one of the
+//! identities the configuration expects.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use weft_transport::ConnectError;
+use tokio::sync::watch;
+use weft_identity::SpiffeId;
+use weft_identity::tls::TlsMaterial;
 
 use crate::HttpVersion;
 
@@ -26,15 +33,20 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
 /// passthrough destinations does not keep a client for each forever.
 const POOL_EXPIRY_GRACE: Duration = Duration::from_secs(60);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// The server name sent in mesh handshakes. Peers are verified by SPIFFE identity, not by name.
+const MESH_SNI: &str = "outbound.weft.mesh";
 
-/// Connection settings of a pool; part of its key, so a config change gets a fresh pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// How connections to an endpoint are made; part of the pool key, so a configuration change gets a
+/// fresh pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Mutual TLS: the identities the endpoint may present. `None`: plaintext.
+    pub tls: Option<Arc<[SpiffeId]>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     endpoint: SocketAddr,
     version: HttpVersion,
@@ -53,6 +65,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct Pools {
     inner: Mutex<Inner>,
+    /// The current workload certificate, for mutual TLS.
+    tls: watch::Receiver<Option<TlsMaterial>>,
 }
 
 #[derive(Debug)]
@@ -61,18 +75,28 @@ struct Inner {
     last_sweep: Instant,
 }
 
-impl Default for Pools {
-    fn default() -> Self {
+/// Why an upstream connection could not be made; all are connect failures (`UF`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Tcp(#[from] weft_transport::ConnectError),
+    #[error("no workload certificate yet for mutual TLS to {0}")]
+    NoCertificate(SocketAddr),
+    #[error("mutual TLS to {endpoint} failed: {reason}")]
+    Tls { endpoint: SocketAddr, reason: String },
+}
+
+impl Pools {
+    pub fn new(tls: watch::Receiver<Option<TlsMaterial>>) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 pools: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
+            tls,
         }
     }
-}
 
-impl Pools {
     pub(crate) fn client(
         &self,
         endpoint: SocketAddr,
@@ -94,12 +118,19 @@ impl Pools {
                 .pools
                 .retain(|k, e| now.duration_since(e.last_used) < k.settings.idle_timeout + POOL_EXPIRY_GRACE);
         }
-        let entry = inner.pools.entry(key).or_insert_with(|| Entry {
-            client: build(key),
-            last_used: now,
-        });
-        entry.last_used = now;
-        entry.client.clone()
+        if let Some(entry) = inner.pools.get_mut(&key) {
+            entry.last_used = now;
+            return entry.client.clone();
+        }
+        let client = build(&key, self.tls.clone());
+        inner.pools.insert(
+            key,
+            Entry {
+                client: client.clone(),
+                last_used: now,
+            },
+        );
+        client
     }
 
     /// Number of live pools (for the admin view and tests).
@@ -110,12 +141,23 @@ impl Pools {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A connection for opaque TCP to `endpoint`, with mutual TLS when the settings ask for it.
+    pub async fn connect_tcp(
+        &self,
+        endpoint: SocketAddr,
+        settings: &PoolSettings,
+    ) -> Result<UpstreamIo, ConnectError> {
+        connect(endpoint, settings, &self.tls, &[]).await
+    }
 }
 
-fn build(key: PoolKey) -> UpstreamClient {
+fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamClient {
     let connector = EndpointConnector {
         endpoint: key.endpoint,
-        timeout: key.settings.connect_timeout,
+        settings: key.settings.clone(),
+        version: key.version,
+        tls,
     };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
@@ -133,15 +175,155 @@ fn build(key: PoolKey) -> UpstreamClient {
     builder.build(connector)
 }
 
+/// Connects to `endpoint`: plain TCP, or mutual TLS offering `alpn`.
+pub(crate) async fn connect(
+    endpoint: SocketAddr,
+    settings: &PoolSettings,
+    tls: &watch::Receiver<Option<TlsMaterial>>,
+    alpn: &[&[u8]],
+) -> Result<UpstreamIo, ConnectError> {
+    let stream = weft_transport::connect(endpoint, settings.connect_timeout).await?;
+    let Some(expected) = &settings.tls else {
+        return Ok(UpstreamIo::Plain { stream });
+    };
+    let material = tls
+        .borrow()
+        .clone()
+        .ok_or(ConnectError::NoCertificate(endpoint))?;
+    let config = material
+        .client_config(expected.to_vec(), alpn)
+        .map_err(|e| ConnectError::Tls {
+            endpoint,
+            reason: e.to_string(),
+        })?;
+    let name = rustls::pki_types::ServerName::try_from(MESH_SNI).map_err(|e| ConnectError::Tls {
+        endpoint,
+        reason: e.to_string(),
+    })?;
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
+    let tls = tokio::time::timeout(settings.connect_timeout, handshake)
+        .await
+        .map_err(|_| ConnectError::Tls {
+            endpoint,
+            reason: "handshake timed out".into(),
+        })?
+        .map_err(|e| {
+            let reason = e.to_string();
+            // Names the identities expected and presented when they differ.
+            tracing::warn!(%endpoint, %reason, "mutual TLS handshake failed");
+            ConnectError::Tls { endpoint, reason }
+        })?;
+    Ok(UpstreamIo::Tls {
+        stream: Box::new(tls),
+    })
+}
+
+pin_project! {
+    /// An upstream connection: plain, or mutual TLS.
+    #[project = UpstreamIoProj]
+    #[derive(Debug)]
+    pub enum UpstreamIo {
+        Plain { #[pin] stream: TcpStream },
+        Tls { #[pin] stream: Box<tokio_rustls::client::TlsStream<TcpStream>> },
+    }
+}
+
+impl UpstreamIo {
+    fn negotiated_h2(&self) -> bool {
+        match self {
+            UpstreamIo::Plain { .. } => false,
+            UpstreamIo::Tls { stream } => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
+        }
+    }
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            UpstreamIoProj::Plain { stream } => stream.poll_read(cx, buf),
+            UpstreamIoProj::Tls { stream } => stream.poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.project() {
+            UpstreamIoProj::Plain { stream } => stream.poll_write(cx, buf),
+            UpstreamIoProj::Tls { stream } => stream.poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            UpstreamIoProj::Plain { stream } => stream.poll_flush(cx),
+            UpstreamIoProj::Tls { stream } => stream.poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.project() {
+            UpstreamIoProj::Plain { stream } => stream.poll_shutdown(cx),
+            UpstreamIoProj::Tls { stream } => stream.poll_shutdown(cx),
+        }
+    }
+}
+
+pin_project! {
+    /// [`UpstreamIo`] as hyper's client sees it.
+    #[derive(Debug)]
+    pub(crate) struct PoolIo {
+        #[pin]
+        inner: TokioIo<UpstreamIo>,
+    }
+}
+
+impl Connection for PoolIo {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new();
+        if self.inner.inner().negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl hyper::rt::Read for PoolIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PoolIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
 /// Dials one fixed endpoint, whatever the request's URI says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct EndpointConnector {
     endpoint: SocketAddr,
-    timeout: Duration,
+    settings: PoolSettings,
+    version: HttpVersion,
+    tls: watch::Receiver<Option<TlsMaterial>>,
 }
 
 impl tower_service::Service<http::Uri> for EndpointConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = PoolIo;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -150,7 +332,16 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
-        let Self { endpoint, timeout } = *self;
-        Box::pin(async move { weft_transport::connect(endpoint, timeout).await.map(TokioIo::new) })
+        let this = self.clone();
+        Box::pin(async move {
+            let alpn: &[&[u8]] = match this.version {
+                HttpVersion::Http1 => &[b"http/1.1"],
+                HttpVersion::Http2 => &[b"h2"],
+            };
+            let io = connect(this.endpoint, &this.settings, &this.tls, alpn).await?;
+            Ok(PoolIo {
+                inner: TokioIo::new(io),
+            })
+        })
     }
 }

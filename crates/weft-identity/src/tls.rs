@@ -38,7 +38,10 @@ pub struct TlsMaterial {
     key: Arc<PrivateKeyDer<'static>>,
     roots: Arc<RootCertStore>,
     anchors: Arc<Vec<TrustAnchor<'static>>>,
+    root_ders: Arc<Vec<CertificateDer<'static>>>,
     provider: Arc<CryptoProvider>,
+    /// The server configuration is the same for every inbound connection: built once per certificate.
+    server: Arc<std::sync::OnceLock<Arc<ServerConfig>>>,
 }
 
 impl fmt::Debug for TlsMaterial {
@@ -63,14 +66,21 @@ impl TlsMaterial {
             .map_err(|e| TlsError::Pem(e.to_string()))?;
         let mut roots = RootCertStore::empty();
         let mut anchors = Vec::new();
+        let mut root_ders = Vec::new();
         for pem in std::iter::once(credentials.root_pem()).chain(trust_bundle.iter().map(String::as_str)) {
             let der =
                 CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))?;
             let anchor = webpki::anchor_from_trusted_cert(&der)
                 .map_err(|e| TlsError::Roots(e.to_string()))?
                 .to_owned();
-            roots.add(der).map_err(|e| TlsError::Roots(e.to_string()))?;
+            if root_ders.contains(&der) {
+                continue;
+            }
+            roots
+                .add(der.clone())
+                .map_err(|e| TlsError::Roots(e.to_string()))?;
             anchors.push(anchor);
+            root_ders.push(der);
         }
         Ok(Self {
             credentials,
@@ -78,12 +88,38 @@ impl TlsMaterial {
             key: Arc::new(key),
             roots: Arc::new(roots),
             anchors: Arc::new(anchors),
+            root_ders: Arc::new(root_ders),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
+            server: Arc::new(std::sync::OnceLock::new()),
         })
+    }
+
+    /// SHA-256 fingerprints of the trusted roots, as `openssl x509 -fingerprint -sha256` prints them.
+    pub fn root_fingerprints(&self) -> Vec<String> {
+        self.root_ders
+            .iter()
+            .map(|der| {
+                let digest = ring::digest::digest(&ring::digest::SHA256, der);
+                digest
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02X}"))
+                    .collect::<Vec<_>>()
+                    .join(":")
+            })
+            .collect()
     }
 
     /// For the inbound side: a client certificate chained to the trust bundle is required.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        if let Some(config) = self.server.get() {
+            return Ok(config.clone());
+        }
+        let config = self.build_server_config()?;
+        Ok(self.server.get_or_init(|| config).clone())
+    }
+
+    fn build_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
             .build()
             .map_err(|e| TlsError::Roots(e.to_string()))?;
@@ -95,8 +131,13 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
-    /// For one outbound connection: the server must prove one of `expected`.
-    pub fn client_config(&self, expected: Vec<SpiffeId>) -> Result<Arc<ClientConfig>, TlsError> {
+    /// For one outbound connection: the server must prove one of `expected`. `alpn`: what to offer
+    /// (the protocol the connection will carry).
+    pub fn client_config(
+        &self,
+        expected: Vec<SpiffeId>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let verifier = SpiffeServerVerifier {
             anchors: self.anchors.clone(),
             expected,
@@ -107,7 +148,7 @@ impl TlsMaterial {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
 }

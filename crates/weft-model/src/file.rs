@@ -30,6 +30,9 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Istio's trust domain and certificate lifetime defaults.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 /// How long in-flight requests get to finish on shutdown.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -56,6 +59,26 @@ pub struct ProxyFile {
     pub clusters: Vec<ClusterFile>,
     pub routes: Vec<RouteTableFile>,
     pub xds: Option<XdsFile>,
+    pub identity: Option<IdentityFile>,
+}
+
+/// Where the proxy gets its workload certificate: a CA speaking Istio's CreateCertificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    /// `http://host:15010`.
+    pub ca_address: String,
+    /// The bearer token proving the workload's identity (`weft control token`), inline...
+    #[serde(default)]
+    pub token: Option<String>,
+    /// ...or read from a file (a projected service-account token in Kubernetes).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    /// Requested certificate lifetime.
+    #[serde(default, with = "humantime_serde")]
+    pub validity: Option<Duration>,
 }
 
 /// The control plane to take listeners, routes, clusters and endpoints from (ADS).
@@ -134,6 +157,8 @@ pub struct InboundFile {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     pub ports: Vec<InboundPortFile>,
+    /// Istio's PeerAuthentication mode for the inbound listener; `permissive` by default.
+    pub peer_authentication: crate::PeerAuthentication,
 }
 
 impl Default for InboundFile {
@@ -144,6 +169,7 @@ impl Default for InboundFile {
             app_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             idle_timeout: None,
             ports: Vec::new(),
+            peer_authentication: crate::PeerAuthentication::Permissive,
         }
     }
 }
@@ -160,6 +186,9 @@ pub struct InboundPortFile {
 pub struct ListenerFile {
     pub name: String,
     pub address: SocketAddr,
+    /// Mutual TLS from peers: `disable` (the default for explicit listeners), `permissive`, `strict`.
+    #[serde(default)]
+    pub peer_authentication: Option<crate::PeerAuthentication>,
     #[serde(flatten)]
     pub target: TargetFile,
 }
@@ -176,6 +205,15 @@ pub struct ClusterFile {
     pub connect_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// Mutual TLS to the endpoints, which must prove one of these SPIFFE identities.
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    pub identities: Vec<String>,
 }
 
 /// `127.0.0.1:8080`, or `{ address: 127.0.0.1:8080, weight: 3 }`.
@@ -384,6 +422,7 @@ impl ProxyFile {
     /// Checks what the types cannot and builds the runtime model.
     pub fn validate(self) -> Result<(Bootstrap, Mesh), Invalid> {
         let wildcard = self.mode.wildcard();
+        let node_for_identity = self.node.clone().resolve();
         let bootstrap = Bootstrap {
             mode: self.mode,
             node: self.node.resolve(),
@@ -407,6 +446,10 @@ impl ProxyFile {
                     address: x.address,
                     initial_fetch_timeout: x.initial_fetch_timeout.unwrap_or(DEFAULT_INITIAL_FETCH_TIMEOUT),
                 }),
+                None => None,
+            },
+            identity: match self.identity {
+                Some(i) => Some(resolve_identity(i, &node_for_identity)?),
                 None => None,
             },
         };
@@ -457,6 +500,7 @@ impl ProxyFile {
             app_address: self.inbound.app_address,
             idle_timeout: self.inbound.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
             ports: inbound_ports,
+            peer_authentication: self.inbound.peer_authentication,
         });
 
         let mut listeners = Vec::new();
@@ -475,6 +519,9 @@ impl ProxyFile {
             listeners.push(ExplicitListener {
                 name: l.name,
                 address: l.address,
+                peer_authentication: l
+                    .peer_authentication
+                    .unwrap_or(crate::PeerAuthentication::Disable),
                 target: resolved,
             });
         }
@@ -514,9 +561,32 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
                 "must be greater than 0",
             ));
         }
+        let tls = match &c.tls {
+            Some(t) => {
+                if t.identities.is_empty() {
+                    return Err(invalid(
+                        format!("clusters[{i}].tls.identities"),
+                        "name at least one identity to expect",
+                    ));
+                }
+                for (j, id) in t.identities.iter().enumerate() {
+                    if let Err(e) = id.parse::<weft_identity::SpiffeId>() {
+                        return Err(invalid(
+                            format!("clusters[{i}].tls.identities[{j}]"),
+                            e.to_string(),
+                        ));
+                    }
+                }
+                Some(crate::UpstreamTls {
+                    identities: t.identities.clone(),
+                })
+            }
+            None => None,
+        };
         let cluster = Cluster {
             name: c.name.clone(),
             endpoints,
+            tls,
             lb_policy: c.lb_policy,
             connect_timeout: c.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
@@ -529,6 +599,31 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
         }
     }
     Ok(by_name)
+}
+
+fn resolve_identity(i: IdentityFile, node: &Node) -> Result<crate::IdentitySource, Invalid> {
+    if !(i.ca_address.starts_with("http://") || i.ca_address.starts_with("https://")) {
+        return Err(invalid(
+            "identity.ca_address",
+            format!("\"{}\" must start with http:// or https://", i.ca_address),
+        ));
+    }
+    let token = match (i.token, i.token_file) {
+        (Some(t), None) => t,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| invalid("identity.token_file", format!("{}: {e}", path.display())))?,
+        _ => return Err(invalid("identity", "give exactly one of token, token_file")),
+    };
+    let trust_domain = i.trust_domain.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+    let id = weft_identity::SpiffeId::new(&trust_domain, &node.namespace, &node.service_account)
+        .map_err(|e| invalid("identity.trust_domain", e.to_string()))?;
+    Ok(crate::IdentitySource {
+        ca_address: i.ca_address,
+        token,
+        id: id.to_string(),
+        validity: i.validity.unwrap_or(DEFAULT_CERT_VALIDITY),
+    })
 }
 
 fn resolve_target(

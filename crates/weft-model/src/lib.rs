@@ -10,8 +10,8 @@ pub mod route;
 
 pub use file::{LoadError, load_file, parse};
 pub use mesh::{
-    Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, InboundPolicy, LbPolicy, Mesh, Mode, Node,
-    OutboundPolicy, Protocol, Target, XdsSource,
+    Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, IdentitySource, InboundPolicy, LbPolicy, Mesh,
+    Mode, Node, OutboundPolicy, PeerAuthentication, Protocol, Target, UpstreamTls, XdsSource,
 };
 pub use route::RouteTable;
 

@@ -75,6 +75,42 @@ pub struct Bootstrap {
     pub drain_timeout: Duration,
     /// Where dynamic configuration comes from; `None`: the file is the whole configuration.
     pub xds: Option<XdsSource>,
+    /// Where the workload certificate comes from; `None`: no mutual TLS.
+    pub identity: Option<IdentitySource>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentitySource {
+    pub ca_address: String,
+    #[serde(skip)]
+    pub token: String,
+    /// This workload's SPIFFE ID.
+    pub id: String,
+    #[serde(with = "humantime_serde")]
+    pub validity: Duration,
+}
+
+/// Istio's PeerAuthentication modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerAuthentication {
+    /// Plaintext only.
+    #[serde(alias = "DISABLE")]
+    Disable,
+    /// Mutual TLS or plaintext, told apart per connection.
+    #[default]
+    #[serde(alias = "PERMISSIVE")]
+    Permissive,
+    /// Mutual TLS only: plaintext connections are refused.
+    #[serde(alias = "STRICT")]
+    Strict,
+}
+
+/// Mutual TLS to a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    /// SPIFFE IDs the endpoints may present.
+    pub identities: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -125,6 +161,7 @@ pub struct InboundPolicy {
     pub idle_timeout: Duration,
     #[serde(serialize_with = "sorted_map")]
     pub ports: HashMap<u16, Protocol>,
+    pub peer_authentication: PeerAuthentication,
 }
 
 /// A listener bound to a fixed address that sends everything to one cluster (no iptables needed).
@@ -132,6 +169,7 @@ pub struct InboundPolicy {
 pub struct ExplicitListener {
     pub name: String,
     pub address: SocketAddr,
+    pub peer_authentication: PeerAuthentication,
     #[serde(flatten)]
     pub target: Target,
 }
@@ -163,6 +201,8 @@ impl Target {
 pub struct Cluster {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
+    /// Mutual TLS to the endpoints; `None`: plaintext.
+    pub tls: Option<UpstreamTls>,
     pub lb_policy: LbPolicy,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -176,6 +216,7 @@ impl Cluster {
         Self {
             name: name.to_owned(),
             endpoints: Vec::new(),
+            tls: None,
             lb_policy: LbPolicy::default(),
             connect_timeout: crate::file::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: crate::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT,

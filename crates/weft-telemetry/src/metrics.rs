@@ -141,6 +141,9 @@ pub struct Metrics {
     pub downstream_connections_active: Gauge,
     pub xds_updates: Family<XdsLabels, Counter>,
     pub xds_connected: Gauge,
+    pub certificate_renewals: Counter,
+    pub certificate_failures: Counter,
+    pub certificate_expiry: Gauge,
 }
 
 impl Metrics {
@@ -157,6 +160,9 @@ impl Metrics {
         let downstream_connections_active = Gauge::default();
         let xds_updates = Family::default();
         let xds_connected = Gauge::default();
+        let certificate_renewals = Counter::default();
+        let certificate_failures = Counter::default();
+        let certificate_expiry = Gauge::default();
 
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -212,6 +218,22 @@ impl Metrics {
             xds_connected.clone(),
         );
 
+        weft.register(
+            "certificate_renewals",
+            "Workload certificates received from the CA",
+            certificate_renewals.clone(),
+        );
+        weft.register(
+            "certificate_renewal_failures",
+            "Failed certificate requests (the valid certificate stays in use)",
+            certificate_failures.clone(),
+        );
+        weft.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the workload certificate in use expires (Unix time)",
+            certificate_expiry.clone(),
+        );
+
         Arc::new(Self {
             registry,
             requests,
@@ -224,6 +246,9 @@ impl Metrics {
             downstream_connections_active,
             xds_updates,
             xds_connected,
+            certificate_renewals,
+            certificate_failures,
+            certificate_expiry,
         })
     }
 

@@ -92,7 +92,7 @@ async fn handshake(
 
     let config = match client {
         Some(material) => material
-            .client_config(expect.iter().map(|sa| id(sa)).collect())
+            .client_config(expect.iter().map(|sa| id(sa)).collect(), &ALPN)
             .unwrap(),
         None => {
             // A client with no certificate, trusting the root: what a non-mesh TLS client looks like.

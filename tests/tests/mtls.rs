@@ -1,0 +1,212 @@
+//! Two sidecars talking mutual TLS with certificates from the control plane's CA: the server side knows
+//! the caller's SPIFFE identity, and what should be refused is.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_control::ControlPlane;
+use weft_test_support::http::{HttpServer, TestBody, drain_body, empty};
+use weft_test_support::{TestProxy, admin_get, assert_eventually, metric};
+
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/productpage";
+const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+async fn control_plane() -> ControlPlane {
+    let dir = tempfile::tempdir().unwrap();
+    ControlPlane::start(dir.keep(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+fn identity(cp: &ControlPlane, sa: &str, validity: &str) -> String {
+    let token = cp
+        .ca()
+        .tokens()
+        .issue("default", sa, Duration::from_secs(3600))
+        .unwrap();
+    format!(
+        "node: {{ workload: {sa}, namespace: default, service_account: {sa} }}\n\
+         identity: {{ ca_address: \"http://{}\", token: \"{token}\", validity: {validity} }}\n",
+        cp.address()
+    )
+}
+
+/// The server side: an explicit listener in front of the app, peers authenticated as `mode`.
+async fn server_side(cp: &ControlPlane, app: &HttpServer, mode: &str) -> TestProxy {
+    let proxy = TestProxy::start(&format!(
+        "{}listeners: [{{ name: inbound, address: 127.0.0.1:0, cluster: app, peer_authentication: {mode} }}]\n\
+         clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
+        identity(cp, "reviews", "1h"),
+        app.addr
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.0 == 200,
+        "server side not ready"
+    );
+    proxy
+}
+
+/// The client side: an explicit listener sending to the server side over mutual TLS, expecting `expect`.
+async fn client_side(cp: &ControlPlane, server: SocketAddr, expect: &str, validity: &str) -> TestProxy {
+    let proxy = TestProxy::start(&format!(
+        "{}listeners: [{{ name: front, address: 127.0.0.1:0, cluster: reviews }}]\n\
+         clusters: [{{ name: reviews, endpoints: [\"{server}\"], tls: {{ identities: [\"{expect}\"] }} }}]",
+        identity(cp, "productpage", validity)
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.0 == 200,
+        "client side not ready"
+    );
+    proxy
+}
+
+fn plain_client(
+    h2: bool,
+) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(h2)
+        .build_http()
+}
+
+async fn get(
+    client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody>,
+    front: SocketAddr,
+) -> StatusCode {
+    let response = client
+        .request(
+            Request::get(format!("http://{front}/reviews"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    drain_body(response.into_body()).await.unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_talk_mutual_tls_and_the_server_knows_the_caller() {
+    weft_test_support::init_tracing();
+    let cp = control_plane().await;
+    let app = HttpServer::start("reviews-app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    let client = client_side(&cp, server.listener("inbound"), REVIEWS, "1h").await;
+
+    for h2 in [false, true] {
+        assert_eq!(
+            get(&plain_client(h2), client.listener("front")).await,
+            StatusCode::OK,
+            "h2: {h2}"
+        );
+        let seen = app.last_request();
+        assert_eq!(
+            seen.headers["x-forwarded-client-cert"],
+            format!("By={REVIEWS};URI={PRODUCTPAGE}")
+        );
+    }
+
+    let metrics = server.metrics().await;
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", PRODUCTPAGE),
+        ("destination_principal", REVIEWS),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &labels),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "weft_certificate_renewals_total", &[]), 1.0);
+
+    let (_, certs) = admin_get(client.admin(), "/certs").await;
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(certs["identity"], PRODUCTPAGE);
+    assert_eq!(certs["trusted_roots_sha256"].as_array().unwrap().len(), 1);
+    assert!(certs["seconds_until_expiry"].as_u64().unwrap() > 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_the_wrong_identity_is_a_connect_failure() {
+    let cp = control_plane().await;
+    let app = HttpServer::start("app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    let client = client_side(
+        &cp,
+        server.listener("inbound"),
+        "spiffe://cluster.local/ns/default/sa/ratings",
+        "1h",
+    )
+    .await;
+    assert_eq!(
+        get(&plain_client(false), client.listener("front")).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(app.request_count(), 0);
+    let metrics = client.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UF")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_is_refused_in_strict_and_accepted_in_permissive() {
+    let cp = control_plane().await;
+    let app = HttpServer::start("app").await;
+    for (mode, answered) in [("strict", false), ("permissive", true)] {
+        let server = server_side(&cp, &app, mode).await;
+        let mut stream = tokio::net::TcpStream::connect(server.listener("inbound"))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        assert_eq!(
+            response.starts_with(b"HTTP/1.1 200"),
+            answered,
+            "{mode}: {}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    let cp = control_plane().await;
+    let app = HttpServer::start("app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    // Client certificates live 20 s: over 60 s the client side rotates several times.
+    let client = client_side(&cp, server.listener("inbound"), REVIEWS, "20s").await;
+    let http = plain_client(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut sent, mut failed) = (0u32, 0u32);
+    while std::time::Instant::now() < deadline {
+        if get(&http, client.listener("front")).await != StatusCode::OK {
+            failed += 1;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rotations = metric(&client.metrics().await, "weft_certificate_renewals_total", &[]);
+    assert!(rotations >= 4.0, "only {rotations} certificates in 60 s");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} requests failed across {rotations} rotations"
+    );
+}
