@@ -42,7 +42,7 @@ both_versions!(
     trailers_pass_through,
 );
 
-const SERVICE: &str = "10.96.0.10:80";
+const SERVICE: &str = "127.0.96.10:80";
 
 fn dst(s: &str) -> SocketAddr {
     s.parse().unwrap()

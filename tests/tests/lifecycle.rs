@@ -19,7 +19,7 @@ fn get(path: &str) -> http::Request<weft_test_support::http::TestBody> {
 async fn admin_endpoints() {
     let app = HttpServer::start("app").await;
     let proxy = TestProxy::start(&format!(
-        "node: {{ workload: ratings-v1, namespace: shop }}\nclusters: [{{ name: ratings, endpoints: [{}] }}]\noutbound: {{ services: [{{ address: 10.96.1.1:8080, cluster: ratings, protocol: http }}] }}",
+        "node: {{ workload: ratings-v1, namespace: shop }}\nclusters: [{{ name: ratings, endpoints: [{}] }}]\noutbound: {{ services: [{{ address: 127.0.96.101:8080, cluster: ratings, protocol: http }}] }}",
         app.addr
     ))
     .await;
@@ -45,11 +45,11 @@ async fn admin_endpoints() {
     );
     assert_eq!(dump["mesh"]["clusters"][0]["endpoints"][0]["weight"], 1);
     assert_eq!(
-        dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["cluster"],
+        dump["mesh"]["outbound"]["services"]["127.0.96.101:8080"]["cluster"],
         "ratings"
     );
     assert_eq!(
-        dump["mesh"]["outbound"]["services"]["10.96.1.1:8080"]["protocol"],
+        dump["mesh"]["outbound"]["services"]["127.0.96.101:8080"]["protocol"],
         "http"
     );
 
@@ -150,13 +150,13 @@ async fn drain_finishes_in_flight_request_http2() {
 async fn drain_timeout_closes_what_is_left() {
     let server = TcpServer::echo().await;
     let proxy = TestProxy::start(&format!(
-        "drain_timeout: 300ms\noutbound: {{ services: [{{ address: 10.96.0.7:7000, cluster: echo, protocol: tcp }}] }}\nclusters: [{{ name: echo, endpoints: [{}] }}]",
+        "drain_timeout: 300ms\noutbound: {{ services: [{{ address: 127.0.96.7:7000, cluster: echo, protocol: tcp }}] }}\nclusters: [{{ name: echo, endpoints: [{}] }}]",
         server.addr
     ))
     .await;
     let mut idle = proxy
         .orig_dst
-        .connect(proxy.outbound(), "10.96.0.7:7000".parse().unwrap())
+        .connect(proxy.outbound(), "127.0.96.7:7000".parse().unwrap())
         .await
         .unwrap();
     idle.write_all(b"x").await.unwrap();
@@ -183,11 +183,11 @@ async fn config_update_applies_to_the_next_request() {
     let new = HttpServer::start("new").await;
     let config = |endpoint: std::net::SocketAddr| {
         format!(
-            "outbound: {{ services: [{{ address: 10.96.0.3:80, cluster: web }}] }}\nclusters: [{{ name: web, endpoints: [{endpoint}] }}]"
+            "outbound: {{ services: [{{ address: 127.0.96.3:80, cluster: web }}] }}\nclusters: [{{ name: web, endpoints: [{endpoint}] }}]"
         )
     };
     let proxy = TestProxy::start(&config(old.addr)).await;
-    let service = "10.96.0.3:80".parse().unwrap();
+    let service = "127.0.96.3:80".parse().unwrap();
     let before = client(proxy.orig_dst.connector(proxy.outbound(), service), false);
     let served_by =
         |r: &http::Response<hyper::body::Incoming>| r.headers()["x-served-by"].to_str().unwrap().to_owned();

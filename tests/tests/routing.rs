@@ -8,7 +8,7 @@ use http::{Request, StatusCode};
 use weft_test_support::TestProxy;
 use weft_test_support::http::{HttpServer, TestBody, client, drain_body, empty};
 
-const SERVICE: &str = "10.96.0.40:80";
+const SERVICE: &str = "127.0.96.40:80";
 
 async fn proxy(v1: &HttpServer, v2: &HttpServer) -> TestProxy {
     TestProxy::start(&format!(

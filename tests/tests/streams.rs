@@ -71,11 +71,11 @@ async fn grpc_bidirectional_streaming_interleaves() {
     let server = GrpcServer::start("grpc-b").await;
     // Declared http2: no detection at all.
     let proxy = TestProxy::start(&format!(
-        "outbound: {{ services: [{{ address: 10.96.0.50:50051, cluster: echo, protocol: grpc }}] }}\nclusters: [{{ name: echo, endpoints: [{}] }}]",
+        "outbound: {{ services: [{{ address: 127.0.96.50:50051, cluster: echo, protocol: grpc }}] }}\nclusters: [{{ name: echo, endpoints: [{}] }}]",
         server.addr
     ))
     .await;
-    let mut client = grpc_client(&proxy, "10.96.0.50:50051".parse().unwrap()).await;
+    let mut client = grpc_client(&proxy, "127.0.96.50:50051".parse().unwrap()).await;
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
@@ -128,13 +128,13 @@ async fn websocket_echo_through_an_upgrade() {
 async fn opaque_tcp_half_close_and_byte_counts() {
     let server = TcpServer::echo().await;
     let proxy = TestProxy::start(&format!(
-        "outbound: {{ services: [{{ address: 10.96.0.7:7000, cluster: echo, protocol: tcp }}] }}\nclusters: [{{ name: echo, endpoints: [{}] }}]",
+        "outbound: {{ services: [{{ address: 127.0.96.7:7000, cluster: echo, protocol: tcp }}] }}\nclusters: [{{ name: echo, endpoints: [{}] }}]",
         server.addr
     ))
     .await;
     let mut stream = proxy
         .orig_dst
-        .connect(proxy.outbound(), "10.96.0.7:7000".parse().unwrap())
+        .connect(proxy.outbound(), "127.0.96.7:7000".parse().unwrap())
         .await
         .unwrap();
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -206,7 +206,7 @@ async fn declared_opaque_ports_never_wait_for_detection() {
     .await;
     let mut stream = proxy
         .orig_dst
-        .connect(proxy.outbound(), "10.96.0.9:3306".parse().unwrap())
+        .connect(proxy.outbound(), "127.0.96.9:3306".parse().unwrap())
         .await
         .unwrap();
     let mut greeting = [0u8; 14];

@@ -13,7 +13,7 @@ use weft_control::ControlPlane;
 use weft_test_support::http::{HttpServer, TestBody, client, drain_body, empty};
 use weft_test_support::{TestProxy, admin_get, assert_eventually};
 
-const ORDER_SVC: &str = "10.96.0.30:8080";
+const ORDER_SVC: &str = "127.0.96.30:8080";
 
 /// The seed's order-service example, with its workloads at these servers' ports.
 fn order_yaml(v1: &HttpServer, v2: &HttpServer) -> String {
@@ -453,7 +453,7 @@ async fn an_xds_server_that_is_not_weft_control_drives_the_proxy_and_gets_precis
     let client = client(
         proxy
             .orig_dst
-            .connector(proxy.outbound(), "10.0.0.9:8000".parse().unwrap()),
+            .connector(proxy.outbound(), "127.0.96.9:8000".parse().unwrap()),
         false,
     );
     let response = client

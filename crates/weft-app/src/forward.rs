@@ -116,7 +116,12 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 return;
             }
         };
-        let tls = match tokio_rustls::TlsAcceptor::from(config).accept(io).await {
+        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(io);
+        let accepted = tokio::select! {
+            accepted = handshake => accepted,
+            () = inputs.drain.cancelled() => return,
+        };
+        let tls = match accepted {
             Ok(tls) => tls,
             Err(err) => {
                 tracing::info!(dst = %orig_dst, error = %err, "mutual TLS handshake failed; closing");

@@ -44,6 +44,7 @@ pub struct ControlPlane {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     watcher: JoinHandle<()>,
     ca: Arc<ca::CertificateAuthority>,
+    catalog: watch::Receiver<Arc<Catalog>>,
 }
 
 /// Istio's default trust domain.
@@ -72,7 +73,10 @@ impl ControlPlane {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;
         let observed = Arc::new(Observed::default());
-        let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(catalog_rx, observed.clone()));
+        let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(
+            catalog_rx.clone(),
+            observed.clone(),
+        ));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
@@ -92,11 +96,17 @@ impl ControlPlane {
             server,
             watcher,
             ca,
+            catalog: catalog_rx,
         })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// The resources in force.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.borrow().clone()
     }
 
     pub fn ca(&self) -> &Arc<ca::CertificateAuthority> {

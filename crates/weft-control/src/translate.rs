@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, address, config_source,
     socket_address,
 };
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
@@ -29,6 +30,12 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::{
+    CombinedCertificateValidationContext, ValidationContextType,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, UpstreamTlsContext,
+};
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as XDuration, UInt32Value};
 use envoy_types::util::pack_any;
@@ -42,6 +49,8 @@ use crate::resources::{
 pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
 pub const INBOUND_CAPTURE_PORT: u32 = 15006;
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
+/// The label Istio's injector puts on workloads that have a sidecar.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 const ROUTER_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 /// Istio's default retry policy for routes without one (`pilot/pkg/networking/core/route/retry`).
 const ISTIO_DEFAULT_RETRY_ON: &str =
@@ -128,11 +137,12 @@ impl Builder {
         let policy = rule.and_then(|r| r.traffic_policy.as_ref());
 
         let default_cluster = cluster_name(port.port, "", &host);
-        self.cluster(&default_cluster, policy);
-        self.load_assignment(&default_cluster, catalog, service, port, &Default::default());
+        let all = BTreeMap::new();
+        self.cluster(&default_cluster, policy, mesh_identities(catalog, service, &all));
+        self.load_assignment(&default_cluster, catalog, service, port, &all);
         for subset in rule.map(|r| r.subsets.as_slice()).unwrap_or_default() {
             let name = cluster_name(port.port, &subset.name, &host);
-            self.cluster(&name, policy);
+            self.cluster(&name, policy, mesh_identities(catalog, service, &subset.labels));
             self.load_assignment(&name, catalog, service, port, &subset.labels);
         }
 
@@ -174,7 +184,7 @@ impl Builder {
         }
     }
 
-    fn cluster(&mut self, name: &str, policy: Option<&TrafficPolicy>) {
+    fn cluster(&mut self, name: &str, policy: Option<&TrafficPolicy>, identities: Option<Vec<String>>) {
         let lb_policy = match policy
             .and_then(|p| p.load_balancer.as_ref())
             .and_then(|l| l.simple.as_deref())
@@ -245,6 +255,7 @@ impl Builder {
                     ..Default::default()
                 }),
                 outlier_detection,
+                transport_socket: identities.map(|ids| upstream_tls(&ids)),
                 ..Default::default()
             },
         );
@@ -435,6 +446,64 @@ impl Builder {
                 ..Default::default()
             },
         );
+    }
+}
+
+/// Istio's auto-mTLS: when every workload behind a cluster carries the sidecar label
+/// `security.istio.io/tlsMode: istio`, the cluster speaks mutual TLS and expects their service accounts.
+fn mesh_identities(
+    catalog: &Catalog,
+    service: &Resource<ServiceSpec>,
+    subset: &BTreeMap<String, String>,
+) -> Option<Vec<String>> {
+    let workloads: Vec<_> = workloads_of(catalog, service)
+        .filter(|w| labels_match(subset, &w.spec.labels))
+        .collect();
+    let meshed = !workloads.is_empty()
+        && workloads
+            .iter()
+            .all(|w| w.spec.labels.get(TLS_MODE_LABEL).is_some_and(|v| v == "istio"));
+    meshed.then(|| {
+        let ids: BTreeSet<String> = workloads
+            .iter()
+            .map(|w| {
+                let sa = w.spec.service_account.as_deref().unwrap_or("default");
+                format!(
+                    "spiffe://{}/ns/{}/sa/{sa}",
+                    crate::DEFAULT_TRUST_DOMAIN,
+                    w.metadata.namespace()
+                )
+            })
+            .collect();
+        ids.into_iter().collect()
+    })
+}
+
+fn upstream_tls(identities: &[String]) -> TransportSocket {
+    let exact = |id: &String| StringMatcher {
+        match_pattern: Some(string_matcher::MatchPattern::Exact(id.clone())),
+        ignore_case: false,
+    };
+    #[allow(deprecated)]
+    let validation = CertificateValidationContext {
+        match_subject_alt_names: identities.iter().map(exact).collect(),
+        ..Default::default()
+    };
+    let context = UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(validation),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
     }
 }
 

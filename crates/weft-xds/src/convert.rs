@@ -32,7 +32,10 @@ use weft_model::route::{
     DEFAULT_ROUTE_TIMEOUT, HeaderMatch, PathMatch, RetryPolicy, Route, RouteAction, RouteMatch, RouteTable, ValueMatch,
     VirtualHost, WeightedCluster, compile_regex,
 };
-use weft_model::{Egress, Endpoint, LbPolicy, Protocol};
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
+use weft_model::{Egress, Endpoint, LbPolicy, Protocol, UpstreamTls};
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -131,6 +134,7 @@ pub struct ClusterSpec {
     pub static_endpoints: Vec<Endpoint>,
     pub lb_policy: LbPolicy,
     pub connect_timeout: Duration,
+    pub tls: Option<UpstreamTls>,
 }
 
 pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
@@ -523,13 +527,68 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
     if connect_timeout.is_zero() {
         return Err(ctx.err("connect_timeout", "must be greater than 0"));
     }
+    let tls = match &c.transport_socket {
+        Some(socket) => Some(upstream_tls(&ctx, socket)?),
+        None => None,
+    };
     Ok(ClusterSpec {
         name: c.name.clone(),
         eds_name,
         static_endpoints,
         lb_policy,
         connect_timeout,
+        tls,
     })
+}
+
+/// Mutual TLS to a cluster, as Istio sends it: an `UpstreamTlsContext` whose validation context lists the
+/// SPIFFE IDs to expect (`match_subject_alt_names` / `match_typed_subject_alt_names`, exact). The proxy
+/// presents its own workload certificate; SDS secret names are not needed.
+fn upstream_tls(ctx: &Ctx<'_>, socket: &TransportSocket) -> Result<UpstreamTls, ResourceError> {
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+        return Err(ctx.err("transport_socket.typed_config", "missing"));
+    };
+    let tls: UpstreamTlsContext =
+        decode(any).map_err(|e| ctx.err("transport_socket.typed_config", e.problem))?;
+    let validation = match tls.common_tls_context.and_then(|c| c.validation_context_type) {
+        Some(ValidationContextType::ValidationContext(v)) => v,
+        Some(ValidationContextType::CombinedValidationContext(c)) => {
+            c.default_validation_context.unwrap_or_default()
+        }
+        _ => {
+            return Err(ctx.err(
+                "transport_socket.common_tls_context.validation_context_type",
+                "needs a validation context naming the identities to expect",
+            ));
+        }
+    };
+    let exact = |m: &StringMatcher| match &m.match_pattern {
+        Some(MatchPattern::Exact(v)) => Some(v.clone()),
+        _ => None,
+    };
+    #[allow(deprecated)]
+    let identities: Vec<String> = validation
+        .match_subject_alt_names
+        .iter()
+        .filter_map(exact)
+        .chain(
+            validation
+                .match_typed_subject_alt_names
+                .iter()
+                .filter_map(|m| m.matcher.as_ref().and_then(exact)),
+        )
+        .collect();
+    let field = "transport_socket.common_tls_context.validation_context.match_subject_alt_names";
+    if identities.is_empty() {
+        return Err(ctx.err(field, "name at least one SPIFFE ID (exact) to expect"));
+    }
+    if let Some(bad) = identities
+        .iter()
+        .find(|id| id.parse::<weft_identity::SpiffeId>().is_err())
+    {
+        return Err(ctx.err(field, format!("\"{bad}\" is not a SPIFFE ID")));
+    }
+    Ok(UpstreamTls { identities })
 }
 
 pub fn load_assignment(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, ResourceError> {

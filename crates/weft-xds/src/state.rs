@@ -78,6 +78,7 @@ impl XdsState {
             cluster.endpoints = endpoints;
             cluster.lb_policy = spec.lb_policy;
             cluster.connect_timeout = spec.connect_timeout;
+            cluster.tls = spec.tls.clone();
             mesh.clusters.insert(spec.name.clone(), Arc::new(cluster));
         }
 

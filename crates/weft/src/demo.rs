@@ -46,26 +46,46 @@ pub(crate) async fn run(args: DemoArgs) -> ExitCode {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    // The control plane first: its CA signs every sidecar's certificate.
+    let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let control_plane = weft_control::ControlPlane::start(dir.clone(), "127.0.0.1:0".parse()?).await?;
+    let ca = control_plane.ca().clone();
+    let identity = |sa: &str| -> anyhow::Result<String> {
+        let token = ca.tokens().issue("demo", sa, Duration::from_secs(3600))?;
+        Ok(format!(
+            "identity: {{ ca_address: \"http://{}\", token: \"{token}\" }}\n",
+            control_plane.address()
+        ))
+    };
+
     let mut server_sides = Vec::new();
     for name in SERVICES {
         let app = start_service(name).await?;
-        let proxy = start_proxy(&server_side_config(name, app), Arc::new(OsBinder)).await?;
+        let proxy = start_proxy(
+            &(server_side_config(name, app) + &identity("reviews")?),
+            Arc::new(OsBinder),
+        )
+        .await?;
         let entry = proxy
             .listener_address("inbound")
             .ok_or_else(|| anyhow::anyhow!("no inbound listener"))?;
-        println!("service {name:<11} app {app}  <- weft (server side) {entry}");
+        println!("service {name:<11} app {app}  <- weft (server side, mTLS STRICT) {entry}");
         server_sides.push((entry, proxy));
     }
-
-    let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
     std::fs::write(
         dir.join("reviews.yaml"),
         mesh_yaml(server_sides[0].0, server_sides[1].0),
     )?;
-    let control_plane = weft_control::ControlPlane::start(dir.clone(), "127.0.0.1:0".parse()?).await?;
+    // The client side starts once the control plane serves the reviews Service.
+    for _ in 0..100 {
+        if !control_plane.catalog().services.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     println!(
-        "weft control   xDS on {} from {}",
+        "weft control   xDS and CA on {} from {}",
         control_plane.address(),
         dir.join("reviews.yaml").display()
     );
@@ -73,7 +93,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // Without root there is no iptables: the client-side proxy's outbound listener treats every
     // connection as one the app made to the reviews Service address, as the redirect would.
     let client_side = start_proxy(
-        &client_side_config(control_plane.address()),
+        &(client_side_config(control_plane.address()) + &identity("productpage")?),
         Arc::new(RedirectedTo(REVIEWS)),
     )
     .await?;
@@ -115,6 +135,18 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         canary.record(send(&client, front, n, true).await);
     }
     println!("  with x-canary: true: {:?}", canary.by_service);
+    println!("\nidentities of each hop (mutual TLS, certificates from weft control's CA):");
+    println!(
+        "  client side presents  {}",
+        certificate_identity(&client, client_side.admin_address()).await?
+    );
+    for (entry, proxy) in &server_sides {
+        println!(
+            "  server side {entry} presents {}",
+            certificate_identity(&client, proxy.admin_address()).await?
+        );
+    }
+    println!("  the apps saw callers: {:?}", report.callers);
     println!("\nclient-side weft metrics (GET /metrics):");
     for line in fetch_metrics(&client, client_side.admin_address()).await?.lines() {
         if line.starts_with("istio_requests_total") {
@@ -141,13 +173,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 fn server_side_config(name: &str, app: SocketAddr) -> String {
     format!(
         r#"
-node: {{ workload: {name}, namespace: demo }}
+node: {{ workload: {name}, namespace: demo, service_account: reviews }}
 admin: {{ address: 127.0.0.1:0 }}
 readiness: {{ address: 127.0.0.1:0 }}
 outbound: {{ enabled: false }}
 inbound: {{ enabled: false }}
 listeners:
-  - {{ name: inbound, address: 127.0.0.1:0, cluster: app, protocol: http }}
+  - {{ name: inbound, address: 127.0.0.1:0, cluster: app, protocol: http, peer_authentication: strict }}
 clusters:
   - {{ name: app, endpoints: ["{app}"] }}
 "#
@@ -155,16 +187,19 @@ clusters:
 }
 
 /// The Service address the demo's client calls.
-const REVIEWS: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 96, 0, 50)), 9080);
+/// In the loopback range, so nothing the demo does can leave the machine.
+const REVIEWS: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 10, 50)),
+    9080,
+);
 
 fn client_side_config(control_plane: SocketAddr) -> String {
     format!(
         r#"
-node: {{ workload: productpage, namespace: demo }}
+node: {{ workload: productpage, namespace: demo, service_account: productpage }}
 admin: {{ address: 127.0.0.1:0 }}
 readiness: {{ address: 127.0.0.1:0 }}
-outbound: {{ address: 127.0.0.1:0 }}
+outbound: {{ address: 127.0.0.1:0, egress: registry_only }}
 inbound: {{ enabled: false }}
 xds: {{ address: "http://{control_plane}" }}
 "#
@@ -188,7 +223,8 @@ kind: WorkloadEntry
 metadata: {{ name: reviews-v1, namespace: demo }}
 spec:
   address: {v1ip}
-  labels: {{ app: reviews, version: v1 }}
+  labels: {{ app: reviews, version: v1, security.istio.io/tlsMode: istio }}
+  serviceAccount: reviews
   ports: {{ http: {v1port} }}
 ---
 apiVersion: networking.istio.io/v1
@@ -196,7 +232,8 @@ kind: WorkloadEntry
 metadata: {{ name: reviews-v2, namespace: demo }}
 spec:
   address: {v2ip}
-  labels: {{ app: reviews, version: v2 }}
+  labels: {{ app: reviews, version: v2, security.istio.io/tlsMode: istio }}
+  serviceAccount: reviews
   ports: {{ http: {v2port} }}
 ---
 apiVersion: networking.istio.io/v1
@@ -267,9 +304,17 @@ async fn start_service(name: &'static str) -> anyhow::Result<SocketAddr> {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let caller = req
+                        .headers()
+                        .get("x-forwarded-client-cert")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.split(';').find_map(|kv| kv.strip_prefix("URI=")))
+                        .unwrap_or("-")
+                        .to_owned();
                     let body = format!("{name} answered {} {}\n", req.method(), req.uri().path());
                     Response::builder()
                         .header("x-served-by", name)
+                        .header("x-caller", caller)
                         .body(Full::new(Bytes::from(body)))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -284,6 +329,8 @@ async fn start_service(name: &'static str) -> anyhow::Result<SocketAddr> {
 struct Outcome {
     status: Option<u16>,
     served_by: Option<String>,
+    /// The caller's identity as the app saw it (from `x-forwarded-client-cert`).
+    caller: Option<String>,
     latency: Duration,
 }
 
@@ -301,24 +348,43 @@ where
         Ok(request) => client.request(request).await.ok(),
         Err(_) => None,
     };
-    let (status, served_by) = match result {
+    let (status, served_by, caller) = match result {
         Some(response) => {
-            let served_by = response
-                .headers()
-                .get("x-served-by")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let (served_by, caller) = (header("x-served-by"), header("x-caller"));
             let status = response.status().as_u16();
             let _ = response.into_body().collect().await;
-            (Some(status), served_by)
+            (Some(status), served_by, caller)
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     Outcome {
         status,
         served_by,
+        caller,
         latency: start.elapsed(),
     }
+}
+
+async fn certificate_identity<C>(
+    client: &Client<C, Empty<Bytes>>,
+    admin: SocketAddr,
+) -> anyhow::Result<String>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let response = client
+        .request(Request::get(format!("http://{admin}/certs")).body(Empty::new())?)
+        .await?;
+    let body = response.into_body().collect().await?.to_bytes();
+    let certs: serde_json::Value = serde_json::from_slice(&body)?;
+    Ok(certs["identity"].as_str().unwrap_or("(none)").to_owned())
 }
 
 async fn fetch_metrics<C>(client: &Client<C, Empty<Bytes>>, admin: SocketAddr) -> anyhow::Result<String>
@@ -336,6 +402,7 @@ where
 struct Report {
     by_service: BTreeMap<String, u64>,
     by_status: BTreeMap<String, u64>,
+    callers: std::collections::BTreeSet<String>,
     failures: u64,
     latencies: Vec<Duration>,
 }
@@ -353,6 +420,7 @@ impl Report {
             self.failures += 1;
         }
         *self.by_status.entry(status).or_default() += 1;
+        self.callers.extend(outcome.caller);
         *self
             .by_service
             .entry(outcome.served_by.unwrap_or_else(|| "-".into()))
