@@ -210,3 +210,96 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
         "{failed} of {sent} requests failed across {rotations} rotations"
     );
 }
+
+/// Root only (tcpdump): between the two sidecars the wire carries TLS records and never the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_capture_between_sidecars_shows_only_tls() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP a_packet_capture_between_sidecars_shows_only_tls: capturing packets needs root");
+        return;
+    }
+    if std::process::Command::new("tcpdump")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIP a_packet_capture_between_sidecars_shows_only_tls: tcpdump is not installed (.ci/run installs it)"
+        );
+        return;
+    }
+    let cp = control_plane().await;
+    let app = HttpServer::start("app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    let client = client_side(&cp, server.listener("inbound"), REVIEWS, "1h").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pcap = dir.path().join("hop.pcap");
+    let port = server.listener("inbound").port().to_string();
+    let mut tcpdump = tokio::process::Command::new("tcpdump")
+        // -Z root: keep privileges, so it can write into the test's private directory.
+        .args(["-i", "lo", "-U", "-n", "--immediate-mode", "-Z", "root", "-w"])
+        .arg(&pcap)
+        .args(["tcp", "port", &port])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // tcpdump says when it is capturing.
+    let mut stderr = tcpdump.stderr.take().unwrap();
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&said).contains("listening on") {
+            let n = stderr.read(&mut buf).await.unwrap();
+            assert!(n > 0, "tcpdump exited: {}", String::from_utf8_lossy(&said));
+            said.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("tcpdump did not start");
+
+    const SECRET: &str = "the-plaintext-no-one-on-the-wire-may-read-4711";
+    let response = plain_client(false)
+        .request(
+            Request::post(format!("http://{}/echo", client.listener("front")))
+                .body(weft_test_support::http::full(SECRET))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let echoed = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(echoed, SECRET.as_bytes(), "the request went through");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    tcpdump.wait().await.unwrap();
+    let mut rest = String::new();
+    let _ = stderr.read_to_string(&mut rest).await;
+    let captured = std::fs::read(&pcap).unwrap();
+    eprintln!(
+        "tcpdump: {}{rest}; {} bytes captured",
+        String::from_utf8_lossy(&said),
+        captured.len()
+    );
+    let contains = |needle: &[u8]| captured.windows(needle.len()).any(|w| w == needle);
+    assert!(captured.len() > 200, "nothing captured");
+    assert!(
+        contains(&[0x17, 0x03, 0x03]),
+        "no TLS application data record on the wire"
+    );
+    assert!(
+        !contains(SECRET.as_bytes()),
+        "the plaintext crossed the wire between the sidecars"
+    );
+    assert!(
+        !contains(b"POST /echo"),
+        "the request line crossed the wire between the sidecars"
+    );
+}
