@@ -303,3 +303,63 @@ async fn a_packet_capture_between_sidecars_shows_only_tls() {
         "the request line crossed the wire between the sidecars"
     );
 }
+
+/// PeerAuthentication in weft control sets the workload's inbound mode: STRICT refuses plaintext, and an
+/// edit to PERMISSIVE lets it in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_authentication_from_the_control_plane_sets_the_inbound_mode() {
+    let app = HttpServer::start("reviews-app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |mode: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: reviews }}\nspec:\n  selector: {{ app: reviews }}\n  ports: [{{ name: http, port: {port} }}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: reviews-v1 }}\n\
+             spec: {{ address: 127.0.0.1, labels: {{ app: reviews, security.istio.io/tlsMode: istio }}, serviceAccount: reviews }}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: reviews }}\n\
+             spec: {{ selector: {{ matchLabels: {{ app: reviews }} }}, mtls: {{ mode: {mode} }} }}\n",
+            port = app.addr.port()
+        )
+    };
+    std::fs::write(dir.path().join("mesh.yaml"), policy("STRICT")).unwrap();
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(cp.problems().is_empty(), "{:?}", cp.problems());
+    let proxy = TestProxy::start(&format!(
+        "{}xds: {{ address: \"http://{}\" }}",
+        identity(&cp, "reviews", "1h").replace("workload: reviews", "workload: reviews-v1"),
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let mode = || async {
+        let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        dump["mesh"]["inbound"]["peer_authentication"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(mode().await, "strict");
+
+    // A plaintext peer dialling the pod's app port.
+    let pod_addr = SocketAddr::new("127.0.96.7".parse().unwrap(), app.addr.port());
+    let plaintext = || async {
+        let mut stream = proxy.orig_dst.connect(proxy.inbound(), pod_addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        response.starts_with(b"HTTP/1.1 200")
+    };
+    assert!(!plaintext().await, "STRICT refuses plaintext");
+    assert_eq!(app.request_count(), 0);
+
+    let tmp = dir.path().join(".mesh.yaml.tmp");
+    std::fs::write(&tmp, policy("PERMISSIVE")).unwrap();
+    std::fs::rename(&tmp, dir.path().join("mesh.yaml")).unwrap();
+    assert_eventually!(mode().await == "permissive", "the edit did not reach the proxy");
+    assert!(plaintext().await, "PERMISSIVE lets plaintext in");
+}

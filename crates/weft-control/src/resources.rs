@@ -266,6 +266,44 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
 }
 
+// ---- security.istio.io PeerAuthentication ----
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub mtls: Option<MutualTls>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MutualTls {
+    pub mode: MtlsMode,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum MtlsMode {
+    #[serde(rename = "UNSET")]
+    Unset,
+    #[serde(rename = "DISABLE")]
+    Disable,
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+    #[serde(rename = "STRICT")]
+    Strict,
+}
+
+/// Istio's root namespace: a PeerAuthentication there without a selector applies mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
 // ---- loading ----
 
 /// One resource of a kind the control plane understands.
@@ -284,6 +322,7 @@ pub struct Catalog {
     pub workload_entries: Vec<Resource<WorkloadEntrySpec>>,
     pub virtual_services: Vec<Resource<VirtualServiceSpec>>,
     pub destination_rules: Vec<Resource<DestinationRuleSpec>>,
+    pub peer_authentications: Vec<Resource<PeerAuthenticationSpec>>,
 }
 
 /// A problem with one resource (or one document).
@@ -309,10 +348,9 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Kinds from other APIs (PeerAuthentication, AuthorizationPolicy, Deployments...) are skipped quietly:
+/// Kinds from other APIs (AuthorizationPolicy, Deployments...) are skipped quietly:
 /// they belong to other parts of the mesh or to Kubernetes itself.
-const KNOWN_ELSEWHERE: [&str; 6] = [
-    "PeerAuthentication",
+const KNOWN_ELSEWHERE: [&str; 5] = [
     "AuthorizationPolicy",
     "Deployment",
     "ServiceAccount",
@@ -448,6 +486,10 @@ pub fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut 
             "WorkloadEntry" => push!(catalog.workload_entries, istio),
             "VirtualService" => push!(catalog.virtual_services, istio),
             "DestinationRule" => push!(catalog.destination_rules, istio),
+            "PeerAuthentication" => push!(
+                catalog.peer_authentications,
+                api.starts_with("security.istio.io/")
+            ),
             k if KNOWN_ELSEWHERE.contains(&k) => {}
             other => problems.push(problem(
                 &resource,

@@ -34,7 +34,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
     CombinedCertificateValidationContext, ValidationContextType,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, UpstreamTlsContext,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, UpstreamTlsContext,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as XDuration, UInt32Value};
@@ -42,8 +42,8 @@ use envoy_types::util::pack_any;
 use prost::{Message, Name};
 
 use crate::resources::{
-    Catalog, DestinationRuleSpec, HttpMatch, PortProtocol, Resource, ServicePort, ServiceSpec, StringMatch,
-    TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
+    Catalog, DestinationRuleSpec, HttpMatch, MtlsMode, PortProtocol, Resource, ServicePort, ServiceSpec,
+    StringMatch, TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
 };
 
 pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
@@ -408,6 +408,7 @@ impl Builder {
             .find(|w| w.metadata.name == node.workload && w.metadata.namespace() == node.namespace);
         let mut chains = Vec::new();
         let mut seen = BTreeSet::new();
+        let mode = peer_authentication(catalog, me, &node.namespace);
         if let Some(me) = me {
             for service in catalog.services.iter().filter(|s| {
                 s.metadata.namespace() == me.metadata.namespace()
@@ -426,14 +427,30 @@ impl Builder {
                     } else {
                         tcp_proxy(&inbound_cluster)
                     };
-                    let mut chain = filter_chain(filter);
-                    chain.filter_chain_match = Some(FilterChainMatch {
-                        destination_port: Some(UInt32Value {
-                            value: u32::from(target),
-                        }),
-                        ..Default::default()
-                    });
-                    chains.push(chain);
+                    // Istio's shape: a `tls` chain terminating mutual TLS and/or a `raw_buffer` chain
+                    // for plaintext, as the workload's PeerAuthentication allows.
+                    let (tls, plaintext) = match mode {
+                        MtlsMode::Strict => (true, false),
+                        MtlsMode::Disable => (false, true),
+                        MtlsMode::Permissive | MtlsMode::Unset => (true, true),
+                    };
+                    for (wanted, transport) in [(tls, "tls"), (plaintext, "raw_buffer")] {
+                        if !wanted {
+                            continue;
+                        }
+                        let mut chain = filter_chain(filter.clone());
+                        chain.filter_chain_match = Some(FilterChainMatch {
+                            destination_port: Some(UInt32Value {
+                                value: u32::from(target),
+                            }),
+                            transport_protocol: transport.into(),
+                            ..Default::default()
+                        });
+                        if transport == "tls" {
+                            chain.transport_socket = Some(downstream_mtls());
+                        }
+                        chains.push(chain);
+                    }
                 }
             }
         }
@@ -477,6 +494,55 @@ fn mesh_identities(
             .collect();
         ids.into_iter().collect()
     })
+}
+
+/// The mode for a workload, by Istio's precedence: a policy selecting it, then its namespace's, then the
+/// mesh-wide one in the root namespace; `UNSET` defers to the next; PERMISSIVE when none says.
+fn peer_authentication(
+    catalog: &Catalog,
+    me: Option<&Resource<WorkloadEntrySpec>>,
+    namespace: &str,
+) -> MtlsMode {
+    let mode_of = |p: &Resource<crate::resources::PeerAuthenticationSpec>| {
+        p.spec
+            .mtls
+            .as_ref()
+            .map(|m| m.mode)
+            .filter(|m| *m != MtlsMode::Unset)
+    };
+    let selecting = catalog.peer_authentications.iter().filter(|p| {
+        p.metadata.namespace() == namespace
+            && match (&p.spec.selector, me) {
+                (Some(s), Some(me)) => selects(&s.match_labels, &me.spec.labels),
+                _ => false,
+            }
+    });
+    let namespace_wide = catalog
+        .peer_authentications
+        .iter()
+        .filter(|p| p.metadata.namespace() == namespace && p.spec.selector.is_none());
+    let mesh_wide = catalog
+        .peer_authentications
+        .iter()
+        .filter(|p| p.metadata.namespace() == crate::resources::ROOT_NAMESPACE && p.spec.selector.is_none());
+    selecting
+        .filter_map(mode_of)
+        .next()
+        .or_else(|| namespace_wide.filter_map(mode_of).next())
+        .or_else(|| mesh_wide.filter_map(mode_of).next())
+        .unwrap_or(MtlsMode::Permissive)
+}
+
+/// Terminating mutual TLS: a client certificate is required (the proxy uses its own workload certificate).
+fn downstream_mtls() -> TransportSocket {
+    let context = DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(context))),
+    }
 }
 
 fn upstream_tls(identities: &[String]) -> TransportSocket {

@@ -33,9 +33,9 @@ use weft_model::route::{
     VirtualHost, WeightedCluster, compile_regex,
 };
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
-use weft_model::{Egress, Endpoint, LbPolicy, Protocol, UpstreamTls};
+use weft_model::{Egress, Endpoint, LbPolicy, PeerAuthentication, Protocol, UpstreamTls};
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -105,7 +105,10 @@ pub enum ListenerSpec {
     /// The outbound capture listener: its catch-all chain decides egress.
     VirtualOutbound { egress: Egress },
     /// The inbound capture listener: the app's ports and their protocols.
-    VirtualInbound { ports: HashMap<u16, Protocol> },
+    VirtualInbound {
+        ports: HashMap<u16, Protocol>,
+        peer_authentication: Option<PeerAuthentication>,
+    },
 }
 
 /// Where an HTTP connection manager gets its routes.
@@ -161,6 +164,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     }
     if l.name == VIRTUAL_INBOUND {
         let mut ports = HashMap::new();
+        let (mut tls, mut plaintext) = (false, false);
         for (i, chain) in l.filter_chains.iter().enumerate() {
             let field = format!("filter_chains[{i}]");
             let Some(port) = chain
@@ -179,7 +183,16 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                         "not a port",
                     )
                 })?;
-            let targets = chain_targets(&ctx, &field, chain)?;
+            // A chain that terminates TLS must be mutual TLS; the proxy uses its own certificate for it.
+            let mut chain = chain.clone();
+            match chain.transport_socket.take() {
+                Some(socket) => {
+                    downstream_mtls(&ctx, &format!("{field}.transport_socket"), &socket)?;
+                    tls = true;
+                }
+                None => plaintext = true,
+            }
+            let targets = chain_targets(&ctx, &field, &chain)?;
             let protocol = if targets.http.is_some() {
                 Protocol::Http
             } else {
@@ -187,7 +200,17 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
             };
             ports.insert(port, protocol);
         }
-        return Ok(ListenerSpec::VirtualInbound { ports });
+        // Istio's shapes: TLS chains only (STRICT), both (PERMISSIVE), plaintext only (DISABLE).
+        let peer_authentication = match (tls, plaintext) {
+            (true, false) => Some(PeerAuthentication::Strict),
+            (true, true) => Some(PeerAuthentication::Permissive),
+            (false, true) => Some(PeerAuthentication::Disable),
+            (false, false) => None,
+        };
+        return Ok(ListenerSpec::VirtualInbound {
+            ports,
+            peer_authentication,
+        });
     }
     if l.bind_to_port.as_ref().is_some_and(|b| b.value) {
         return Err(ctx.err(
@@ -539,6 +562,21 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
         connect_timeout,
         tls,
     })
+}
+
+fn downstream_mtls(ctx: &Ctx<'_>, field: &str, socket: &TransportSocket) -> Result<(), ResourceError> {
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &socket.config_type else {
+        return Err(ctx.err(format!("{field}.typed_config"), "missing"));
+    };
+    let tls: DownstreamTlsContext =
+        decode(any).map_err(|e| ctx.err(format!("{field}.typed_config"), e.problem))?;
+    if !tls.require_client_certificate.is_some_and(|b| b.value) {
+        return Err(ctx.err(
+            format!("{field}.require_client_certificate"),
+            "only mutual TLS is supported between sidecars",
+        ));
+    }
+    Ok(())
 }
 
 /// Mutual TLS to a cluster, as Istio sends it: an `UpstreamTlsContext` whose validation context lists the

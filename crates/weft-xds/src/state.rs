@@ -133,7 +133,12 @@ impl XdsState {
                     ));
                 }
                 ListenerSpec::VirtualOutbound { egress: e } => egress = Some(*e),
-                ListenerSpec::VirtualInbound { ports } => inbound_ports = Some(ports.clone()),
+                ListenerSpec::VirtualInbound {
+                    ports,
+                    peer_authentication,
+                } => {
+                    inbound_ports = Some((ports.clone(), *peer_authentication));
+                }
             }
         }
         if let Some(outbound) = &mut mesh.outbound {
@@ -142,8 +147,11 @@ impl XdsState {
                 outbound.egress = egress;
             }
         }
-        if let (Some(inbound), Some(ports)) = (&mut mesh.inbound, inbound_ports) {
+        if let (Some(inbound), Some((ports, mode))) = (&mut mesh.inbound, inbound_ports) {
             inbound.ports.extend(ports);
+            if let Some(mode) = mode {
+                inbound.peer_authentication = mode;
+            }
         }
         mesh.routes.extend(routes);
         mesh

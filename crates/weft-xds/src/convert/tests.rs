@@ -190,7 +190,7 @@ fn capture_listeners() {
         filter_chains: vec![http_port],
         ..Default::default()
     };
-    let ListenerSpec::VirtualInbound { ports } = listener(&inbound).unwrap() else {
+    let ListenerSpec::VirtualInbound { ports, .. } = listener(&inbound).unwrap() else {
         panic!()
     };
     assert_eq!(ports.get(&9080), Some(&Protocol::Http));
