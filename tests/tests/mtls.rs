@@ -131,6 +131,11 @@ async fn sidecars_talk_mutual_tls_and_the_server_knows_the_caller() {
     assert_eq!(certs["identity"], PRODUCTPAGE);
     assert_eq!(certs["trusted_roots_sha256"].as_array().unwrap().len(), 1);
     assert!(certs["seconds_until_expiry"].as_u64().unwrap() > 3000);
+    let renewal = certs["seconds_until_renewal"].as_u64().unwrap();
+    assert!(
+        (1500..=1900).contains(&renewal),
+        "renewal at about half of an hour: {renewal}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

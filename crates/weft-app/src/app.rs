@@ -442,6 +442,7 @@ fn certs_json(material: &Option<weft_identity::tls::TlsMaterial>) -> serde_json:
         "not_before": time(c.not_before),
         "not_after": time(c.not_after),
         "seconds_until_expiry": c.remaining().as_secs(),
+        "seconds_until_renewal": c.renew_at.map(|t| t.duration_since(std::time::SystemTime::now()).unwrap_or_default().as_secs()),
         "trusted_roots_sha256": m.root_fingerprints(),
     })
 }

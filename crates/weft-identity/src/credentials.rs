@@ -17,6 +17,8 @@ pub struct Credentials {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When the store will ask for the next certificate (set by the store when it publishes this one).
+    pub renew_at: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,6 +94,7 @@ impl Credentials {
             serial,
             not_before,
             not_after,
+            renew_at: None,
         })
     }
 

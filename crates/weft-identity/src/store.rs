@@ -103,6 +103,8 @@ async fn run(
                 );
                 (events.renewed)(&credentials);
                 let wait = renewal_delay(&credentials);
+                let mut credentials = credentials;
+                credentials.renew_at = Some(std::time::SystemTime::now() + wait);
                 tx.send_replace(Some(Arc::new(credentials)));
                 tokio::time::sleep(wait).await;
             }

@@ -47,6 +47,7 @@ impl TestCa {
                 serial: "expired".into(),
                 not_before: std::time::SystemTime::now() - Duration::from_secs(7200),
                 not_after: std::time::SystemTime::now() - Duration::from_secs(3600),
+                renew_at: None,
             });
         }
         Arc::new(Credentials::new(id, chain, key.serialize_pem()).unwrap())
