@@ -368,3 +368,68 @@ async fn peer_authentication_from_the_control_plane_sets_the_inbound_mode() {
     assert_eventually!(mode().await == "permissive", "the edit did not reach the proxy");
     assert!(plaintext().await, "PERMISSIVE lets plaintext in");
 }
+
+/// xDS and the CA over TLS (15012): verified with the control plane's root; with the wrong root the
+/// proxy gets nothing and stays not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xds_and_ca_over_tls_with_the_control_planes_root() {
+    let app = HttpServer::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let tls = cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let good_root = dir.path().join("root.pem");
+    std::fs::write(&good_root, cp.ca().root_pem()).unwrap();
+    let other = weft_control::ca::CertificateAuthority::ephemeral("cluster.local").unwrap();
+    let bad_root = dir.path().join("other-root.pem");
+    std::fs::write(&bad_root, other.root_pem()).unwrap();
+    let token = cp
+        .ca()
+        .tokens()
+        .issue("default", "productpage", Duration::from_secs(3600))
+        .unwrap();
+
+    let proxy_with = |root: &std::path::Path| {
+        format!(
+            "node: {{ workload: productpage, namespace: default, service_account: productpage }}\n\
+             identity: {{ ca_address: \"https://localhost:{port}\", ca_root_file: \"{root}\", token: \"{token}\" }}\n\
+             xds: {{ address: \"https://localhost:{port}\", root_file: \"{root}\", initial_fetch_timeout: 30s }}\n\
+             listeners: [{{ name: front, address: 127.0.0.1:0, cluster: app }}]\n\
+             clusters: [{{ name: app, endpoints: [\"{app}\"] }}]",
+            port = tls.port(),
+            root = root.display(),
+            app = app.addr,
+        )
+    };
+    let proxy = TestProxy::start(&proxy_with(&good_root)).await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.0 == 200,
+        "not ready over TLS"
+    );
+    let (_, certs) = admin_get(proxy.admin(), "/certs").await;
+    assert!(certs.contains(PRODUCTPAGE), "{certs}");
+    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    assert!(dump.contains("\"connected\": true"), "{dump}");
+    assert_eq!(
+        get(&plain_client(false), proxy.listener("front")).await,
+        StatusCode::OK
+    );
+
+    let distrustful = TestProxy::start(&proxy_with(&bad_root)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = admin_get(distrustful.admin(), "/ready").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("certificate") && body.contains("xds config"),
+        "{body}"
+    );
+    assert_eq!(
+        metric(
+            &distrustful.metrics().await,
+            "weft_certificate_renewals_total",
+            &[]
+        ),
+        0.0
+    );
+}

@@ -376,8 +376,9 @@ fn start_identity(
         .id
         .parse()
         .map_err(|e: weft_identity::SpiffeIdError| AppError::Identity(e.to_string()))?;
-    let ca = weft_identity::CaClient::new(&source.ca_address, &source.token)
-        .map_err(|e| AppError::Identity(e.to_string()))?;
+    let ca =
+        weft_identity::CaClient::with_root(&source.ca_address, &source.token, source.ca_root_pem.as_deref())
+            .map_err(|e| AppError::Identity(e.to_string()))?;
     let (renewed, failed) = (metrics.clone(), metrics.clone());
     let events = weft_identity::StoreEvents {
         renewed: Box::new(move |c| {
@@ -459,6 +460,7 @@ fn start_xds(
 ) -> Arc<std::sync::Mutex<weft_xds::XdsStatus>> {
     let xds = weft_xds::XdsConfig {
         address: source.address.clone(),
+        root_pem: source.root_pem.clone(),
         node: bootstrap.node.clone(),
         initial_fetch_timeout: source.initial_fetch_timeout,
     };

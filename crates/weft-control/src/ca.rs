@@ -61,6 +61,7 @@ pub enum SignError {
 }
 
 pub struct CertificateAuthority {
+    trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
     trusted: Vec<String>,
@@ -146,6 +147,7 @@ impl CertificateAuthority {
         let mut trusted = vec![root_pem.to_owned()];
         trusted.extend(extra.into_iter().filter(|r| r.trim() != root_pem.trim()));
         Ok(Self {
+            trust_domain: trust_domain.to_owned(),
             issuer,
             root_pem: root_pem.to_owned(),
             trusted,
@@ -166,6 +168,45 @@ impl CertificateAuthority {
     /// Every root proxies should trust (the signing root first).
     pub fn trust_bundle(&self) -> &[String] {
         &self.trusted
+    }
+
+    /// The control plane's own serving certificate (for 15012), signed by the root proxies trust: a
+    /// fresh key, the names clients dial (`weft-control`, `localhost`, loopback) and the control plane's
+    /// SPIFFE ID. Returns (PEM chain, PEM key).
+    pub fn serving_certificate(&self, extra_dns: &[String]) -> Result<(Vec<String>, String), SignError> {
+        let sign = |e: rcgen::Error| SignError::Sign(e.to_string());
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign)?;
+        let mut params = CertificateParams::default();
+        let mut sans = vec![
+            SanType::DnsName("weft-control".try_into().map_err(sign)?),
+            SanType::DnsName("localhost".try_into().map_err(sign)?),
+        ];
+        for dns in extra_dns {
+            sans.push(SanType::DnsName(dns.clone().try_into().map_err(sign)?));
+        }
+        sans.push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        sans.push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));
+        let id = format!("spiffe://{}/ns/istio-system/sa/weft-control", self.trust_domain);
+        sans.push(SanType::URI(id.try_into().map_err(sign)?));
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&rand::random::<[u8; 16]>()));
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + MAX_VALIDITY;
+        let cert = params.signed_by(&key, &self.issuer).map_err(sign)?;
+        Ok((vec![cert.pem(), self.root_pem.clone()], key.serialize_pem()))
+    }
+
+    /// The signing root, PEM (what clients of 15012 verify the control plane against).
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// Signs `csr_pem` for `caller`, valid for `requested` (default 24 h, capped at the maximum).

@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod resources;
 pub mod server;
+pub mod tls;
 pub mod tokens;
 pub mod translate;
 
@@ -45,7 +46,10 @@ pub struct ControlPlane {
     watcher: JoinHandle<()>,
     ca: Arc<ca::CertificateAuthority>,
     catalog: watch::Receiver<Arc<Catalog>>,
+    tls_servers: Vec<(tokio::sync::oneshot::Sender<()>, ServerTask)>,
 }
+
+type ServerTask = JoinHandle<Result<(), tonic::transport::Error>>;
 
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -97,11 +101,38 @@ impl ControlPlane {
             watcher,
             ca,
             catalog: catalog_rx,
+            tls_servers: Vec::new(),
         })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.address
+    }
+
+    /// Also serves xDS and the CA over TLS on `listen` (Istio's 15012), with a certificate from the
+    /// control plane's own CA. Returns the bound address.
+    pub async fn serve_tls(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let address = listener.local_addr()?;
+        let incoming = tls::incoming(listener, &self.ca)?;
+        let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(
+            self.catalog.clone(),
+            self.observed.clone(),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ads)
+                .add_service(IstioCertificateServiceServer::new(ca::CaService::new(
+                    self.ca.clone(),
+                )))
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                }),
+        );
+        self.tls_servers.push((stop, server));
+        tracing::info!(%address, "serving xDS and the CA over TLS");
+        Ok(address)
     }
 
     /// The resources in force.
@@ -137,6 +168,10 @@ impl ControlPlane {
         let _ = self.shutdown.send(());
         self.watcher.abort();
         let _ = self.server.await;
+        for (stop, server) in self.tls_servers {
+            let _ = stop.send(());
+            let _ = server.await;
+        }
     }
 
     /// Serves until the process is stopped.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use weft_proto::istio_ca::IstioCertificateRequest;
 use weft_proto::istio_ca::istio_certificate_service_client::IstioCertificateServiceClient;
 
@@ -12,7 +12,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("invalid CA address \"{0}\"")]
+    #[error("CA address: {0}")]
     Address(String),
     #[error("the token cannot be sent as a header")]
     Token,
@@ -26,19 +26,25 @@ pub enum CaError {
 pub struct CaClient {
     client: IstioCertificateServiceClient<Channel>,
     authorization: MetadataValue<tonic::metadata::Ascii>,
+    timeout: Duration,
 }
 
 impl CaClient {
     /// A client for the CA at `address` (`http://host:15010`); connects lazily, reconnects by itself.
     pub fn new(address: &str, token: &str) -> Result<Self, CaError> {
-        let endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|_| CaError::Address(address.to_owned()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
+        Self::with_root(address, token, None)
+    }
+
+    /// As [`CaClient::new`]; an `https://` address (15012) is verified against `root_pem`.
+    pub fn with_root(address: &str, token: &str, root_pem: Option<&str>) -> Result<Self, CaError> {
+        let channel = crate::channel::channel(address, root_pem, CONNECT_TIMEOUT)
+            .map_err(|e| CaError::Address(e.to_string()))?;
         let authorization = format!("Bearer {token}").parse().map_err(|_| CaError::Token)?;
+        let client = IstioCertificateServiceClient::new(channel);
         Ok(Self {
-            client: IstioCertificateServiceClient::new(endpoint.connect_lazy()),
+            client,
             authorization,
+            timeout: REQUEST_TIMEOUT,
         })
     }
 
@@ -52,6 +58,7 @@ impl CaClient {
         request
             .metadata_mut()
             .insert("authorization", self.authorization.clone());
+        request.set_timeout(self.timeout);
         let response = self.client.clone().create_certificate(request).await?;
         Ok(response.into_inner().cert_chain)
     }

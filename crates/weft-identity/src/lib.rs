@@ -4,6 +4,7 @@
 //! with jittered backoff, keeps a still-valid certificate when a renewal fails, and publishes each new
 //! one on a watch channel so the next handshake uses it.
 
+pub mod channel;
 mod client;
 mod credentials;
 pub mod csr;

@@ -66,8 +66,11 @@ pub struct ProxyFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFile {
-    /// `http://host:15010`.
+    /// `http://host:15010`, or `https://host:15012` with `ca_root_file`.
     pub ca_address: String,
+    /// PEM root to verify an `https://` CA with.
+    #[serde(default)]
+    pub ca_root_file: Option<PathBuf>,
     /// The bearer token proving the workload's identity (`weft control token`), inline...
     #[serde(default)]
     pub token: Option<String>,
@@ -85,10 +88,13 @@ pub struct IdentityFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XdsFile {
-    /// `http://host:15010`.
+    /// `http://host:15010`, or `https://host:15012` with `root_file`.
     pub address: String,
     #[serde(default, with = "humantime_serde")]
     pub initial_fetch_timeout: Option<Duration>,
+    /// PEM root to verify an `https://` control plane with.
+    #[serde(default)]
+    pub root_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -443,6 +449,7 @@ impl ProxyFile {
                     ));
                 }
                 Some(x) => Some(crate::XdsSource {
+                    root_pem: read_root("xds.root_file", &x.address, x.root_file.as_deref())?,
                     address: x.address,
                     initial_fetch_timeout: x.initial_fetch_timeout.unwrap_or(DEFAULT_INITIAL_FETCH_TIMEOUT),
                 }),
@@ -601,6 +608,20 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
     Ok(by_name)
 }
 
+/// The root for an `https://` control plane address: required there, pointless elsewhere.
+fn read_root(field: &str, address: &str, path: Option<&Path>) -> Result<Option<String>, Invalid> {
+    match (address.starts_with("https://"), path) {
+        (true, None) => Err(invalid(
+            field,
+            format!("{address} is https: give the root to verify it with"),
+        )),
+        (_, None) => Ok(None),
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| invalid(field, format!("{}: {e}", path.display()))),
+    }
+}
+
 fn resolve_identity(i: IdentityFile, node: &Node) -> Result<crate::IdentitySource, Invalid> {
     if !(i.ca_address.starts_with("http://") || i.ca_address.starts_with("https://")) {
         return Err(invalid(
@@ -619,6 +640,7 @@ fn resolve_identity(i: IdentityFile, node: &Node) -> Result<crate::IdentitySourc
     let id = weft_identity::SpiffeId::new(&trust_domain, &node.namespace, &node.service_account)
         .map_err(|e| invalid("identity.trust_domain", e.to_string()))?;
     Ok(crate::IdentitySource {
+        ca_root_pem: read_root("identity.ca_root_file", &i.ca_address, i.ca_root_file.as_deref())?,
         ca_address: i.ca_address,
         token,
         id: id.to_string(),

@@ -83,6 +83,8 @@ pub struct Bootstrap {
 pub struct IdentitySource {
     pub ca_address: String,
     #[serde(skip)]
+    pub ca_root_pem: Option<String>,
+    #[serde(skip)]
     pub token: String,
     /// This workload's SPIFFE ID.
     pub id: String,
@@ -116,6 +118,8 @@ pub struct UpstreamTls {
 #[derive(Debug, Clone, Serialize)]
 pub struct XdsSource {
     pub address: String,
+    #[serde(skip)]
+    pub root_pem: Option<String>,
     #[serde(with = "humantime_serde")]
     pub initial_fetch_timeout: Duration,
 }

@@ -83,6 +83,8 @@ impl ResourceType {
 #[derive(Debug, Clone)]
 pub struct XdsConfig {
     pub address: String,
+    /// The root an `https://` control plane is verified against.
+    pub root_pem: Option<String>,
     pub node: Node,
     pub initial_fetch_timeout: Duration,
 }
@@ -180,8 +182,6 @@ struct Subscription {
 
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
     #[error("stream failed: {0}")]
     Grpc(#[from] tonic::Status),
     #[error("invalid control plane address: {0}")]
@@ -214,12 +214,12 @@ impl Client {
 
     /// One stream, until it ends. Reports whether any response arrived (to reset the backoff).
     async fn stream(&mut self) -> Result<(), (bool, StreamError)> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.config.address.clone())
-            .map_err(|e| (false, StreamError::Address(e.to_string())))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| (false, e.into()))?;
+        let channel = weft_identity::channel::channel(
+            &self.config.address,
+            self.config.root_pem.as_deref(),
+            CONNECT_TIMEOUT,
+        )
+        .map_err(|e| (false, StreamError::Address(e.to_string())))?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::unbounded_channel();
         // Nonces do not survive a stream; versions and subscriptions do.

@@ -40,9 +40,13 @@ struct ControlArgs {
     /// Directory of YAML files (Service, WorkloadEntry, VirtualService, DestinationRule), watched.
     #[arg(long, env = "WEFT_CONFIG_DIR", required = true)]
     config_dir: Option<PathBuf>,
-    /// Address to serve ADS and the CA on.
+    /// Address to serve ADS and the CA on, plaintext (development).
     #[arg(long, default_value = "127.0.0.1:15010")]
     listen: std::net::SocketAddr,
+    /// Address to serve ADS and the CA on over TLS, with a certificate from the CA (clients verify it
+    /// with `<ca-dir>/ca-cert.pem`).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    tls_listen: std::net::SocketAddr,
     /// Where the CA keeps its root, token key and extra trusted roots (made on first start).
     #[arg(long, env = "WEFT_CA_DIR", default_value = "weft-ca", global = true)]
     ca_dir: PathBuf,
@@ -153,9 +157,11 @@ async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogCon
                 .map_or(weft_model::file::DEFAULT_INITIAL_FETCH_TIMEOUT, |x| {
                     x.initial_fetch_timeout
                 });
+            let root_pem = bootstrap.xds.as_ref().and_then(|x| x.root_pem.clone());
             bootstrap.xds = Some(weft_model::XdsSource {
                 address,
                 initial_fetch_timeout,
+                root_pem,
             });
         }
         Ok((bootstrap, mesh))
@@ -208,13 +214,17 @@ async fn control(args: ControlArgs) -> ExitCode {
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
     let listen = args.listen;
-    let control_plane = match weft_control::ControlPlane::start_with_ca(config_dir, listen, ca).await {
+    let mut control_plane = match weft_control::ControlPlane::start_with_ca(config_dir, listen, ca).await {
         Ok(cp) => cp,
         Err(err) => {
             eprintln!("error: cannot serve xDS on {listen}: {err}");
             return ExitCode::FAILURE;
         }
     };
+    if let Err(err) = control_plane.serve_tls(args.tls_listen).await {
+        eprintln!("error: cannot serve TLS on {}: {err}", args.tls_listen);
+        return ExitCode::FAILURE;
+    }
     tokio::select! {
         () = wait_for_signal() => {}
         () = control_plane.wait() => {}
