@@ -433,3 +433,54 @@ async fn xds_and_ca_over_tls_with_the_control_planes_root() {
         0.0
     );
 }
+
+/// With the CA gone when renewal is due, traffic keeps flowing on the still-valid certificate, and a
+/// returning CA renews it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_continues_on_the_old_certificate_while_the_ca_is_down() {
+    let ca = std::sync::Arc::new(weft_control::ca::CertificateAuthority::ephemeral("cluster.local").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start_with_ca(dir.path().into(), "127.0.0.1:0".parse().unwrap(), ca.clone())
+        .await
+        .unwrap();
+    let address = cp.address();
+    let app = HttpServer::start("app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    // A 6 s certificate: renewal is due after about 3 s.
+    let client = client_side(&cp, server.listener("inbound"), REVIEWS, "6s").await;
+    let (_, certs) = admin_get(client.admin(), "/certs").await;
+    let first: serde_json::Value = serde_json::from_str(&certs).unwrap();
+
+    cp.stop().await;
+    let http = plain_client(false);
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        assert_eq!(
+            get(&http, client.listener("front")).await,
+            StatusCode::OK,
+            "traffic on the old certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = client.metrics().await;
+    assert!(
+        metric(&metrics, "weft_certificate_renewal_failures_total", &[]) >= 1.0,
+        "the renewal was attempted: {metrics}"
+    );
+    let (_, certs) = admin_get(client.admin(), "/certs").await;
+    let now: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(now["serial"], first["serial"], "still the first certificate");
+
+    let cp = ControlPlane::start_with_ca(dir.path().into(), address, ca)
+        .await
+        .unwrap();
+    assert_eventually!(
+        {
+            let (_, certs) = admin_get(client.admin(), "/certs").await;
+            serde_json::from_str::<serde_json::Value>(&certs).unwrap()["serial"] != first["serial"]
+        },
+        "never renewed after the CA came back"
+    );
+    assert_eq!(get(&http, client.listener("front")).await, StatusCode::OK);
+    cp.stop().await;
+}
