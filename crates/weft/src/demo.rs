@@ -372,6 +372,7 @@ where
     }
 }
 
+/// The identity in a proxy's `GET /certs`.
 async fn certificate_identity<C>(
     client: &Client<C, Empty<Bytes>>,
     admin: SocketAddr,
@@ -379,11 +380,7 @@ async fn certificate_identity<C>(
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
-    let response = client
-        .request(Request::get(format!("http://{admin}/certs")).body(Empty::new())?)
-        .await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    let certs: serde_json::Value = serde_json::from_slice(&body)?;
+    let certs: serde_json::Value = serde_json::from_str(&admin_get(client, admin, "/certs").await?)?;
     Ok(certs["identity"].as_str().unwrap_or("(none)").to_owned())
 }
 
@@ -391,8 +388,19 @@ async fn fetch_metrics<C>(client: &Client<C, Empty<Bytes>>, admin: SocketAddr) -
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
+    admin_get(client, admin, "/metrics").await
+}
+
+async fn admin_get<C>(
+    client: &Client<C, Empty<Bytes>>,
+    admin: SocketAddr,
+    path: &str,
+) -> anyhow::Result<String>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
     let response = client
-        .request(Request::get(format!("http://{admin}/metrics")).body(Empty::new())?)
+        .request(Request::get(format!("http://{admin}{path}")).body(Empty::new())?)
         .await?;
     let body = response.into_body().collect().await?.to_bytes();
     Ok(String::from_utf8_lossy(&body).into_owned())
