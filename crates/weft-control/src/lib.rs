@@ -68,11 +68,14 @@ impl ControlPlane {
         listen: SocketAddr,
         ca: Arc<ca::CertificateAuthority>,
     ) -> std::io::Result<Self> {
+        // Fingerprint first, then load: a file written after the load differs from the fingerprint, so the
+        // watcher loads it however late its task first runs.
+        let seen = fingerprint(&dir);
         let (catalog, problems) = load_dir(&dir);
         report(&problems);
         let problems = Arc::new(Mutex::new(problems));
         let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
-        let watcher = tokio::spawn(watch_dir(dir, catalog_tx, problems.clone()));
+        let watcher = tokio::spawn(watch_dir(dir, seen, catalog_tx, problems.clone()));
 
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;
@@ -188,8 +191,12 @@ fn report(problems: &[Problem]) {
 
 /// Polls the directory; reloads when a file appears, disappears or changes, and publishes the new
 /// catalog if its content differs.
-async fn watch_dir(dir: PathBuf, catalog: watch::Sender<Arc<Catalog>>, problems: Arc<Mutex<Vec<Problem>>>) {
-    let mut seen = fingerprint(&dir);
+async fn watch_dir(
+    dir: PathBuf,
+    mut seen: Fingerprint,
+    catalog: watch::Sender<Arc<Catalog>>,
+    problems: Arc<Mutex<Vec<Problem>>>,
+) {
     loop {
         tokio::time::sleep(WATCH_INTERVAL).await;
         let now = fingerprint(&dir);
@@ -214,8 +221,10 @@ async fn watch_dir(dir: PathBuf, catalog: watch::Sender<Arc<Catalog>>, problems:
     }
 }
 
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
 /// Names, sizes and modification times of the YAML files under `dir`.
-fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+fn fingerprint(dir: &Path) -> Fingerprint {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -234,4 +243,33 @@ fn fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written right after start, before the watcher's task has run even once, is still loaded.
+    /// (The watcher used to take its first fingerprint inside its task, and so missed such a file.)
+    #[tokio::test]
+    async fn a_file_written_just_after_start_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        std::fs::write(
+            dir.path().join("svc.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: { name: web }\nspec: { selector: { app: web }, ports: [{ port: 80 }] }\n",
+        )
+        .unwrap();
+        let loaded = async {
+            while cp.catalog().services.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), loaded)
+            .await
+            .expect("the file was never loaded");
+        cp.stop().await;
+    }
 }

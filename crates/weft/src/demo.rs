@@ -73,16 +73,24 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("service {name:<11} app {app}  <- weft (server side, mTLS STRICT) {entry}");
         server_sides.push((entry, proxy));
     }
-    std::fs::write(
-        dir.join("reviews.yaml"),
-        mesh_yaml(server_sides[0].0, server_sides[1].0),
-    )?;
+    // Write, then rename into place: the control plane never reads half a file.
+    let yaml = mesh_yaml(server_sides[0].0, server_sides[1].0);
+    std::fs::write(dir.join(".reviews.yaml.tmp"), yaml)?;
+    std::fs::rename(dir.join(".reviews.yaml.tmp"), dir.join("reviews.yaml"))?;
     // The client side starts once the control plane serves the reviews Service.
-    for _ in 0..100 {
-        if !control_plane.catalog().services.is_empty() {
-            break;
+    let loaded = async {
+        while control_plane.catalog().services.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if tokio::time::timeout(Duration::from_secs(20), loaded)
+        .await
+        .is_err()
+    {
+        anyhow::bail!(
+            "weft control did not load {} within 20 s",
+            dir.join("reviews.yaml").display()
+        );
     }
     println!(
         "weft control   xDS and CA on {} from {}",
