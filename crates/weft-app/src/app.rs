@@ -282,7 +282,6 @@ impl App {
         ));
         Ok(Running {
             addresses,
-            metrics,
             shutdown,
             config,
             done,
@@ -303,7 +302,6 @@ struct Addresses {
 #[derive(Debug)]
 pub struct Running {
     addresses: Addresses,
-    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     config: Arc<watch::Sender<Arc<Mesh>>>,
     done: JoinHandle<()>,
@@ -333,10 +331,6 @@ impl Running {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, a)| *a)
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Replaces the routing configuration. New connections use it; open ones finish on the snapshot they

@@ -60,13 +60,6 @@ impl ProxyBody {
         }
     }
 
-    pub fn empty() -> Self {
-        Self {
-            kind: Kind::Local(Full::new(Bytes::new())),
-            completion: None,
-        }
-    }
-
     fn finish(&mut self, flags: ResponseFlags) {
         if let Some(c) = self.completion.take() {
             c.finish(flags);

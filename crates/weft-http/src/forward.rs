@@ -90,10 +90,7 @@ impl Forwarder {
     /// An endpoint of `cluster` for a new request or connection, by the cluster's balancing policy.
     pub fn pick_endpoint(&self, cluster: &Cluster) -> Option<(SocketAddr, PoolSettings)> {
         let endpoint = self.balancer.pick(cluster)?;
-        let tls = cluster
-            .tls
-            .as_ref()
-            .map(|t| t.identities.iter().filter_map(|id| id.parse().ok()).collect());
+        let tls = cluster.tls.as_ref().map(|t| t.identities.clone());
         Some((
             endpoint,
             PoolSettings {

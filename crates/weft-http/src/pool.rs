@@ -133,15 +133,6 @@ impl Pools {
         client
     }
 
-    /// Number of live pools (for the admin view and tests).
-    pub fn len(&self) -> usize {
-        self.inner.lock().map(|i| i.pools.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// A connection for opaque TCP to `endpoint`, with mutual TLS when the settings ask for it.
     pub async fn connect_tcp(
         &self,

@@ -428,10 +428,10 @@ impl ProxyFile {
     /// Checks what the types cannot and builds the runtime model.
     pub fn validate(self) -> Result<(Bootstrap, Mesh), Invalid> {
         let wildcard = self.mode.wildcard();
-        let node_for_identity = self.node.clone().resolve();
+        let node = self.node.resolve();
         let bootstrap = Bootstrap {
             mode: self.mode,
-            node: self.node.resolve(),
+            node: node.clone(),
             admin_address: self
                 .admin
                 .address
@@ -456,7 +456,7 @@ impl ProxyFile {
                 None => None,
             },
             identity: match self.identity {
-                Some(i) => Some(resolve_identity(i, &node_for_identity)?),
+                Some(i) => Some(resolve_identity(i, &node)?),
                 None => None,
             },
         };
@@ -576,16 +576,15 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
                         "name at least one identity to expect",
                     ));
                 }
+                let mut identities = Vec::with_capacity(t.identities.len());
                 for (j, id) in t.identities.iter().enumerate() {
-                    if let Err(e) = id.parse::<weft_identity::SpiffeId>() {
-                        return Err(invalid(
-                            format!("clusters[{i}].tls.identities[{j}]"),
-                            e.to_string(),
-                        ));
-                    }
+                    let id = id
+                        .parse::<weft_identity::SpiffeId>()
+                        .map_err(|e| invalid(format!("clusters[{i}].tls.identities[{j}]"), e.to_string()))?;
+                    identities.push(id);
                 }
                 Some(crate::UpstreamTls {
-                    identities: t.identities.clone(),
+                    identities: identities.into(),
                 })
             }
             None => None,

@@ -111,8 +111,13 @@ pub enum PeerAuthentication {
 /// Mutual TLS to a cluster's endpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UpstreamTls {
-    /// SPIFFE IDs the endpoints may present.
-    pub identities: Vec<String>,
+    /// SPIFFE IDs the endpoints may present; parsed once, shared by every connection.
+    #[serde(serialize_with = "display_all")]
+    pub identities: Arc<[weft_identity::SpiffeId]>,
+}
+
+fn display_all<S: serde::Serializer>(ids: &Arc<[weft_identity::SpiffeId]>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(ids.iter().map(ToString::to_string))
 }
 
 #[derive(Debug, Clone, Serialize)]

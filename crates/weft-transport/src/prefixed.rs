@@ -22,10 +22,6 @@ impl<T> PrefixedIo<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Self { prefix, inner }
     }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {

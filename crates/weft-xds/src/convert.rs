@@ -620,13 +620,16 @@ fn upstream_tls(ctx: &Ctx<'_>, socket: &TransportSocket) -> Result<UpstreamTls, 
     if identities.is_empty() {
         return Err(ctx.err(field, "name at least one SPIFFE ID (exact) to expect"));
     }
-    if let Some(bad) = identities
+    let identities = identities
         .iter()
-        .find(|id| id.parse::<weft_identity::SpiffeId>().is_err())
-    {
-        return Err(ctx.err(field, format!("\"{bad}\" is not a SPIFFE ID")));
-    }
-    Ok(UpstreamTls { identities })
+        .map(|id| {
+            id.parse::<weft_identity::SpiffeId>()
+                .map_err(|_| ctx.err(field, format!("\"{id}\" is not a SPIFFE ID")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(UpstreamTls {
+        identities: identities.into(),
+    })
 }
 
 pub fn load_assignment(cla: &ClusterLoadAssignment) -> Result<Vec<Endpoint>, ResourceError> {

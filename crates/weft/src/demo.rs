@@ -207,7 +207,7 @@ fn client_side_config(control_plane: SocketAddr) -> String {
 node: {{ workload: productpage, namespace: demo, service_account: productpage }}
 admin: {{ address: 127.0.0.1:0 }}
 readiness: {{ address: 127.0.0.1:0 }}
-outbound: {{ address: 127.0.0.1:0, egress: registry_only }}
+outbound: {{ address: 127.0.0.1:0 }}
 inbound: {{ enabled: false }}
 xds: {{ address: "http://{control_plane}" }}
 "#
