@@ -26,6 +26,8 @@ pub struct AdminState {
     pub config_dump: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// The workload certificate in use and the trusted roots, as JSON (`null` without an identity).
     pub certs: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Every cluster's endpoints and their running state, as JSON (a list of clusters).
+    pub clusters: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Cancelled by `POST /quitquitquit`: the proxy drains and exits as on SIGTERM.
     pub shutdown: CancellationToken,
 }
@@ -44,6 +46,8 @@ weft admin
   GET  /live           200 while the process runs
   GET  /config_dump    the active configuration (JSON)
   GET  /certs          the workload certificate and trusted roots (JSON)
+  GET  /clusters       endpoints by cluster: active requests, successes, failures, ejections
+                       (Envoy's text lines; ?format=json for JSON)
   GET  /metrics        Prometheus metrics (also /stats/prometheus)
   GET  /logging        the active log filter
   POST /logging?level=FILTER   set the log filter (e.g. debug, weft_http=trace,info)
@@ -89,6 +93,17 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             let body = serde_json::to_vec_pretty(&(state.certs)()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }),
+        "/clusters" => get_only(method, || {
+            let clusters = (state.clusters)();
+            let json = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+                .any(|(k, v)| k == "format" && v == "json");
+            if json {
+                let body = serde_json::to_vec_pretty(&clusters).unwrap_or_default();
+                respond(StatusCode::OK, "application/json", body)
+            } else {
+                text(StatusCode::OK, clusters_text(&clusters))
+            }
+        }),
         "/metrics" | "/stats/prometheus" => get_only(method, || {
             respond(
                 StatusCode::OK,
@@ -110,6 +125,70 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             StatusCode::NOT_FOUND,
             "not found; GET /help lists the endpoints\n",
         ),
+    }
+}
+
+/// Envoy's `/clusters` text: one `cluster::endpoint::stat::value` line per fact.
+fn clusters_text(clusters: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for cluster in clusters.as_array().into_iter().flatten() {
+        let name = cluster["name"].as_str().unwrap_or_default();
+        for key in [
+            "lb_policy",
+            "outlier_detection",
+            "active_requests",
+            "pending_requests",
+            "active_retries",
+        ] {
+            let _ = writeln!(out, "{name}::{key}::{}", plain(&cluster[key]));
+        }
+        for endpoint in cluster["endpoints"].as_array().into_iter().flatten() {
+            let address = endpoint["address"].as_str().unwrap_or_default();
+            let mut flags = String::new();
+            if endpoint["healthy"] == false {
+                flags.push_str("/failed_eds_health");
+            }
+            if endpoint["ejected"] == true {
+                flags.push_str("/failed_outlier_check");
+            }
+            if flags.is_empty() {
+                flags.push_str("healthy");
+            }
+            let _ = writeln!(out, "{name}::{address}::weight::{}", plain(&endpoint["weight"]));
+            let _ = writeln!(
+                out,
+                "{name}::{address}::rq_active::{}",
+                plain(&endpoint["active_requests"])
+            );
+            let _ = writeln!(
+                out,
+                "{name}::{address}::rq_success::{}",
+                plain(&endpoint["successes"])
+            );
+            let _ = writeln!(
+                out,
+                "{name}::{address}::rq_error::{}",
+                plain(&endpoint["failures"])
+            );
+            let _ = writeln!(out, "{name}::{address}::health_flags::{flags}");
+            let _ = writeln!(
+                out,
+                "{name}::{address}::ejections::{}",
+                plain(&endpoint["ejections"])
+            );
+            if let Some(until) = endpoint["ejected_until"].as_str() {
+                let _ = writeln!(out, "{name}::{address}::ejected_until::{until}");
+            }
+        }
+    }
+    out
+}
+
+fn plain(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 

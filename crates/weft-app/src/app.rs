@@ -240,6 +240,11 @@ impl App {
             )),
             _ => None,
         };
+        tokio::spawn(prune_clusters(
+            mesh_rx.clone(),
+            inputs.forwarder.clusters().clone(),
+        ));
+        let cluster_states = inputs.forwarder.clusters().clone();
         let dump_bootstrap = bootstrap.clone();
         let admin_state = AdminState {
             metrics: metrics.clone(),
@@ -250,6 +255,7 @@ impl App {
                 let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
                 serde_json::json!({ "bootstrap": dump_bootstrap, "xds": xds, "mesh": *mesh_rx.borrow().clone() })
             }),
+            clusters: Box::new(move || serde_json::to_value(cluster_states.status()).unwrap_or_default()),
             shutdown: shutdown.clone(),
         };
         tokio::spawn(weft_admin::serve_admin(
@@ -533,4 +539,15 @@ async fn lifecycle(
     }
     admin_stop.cancel();
     tracing::info!("drained");
+}
+
+/// Forgets the running state of clusters a new configuration no longer has.
+async fn prune_clusters(
+    mut mesh: watch::Receiver<Arc<Mesh>>,
+    states: Arc<weft_http::cluster::ClusterStates>,
+) {
+    while mesh.changed().await.is_ok() {
+        let current = mesh.borrow_and_update().clone();
+        states.retain(|name| current.clusters.contains_key(name));
+    }
 }

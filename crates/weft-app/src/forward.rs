@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use weft_http::HttpVersion;
-use weft_http::{HttpContext, PoolSettings, Upstream};
+use weft_http::{HttpContext, PoolSettings, TcpConnectError, Upstream};
 use weft_model::{PeerAuthentication, Protocol, Target};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
@@ -255,8 +255,13 @@ async fn forward_tcp<S>(
         peers,
         response_flags: ResponseFlags::NONE,
     };
-    let picked = match &destination {
-        Destination::Direct(addr, settings) => Ok((*addr, settings.clone())),
+    let connected = match &destination {
+        Destination::Direct(addr, settings) => inputs
+            .forwarder
+            .connect_direct(*addr, settings)
+            .await
+            .map(|io| (io, *addr, None))
+            .map_err(TcpConnectError::Connect),
         Destination::Target(
             Target {
                 cluster: Some(cluster),
@@ -265,25 +270,22 @@ async fn forward_tcp<S>(
             _,
         ) => inputs
             .forwarder
-            .pick_endpoint(cluster)
-            .ok_or(ResponseFlags::NO_HEALTHY_UPSTREAM),
-        Destination::Target(Target { cluster: None, .. }, _) => Err(ResponseFlags::NO_CLUSTER),
-    };
-    let (endpoint, settings) = match picked {
-        Ok(picked) => picked,
-        Err(flags) => {
-            labels.response_flags = flags;
+            .connect_cluster(cluster)
+            .await
+            .map(|c| (c.io, c.endpoint, Some(c.held))),
+        Destination::Target(Target { cluster: None, .. }, _) => {
+            labels.response_flags = ResponseFlags::NO_CLUSTER;
             inputs.metrics.tcp_closed.get_or_create(&labels).inc();
-            tracing::info!(%dst, %flags, "no upstream for this TCP connection; closing it");
+            tracing::info!(%dst, "no cluster for this TCP connection; closing it");
             return;
         }
     };
-    let mut upstream = match inputs.forwarder.connect_tcp(endpoint, &settings).await {
-        Ok(stream) => stream,
+    let (mut upstream, endpoint, _held) = match connected {
+        Ok(connected) => connected,
         Err(err) => {
-            labels.response_flags = ResponseFlags::UPSTREAM_CONNECT_FAILURE;
+            labels.response_flags = err.flags();
             inputs.metrics.tcp_closed.get_or_create(&labels).inc();
-            tracing::info!(%dst, error = %err, "upstream connect failed; closing the connection");
+            tracing::info!(%dst, error = %err, "no upstream connection; closing the connection");
             return;
         }
     };

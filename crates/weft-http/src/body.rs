@@ -2,22 +2,92 @@
 //! proxy wrote itself. Request metrics are recorded when the body ends, so durations cover the whole
 //! response, as Istio's do.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 use weft_telemetry::{Metrics, RequestLabels, ResponseFlags};
+
+use crate::retry::BoxError;
 
 #[derive(Debug)]
 pub struct ProxyBody {
     kind: Kind,
     completion: Option<Completion>,
+    timer: Option<BodyTimer>,
+    /// Whatever must live as long as the response: the cluster's request counts, the endpoint's active
+    /// request, the connection slot.
+    _held: Option<InFlight>,
 }
+
+/// What a response in progress holds in its cluster.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    pub(crate) admission: Option<crate::cluster::Admission>,
+    pub(crate) endpoint: Option<crate::cluster::EndpointGuard>,
+    pub(crate) connection: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) retry: Option<crate::cluster::RetryPermit>,
+}
+
+/// The route timeout (covering the whole response, as Envoy's does) and the stream idle timeout (no
+/// frame for this long), on a response body.
+#[derive(Debug)]
+pub(crate) struct BodyTimer {
+    deadline: Option<Instant>,
+    idle: Option<Duration>,
+    last_frame: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl BodyTimer {
+    pub(crate) fn new(deadline: Option<Instant>, idle: Option<Duration>) -> Option<Self> {
+        let now = Instant::now();
+        let first = Self::next_fire(deadline, idle, now)?;
+        Some(Self {
+            deadline,
+            idle,
+            last_frame: now,
+            sleep: Box::pin(tokio::time::sleep_until(first.into())),
+        })
+    }
+
+    fn next_fire(deadline: Option<Instant>, idle: Option<Duration>, last_frame: Instant) -> Option<Instant> {
+        match (deadline, idle.map(|i| last_frame + i)) {
+            (Some(d), Some(i)) => Some(d.min(i)),
+            (d, i) => d.or(i),
+        }
+    }
+
+    /// `Some(flags)` when a timeout has passed. Re-arms itself otherwise, without resetting the timer
+    /// on every frame.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<ResponseFlags> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| d <= now) {
+                return Some(ResponseFlags::UPSTREAM_TIMEOUT);
+            }
+            if self.idle.is_some_and(|i| self.last_frame + i <= now) {
+                return Some(ResponseFlags::STREAM_IDLE_TIMEOUT);
+            }
+            let next = Self::next_fire(self.deadline, self.idle, self.last_frame)?;
+            self.sleep.as_mut().reset(next.into());
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BodyTimeout(&'static str);
 
 #[derive(Debug)]
 enum Kind {
@@ -46,10 +116,17 @@ impl Completion {
 }
 
 impl ProxyBody {
-    pub(crate) fn upstream(body: Incoming, completion: Completion) -> Self {
+    pub(crate) fn upstream(
+        body: Incoming,
+        completion: Completion,
+        timer: Option<BodyTimer>,
+        held: InFlight,
+    ) -> Self {
         Self {
             kind: Kind::Upstream(body),
             completion: Some(completion),
+            timer,
+            _held: Some(held),
         }
     }
 
@@ -57,6 +134,8 @@ impl ProxyBody {
         Self {
             kind: Kind::Local(Full::new(Bytes::from_static(text.as_bytes()))),
             completion,
+            timer: None,
+            _held: None,
         }
     }
 
@@ -69,20 +148,39 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = match &mut self.kind {
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
+            Kind::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
             Kind::Local(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
         };
         match &polled {
             Poll::Ready(None) => self.finish(ResponseFlags::NONE),
             Poll::Ready(Some(Err(_))) => self.finish(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(timer) = &mut self.timer {
+                    timer.last_frame = Instant::now();
+                }
+            }
+            Poll::Pending => {
+                let expired = self.timer.as_mut().and_then(|t| t.poll_expired(cx));
+                if let Some(flags) = expired {
+                    // Dropping the upstream body resets the stream (HTTP/2) or closes the connection.
+                    self.kind = Kind::Local(Full::default());
+                    self.timer = None;
+                    self.finish(flags);
+                    let what = if flags == ResponseFlags::UPSTREAM_TIMEOUT {
+                        "upstream request timeout"
+                    } else {
+                        "stream idle timeout"
+                    };
+                    return Poll::Ready(Some(Err(BodyTimeout(what).into())));
+                }
+            }
         }
         polled
     }

@@ -16,6 +16,10 @@ pub enum UpstreamError {
     NoCluster(String),
     #[error("upstream request timeout after {0:?}")]
     Timeout(std::time::Duration),
+    #[error("no response data for the stream idle timeout")]
+    StreamIdle,
+    #[error("a circuit breaker of the cluster is open")]
+    Overflow,
     #[error("upstream connect error: {0}")]
     Connect(#[source] hyper_util::client::legacy::Error),
     #[error("upstream protocol error: {0}")]
@@ -44,7 +48,7 @@ impl UpstreamError {
         match self {
             Self::Protocol(_) => StatusCode::BAD_GATEWAY,
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Timeout(_) | Self::StreamIdle => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -55,6 +59,8 @@ impl UpstreamError {
             Self::NoRoute => ResponseFlags::NO_ROUTE,
             Self::NoCluster(_) => ResponseFlags::NO_CLUSTER,
             Self::Timeout(_) => ResponseFlags::UPSTREAM_TIMEOUT,
+            Self::StreamIdle => ResponseFlags::STREAM_IDLE_TIMEOUT,
+            Self::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
             Self::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
             Self::Protocol(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             Self::Terminated(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
@@ -68,6 +74,10 @@ impl UpstreamError {
             Self::NoRoute => "no route",
             Self::NoCluster(_) => "cluster not found",
             Self::Timeout(_) => "upstream request timeout",
+            Self::StreamIdle => "stream timeout",
+            Self::Overflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            }
             Self::Connect(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
             }
@@ -78,5 +88,31 @@ impl UpstreamError {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
         }
+    }
+
+    /// The gRPC status a gRPC client is told (Envoy's mapping from the HTTP status; a timeout is the
+    /// client's deadline passing).
+    pub fn grpc_status(&self) -> u16 {
+        match self {
+            Self::Timeout(_) | Self::StreamIdle => 4, // DEADLINE_EXCEEDED
+            Self::NoRoute => 12,                      // UNIMPLEMENTED
+            Self::Protocol(_) => 13,                  // INTERNAL
+            _ => 14,                                  // UNAVAILABLE
+        }
+    }
+
+    /// An HTTP/2 upstream refused the stream: it never saw the request.
+    pub(crate) fn is_refused_stream(&self) -> bool {
+        let (Self::Terminated(err) | Self::Protocol(err)) = self else {
+            return false;
+        };
+        let mut source = err.source();
+        while let Some(cause) = source {
+            if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = cause.source();
+        }
+        false
     }
 }

@@ -10,13 +10,14 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use weft_model::Cluster;
-use weft_model::route::{RequestView, RouteTable};
+use weft_model::route::{DEFAULT_STREAM_IDLE_TIMEOUT, RequestView, RouteTable};
+use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
 
-use crate::balance::Balancer;
-use crate::body::Completion;
+use crate::body::{BodyTimer, Completion, InFlight};
+use crate::cluster::{ClusterStates, Outcome};
 use crate::headers::{set_upgrade, strip_hop_by_hop};
+use crate::retry::{ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
 use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 
 /// The route table in force for a connection's requests. Looked up for every request, so a configuration
@@ -40,13 +41,19 @@ pub enum Upstream {
     },
 }
 
-/// How a request was routed: where it goes and under which deadline.
+/// How a request was routed: where it goes and under which policy.
 struct Decision {
-    endpoint: SocketAddr,
-    settings: PoolSettings,
+    target: DecidedTarget,
     timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    retry: Option<RetryPolicy>,
     /// The service the request went to, for `destination_service`, when routing tells.
     service: Option<Label>,
+}
+
+enum DecidedTarget {
+    Cluster(Arc<Cluster>),
+    Direct(SocketAddr, PoolSettings),
 }
 
 /// Per-connection facts every request on it shares.
@@ -66,20 +73,78 @@ pub struct HttpContext {
 pub struct Forwarder {
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
-    balancer: Arc<Balancer>,
+    clusters: Arc<ClusterStates>,
+}
+
+/// How an opaque TCP connection to a cluster was made.
+#[derive(Debug)]
+pub struct TcpUpstream {
+    pub io: crate::UpstreamIo,
+    pub endpoint: SocketAddr,
+    /// Counts the connection as the endpoint's active request and a connection of the cluster until
+    /// dropped.
+    pub held: TcpHeld,
+}
+
+/// What an opaque TCP connection holds in its cluster.
+#[derive(Debug)]
+pub struct TcpHeld {
+    _inner: InFlight,
+}
+
+/// Why no TCP connection to a cluster could be made.
+#[derive(Debug)]
+pub enum TcpConnectError {
+    NoHealthyUpstream,
+    Overflow,
+    Connect(crate::ConnectError),
+}
+
+impl TcpConnectError {
+    pub fn flags(&self) -> ResponseFlags {
+        match self {
+            TcpConnectError::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
+            TcpConnectError::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
+            TcpConnectError::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+        }
+    }
+}
+
+impl std::fmt::Display for TcpConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TcpConnectError::NoHealthyUpstream => f.write_str("no healthy upstream"),
+            TcpConnectError::Overflow => f.write_str("max_connections reached"),
+            TcpConnectError::Connect(err) => err.fmt(f),
+        }
+    }
+}
+
+/// Connect attempts for an opaque TCP connection, each to a different endpoint when there is one.
+const TCP_CONNECT_ATTEMPTS: usize = 3;
+
+/// The outcome of one try.
+enum Try {
+    Response(Response<Incoming>),
+    Failed(UpstreamError),
 }
 
 impl Forwarder {
     pub fn new(pools: Arc<Pools>, metrics: Arc<Metrics>) -> Self {
         Self {
             pools,
+            clusters: Arc::new(ClusterStates::new(metrics.clone())),
             metrics,
-            balancer: Arc::default(),
         }
     }
 
-    /// A connection for opaque TCP (mutual TLS when the settings ask for it).
-    pub async fn connect_tcp(
+    /// The running state of every cluster (admin `GET /clusters`).
+    pub fn clusters(&self) -> &Arc<ClusterStates> {
+        &self.clusters
+    }
+
+    /// A plain or mutual-TLS connection for opaque TCP to one address.
+    pub async fn connect_direct(
         &self,
         endpoint: SocketAddr,
         settings: &PoolSettings,
@@ -87,18 +152,46 @@ impl Forwarder {
         self.pools.connect_tcp(endpoint, settings).await
     }
 
-    /// An endpoint of `cluster` for a new request or connection, by the cluster's balancing policy.
-    pub fn pick_endpoint(&self, cluster: &Cluster) -> Option<(SocketAddr, PoolSettings)> {
-        let endpoint = self.balancer.pick(cluster)?;
-        let tls = cluster.tls.as_ref().map(|t| t.identities.clone());
-        Some((
-            endpoint,
-            PoolSettings {
-                connect_timeout: cluster.connect_timeout,
-                idle_timeout: cluster.idle_timeout,
-                tls,
-            },
-        ))
+    /// A connection for opaque TCP to an endpoint of `cluster`: balanced, limited by `max_connections`,
+    /// reported to outlier detection, and tried again on another endpoint when the connect fails.
+    pub async fn connect_cluster(&self, cluster: &Arc<Cluster>) -> Result<TcpUpstream, TcpConnectError> {
+        let state = self.clusters.get(cluster);
+        let connection = state.try_connection_slot().ok_or(TcpConnectError::Overflow)?;
+        let settings = pool_settings(cluster);
+        let mut tried = Vec::new();
+        let mut last = None;
+        for _ in 0..TCP_CONNECT_ATTEMPTS {
+            let Some(endpoint) = state.pick(&tried) else {
+                break;
+            };
+            let address = endpoint.address();
+            if tried.contains(&address) {
+                break; // nothing new left to try
+            }
+            match self.pools.connect_tcp(address, &settings).await {
+                Ok(io) => {
+                    state.report(endpoint.state(), Outcome::Connected);
+                    return Ok(TcpUpstream {
+                        io,
+                        endpoint: address,
+                        held: TcpHeld {
+                            _inner: InFlight {
+                                endpoint: Some(endpoint),
+                                connection: Some(connection),
+                                ..InFlight::default()
+                            },
+                        },
+                    });
+                }
+                Err(err) => {
+                    tracing::debug!(cluster = %cluster.name, endpoint = %address, error = %err, "TCP connect failed");
+                    state.report(endpoint.state(), Outcome::LocalFailure { as_status: 503 });
+                    tried.push(address);
+                    last = Some(err);
+                }
+            }
+        }
+        Err(last.map_or(TcpConnectError::NoHealthyUpstream, TcpConnectError::Connect))
     }
 
     fn decide(
@@ -110,9 +203,10 @@ impl Forwarder {
         let table = match upstream {
             Upstream::Direct { addr, settings } => {
                 return Ok(Decision {
-                    endpoint: *addr,
-                    settings: settings.clone(),
+                    target: DecidedTarget::Direct(*addr, settings.clone()),
                     timeout: None,
+                    idle_timeout: Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+                    retry: None,
                     service: None,
                 });
             }
@@ -133,20 +227,19 @@ impl Forwarder {
             .cluster
             .as_ref()
             .ok_or_else(|| UpstreamError::NoCluster(weighted.name.clone()))?;
-        let (endpoint, settings) = self
-            .pick_endpoint(cluster)
-            .ok_or(UpstreamError::NoHealthyUpstream)?;
         Ok(Decision {
-            endpoint,
-            settings,
-            timeout: route.action.timeout,
             service: Some(service_of(&cluster.name)),
+            target: DecidedTarget::Cluster(cluster.clone()),
+            timeout: route.action.timeout,
+            idle_timeout: route.action.idle_timeout,
+            retry: route.action.retry.clone(),
         })
     }
 
     pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
         let start = Instant::now();
-        let request_protocol = if is_grpc(&req) {
+        let grpc = is_grpc(&req);
+        let request_protocol = if grpc {
             RequestProtocol::grpc
         } else {
             RequestProtocol::http
@@ -187,14 +280,9 @@ impl Forwarder {
             },
             start,
         };
-        let Decision {
-            endpoint,
-            settings,
-            timeout,
-            ..
-        } = match decided {
+        let decision = match decided {
             Ok(decision) => decision,
-            Err(err) => return self.error_response(err, completion),
+            Err(err) => return error_response(err, grpc, ResponseFlags::NONE, completion),
         };
         if ctx.version == HttpVersion::Http1 && !parts.headers.contains_key(header::HOST) {
             // HTTP/1.0 clients may send no Host; the next hop gets the address the client dialled.
@@ -214,26 +302,45 @@ impl Forwarder {
             .build()
         {
             Ok(uri) => uri,
-            Err(_) => return self.bad_request(completion),
+            Err(_) => return bad_request(completion),
         };
         parts.version = match ctx.version {
             HttpVersion::Http1 => Version::HTTP_11,
             HttpVersion::Http2 => Version::HTTP_2,
         };
-
-        let client = self.pools.client(endpoint, ctx.version, settings);
-        let request = client.request(Request::from_parts(parts, body));
-        let result = match timeout {
-            Some(limit) => tokio::time::timeout(limit, request)
-                .await
-                .map_err(|_| UpstreamError::Timeout(limit)),
-            None => Ok(request.await),
+        // A gRPC client's own deadline bounds the request when it is shorter than the route's.
+        let timeout = match (
+            decision.timeout,
+            grpc.then(|| grpc_timeout(&parts.headers)).flatten(),
+        ) {
+            (Some(route), Some(client)) => Some(route.min(client)),
+            (route, client) => route.or(client),
         };
-        let mut response = match result.and_then(|r| r.map_err(UpstreamError::from_client)) {
-            Ok(response) => response,
-            Err(err) => {
-                tracing::debug!(%endpoint, error = %err, "upstream request failed");
-                return self.error_response(err, completion);
+        let deadline = timeout.map(|t| start + t);
+
+        let exchange = Exchange {
+            parts,
+            version: ctx.version,
+            deadline,
+            idle_timeout: decision.idle_timeout,
+        };
+        let (result, held, flags) = match decision.target {
+            DecidedTarget::Direct(endpoint, settings) => {
+                let result = self
+                    .try_once(&exchange, endpoint, settings, RequestBody::Streamed(body))
+                    .await;
+                (result, InFlight::default(), ResponseFlags::NONE)
+            }
+            DecidedTarget::Cluster(cluster) => {
+                self.to_cluster(&cluster, body, decision.retry.as_ref(), &exchange)
+                    .await
+            }
+        };
+        let mut response = match result {
+            Try::Response(response) => response,
+            Try::Failed(err) => {
+                tracing::debug!(error = %err, "upstream request failed");
+                return error_response(err, grpc, flags, completion);
             }
         };
 
@@ -250,33 +357,272 @@ impl Forwarder {
             }
         }
         let (parts, body) = response.into_parts();
+        let timer = BodyTimer::new(deadline, exchange.idle_timeout);
         Response::from_parts(
             parts,
-            ProxyBody::upstream(body, completion(status, ResponseFlags::NONE)),
+            ProxyBody::upstream(body, completion(status, flags), timer, held),
         )
     }
 
-    fn error_response(
+    /// Tries a request on the cluster's endpoints under its circuit breakers, retrying as the route's
+    /// policy says. Returns the final outcome, what the response must hold, and any response flags.
+    async fn to_cluster(
         &self,
-        err: UpstreamError,
-        completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
-    ) -> Response<ProxyBody> {
-        let status = err.status();
-        let body = ProxyBody::local(err.body(), Some(completion(status, err.flags())));
-        local_response(status, body)
+        cluster: &Arc<Cluster>,
+        body: Incoming,
+        policy: Option<&RetryPolicy>,
+        exchange: &Exchange,
+    ) -> (Try, InFlight, ResponseFlags) {
+        let state = self.clusters.get(cluster);
+        let mut held = InFlight::default();
+        match state.admit() {
+            Ok(admission) => held.admission = Some(admission),
+            Err(_) => return (Try::Failed(UpstreamError::Overflow), held, ResponseFlags::NONE),
+        }
+        let settings = pool_settings(cluster);
+        // A body is kept for replay only when a retry could need it.
+        let mut body = match policy {
+            Some(p) if p.num_retries > 0 => RequestBody::Replay(ReplayBody::new(body)),
+            _ => RequestBody::Streamed(body),
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        loop {
+            let Some(endpoint) = state.pick(&tried) else {
+                return (
+                    Try::Failed(UpstreamError::NoHealthyUpstream),
+                    held,
+                    ResponseFlags::NONE,
+                );
+            };
+            let address = endpoint.address();
+            // HTTP/1 needs a connection per request in flight: over max_connections the request waits as
+            // pending, over max_pending_requests it fails fast.
+            let connection = if exchange.version == HttpVersion::Http1 {
+                let slot = match exchange.deadline {
+                    Some(deadline) => {
+                        match tokio::time::timeout_at(deadline.into(), state.connection_slot()).await {
+                            Ok(slot) => slot,
+                            Err(_) => {
+                                return (
+                                    Try::Failed(UpstreamError::Timeout(exchange.timeout_from(deadline))),
+                                    held,
+                                    ResponseFlags::NONE,
+                                );
+                            }
+                        }
+                    }
+                    None => state.connection_slot().await,
+                };
+                match slot {
+                    Ok(slot) => Some(slot),
+                    Err(_) => return (Try::Failed(UpstreamError::Overflow), held, ResponseFlags::NONE),
+                }
+            } else {
+                None
+            };
+            let next_body = match &body {
+                RequestBody::Replay(replay) if policy.is_some() => replay.replay().map(RequestBody::Replay),
+                _ => None,
+            };
+            let per_try = policy.and_then(|p| p.per_try_timeout);
+            let result = self
+                .try_endpoint(
+                    exchange,
+                    exchange.head(),
+                    address,
+                    settings.clone(),
+                    body,
+                    per_try,
+                )
+                .await;
+            let outcome = match &result {
+                Try::Response(r) => Outcome::Status(r.status().as_u16()),
+                Try::Failed(UpstreamError::Timeout(_)) if exchange.past_deadline() => {
+                    // The route's deadline, not this endpoint's fault alone: no retry.
+                    state.report(endpoint.state(), Outcome::LocalFailure { as_status: 504 });
+                    held.endpoint = Some(endpoint);
+                    held.connection = connection;
+                    return (result, held, ResponseFlags::NONE);
+                }
+                Try::Failed(err) => Outcome::LocalFailure {
+                    as_status: err.status().as_u16(),
+                },
+            };
+            state.report(endpoint.state(), outcome);
+            let retriable = policy.is_some_and(|p| retriable(p, try_outcome(&result)));
+            let Some(policy) = policy.filter(|_| retriable) else {
+                held.endpoint = Some(endpoint);
+                held.connection = connection;
+                return (result, held, ResponseFlags::NONE);
+            };
+            let wait = backoff(policy, retries + 1);
+            let permit = if retries >= policy.num_retries {
+                None
+            } else if next_body.is_none() {
+                tracing::debug!(cluster = %cluster.name, "not retrying: the request body was too large to keep");
+                None
+            } else if exchange.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                None
+            } else {
+                state.retry()
+            };
+            let (Some(permit), Some(next_body)) = (permit, next_body) else {
+                held.endpoint = Some(endpoint);
+                held.connection = connection;
+                let flags = if retries > 0 {
+                    ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED
+                } else {
+                    ResponseFlags::NONE
+                };
+                return (result, held, flags);
+            };
+            retries += 1;
+            held.retry = Some(permit);
+            tried.push(address);
+            tracing::debug!(cluster = %cluster.name, endpoint = %address, retry = retries, ?wait, "retrying");
+            drop(result);
+            drop(endpoint);
+            drop(connection);
+            tokio::time::sleep(wait).await;
+            body = next_body;
+        }
     }
 
-    fn bad_request(
+    /// One try at `endpoint`, bounded by the per-try timeout and the request's deadline.
+    async fn try_endpoint(
         &self,
-        completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
-    ) -> Response<ProxyBody> {
-        let status = StatusCode::BAD_REQUEST;
-        let body = ProxyBody::local(
-            "bad request",
-            Some(completion(status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR)),
-        );
-        local_response(status, body)
+        exchange: &Exchange,
+        head: http::request::Parts,
+        endpoint: SocketAddr,
+        settings: PoolSettings,
+        body: RequestBody,
+        per_try: Option<Duration>,
+    ) -> Try {
+        let client = self.pools.client(endpoint, exchange.version, settings);
+        let request = client.request(Request::from_parts(head, body));
+        let now = Instant::now();
+        let try_deadline = per_try.map(|t| now + t);
+        let bound = match (exchange.deadline, try_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let idle_bound = exchange.idle_timeout.map(|i| now + i);
+        let bound = match (bound, idle_bound) {
+            (Some(a), Some(b)) => Some((a.min(b), b < a)),
+            (Some(a), None) => Some((a, false)),
+            (None, Some(b)) => Some((b, true)),
+            (None, None) => None,
+        };
+        let result = match bound {
+            None => request.await.map_err(UpstreamError::from_client),
+            Some((at, idle)) => match tokio::time::timeout_at(at.into(), request).await {
+                Ok(result) => result.map_err(UpstreamError::from_client),
+                Err(_) if idle => Err(UpstreamError::StreamIdle),
+                Err(_) => Err(UpstreamError::Timeout(at.saturating_duration_since(now))),
+            },
+        };
+        match result {
+            Ok(response) => Try::Response(response),
+            Err(err) => {
+                tracing::debug!(%endpoint, error = %err, "upstream try failed");
+                Try::Failed(err)
+            }
+        }
     }
+
+    async fn try_once(
+        &self,
+        exchange: &Exchange,
+        endpoint: SocketAddr,
+        settings: PoolSettings,
+        body: RequestBody,
+    ) -> Try {
+        self.try_endpoint(exchange, exchange.head(), endpoint, settings, body, None)
+            .await
+    }
+}
+
+/// What each try of a request shares.
+struct Exchange {
+    parts: http::request::Parts,
+    version: HttpVersion,
+    deadline: Option<Instant>,
+    idle_timeout: Option<Duration>,
+}
+
+impl Exchange {
+    /// The request head for a try. `Parts` holds extensions, which cannot be cloned; the upstream
+    /// request needs none of them.
+    fn head(&self) -> http::request::Parts {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = self.parts.method.clone();
+        head.uri = self.parts.uri.clone();
+        head.version = self.parts.version;
+        head.headers = self.parts.headers.clone();
+        head
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| d <= Instant::now())
+    }
+
+    fn timeout_from(&self, deadline: Instant) -> Duration {
+        deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+fn try_outcome(result: &Try) -> TryOutcome<'_> {
+    match result {
+        Try::Response(r) => TryOutcome::Response(r.status(), r.headers()),
+        Try::Failed(UpstreamError::Connect(_)) => TryOutcome::ConnectFailure,
+        Try::Failed(UpstreamError::Timeout(_)) => TryOutcome::PerTryTimeout,
+        Try::Failed(err) if err.is_refused_stream() => TryOutcome::RefusedStream,
+        Try::Failed(_) => TryOutcome::Reset,
+    }
+}
+
+fn pool_settings(cluster: &Cluster) -> PoolSettings {
+    PoolSettings {
+        connect_timeout: cluster.connect_timeout,
+        idle_timeout: cluster.idle_timeout,
+        tls: cluster.tls.as_ref().map(|t| t.identities.clone()),
+    }
+}
+
+/// The answer for a request the proxy could not forward: Envoy's status, flags and text, or for gRPC a
+/// trailers-only response whose `grpc-status` says the same.
+fn error_response(
+    err: UpstreamError,
+    grpc: bool,
+    extra: ResponseFlags,
+    completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
+) -> Response<ProxyBody> {
+    let status = err.status();
+    if grpc {
+        let mut response = Response::new(ProxyBody::local(
+            "",
+            Some(completion(StatusCode::OK, err.flags() | extra)),
+        ));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(err.grpc_status()));
+        if let Ok(message) = HeaderValue::from_str(err.body()) {
+            headers.insert("grpc-message", message);
+        }
+        return response;
+    }
+    let body = ProxyBody::local(err.body(), Some(completion(status, err.flags() | extra)));
+    local_response(status, body)
+}
+
+fn bad_request(completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion) -> Response<ProxyBody> {
+    let status = StatusCode::BAD_REQUEST;
+    let body = ProxyBody::local(
+        "bad request",
+        Some(completion(status, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR)),
+    );
+    local_response(status, body)
 }
 
 fn local_response(status: StatusCode, body: ProxyBody) -> Response<ProxyBody> {

@@ -1,18 +1,21 @@
 //! HTTP forwarding: a downstream HTTP/1 or HTTP/2 server per connection whose requests are forwarded,
 //! streaming, to an upstream endpoint over a pooled connection of the same protocol.
 //!
-//! Request-level policy (routing, retries, timeouts) builds on [`forward`].
+//! Request-level policy lives here too: routing, retries with a budget, timeouts, circuit breakers,
+//! least-request balancing and outlier detection ([`cluster`]).
 
-mod balance;
 mod body;
+pub mod cluster;
 mod error;
 mod forward;
 mod headers;
 mod pool;
+mod retry;
 mod server;
 
 pub use body::ProxyBody;
 pub use error::UpstreamError;
-pub use forward::{Forwarder, HttpContext, RouteSource, Upstream};
+pub use forward::{Forwarder, HttpContext, RouteSource, TcpConnectError, TcpUpstream, Upstream};
 pub use pool::{ConnectError, PoolSettings, Pools, UpstreamIo};
+pub use retry::MAX_REPLAY_BYTES;
 pub use server::{HttpVersion, serve};

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +25,7 @@ use weft_identity::SpiffeId;
 use weft_identity::tls::TlsMaterial;
 
 use crate::HttpVersion;
+use crate::retry::RequestBody;
 
 /// Larger than any header block we accept downstream, so what we accept we can forward.
 pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
@@ -53,7 +53,7 @@ struct PoolKey {
     settings: PoolSettings,
 }
 
-pub(crate) type UpstreamClient = Client<EndpointConnector, Incoming>;
+pub(crate) type UpstreamClient = Client<EndpointConnector, RequestBody>;
 
 #[derive(Debug)]
 struct Entry {

@@ -14,8 +14,8 @@ use crate::mesh::{
     Bootstrap, Cluster, Egress, ExplicitListener, InboundPolicy, Mesh, Mode, Node, OutboundPolicy, Protocol,
 };
 use crate::route::{
-    DEFAULT_ROUTE_TIMEOUT, HeaderMatch, PathMatch, Route, RouteAction, RouteMatch, RouteTable, ValueMatch,
-    VirtualHost, WeightedCluster, compile_regex,
+    DEFAULT_ROUTE_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT, HeaderMatch, PathMatch, Route, RouteAction,
+    RouteMatch, RouteTable, ValueMatch, VirtualHost, WeightedCluster, compile_regex,
 };
 
 /// Envoy's default cluster connect timeout.
@@ -214,6 +214,14 @@ pub struct ClusterFile {
     /// Mutual TLS to the endpoints, which must prove one of these SPIFFE identities.
     #[serde(default)]
     pub tls: Option<UpstreamTlsFile>,
+    #[serde(default)]
+    pub circuit_breakers: crate::CircuitBreakers,
+    /// Passive health checking; absent: endpoints are never ejected.
+    #[serde(default)]
+    pub outlier_detection: Option<crate::OutlierDetection>,
+    /// Percentage of available endpoints below which balancing ignores ejections (default 50, 0 disables).
+    #[serde(default)]
+    pub panic_threshold_percent: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -317,6 +325,11 @@ pub struct RouteFile {
     pub clusters: Vec<WeightedClusterFile>,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Stream idle timeout (default 5 min, `0s` disables).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry: Option<crate::RetryPolicy>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -596,7 +609,30 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
             lb_policy: c.lb_policy,
             connect_timeout: c.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
             idle_timeout: c.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
+            circuit_breakers: c.circuit_breakers,
+            outlier_detection: c.outlier_detection,
+            panic_threshold_percent: c
+                .panic_threshold_percent
+                .unwrap_or(crate::policy::DEFAULT_PANIC_THRESHOLD_PERCENT),
         };
+        if !(0.0..=100.0).contains(&cluster.panic_threshold_percent) {
+            return Err(invalid(
+                format!("clusters[{i}].panic_threshold_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        if !(0.0..=100.0).contains(&cluster.circuit_breakers.retry_budget.budget_percent) {
+            return Err(invalid(
+                format!("clusters[{i}].circuit_breakers.retry_budget.budget_percent"),
+                "must be between 0 and 100",
+            ));
+        }
+        if cluster.outlier_detection.is_some_and(|o| o.interval.is_zero()) {
+            return Err(invalid(
+                format!("clusters[{i}].outlier_detection.interval"),
+                "must be greater than 0",
+            ));
+        }
         if by_name.insert(c.name.clone(), Arc::new(cluster)).is_some() {
             return Err(invalid(
                 format!("clusters[{i}].name"),
@@ -788,8 +824,10 @@ fn validate_route(
         matcher: RouteMatch { path, headers },
         action: RouteAction {
             clusters: targets,
-            timeout: r.timeout.or(Some(DEFAULT_ROUTE_TIMEOUT)),
-            retry: None,
+            timeout: Some(r.timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT)).filter(|t| !t.is_zero()),
+            idle_timeout: Some(r.idle_timeout.unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT))
+                .filter(|t| !t.is_zero()),
+            retry: r.retry,
         },
     })
 }

@@ -6,6 +6,7 @@
 
 pub mod file;
 mod mesh;
+pub mod policy;
 pub mod route;
 
 pub use file::{LoadError, load_file, parse};
@@ -13,6 +14,7 @@ pub use mesh::{
     Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, IdentitySource, InboundPolicy, LbPolicy, Mesh,
     Mode, Node, OutboundPolicy, PeerAuthentication, Protocol, Target, UpstreamTls, XdsSource,
 };
+pub use policy::{Backoff, CircuitBreakers, OutlierDetection, RetryBudget, RetryOn, RetryPolicy};
 pub use route::RouteTable;
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{CircuitBreakers, OutlierDetection};
 use crate::route::RouteTable;
 
 /// Where the proxy runs: the defaults for bind addresses follow from it.
@@ -217,6 +218,11 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    pub circuit_breakers: CircuitBreakers,
+    /// Passive health checking; `None`: endpoints are never ejected.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Below this percentage of available endpoints the cluster balances over all of them (0 disables).
+    pub panic_threshold_percent: f64,
 }
 
 impl Cluster {
@@ -229,6 +235,9 @@ impl Cluster {
             lb_policy: LbPolicy::default(),
             connect_timeout: crate::file::DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: crate::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            circuit_breakers: CircuitBreakers::default(),
+            outlier_detection: None,
+            panic_threshold_percent: crate::policy::DEFAULT_PANIC_THRESHOLD_PERCENT,
         }
     }
 

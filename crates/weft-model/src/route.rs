@@ -8,9 +8,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Cluster;
+pub use crate::policy::RetryPolicy;
 
 /// Envoy's default route timeout (it covers all retries).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's default stream idle timeout: a request or response with no frame for this long is reset.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteTable {
@@ -78,6 +81,9 @@ pub struct RouteAction {
     /// Whole-request deadline, including retries; `None` disables it.
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Stream idle timeout: no response frame for this long resets the request; `None` disables it.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
 }
 
@@ -88,15 +94,6 @@ pub struct WeightedCluster {
     #[serde(skip)]
     pub cluster: Option<Arc<Cluster>>,
     pub weight: u32,
-}
-
-/// Carried through from configuration; applied by the retry layer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RetryPolicy {
-    pub retry_on: Vec<String>,
-    pub num_retries: u32,
-    #[serde(with = "humantime_serde")]
-    pub per_try_timeout: Option<Duration>,
 }
 
 /// What a request looks like to the router.
@@ -121,6 +118,7 @@ impl RouteTable {
                     weight: 1,
                 }],
                 timeout: None,
+                idle_timeout: Some(DEFAULT_STREAM_IDLE_TIMEOUT),
                 retry: None,
             },
         };

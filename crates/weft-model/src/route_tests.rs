@@ -21,6 +21,7 @@ fn route(name: &str, matcher: RouteMatch, clusters: Vec<WeightedCluster>) -> Rou
         action: RouteAction {
             clusters,
             timeout: None,
+            idle_timeout: None,
             retry: None,
         },
     }
@@ -214,6 +215,7 @@ fn weighted_pick_follows_weights() {
     let action = RouteAction {
         clusters: vec![to("v1", 90), to("v2", 10)],
         timeout: None,
+        idle_timeout: None,
         retry: None,
     };
     let mut v2 = 0;
@@ -226,6 +228,7 @@ fn weighted_pick_follows_weights() {
     let zero = RouteAction {
         clusters: vec![to("v1", 0), to("v2", 100)],
         timeout: None,
+        idle_timeout: None,
         retry: None,
     };
     assert_eq!(zero.pick(0.0).unwrap().name, "v2");

@@ -33,8 +33,10 @@ impl ResponseFlags {
     pub const DOWNSTREAM_PROTOCOL_ERROR: Self = Self(1 << 9);
     /// No cluster found (`NC`).
     pub const NO_CLUSTER: Self = Self(1 << 10);
+    /// Stream idle timeout (`SI`).
+    pub const STREAM_IDLE_TIMEOUT: Self = Self(1 << 11);
 
-    const NAMES: [(Self, &'static str); 11] = [
+    const NAMES: [(Self, &'static str); 12] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECT_FAILURE, "UF"),
         (Self::UPSTREAM_CONNECTION_TERMINATION, "UC"),
@@ -46,6 +48,7 @@ impl ResponseFlags {
         (Self::UPSTREAM_PROTOCOL_ERROR, "UPE"),
         (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
         (Self::NO_CLUSTER, "NC"),
+        (Self::STREAM_IDLE_TIMEOUT, "SI"),
     ];
 
     pub fn is_empty(self) -> bool {

@@ -8,5 +8,6 @@ mod metrics;
 pub use flags::ResponseFlags;
 pub use logging::{LogControl, LogError};
 pub use metrics::{
-    ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol, TcpLabels, XdsLabels,
+    ClusterEventLabels, ClusterLabels, ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels,
+    RequestProtocol, TcpLabels, XdsLabels,
 };

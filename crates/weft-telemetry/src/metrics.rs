@@ -125,6 +125,21 @@ pub struct XdsLabels {
     pub result: &'static str,
 }
 
+/// Per-cluster resilience events.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: Label,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ClusterEventLabels {
+    pub cluster: Label,
+    /// What happened: for retries `made`, `budget_exhausted`, `overflow`; for overflows the limit
+    /// (`max_requests`, `max_pending_requests`); for ejections the detector (`consecutive_5xx`,
+    /// `consecutive_gateway_failure`, `consecutive_local_origin_failure`).
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the proxy exports.
@@ -144,6 +159,10 @@ pub struct Metrics {
     pub certificate_renewals: Counter,
     pub certificate_failures: Counter,
     pub certificate_expiry: Gauge,
+    pub retries: Family<ClusterEventLabels, Counter>,
+    pub overflows: Family<ClusterEventLabels, Counter>,
+    pub ejections: Family<ClusterEventLabels, Counter>,
+    pub ejected_endpoints: Family<ClusterLabels, Gauge>,
 }
 
 impl Metrics {
@@ -163,6 +182,10 @@ impl Metrics {
         let certificate_renewals = Counter::default();
         let certificate_failures = Counter::default();
         let certificate_expiry = Gauge::default();
+        let retries = Family::default();
+        let overflows = Family::default();
+        let ejections = Family::default();
+        let ejected_endpoints = Family::default();
 
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -234,6 +257,27 @@ impl Metrics {
             certificate_expiry.clone(),
         );
 
+        weft.register(
+            "upstream_retries",
+            "Retries by cluster: made, or not made because the budget or max_retries said no",
+            retries.clone(),
+        );
+        weft.register(
+            "upstream_overflows",
+            "Requests refused with 503 UO by a circuit breaker, by cluster and limit",
+            overflows.clone(),
+        );
+        weft.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by cluster and detector",
+            ejections.clone(),
+        );
+        weft.register(
+            "outlier_ejected_endpoints",
+            "Endpoints currently ejected, by cluster",
+            ejected_endpoints.clone(),
+        );
+
         Arc::new(Self {
             registry,
             requests,
@@ -249,6 +293,10 @@ impl Metrics {
             certificate_renewals,
             certificate_failures,
             certificate_expiry,
+            retries,
+            overflows,
+            ejections,
+            ejected_endpoints,
         })
     }
 

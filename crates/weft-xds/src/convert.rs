@@ -29,13 +29,18 @@ use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::google::protobuf::{Any, Duration as XDuration};
 use prost::{Message, Name};
 use weft_model::route::{
-    DEFAULT_ROUTE_TIMEOUT, HeaderMatch, PathMatch, RetryPolicy, Route, RouteAction, RouteMatch, RouteTable, ValueMatch,
+    DEFAULT_ROUTE_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT, HeaderMatch, PathMatch, RetryPolicy, Route, RouteAction, RouteMatch, RouteTable, ValueMatch,
     VirtualHost, WeightedCluster, compile_regex,
 };
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
-use weft_model::{Egress, Endpoint, LbPolicy, PeerAuthentication, Protocol, UpstreamTls};
+use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetryPolicy;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use weft_model::{
+    Backoff, CircuitBreakers, Egress, Endpoint, LbPolicy, OutlierDetection, PeerAuthentication, Protocol, RetryBudget,
+    RetryOn, UpstreamTls,
+};
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -137,7 +142,11 @@ pub struct ClusterSpec {
     pub static_endpoints: Vec<Endpoint>,
     pub lb_policy: LbPolicy,
     pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
     pub tls: Option<UpstreamTls>,
+    pub circuit_breakers: CircuitBreakers,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub panic_threshold_percent: f64,
 }
 
 pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
@@ -422,24 +431,78 @@ fn route(
         None => Some(DEFAULT_ROUTE_TIMEOUT),
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
     };
-    let retry = action.retry_policy.as_ref().or(vhost_retry).map(|p| RetryPolicy {
-        retry_on: p
-            .retry_on
-            .split(',')
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect(),
-        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
-        per_try_timeout: p.per_try_timeout.as_ref().map(duration),
-    });
+    // Envoy: unset means the connection manager's stream idle timeout (5 min by default); 0 disables.
+    let idle_timeout = match &action.idle_timeout {
+        None => Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    };
+    let retry = action
+        .retry_policy
+        .as_ref()
+        .or(vhost_retry)
+        .map(|p| retry_policy(ctx, &format!("{field}.route.retry_policy"), p))
+        .transpose()?;
     Ok(Route {
         name: r.name.clone(),
         matcher: RouteMatch { path, headers },
         action: RouteAction {
             clusters,
             timeout,
+            idle_timeout,
             retry,
         },
+    })
+}
+
+/// Envoy's `RetryPolicy`. Every retry prefers another endpoint, so the host predicates Istio sends
+/// (`previous_hosts`) need no configuration.
+fn retry_policy(ctx: &Ctx<'_>, field: &str, p: &XRetryPolicy) -> Result<RetryPolicy, ResourceError> {
+    let retry_on: RetryOn = p
+        .retry_on
+        .parse()
+        .map_err(|e: String| ctx.err(format!("{field}.retry_on"), e))?;
+    let mut retriable_status_codes = Vec::with_capacity(p.retriable_status_codes.len());
+    for code in &p.retriable_status_codes {
+        match u16::try_from(*code) {
+            Ok(code @ 100..=599) => retriable_status_codes.push(code),
+            _ => {
+                return Err(ctx.err(
+                    format!("{field}.retriable_status_codes"),
+                    format!("{code} is not an HTTP status"),
+                ));
+            }
+        }
+    }
+    let mut backoff = Backoff::default();
+    if let Some(b) = &p.retry_back_off {
+        if let Some(base) = b.base_interval.as_ref().map(duration) {
+            if base.is_zero() {
+                return Err(ctx.err(
+                    format!("{field}.retry_back_off.base_interval"),
+                    "must be greater than 0",
+                ));
+            }
+            backoff = Backoff {
+                base_interval: base,
+                max_interval: base * 10,
+            };
+        }
+        if let Some(max) = b.max_interval.as_ref().map(duration) {
+            if max < backoff.base_interval {
+                return Err(ctx.err(
+                    format!("{field}.retry_back_off.max_interval"),
+                    "must not be less than base_interval",
+                ));
+            }
+            backoff.max_interval = max;
+        }
+    }
+    Ok(RetryPolicy {
+        retry_on,
+        num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
+        per_try_timeout: p.per_try_timeout.as_ref().map(duration).filter(|d| !d.is_zero()),
+        retriable_status_codes,
+        backoff,
     })
 }
 
@@ -554,14 +617,136 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
         Some(socket) => Some(upstream_tls(&ctx, socket)?),
         None => None,
     };
+    let panic_threshold_percent = match c
+        .common_lb_config
+        .as_ref()
+        .and_then(|l| l.healthy_panic_threshold.as_ref())
+    {
+        Some(p) if (0.0..=100.0).contains(&p.value) => p.value,
+        Some(p) => {
+            return Err(ctx.err(
+                "common_lb_config.healthy_panic_threshold",
+                format!("{} is not a percentage", p.value),
+            ));
+        }
+        None => weft_model::policy::DEFAULT_PANIC_THRESHOLD_PERCENT,
+    };
     Ok(ClusterSpec {
         name: c.name.clone(),
         eds_name,
         static_endpoints,
         lb_policy,
         connect_timeout,
+        idle_timeout: upstream_idle_timeout(&ctx, c)?,
         tls,
+        circuit_breakers: circuit_breakers(&ctx, c)?,
+        outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
+        panic_threshold_percent,
     })
+}
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The idle timeout of pooled connections: `common_http_protocol_options.idle_timeout` in the cluster's
+/// `HttpProtocolOptions` (where Istio puts a DestinationRule's `connectionPool.http.idleTimeout`).
+fn upstream_idle_timeout(ctx: &Ctx<'_>, c: &XCluster) -> Result<Duration, ResourceError> {
+    let default = weft_model::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT;
+    let Some(any) = c.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS) else {
+        return Ok(default);
+    };
+    let field = format!("typed_extension_protocol_options[\"{HTTP_PROTOCOL_OPTIONS}\"]");
+    let options: HttpProtocolOptions = decode(any).map_err(|e| ctx.err(&field, e.problem))?;
+    Ok(options
+        .common_http_protocol_options
+        .and_then(|o| o.idle_timeout)
+        .map(|d| duration(&d))
+        .filter(|d| !d.is_zero())
+        .unwrap_or(default))
+}
+
+/// The default-priority thresholds (Weft has one priority). The retry budget's `budget_percent` is the
+/// share of requests retries may add over 10 s; `min_retry_concurrency` is read as the retries per
+/// second always allowed (Weft's budget counts requests, not concurrency: see `docs/xds.md`).
+fn circuit_breakers(ctx: &Ctx<'_>, c: &XCluster) -> Result<CircuitBreakers, ResourceError> {
+    let mut limits = CircuitBreakers::default();
+    let Some(t) = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+    else {
+        return Ok(limits);
+    };
+    let set = |target: &mut u32, value: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+        if let Some(v) = value {
+            *target = v.value;
+        }
+    };
+    set(&mut limits.max_connections, &t.max_connections);
+    set(&mut limits.max_pending_requests, &t.max_pending_requests);
+    set(&mut limits.max_requests, &t.max_requests);
+    set(&mut limits.max_retries, &t.max_retries);
+    if let Some(b) = &t.retry_budget {
+        let mut budget = RetryBudget::default();
+        if let Some(p) = &b.budget_percent {
+            if !(0.0..=100.0).contains(&p.value) {
+                return Err(ctx.err(
+                    "circuit_breakers.thresholds.retry_budget.budget_percent",
+                    format!("{} is not a percentage", p.value),
+                ));
+            }
+            budget.budget_percent = p.value;
+        }
+        set(&mut budget.min_retries_per_second, &b.min_retry_concurrency);
+        limits.retry_budget = budget;
+    }
+    Ok(limits)
+}
+
+/// Envoy's consecutive-failure detectors. An `enforcing_*` of 0 turns its detector off; any other value
+/// enforces it on every ejection decision. Success-rate and failure-percentage detection are not
+/// implemented (`docs/xds.md`).
+fn outlier_detection(o: &envoy_types::pb::envoy::config::cluster::v3::OutlierDetection) -> OutlierDetection {
+    let d = OutlierDetection::default();
+    let value = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: u32| {
+        v.as_ref().map_or(default, |v| v.value)
+    };
+    let enforced = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, default: bool| {
+        v.as_ref().map_or(default, |v| v.value > 0)
+    };
+    let gateway_threshold = value(&o.consecutive_gateway_failure, 5);
+    OutlierDetection {
+        consecutive_5xx: if enforced(&o.enforcing_consecutive_5xx, true) {
+            value(&o.consecutive_5xx, d.consecutive_5xx)
+        } else {
+            0
+        },
+        consecutive_gateway_failure: if enforced(&o.enforcing_consecutive_gateway_failure, false) {
+            gateway_threshold
+        } else {
+            0
+        },
+        consecutive_local_origin_failure: if enforced(&o.enforcing_consecutive_local_origin_failure, true) {
+            value(
+                &o.consecutive_local_origin_failure,
+                d.consecutive_local_origin_failure,
+            )
+        } else {
+            0
+        },
+        split_external_local_origin_errors: o.split_external_local_origin_errors,
+        interval: o
+            .interval
+            .as_ref()
+            .map(duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(d.interval),
+        base_ejection_time: o
+            .base_ejection_time
+            .as_ref()
+            .map_or(d.base_ejection_time, duration),
+        max_ejection_time: o.max_ejection_time.as_ref().map_or(d.max_ejection_time, duration),
+        max_ejection_percent: value(&o.max_ejection_percent, d.max_ejection_percent).min(100),
+    }
 }
 
 fn downstream_mtls(ctx: &Ctx<'_>, field: &str, socket: &TransportSocket) -> Result<(), ResourceError> {

@@ -78,7 +78,11 @@ impl XdsState {
             cluster.endpoints = endpoints;
             cluster.lb_policy = spec.lb_policy;
             cluster.connect_timeout = spec.connect_timeout;
+            cluster.idle_timeout = spec.idle_timeout;
             cluster.tls = spec.tls.clone();
+            cluster.circuit_breakers = spec.circuit_breakers;
+            cluster.outlier_detection = spec.outlier_detection;
+            cluster.panic_threshold_percent = spec.panic_threshold_percent;
             mesh.clusters.insert(spec.name.clone(), Arc::new(cluster));
         }
 

@@ -1,0 +1,342 @@
+use std::time::Duration;
+
+use weft_model::{CircuitBreakers, Endpoint, RetryBudget};
+
+use super::*;
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i], 80))
+}
+
+fn cluster(policy: LbPolicy, endpoints: &[(u8, u32, bool)]) -> Cluster {
+    let mut c = Cluster::new("c");
+    c.lb_policy = policy;
+    c.endpoints = endpoints
+        .iter()
+        .map(|(i, weight, healthy)| Endpoint {
+            address: addr(*i),
+            weight: *weight,
+            healthy: *healthy,
+        })
+        .collect();
+    c
+}
+
+fn state(c: Cluster) -> Arc<ClusterState> {
+    ClusterStates::new(Metrics::new()).get(&Arc::new(c))
+}
+
+fn counts(s: &ClusterState, n: usize) -> HashMap<SocketAddr, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        *counts.entry(s.pick(&[]).unwrap().address()).or_default() += 1;
+    }
+    counts
+}
+
+fn endpoint(s: &ClusterState, i: u8) -> Arc<EndpointState> {
+    let inner = lock(&s.inner);
+    inner
+        .members
+        .iter()
+        .find(|m| m.endpoint.address == addr(i))
+        .unwrap()
+        .state
+        .clone()
+}
+
+fn fail(s: &ClusterState, i: u8, times: usize) {
+    let endpoint = endpoint(s, i);
+    for _ in 0..times {
+        s.report(&endpoint, Outcome::Status(503));
+    }
+}
+
+fn ejected(s: &ClusterState) -> Vec<SocketAddr> {
+    s.status()
+        .endpoints
+        .iter()
+        .filter(|e| e.ejected)
+        .map(|e| e.address)
+        .collect()
+}
+
+fn with_outlier(mut c: Cluster, d: OutlierDetection) -> Cluster {
+    c.outlier_detection = Some(d);
+    c
+}
+
+#[test]
+fn weighted_round_robin_skips_unhealthy_and_zero_weight() {
+    let s = state(cluster(
+        LbPolicy::RoundRobin,
+        &[(1, 1, true), (2, 3, true), (3, 5, false), (4, 0, true)],
+    ));
+    let counts = counts(&s, 400);
+    assert_eq!(counts[&addr(1)], 100);
+    assert_eq!(counts[&addr(2)], 300);
+    assert_eq!(counts.len(), 2);
+}
+
+#[test]
+fn random_and_least_request_honour_weights() {
+    for policy in [LbPolicy::Random, LbPolicy::LeastRequest] {
+        let s = state(cluster(policy, &[(1, 1, true), (2, 3, true)]));
+        let counts = counts(&s, 4000);
+        // Expected 1000 / 3000; 5 standard deviations is about 140.
+        let light = counts[&addr(1)];
+        assert!((860..=1140).contains(&light), "{policy:?}: {counts:?}");
+    }
+}
+
+#[test]
+fn least_request_avoids_the_busy_endpoint() {
+    let s = state(cluster(
+        LbPolicy::LeastRequest,
+        &[(1, 1, true), (2, 1, true), (3, 1, true)],
+    ));
+    // Endpoint 1 has 10 requests in flight; the others none.
+    let busy: Vec<_> = std::iter::repeat_with(|| s.pick(&[]).unwrap())
+        .filter(|g| g.address() == addr(1))
+        .take(10)
+        .collect();
+    let before = busy.len();
+    let counts = counts(&s, 3000);
+    // P2C picks the busy endpoint only when both choices are it: 1/9 of the time.
+    let to_busy = counts.get(&addr(1)).copied().unwrap_or(0);
+    assert!(
+        to_busy < 3000 / 9 + 120,
+        "busy endpoint got {to_busy} of 3000 ({before} in flight)"
+    );
+    assert!(to_busy > 3000 / 9 - 120);
+}
+
+#[test]
+fn retries_prefer_an_endpoint_not_yet_tried() {
+    let s = state(cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]));
+    for _ in 0..10 {
+        assert_eq!(s.pick(&[addr(1)]).unwrap().address(), addr(2));
+    }
+    // With every endpoint tried, any will do.
+    assert!(s.pick(&[addr(1), addr(2)]).is_some());
+}
+
+#[test]
+fn consecutive_5xx_ejects_and_max_ejection_percent_limits() {
+    let d = OutlierDetection {
+        consecutive_5xx: 5,
+        max_ejection_percent: 50,
+        base_ejection_time: Duration::from_secs(30),
+        ..OutlierDetection::default()
+    };
+    let s = state(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true), (3, 1, true)]),
+        d,
+    ));
+    fail(&s, 1, 4);
+    assert!(ejected(&s).is_empty(), "four is not five");
+    fail(&s, 1, 1);
+    assert_eq!(ejected(&s), vec![addr(1)]);
+    assert!(
+        !counts(&s, 30).contains_key(&addr(1)),
+        "an ejected endpoint gets no traffic"
+    );
+    // A second ejection would make 67% > 50%.
+    fail(&s, 2, 5);
+    assert_eq!(ejected(&s), vec![addr(1)]);
+    // A success resets the count.
+    fail(&s, 3, 4);
+    s.report(&endpoint(&s, 3), Outcome::Status(200));
+    fail(&s, 3, 4);
+    assert_eq!(ejected(&s), vec![addr(1)]);
+}
+
+#[test]
+fn ejected_endpoints_return_after_their_time_which_grows_with_each_ejection() {
+    let d = OutlierDetection {
+        consecutive_5xx: 2,
+        interval: Duration::from_millis(10),
+        base_ejection_time: Duration::from_millis(200),
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    let s = state(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]),
+        d,
+    ));
+    fail(&s, 1, 2);
+    assert_eq!(ejected(&s), vec![addr(1)]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ejected(&s).is_empty(), "back after 200 ms (+ one interval)");
+    assert!(counts(&s, 10).contains_key(&addr(1)));
+    fail(&s, 1, 2);
+    let status = s.status();
+    assert_eq!(status.endpoints[0].ejections, 2);
+    assert!(status.endpoints[0].ejected_until.is_some());
+    // Twice the base now: still out after 250 ms.
+    std::thread::sleep(Duration::from_millis(250));
+    assert_eq!(ejected(&s), vec![addr(1)]);
+    std::thread::sleep(Duration::from_millis(250));
+    assert!(ejected(&s).is_empty());
+}
+
+#[test]
+fn local_origin_failures_count_as_5xx_unless_split() {
+    let d = OutlierDetection {
+        consecutive_5xx: 3,
+        consecutive_local_origin_failure: 2,
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    let s = state(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]),
+        d,
+    ));
+    let one = endpoint(&s, 1);
+    for _ in 0..3 {
+        s.report(&one, Outcome::LocalFailure { as_status: 503 });
+    }
+    assert_eq!(ejected(&s), vec![addr(1)]);
+
+    let split = OutlierDetection {
+        split_external_local_origin_errors: true,
+        ..d
+    };
+    let s = state(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]),
+        split,
+    ));
+    let one = endpoint(&s, 1);
+    s.report(&one, Outcome::LocalFailure { as_status: 503 });
+    s.report(&one, Outcome::Connected);
+    s.report(&one, Outcome::LocalFailure { as_status: 503 });
+    assert!(
+        ejected(&s).is_empty(),
+        "a connect success resets the local-origin count"
+    );
+    s.report(&one, Outcome::LocalFailure { as_status: 503 });
+    assert_eq!(ejected(&s), vec![addr(1)]);
+}
+
+#[test]
+fn panic_threshold_spreads_traffic_over_all_endpoints() {
+    let mut c = cluster(
+        LbPolicy::RoundRobin,
+        &[(1, 1, false), (2, 1, false), (3, 1, true)],
+    );
+    // One of three healthy (33%) is under the default 50%: everything takes traffic.
+    let s = state(c.clone());
+    assert_eq!(counts(&s, 30).len(), 3);
+    c.panic_threshold_percent = 0.0;
+    let s = state(c);
+    assert_eq!(counts(&s, 30).len(), 1);
+}
+
+#[test]
+fn endpoint_updates_keep_load_and_outlier_state() {
+    let d = OutlierDetection {
+        consecutive_5xx: 1,
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    let states = ClusterStates::new(Metrics::new());
+    let first = Arc::new(with_outlier(
+        cluster(LbPolicy::LeastRequest, &[(1, 1, true), (2, 1, true)]),
+        d,
+    ));
+    let s = states.get(&first);
+    let held = s.pick(&[addr(1)]).unwrap();
+    assert_eq!(held.address(), addr(2));
+    fail(&s, 1, 1);
+    let second = Arc::new(with_outlier(
+        cluster(
+            LbPolicy::LeastRequest,
+            &[(1, 1, true), (2, 1, true), (3, 1, true)],
+        ),
+        d,
+    ));
+    let s = states.get(&second);
+    let status = s.status();
+    assert_eq!(status.endpoints.len(), 3);
+    assert!(status.endpoints[0].ejected, "endpoint 1 stays ejected");
+    assert_eq!(
+        status.endpoints[1].active_requests, 1,
+        "endpoint 2 keeps its request in flight"
+    );
+    drop(held);
+    assert_eq!(s.status().endpoints[1].active_requests, 0);
+    states.retain(|name| name != "c");
+    assert!(states.status().is_empty());
+}
+
+#[test]
+fn the_retry_budget_allows_a_share_of_requests_plus_a_reserve() {
+    let mut c = cluster(LbPolicy::RoundRobin, &[(1, 1, true)]);
+    c.circuit_breakers = CircuitBreakers {
+        max_retries: u32::MAX,
+        retry_budget: RetryBudget {
+            budget_percent: 20.0,
+            min_retries_per_second: 1,
+        },
+        ..CircuitBreakers::default()
+    };
+    let s = state(c);
+    let admitted: Vec<_> = (0..100).map(|_| s.admit().unwrap()).collect();
+    let retries: Vec<_> = std::iter::from_fn(|| s.retry()).take(1000).collect();
+    // 20% of 100, plus 1 per second over the 10 s window.
+    assert_eq!(retries.len(), 30);
+    drop(admitted);
+}
+
+#[test]
+fn max_requests_and_max_retries_overflow() {
+    let mut c = cluster(LbPolicy::RoundRobin, &[(1, 1, true)]);
+    c.circuit_breakers = CircuitBreakers {
+        max_requests: 2,
+        max_retries: 1,
+        ..CircuitBreakers::default()
+    };
+    let s = state(c);
+    let a = s.admit().unwrap();
+    let _b = s.admit().unwrap();
+    assert_eq!(s.admit().unwrap_err(), Overflow::MaxRequests);
+    drop(a);
+    let _c = s.admit().unwrap();
+    let retry = s.retry().unwrap();
+    assert!(s.retry().is_none(), "one retry in flight at most");
+    drop(retry);
+    assert!(s.retry().is_some());
+}
+
+#[tokio::test]
+async fn pending_requests_wait_for_a_connection_and_overflow_fails_fast() {
+    let mut c = cluster(LbPolicy::RoundRobin, &[(1, 1, true)]);
+    c.circuit_breakers = CircuitBreakers {
+        max_connections: 1,
+        max_pending_requests: 1,
+        ..CircuitBreakers::default()
+    };
+    let s = state(c);
+    let first = s.connection_slot().await.unwrap();
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { s.connection_slot().await.map(drop) }
+    });
+    crate::cluster::tests::wait_for(|| s.pending_requests.load(Ordering::Acquire) == 1).await;
+    assert_eq!(
+        s.connection_slot().await.unwrap_err(),
+        Overflow::MaxPendingRequests
+    );
+    drop(first);
+    waiting.await.unwrap().unwrap();
+}
+
+async fn wait_for(condition: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("condition not reached");
+}
