@@ -181,7 +181,38 @@ pub struct Retries {
     #[serde(default, with = "humantime_serde")]
     pub per_try_timeout: Option<Duration>,
     #[serde(default)]
-    pub retry_on: Option<String>,
+    pub retry_on: Option<IstioRetryOn>,
+}
+
+/// Istio's `retryOn`: Envoy retry conditions and HTTP status codes, comma-separated (`5xx,503`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IstioRetryOn {
+    pub conditions: weft_model::RetryOn,
+    pub status_codes: Vec<u32>,
+}
+
+impl<'de> Deserialize<'de> for IstioRetryOn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let mut words = Vec::new();
+        let mut status_codes = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match item.parse::<u32>() {
+                Ok(code @ 100..=599) => status_codes.push(code),
+                Ok(code) => return Err(serde::de::Error::custom(format!("{code} is not an HTTP status"))),
+                Err(_) => words.push(item),
+            }
+        }
+        let mut conditions: weft_model::RetryOn =
+            words.join(",").parse().map_err(serde::de::Error::custom)?;
+        if !status_codes.is_empty() {
+            conditions = conditions.union(weft_model::RetryOn::RETRIABLE_STATUS_CODES);
+        }
+        Ok(Self {
+            conditions,
+            status_codes,
+        })
+    }
 }
 
 // ---- networking.istio.io DestinationRule ----
@@ -240,6 +271,9 @@ pub struct HttpPool {
     pub max_requests_per_connection: Option<u32>,
     #[serde(default)]
     pub max_retries: Option<u32>,
+    /// Idle time after which a pooled upstream connection is closed.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     #[serde(default)]
     pub h2_upgrade_policy: Option<String>,
 }
@@ -257,6 +291,13 @@ pub struct OutlierDetection {
     pub base_ejection_time: Option<Duration>,
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    pub split_external_local_origin_errors: bool,
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<u32>,
+    /// Istio's panic threshold: below this percentage of healthy endpoints, ejections are ignored.
+    #[serde(default)]
+    pub min_health_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -7,12 +7,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::cluster::v3::cluster::CommonLbConfig;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy as XLbPolicy,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection as XOutlier, circuit_breakers::Thresholds,
 };
+use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as HttpProtocolOptionsCommon;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, address, config_source,
     socket_address,
@@ -36,14 +38,16 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, UpstreamTlsContext,
 };
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{HttpProtocolOptions, http_protocol_options};
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration as XDuration, UInt32Value};
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
 
 use crate::resources::{
-    Catalog, DestinationRuleSpec, HttpMatch, MtlsMode, PortProtocol, Resource, ServicePort, ServiceSpec,
-    StringMatch, TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
+    Catalog, DestinationRuleSpec, HttpMatch, IstioRetryOn, MtlsMode, PortProtocol, Resource, ServicePort,
+    ServiceSpec, StringMatch, TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
 };
 
 pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
@@ -55,6 +59,9 @@ const ROUTER_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http
 /// Istio's default retry policy for routes without one (`pilot/pkg/networking/core/route/retry`).
 const ISTIO_DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+/// ...with 503 as its retriable status and two attempts.
+const ISTIO_DEFAULT_RETRIABLE_STATUS: u32 = 503;
+const ISTIO_DEFAULT_ATTEMPTS: u32 = 2;
 
 /// Which workload a proxy serves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -229,16 +236,58 @@ impl Builder {
             track_remaining: true,
             ..Default::default()
         };
-        let outlier_detection = policy
-            .and_then(|p| p.outlier_detection.as_ref())
-            .map(|o| XOutlier {
-                consecutive_5xx: o.consecutive5xx_errors.map(|v| UInt32Value { value: v }),
-                consecutive_gateway_failure: o.consecutive_gateway_errors.map(|v| UInt32Value { value: v }),
+        let outlier_detection = policy.and_then(|p| p.outlier_detection.as_ref()).map(|o| {
+            // As Istio writes it: a detector the rule sets is enforced, one set to 0 is off.
+            let enforcing = |set: Option<u32>| {
+                set.map(|v| UInt32Value {
+                    value: if v > 0 { 100 } else { 0 },
+                })
+            };
+            let value = |v: Option<u32>| v.map(|value| UInt32Value { value });
+            XOutlier {
+                consecutive_5xx: value(o.consecutive5xx_errors),
+                enforcing_consecutive_5xx: enforcing(o.consecutive5xx_errors),
+                consecutive_gateway_failure: value(o.consecutive_gateway_errors),
+                enforcing_consecutive_gateway_failure: enforcing(o.consecutive_gateway_errors),
+                split_external_local_origin_errors: o.split_external_local_origin_errors,
+                consecutive_local_origin_failure: value(o.consecutive_local_origin_failures),
+                enforcing_consecutive_local_origin_failure: enforcing(o.consecutive_local_origin_failures),
                 interval: o.interval.map(duration),
                 base_ejection_time: o.base_ejection_time.map(duration),
-                max_ejection_percent: o.max_ejection_percent.map(|v| UInt32Value { value: v }),
+                max_ejection_percent: value(o.max_ejection_percent),
+                ..Default::default()
+            }
+        });
+        // Istio sets the panic threshold from minHealthPercent (0 unless given) whenever outlier
+        // detection is on.
+        let common_lb_config = policy
+            .and_then(|p| p.outlier_detection.as_ref())
+            .map(|o| CommonLbConfig {
+                healthy_panic_threshold: Some(Percent {
+                    value: f64::from(o.min_health_percent.unwrap_or(0).min(100)),
+                }),
                 ..Default::default()
             });
+        let idle_timeout = pool.and_then(|p| p.http.as_ref()).and_then(|h| h.idle_timeout);
+        let typed_extension_protocol_options = idle_timeout
+            .map(|idle| {
+                let options = HttpProtocolOptions {
+                    common_http_protocol_options: Some(HttpProtocolOptionsCommon {
+                        idle_timeout: Some(duration(idle)),
+                        ..Default::default()
+                    }),
+                    // Weft keeps the client's protocol upstream; Envoy requires the choice be stated.
+                    upstream_protocol_options: Some(
+                        http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                            Default::default(),
+                        ),
+                    ),
+                    ..Default::default()
+                };
+                (HttpProtocolOptions::full_name(), pack_any(options))
+            })
+            .into_iter()
+            .collect();
         self.clusters.insert(
             name.to_owned(),
             Cluster {
@@ -255,6 +304,8 @@ impl Builder {
                     ..Default::default()
                 }),
                 outlier_detection,
+                common_lb_config,
+                typed_extension_protocol_options,
                 transport_socket: identities.map(|ids| upstream_tls(&ids)),
                 ..Default::default()
             },
@@ -341,15 +392,12 @@ impl Builder {
                             )
                         })
                         .collect();
-                    let retry = rule.retries.as_ref().map(|r| RetryPolicy {
-                        retry_on: r
-                            .retry_on
-                            .clone()
-                            .unwrap_or_else(|| ISTIO_DEFAULT_RETRY_ON.into()),
-                        num_retries: Some(UInt32Value { value: r.attempts }),
-                        per_try_timeout: r.per_try_timeout.map(duration),
-                        ..Default::default()
-                    });
+                    // Istio: no `retries` means its default policy; `attempts: 0` turns retries off.
+                    let retry = match &rule.retries {
+                        Some(r) if r.attempts == 0 => None,
+                        Some(r) => Some(retry_policy(r.retry_on.as_ref(), r.attempts, r.per_try_timeout)),
+                        None => Some(retry_policy(None, ISTIO_DEFAULT_ATTEMPTS, None)),
+                    };
                     route_to(
                         rule.name.clone().unwrap_or_default(),
                         route_match(&m),
@@ -364,11 +412,7 @@ impl Builder {
                 prefix_match("/"),
                 vec![(cluster_name(port.port, "", host), 100)],
                 None,
-                Some(RetryPolicy {
-                    retry_on: ISTIO_DEFAULT_RETRY_ON.into(),
-                    num_retries: Some(UInt32Value { value: 2 }),
-                    ..Default::default()
-                }),
+                Some(retry_policy(None, ISTIO_DEFAULT_ATTEMPTS, None)),
             )],
         };
         VirtualHost {
@@ -692,6 +736,29 @@ fn regex(pattern: &str) -> RegexMatcher {
 }
 
 /// Istio disables Envoy's 15 s default route timeout unless the VirtualService sets one.
+/// A VirtualService's `retries` as Envoy's retry policy: `retryOn`'s status codes become
+/// `retriable_status_codes`, and without `retryOn` Istio's default conditions apply.
+fn retry_policy(
+    retry_on: Option<&IstioRetryOn>,
+    attempts: u32,
+    per_try_timeout: Option<Duration>,
+) -> RetryPolicy {
+    let (conditions, codes) = match retry_on {
+        Some(on) => (on.conditions.to_string(), on.status_codes.clone()),
+        None => (
+            ISTIO_DEFAULT_RETRY_ON.to_owned(),
+            vec![ISTIO_DEFAULT_RETRIABLE_STATUS],
+        ),
+    };
+    RetryPolicy {
+        retry_on: conditions,
+        retriable_status_codes: codes,
+        num_retries: Some(UInt32Value { value: attempts }),
+        per_try_timeout: per_try_timeout.map(duration),
+        ..Default::default()
+    }
+}
+
 fn route_to(
     name: String,
     matcher: RouteMatch,

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -210,7 +210,8 @@ impl ClusterState {
     pub fn admit(self: &Arc<Self>) -> Result<Admission, Overflow> {
         let max = {
             let mut inner = lock(&self.inner);
-            inner.budget.deposit(Instant::now());
+            let budget = inner.config.circuit_breakers.retry_budget;
+            inner.budget.deposit(Instant::now(), &budget);
             inner.config.circuit_breakers.max_requests
         };
         if self.active_requests.fetch_add(1, Ordering::AcqRel) >= max {
@@ -271,17 +272,17 @@ impl ClusterState {
     /// Permission for one more retry: within the retry budget and `max_retries`. Counted in the metrics
     /// either way.
     pub fn retry(self: &Arc<Self>) -> Option<RetryPermit> {
-        let (max, allowed) = {
+        let (max, allowed, budget) = {
             let mut inner = lock(&self.inner);
             let budget = inner.config.circuit_breakers.retry_budget;
             let max = inner.config.circuit_breakers.max_retries;
-            (max, inner.budget.withdraw(Instant::now(), &budget))
+            (max, inner.budget.withdraw(Instant::now(), &budget), budget)
         };
         let reason = if !allowed {
             "budget_exhausted"
         } else if self.active_retries.fetch_add(1, Ordering::AcqRel) >= max {
             self.active_retries.fetch_sub(1, Ordering::AcqRel);
-            lock(&self.inner).budget.refund(Instant::now());
+            lock(&self.inner).budget.refund(Instant::now(), &budget);
             "overflow"
         } else {
             "made"
@@ -590,55 +591,56 @@ impl OutlierState {
     }
 }
 
-/// Requests and retries of a cluster over the last [`RetryBudget::WINDOW`], in one-second buckets.
+/// Requests and retries of a cluster over the budget's interval, in ten buckets.
 #[derive(Debug, Default)]
 struct BudgetWindow {
-    /// (second since `origin`, requests, retries)
-    buckets: [(u64, u64, u64); 10],
+    /// (bucket number since `origin`, requests, retries)
+    buckets: [(u64, u64, u64); BUCKETS],
     origin: Option<Instant>,
 }
 
+const BUCKETS: usize = 10;
+
 impl BudgetWindow {
-    fn bucket(&mut self, now: Instant) -> &mut (u64, u64, u64) {
+    fn bucket_number(&mut self, now: Instant, interval: Duration) -> u64 {
         let origin = *self.origin.get_or_insert(now);
-        let second = now.saturating_duration_since(origin).as_secs();
-        let len = self.buckets.len() as u64;
-        let slot = &mut self.buckets[(second % len) as usize];
-        if slot.0 != second {
-            *slot = (second, 0, 0);
+        let width = (interval.as_nanos() / BUCKETS as u128).max(1);
+        u64::try_from(now.saturating_duration_since(origin).as_nanos() / width).unwrap_or(u64::MAX)
+    }
+
+    fn bucket(&mut self, now: Instant, interval: Duration) -> &mut (u64, u64, u64) {
+        let number = self.bucket_number(now, interval);
+        let slot = &mut self.buckets[(number % BUCKETS as u64) as usize];
+        if slot.0 != number {
+            *slot = (number, 0, 0);
         }
         slot
     }
 
-    fn totals(&self, now: Instant) -> (u64, u64) {
-        let Some(origin) = self.origin else {
-            return (0, 0);
-        };
-        let second = now.saturating_duration_since(origin).as_secs();
-        let len = self.buckets.len() as u64;
+    fn totals(&mut self, now: Instant, interval: Duration) -> (u64, u64) {
+        let current = self.bucket_number(now, interval);
         self.buckets
             .iter()
-            .filter(|(s, _, _)| *s + len > second)
+            .filter(|(n, _, _)| *n + BUCKETS as u64 > current)
             .fold((0, 0), |(rq, rt), (_, q, t)| (rq + q, rt + t))
     }
 
-    fn deposit(&mut self, now: Instant) {
-        self.bucket(now).1 += 1;
+    fn deposit(&mut self, now: Instant, budget: &RetryBudget) {
+        self.bucket(now, budget.interval).1 += 1;
     }
 
     /// Takes one retry from the budget if it has one.
     fn withdraw(&mut self, now: Instant, budget: &RetryBudget) -> bool {
-        let (requests, retries) = self.totals(now);
-        let allowed = (requests as f64 * budget.budget_percent / 100.0) as u64 + budget.reserve();
-        if retries >= allowed {
+        let (requests, retries) = self.totals(now, budget.interval);
+        if !budget.allows(requests, retries) {
             return false;
         }
-        self.bucket(now).2 += 1;
+        self.bucket(now, budget.interval).2 += 1;
         true
     }
 
-    fn refund(&mut self, now: Instant) {
-        let bucket = self.bucket(now);
+    fn refund(&mut self, now: Instant, budget: &RetryBudget) {
+        let bucket = self.bucket(now, budget.interval);
         bucket.2 = bucket.2.saturating_sub(1);
     }
 }

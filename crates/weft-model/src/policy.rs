@@ -194,14 +194,18 @@ impl Default for CircuitBreakers {
     }
 }
 
-/// Retries may add at most `budget_percent` of the cluster's requests over the last 10 s, plus
-/// `min_retries_per_second` so that a service with little traffic can still retry (Linkerd's and
-/// Finagle's budget). On for every cluster: a failing service never sees a retry storm.
+/// Retries over the last `interval` may be at most `budget_percent` of the cluster's requests over
+/// that interval, or `min_retries`, whichever is more (Envoy's retry budget with a `budget_interval`;
+/// Linkerd's budget works the same way). On for every cluster, so a failing service never sees a retry
+/// storm.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryBudget {
     pub budget_percent: f64,
-    pub min_retries_per_second: u32,
+    /// Retries always allowed within an interval, so that a service with little traffic can retry.
+    pub min_retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 impl Eq for RetryBudget {}
@@ -210,18 +214,17 @@ impl Default for RetryBudget {
     fn default() -> Self {
         Self {
             budget_percent: 20.0,
-            min_retries_per_second: 10,
+            min_retries: 10,
+            interval: Duration::from_secs(10),
         }
     }
 }
 
 impl RetryBudget {
-    /// The window over which requests and retries are counted.
-    pub const WINDOW: Duration = Duration::from_secs(10);
-
-    /// Retries always allowed within a window, whatever the request count.
-    pub fn reserve(&self) -> u64 {
-        u64::from(self.min_retries_per_second) * Self::WINDOW.as_secs()
+    /// Whether one more retry fits, given the requests and retries counted over the interval.
+    pub fn allows(&self, requests: u64, retries: u64) -> bool {
+        let share = (requests as f64 * self.budget_percent / 100.0) as u64;
+        retries < share.max(u64::from(self.min_retries))
     }
 }
 

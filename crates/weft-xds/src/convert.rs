@@ -664,9 +664,9 @@ fn upstream_idle_timeout(ctx: &Ctx<'_>, c: &XCluster) -> Result<Duration, Resour
         .unwrap_or(default))
 }
 
-/// The default-priority thresholds (Weft has one priority). The retry budget's `budget_percent` is the
-/// share of requests retries may add over 10 s; `min_retry_concurrency` is read as the retries per
-/// second always allowed (Weft's budget counts requests, not concurrency: see `docs/xds.md`).
+/// The default-priority thresholds (Weft has one priority). The retry budget always counts requests over
+/// an interval (Envoy's `budget_interval`, 10 s when unset or 0) rather than requests in flight, and
+/// `min_retry_concurrency` is the number of retries always allowed in that interval (`docs/xds.md`).
 fn circuit_breakers(ctx: &Ctx<'_>, c: &XCluster) -> Result<CircuitBreakers, ResourceError> {
     let mut limits = CircuitBreakers::default();
     let Some(t) = c
@@ -696,7 +696,10 @@ fn circuit_breakers(ctx: &Ctx<'_>, c: &XCluster) -> Result<CircuitBreakers, Reso
             }
             budget.budget_percent = p.value;
         }
-        set(&mut budget.min_retries_per_second, &b.min_retry_concurrency);
+        set(&mut budget.min_retries, &b.min_retry_concurrency);
+        if let Some(interval) = b.budget_interval.as_ref().map(duration).filter(|d| !d.is_zero()) {
+            budget.interval = interval;
+        }
         limits.retry_budget = budget;
     }
     Ok(limits)

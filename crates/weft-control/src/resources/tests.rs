@@ -37,9 +37,9 @@ fn the_seed_examples_load_as_written() {
         (
             retries.attempts,
             retries.per_try_timeout,
-            retries.retry_on.as_deref()
+            retries.retry_on.as_ref().map(|r| r.conditions.to_string())
         ),
-        (3, Some(Duration::from_secs(2)), Some("5xx"))
+        (3, Some(Duration::from_secs(2)), Some("5xx".to_owned()))
     );
     let dr = catalog
         .destination_rules

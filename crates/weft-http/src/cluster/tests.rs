@@ -276,16 +276,21 @@ fn the_retry_budget_allows_a_share_of_requests_plus_a_reserve() {
         max_retries: u32::MAX,
         retry_budget: RetryBudget {
             budget_percent: 20.0,
-            min_retries_per_second: 1,
+            min_retries: 5,
+            interval: Duration::from_secs(10),
         },
         ..CircuitBreakers::default()
     };
     let s = state(c);
-    let admitted: Vec<_> = (0..100).map(|_| s.admit().unwrap()).collect();
+    // Few requests: the minimum applies.
+    let admitted: Vec<_> = (0..10).map(|_| s.admit().unwrap()).collect();
     let retries: Vec<_> = std::iter::from_fn(|| s.retry()).take(1000).collect();
-    // 20% of 100, plus 1 per second over the 10 s window.
-    assert_eq!(retries.len(), 30);
-    drop(admitted);
+    assert_eq!(retries.len(), 5);
+    // Many: 20% of them.
+    let more: Vec<_> = (0..90).map(|_| s.admit().unwrap()).collect();
+    let retries: Vec<_> = std::iter::from_fn(|| s.retry()).take(1000).collect();
+    assert_eq!(retries.len(), 20 - 5);
+    drop((admitted, more));
 }
 
 #[test]

@@ -393,3 +393,137 @@ fn state_builds_a_mesh_once_references_resolve() {
         .unwrap();
     assert_eq!(v1.endpoints[0].address, "10.0.0.1:80".parse().unwrap());
 }
+
+#[test]
+fn cluster_policies_follow_envoy_fields_and_defaults() {
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::{
+        Thresholds, thresholds::RetryBudget as XBudget,
+    };
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::CommonLbConfig;
+    use envoy_types::pb::envoy::config::cluster::v3::{
+        CircuitBreakers as XBreakers, OutlierDetection as XOutlier,
+    };
+    use envoy_types::pb::envoy::r#type::v3::Percent;
+    use envoy_types::pb::google::protobuf::Duration as PDuration;
+
+    let plain = cluster(&eds_cluster("plain")).unwrap();
+    assert_eq!(plain.circuit_breakers, CircuitBreakers::default());
+    assert_eq!(plain.outlier_detection, None);
+    assert_eq!(plain.panic_threshold_percent, 50.0);
+
+    let u = |value| Some(UInt32Value { value });
+    let mut c = eds_cluster("guarded");
+    c.circuit_breakers = Some(XBreakers {
+        thresholds: vec![Thresholds {
+            max_connections: u(1),
+            max_pending_requests: u(2),
+            max_retries: u(4),
+            retry_budget: Some(XBudget {
+                budget_percent: Some(Percent { value: 25.0 }),
+                min_retry_concurrency: u(5),
+                budget_interval: Some(PDuration { seconds: 2, nanos: 0 }),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    c.outlier_detection = Some(XOutlier {
+        consecutive_5xx: u(5),
+        interval: Some(PDuration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        base_ejection_time: Some(PDuration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        max_ejection_percent: u(50),
+        consecutive_gateway_failure: u(3),
+        enforcing_consecutive_gateway_failure: u(100),
+        ..Default::default()
+    });
+    c.common_lb_config = Some(CommonLbConfig {
+        healthy_panic_threshold: Some(Percent { value: 0.0 }),
+        ..Default::default()
+    });
+    let spec = cluster(&c).unwrap();
+    let cb = spec.circuit_breakers;
+    assert_eq!(
+        (
+            cb.max_connections,
+            cb.max_pending_requests,
+            cb.max_requests,
+            cb.max_retries
+        ),
+        (1, 2, 1024, 4)
+    );
+    assert_eq!(
+        (
+            cb.retry_budget.budget_percent,
+            cb.retry_budget.min_retries,
+            cb.retry_budget.interval
+        ),
+        (25.0, 5, Duration::from_secs(2))
+    );
+    let od = spec.outlier_detection.unwrap();
+    assert_eq!(od.consecutive_5xx, 5);
+    assert_eq!(od.consecutive_gateway_failure, 3);
+    assert_eq!(od.interval, Duration::from_secs(30));
+    assert_eq!(od.max_ejection_percent, 50);
+    assert_eq!(spec.panic_threshold_percent, 0.0);
+
+    c.common_lb_config = Some(CommonLbConfig {
+        healthy_panic_threshold: Some(Percent { value: 150.0 }),
+        ..Default::default()
+    });
+    let err = cluster(&c).unwrap_err();
+    assert_eq!(err.field, "common_lb_config.healthy_panic_threshold");
+}
+
+#[test]
+fn retry_policies_are_parsed_and_bad_conditions_named() {
+    use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetry;
+    use envoy_types::pb::google::protobuf::Duration as PDuration;
+
+    let mut route = weighted_route("/", &[("a", 1)]);
+    let Some(Action::Route(action)) = &mut route.action else {
+        unreachable!()
+    };
+    action.retry_policy = Some(XRetry {
+        retry_on: "5xx,retriable-status-codes".into(),
+        num_retries: Some(UInt32Value { value: 3 }),
+        per_try_timeout: Some(PDuration { seconds: 2, nanos: 0 }),
+        retriable_status_codes: vec![409],
+        ..Default::default()
+    });
+    let config = |route: XRoute| RouteConfiguration {
+        name: "r".into(),
+        virtual_hosts: vec![XVirtualHost {
+            name: "v".into(),
+            domains: vec!["*".into()],
+            routes: vec![route],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let table = route_configuration(&config(route.clone())).unwrap();
+    let retry = table.virtual_hosts[0].routes[0].action.retry.clone().unwrap();
+    assert_eq!(retry.retry_on.to_string(), "5xx,retriable-status-codes");
+    assert_eq!(retry.num_retries, 3);
+    assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(retry.retriable_status_codes, vec![409]);
+    assert_eq!(
+        table.virtual_hosts[0].routes[0].action.idle_timeout,
+        Some(DEFAULT_STREAM_IDLE_TIMEOUT)
+    );
+
+    let Some(Action::Route(action)) = &mut route.action else {
+        unreachable!()
+    };
+    if let Some(p) = action.retry_policy.as_mut() {
+        p.retry_on = "5xx,sometimes".into();
+    }
+    let err = route_configuration(&config(route)).unwrap_err();
+    assert!(err.field.ends_with("retry_policy.retry_on"), "{err}");
+    assert!(err.problem.contains("\"sometimes\""), "{err}");
+}
