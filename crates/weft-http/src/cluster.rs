@@ -116,7 +116,9 @@ struct OutlierState {
     consecutive_local: u32,
     /// Times ejected, lowered by one for every interval spent healthy; multiplies the ejection time.
     ejections: u32,
-    ejected_until: Option<Instant>,
+    /// When the current ejection began; it lasts [`ejection_time`] under the configuration in force, so
+    /// a changed configuration applies to ejections already made.
+    ejected_at: Option<Instant>,
 }
 
 /// How an attempt on an endpoint ended, as outlier detection counts it.
@@ -195,6 +197,10 @@ impl ClusterState {
             for member in &mut inner.members {
                 member.outlier = OutlierState::default();
             }
+        }
+        if config.outlier_detection != inner.config.outlier_detection {
+            // Revisit ejections under the new settings at the next request.
+            inner.next_evaluation = Some(Instant::now());
         }
         let limit = config.circuit_breakers.max_connections;
         if limit != inner.connection_limit {
@@ -307,7 +313,7 @@ impl ClusterState {
         self.evaluate(&mut inner, now);
         let usable = |m: &&Member| m.endpoint.weight > 0;
         let total = inner.members.iter().filter(usable).count();
-        let available = |m: &&Member| m.endpoint.healthy && m.outlier.ejected_until.is_none();
+        let available = |m: &&Member| m.endpoint.healthy && m.outlier.ejected_at.is_none();
         let healthy = inner.members.iter().filter(usable).filter(available).count();
         // Envoy's panic mode: with too few endpoints left, spread traffic over all of them rather than
         // overload the few (or send nothing anywhere).
@@ -381,9 +387,9 @@ impl ClusterState {
         let ejected = inner
             .members
             .iter()
-            .filter(|m| m.outlier.ejected_until.is_some())
+            .filter(|m| m.outlier.ejected_at.is_some())
             .count();
-        if inner.members[index].outlier.ejected_until.is_some() {
+        if inner.members[index].outlier.ejected_at.is_some() {
             return;
         }
         // At most max_ejection_percent of the cluster is ejected, but one endpoint always may be.
@@ -402,12 +408,8 @@ impl ClusterState {
         }
         let member = &mut inner.members[index];
         member.outlier.ejections += 1;
-        let ceiling = detection.max_ejection_time.max(detection.base_ejection_time);
-        let duration = detection
-            .base_ejection_time
-            .saturating_mul(member.outlier.ejections)
-            .min(ceiling);
-        member.outlier.ejected_until = Some(now + duration);
+        let duration = ejection_time(detection, member.outlier.ejections);
+        member.outlier.ejected_at = Some(now);
         member.outlier.reset_counters();
         tracing::warn!(
             cluster = %inner.config.name,
@@ -446,9 +448,13 @@ impl ClusterState {
         }
         let mut changed = false;
         for member in &mut inner.members {
-            match member.outlier.ejected_until {
+            let until = member
+                .outlier
+                .ejected_at
+                .map(|at| at + ejection_time(&detection, member.outlier.ejections));
+            match until {
                 Some(until) if until <= now => {
-                    member.outlier.ejected_until = None;
+                    member.outlier.ejected_at = None;
                     changed = true;
                     tracing::info!(
                         cluster = %inner.config.name,
@@ -476,7 +482,7 @@ impl ClusterState {
         let ejected = inner
             .members
             .iter()
-            .filter(|m| m.outlier.ejected_until.is_some())
+            .filter(|m| m.outlier.ejected_at.is_some())
             .count();
         self.metrics
             .ejected_endpoints
@@ -501,7 +507,12 @@ impl ClusterState {
             .members
             .iter()
             .map(|m| {
-                let remaining = m.outlier.ejected_until.map(|u| u.saturating_duration_since(now));
+                let remaining = match (m.outlier.ejected_at, inner.config.outlier_detection) {
+                    (Some(at), Some(d)) => {
+                        Some((at + ejection_time(&d, m.outlier.ejections)).saturating_duration_since(now))
+                    }
+                    _ => None,
+                };
                 EndpointStatus {
                     address: m.endpoint.address,
                     weight: m.endpoint.weight,
@@ -732,6 +743,12 @@ pub struct EndpointStatus {
     pub ejected_until: Option<String>,
     /// The ejection multiplier: times ejected, less one for each interval spent healthy since.
     pub ejections: u32,
+}
+
+/// How long the `n`th ejection of an endpoint lasts: the base time times `n`, at most the maximum.
+fn ejection_time(d: &OutlierDetection, n: u32) -> Duration {
+    let ceiling = d.max_ejection_time.max(d.base_ejection_time);
+    d.base_ejection_time.saturating_mul(n).min(ceiling)
 }
 
 fn permits(limit: u32) -> usize {

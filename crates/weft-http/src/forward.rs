@@ -388,14 +388,6 @@ impl Forwarder {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;
         loop {
-            let Some(endpoint) = state.pick(&tried) else {
-                return (
-                    Try::Failed(UpstreamError::NoHealthyUpstream),
-                    held,
-                    ResponseFlags::NONE,
-                );
-            };
-            let address = endpoint.address();
             // HTTP/1 needs a connection per request in flight: over max_connections the request waits as
             // pending, over max_pending_requests it fails fast.
             let connection = if exchange.version == HttpVersion::Http1 {
@@ -421,6 +413,15 @@ impl Forwarder {
             } else {
                 None
             };
+            // Chosen once a connection is free, on the load as it is then.
+            let Some(endpoint) = state.pick(&tried) else {
+                return (
+                    Try::Failed(UpstreamError::NoHealthyUpstream),
+                    held,
+                    ResponseFlags::NONE,
+                );
+            };
+            let address = endpoint.address();
             let next_body = match &body {
                 RequestBody::Replay(replay) if policy.is_some() => replay.replay().map(RequestBody::Replay),
                 _ => None,

@@ -214,7 +214,9 @@ impl Default for RetryBudget {
     fn default() -> Self {
         Self {
             budget_percent: 20.0,
-            min_retries: 10,
+            // 10 a second, as Linkerd allows: a quiet service with one dead endpoint still retries
+            // every request that hits it.
+            min_retries: 100,
             interval: Duration::from_secs(10),
         }
     }

@@ -89,6 +89,20 @@ pub struct HttpServer {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Recorded>>>,
     connections: Arc<AtomicUsize>,
+    fault: Arc<Mutex<Fault>>,
+}
+
+/// A fault the server injects into every request until told otherwise (requests are still recorded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Answer every request with this status.
+    Status(u16),
+    /// Answer normally, this much later.
+    Delay(Duration),
+    /// Never answer (until the client gives up).
+    Hang,
 }
 
 impl HttpServer {
@@ -103,14 +117,18 @@ impl HttpServer {
         let connections = Arc::new(AtomicUsize::new(0));
         let log = seen.clone();
         let accepted = connections.clone();
+        let fault = Arc::new(Mutex::new(Fault::None));
+        let injected = fault.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let log = log.clone();
+                let injected = injected.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let log = log.clone();
-                        async move { Ok::<_, Infallible>(handle(name, &log, req).await) }
+                        let fault = *injected.lock().expect("fault");
+                        async move { Ok::<_, Infallible>(handle(name, &log, fault, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -122,7 +140,13 @@ impl HttpServer {
             addr,
             seen,
             connections,
+            fault,
         }
+    }
+
+    /// Injects `fault` into the requests that arrive from now on.
+    pub fn set_fault(&self, fault: Fault) {
+        *self.fault.lock().expect("fault") = fault;
     }
 
     /// TCP connections accepted so far.
@@ -147,6 +171,7 @@ impl HttpServer {
 async fn handle(
     name: &'static str,
     log: &Mutex<Vec<Recorded>>,
+    fault: Fault,
     mut req: Request<Incoming>,
 ) -> Response<TestBody> {
     log.lock().expect("request log").push(Recorded {
@@ -155,6 +180,19 @@ async fn handle(
         version: req.version(),
         headers: req.headers().clone(),
     });
+    match fault {
+        Fault::None => {}
+        Fault::Status(code) => {
+            let mut response =
+                status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+            response
+                .headers_mut()
+                .insert("x-served-by", HeaderValue::from_static(name));
+            return response;
+        }
+        Fault::Delay(delay) => tokio::time::sleep(delay).await,
+        Fault::Hang => std::future::pending::<()>().await,
+    }
     let version = format!("{:?}", req.version());
     let path = req.uri().path().to_owned();
     let mut segments = path.trim_start_matches('/').splitn(2, '/');

@@ -1,0 +1,606 @@
+//! Resilience end to end: each behaviour configured the way users configure it (a VirtualService and a
+//! DestinationRule given to `weft control`), carried over xDS to a real proxy, and exercised against test
+//! servers that inject faults (errors, delays, hangs, refused connections).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use weft_control::ControlPlane;
+use weft_test_support::http::{Fault, HttpServer, TestBody, client, drain_body, empty, full};
+use weft_test_support::{OrigDstConnector, TestProxy, admin_get, assert_eventually, metric};
+
+/// The service's address as the app dials it (any address on port 8080 is the service's HTTP port).
+const ORDERS: &str = "127.0.96.50:8080";
+const CLUSTER: &str = "outbound|8080||orders.default.svc.cluster.local";
+
+/// The `orders` Service with one WorkloadEntry per port (127.0.0.1), plus the given Istio resources.
+fn mesh_yaml(ports: &[u16], istio: &str) -> String {
+    let mut yaml = String::from(
+        "apiVersion: v1
+kind: Service
+metadata: { name: orders, namespace: default }
+spec:
+  clusterIP: 10.96.0.50
+  selector: { app: orders }
+  ports: [{ name: http, port: 8080, targetPort: 8080 }]
+",
+    );
+    for (i, port) in ports.iter().enumerate() {
+        yaml.push_str(&format!(
+            "---
+apiVersion: networking.istio.io/v1beta1
+kind: WorkloadEntry
+metadata: {{ name: orders-{i}, namespace: default }}
+spec:
+  address: 127.0.0.1
+  labels: {{ app: orders }}
+  ports: {{ http: {port} }}
+"
+        ));
+    }
+    yaml.push_str(istio);
+    yaml
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// A control plane serving `mesh_yaml(ports, istio)`, a proxy configured by it, and a client of the
+/// service through the proxy.
+struct Mesh {
+    dir: tempfile::TempDir,
+    _cp: ControlPlane,
+    proxy: TestProxy,
+    client: Client<OrigDstConnector, TestBody>,
+    ports: Vec<u16>,
+}
+
+impl Mesh {
+    async fn start(ports: &[u16], istio: &str) -> Self {
+        weft_test_support::init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "orders.yaml", &mesh_yaml(ports, istio));
+        let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        assert!(cp.problems().is_empty(), "{:?}", cp.problems());
+        let proxy = TestProxy::start(&format!(
+            "node: {{ workload: client, namespace: default }}\nxds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
+            cp.address()
+        ))
+        .await;
+        assert_eventually!(
+            admin_get(proxy.admin(), "/ready").await.0 == 200,
+            "the proxy never became ready"
+        );
+        let client = client(
+            proxy
+                .orig_dst
+                .connector(proxy.outbound(), ORDERS.parse().unwrap()),
+            false,
+        );
+        Self {
+            dir,
+            _cp: cp,
+            proxy,
+            client,
+            ports: ports.to_vec(),
+        }
+    }
+
+    /// Replaces the Istio resources; returns once the proxy has the new cluster configuration.
+    async fn reconfigure(&self, istio: &str, applied: impl Fn(&serde_json::Value) -> bool) {
+        write(self.dir.path(), "orders.yaml", &mesh_yaml(&self.ports, istio));
+        assert_eventually!(
+            applied(&self.cluster_config().await),
+            "the proxy never received the new configuration"
+        );
+    }
+
+    async fn cluster_config(&self) -> serde_json::Value {
+        let (_, dump) = admin_get(self.proxy.admin(), "/config_dump").await;
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        dump["mesh"]["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == CLUSTER)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The service's endpoints as admin `GET /clusters?format=json` shows them.
+    async fn endpoints(&self) -> Vec<serde_json::Value> {
+        let (status, body) = admin_get(self.proxy.admin(), "/clusters?format=json").await;
+        assert_eq!(status, 200);
+        let clusters: serde_json::Value = serde_json::from_str(&body).unwrap();
+        clusters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == CLUSTER)
+            .map(|c| c["endpoints"].as_array().unwrap().clone())
+            .unwrap_or_default()
+    }
+
+    async fn endpoint(&self, server: &HttpServer) -> serde_json::Value {
+        let address = server.addr.to_string();
+        self.endpoints()
+            .await
+            .into_iter()
+            .find(|e| e["address"] == address.as_str())
+            .unwrap_or_default()
+    }
+
+    async fn get(&self, path: &str) -> StatusCode {
+        send(&self.client, path).await
+    }
+
+    /// `n` GETs, `concurrency` at a time; how many got 200.
+    async fn load(&self, n: usize, concurrency: usize, path: &'static str) -> usize {
+        let next = Arc::new(AtomicUsize::new(0));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, next, ok) = (self.client.clone(), next.clone(), ok.clone());
+                tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::SeqCst) < n {
+                        if send(&client, path).await == StatusCode::OK {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        ok.load(Ordering::SeqCst)
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.proxy.metrics().await, name, labels)
+    }
+}
+
+async fn send(client: &Client<OrigDstConnector, TestBody>, path: &str) -> StatusCode {
+    let request = Request::get(format!("http://orders:8080{path}"))
+        .body(empty())
+        .unwrap();
+    match client.request(request).await {
+        Ok(response) => {
+            let status = response.status();
+            drain_body(response.into_body()).await.unwrap();
+            status
+        }
+        Err(err) => panic!("the proxy failed the connection: {err}"),
+    }
+}
+
+async fn servers(n: usize) -> Vec<HttpServer> {
+    let mut servers = Vec::new();
+    for name in ["a", "b", "c", "d"].into_iter().take(n) {
+        servers.push(HttpServer::start(name).await);
+    }
+    servers
+}
+
+fn ports(servers: &[HttpServer]) -> Vec<u16> {
+    servers.iter().map(|s| s.addr.port()).collect()
+}
+
+/// The seed document's VirtualService and DestinationRule for the order service, on one host and
+/// without subsets; `{interval}` and `{ejection}` are the outlier timings.
+fn seed_policies(interval: &str, ejection: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{ name: orders }}
+spec:
+  hosts: [orders]
+  http:
+    - route:
+        - destination: {{ host: orders }}
+      retries:
+        attempts: 3
+        perTryTimeout: 2s
+        retryOn: 5xx
+      timeout: 10s
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{ name: orders }}
+spec:
+  host: orders
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 100
+      http:
+        h2UpgradePolicy: UPGRADE
+        maxRequestsPerConnection: 10
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: {interval}
+      baseEjectionTime: {ejection}
+      maxEjectionPercent: 50
+    loadBalancer:
+      simple: LEAST_REQUEST
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_endpoint_is_ejected_retried_around_and_probed_again() {
+    let servers = servers(3).await;
+    let bad = &servers[2];
+    bad.set_fault(Fault::Status(503));
+    let mesh = Mesh::start(&ports(&servers), &seed_policies("30s", "30s")).await;
+
+    let ok = mesh.load(2000, 4, "/").await;
+    assert!(ok >= 1998, "only {ok} of 2000 requests succeeded");
+    let ejected = mesh.endpoint(bad).await;
+    assert_eq!(ejected["ejected"], true, "{ejected}");
+    assert_eq!(ejected["ejections"], 1);
+    assert!(ejected["ejected_until"].is_string(), "{ejected}");
+    assert!(ejected["failures"].as_u64().unwrap() >= 5);
+    let seen_by_bad = bad.request_count();
+    assert!(
+        seen_by_bad < 20,
+        "the ejected endpoint still got {seen_by_bad} requests"
+    );
+    for good in &servers[..2] {
+        assert_eq!(mesh.endpoint(good).await["ejected"], false);
+    }
+    // Envoy's text format says the same.
+    let (_, text) = admin_get(mesh.proxy.admin(), "/clusters").await;
+    assert!(
+        text.contains(&format!(
+            "{CLUSTER}::{}::health_flags::/failed_outlier_check",
+            bad.addr
+        )),
+        "{text}"
+    );
+    assert!(
+        mesh.metric("weft_outlier_ejections_total", &[("reason", "consecutive_5xx")])
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        mesh.metric("weft_outlier_ejected_endpoints", &[("cluster", CLUSTER)])
+            .await,
+        1.0
+    );
+
+    // With a 1 s ejection time the endpoint is tried again, fails again, and is ejected for longer.
+    mesh.reconfigure(&seed_policies("1s", "1s"), |c| {
+        c["outlier_detection"]["base_ejection_time"] == "1s"
+    })
+    .await;
+    assert_eventually!(
+        {
+            mesh.load(20, 2, "/").await;
+            bad.request_count() > seen_by_bad
+        },
+        "the ejected endpoint was never probed again"
+    );
+    assert_eventually!(
+        {
+            mesh.load(20, 2, "/").await;
+            mesh.endpoint(bad).await["ejections"].as_u64() >= Some(2)
+        },
+        "the probed endpoint was not ejected again: {}",
+        mesh.endpoint(bad).await
+    );
+    // The retries covered for it: nobody saw its 503s.
+    assert_eq!(mesh.load(200, 4, "/").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_endpoint_fails_the_budget_bounds_retries_and_ejection_stops_at_its_maximum() {
+    let servers = servers(3).await;
+    for s in &servers {
+        s.set_fault(Fault::Status(503));
+    }
+    let mesh = Mesh::start(&ports(&servers), &seed_policies("30s", "30s")).await;
+
+    // Enough requests that 20% of them (100) is the budget rather than its minimum (also 100).
+    const N: usize = 500;
+    let ok = mesh.load(N, 4, "/").await;
+    assert_eq!(ok, 0);
+    let attempts: usize = servers.iter().map(HttpServer::request_count).sum();
+    // Without a budget, 3 retries each would make 2,000 attempts; the default budget allows 20% more
+    // than the requests.
+    assert!(attempts >= N, "{attempts}");
+    assert!(attempts <= N + N / 5, "{attempts} attempts for {N} requests");
+    assert!(
+        mesh.metric("weft_upstream_retries_total", &[("reason", "budget_exhausted")])
+            .await
+            > 0.0
+    );
+    // maxEjectionPercent 50 of 3 endpoints: one ejected, two kept in.
+    let ejected = mesh
+        .endpoints()
+        .await
+        .iter()
+        .filter(|e| e["ejected"] == true)
+        .count();
+    assert_eq!(ejected, 1);
+    assert!(
+        mesh.metric(
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "URX")]
+        )
+        .await
+            > 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_sends_a_slow_endpoint_fewer_requests_than_round_robin() {
+    let servers = servers(3).await;
+    servers[2].set_fault(Fault::Delay(Duration::from_millis(50)));
+    let policy = |lb: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{ name: orders }}
+spec:
+  host: orders
+  trafficPolicy:
+    loadBalancer:
+      simple: {lb}
+"
+        )
+    };
+    let mesh = Mesh::start(&ports(&servers), &policy("ROUND_ROBIN")).await;
+    const N: usize = 600;
+    assert_eq!(mesh.load(N, 8, "/").await, N);
+    let slow_round_robin = servers[2].request_count();
+    mesh.reconfigure(&policy("LEAST_REQUEST"), |c| c["lb_policy"] == "LEAST_REQUEST")
+        .await;
+    assert_eq!(mesh.load(N, 8, "/").await, N);
+    let slow_least_request = servers[2].request_count() - slow_round_robin;
+    // Round robin gives it its third whatever its speed; least-request sees its requests pile up.
+    assert!(
+        (N / 3 - 2..=N / 3 + 2).contains(&slow_round_robin),
+        "{slow_round_robin}"
+    );
+    assert!(
+        slow_least_request * 2 < slow_round_robin,
+        "least-request sent the slow endpoint {slow_least_request}, round robin {slow_round_robin}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_try_timeout_retries_a_hung_endpoint_and_the_route_timeout_gives_504_ut() {
+    let servers = servers(2).await;
+    servers[1].set_fault(Fault::Hang);
+    let routes = |timeout: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{ name: orders }}
+spec:
+  hosts: [orders]
+  http:
+    - route:
+        - destination: {{ host: orders }}
+      retries:
+        attempts: 2
+        perTryTimeout: 200ms
+        retryOn: 5xx
+      timeout: {timeout}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{ name: orders }}
+spec:
+  host: orders
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+"
+        )
+    };
+    let mesh = Mesh::start(&ports(&servers), &routes("10s")).await;
+    for _ in 0..10 {
+        assert_eq!(mesh.get("/").await, StatusCode::OK);
+    }
+    assert!(
+        servers[1].request_count() >= 4,
+        "round robin sent some to the hung endpoint"
+    );
+    assert_eq!(servers[0].request_count(), 10);
+
+    // Both hung, and a route timeout shorter than two tries: 504 UT.
+    servers[0].set_fault(Fault::Hang);
+    mesh.reconfigure(&routes("300ms"), |_| true).await;
+    assert_eventually!(
+        mesh.get("/").await == StatusCode::GATEWAY_TIMEOUT
+            && mesh
+                .metric(
+                    "istio_requests_total",
+                    &[("response_code", "504"), ("response_flags", "UT")]
+                )
+                .await
+                >= 1.0,
+        "no 504 UT"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_overflow_fails_fast_with_uo_and_a_dead_endpoint_is_retried_elsewhere() {
+    let servers = servers(1).await;
+    servers[0].set_fault(Fault::Hang);
+    let limits = "---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: { name: orders }
+spec:
+  host: orders
+  trafficPolicy:
+    connectionPool:
+      tcp: { maxConnections: 1 }
+      http: { http1MaxPendingRequests: 1 }
+";
+    let mesh = Mesh::start(&ports(&servers), limits).await;
+    // One request holds the only connection, a second waits for it...
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let client = mesh.client.clone();
+            tokio::spawn(async move { send(&client, "/").await })
+        })
+        .collect();
+    let pending = format!("{CLUSTER}::pending_requests::1");
+    assert_eventually!(
+        servers[0].request_count() == 1
+            && admin_get(mesh.proxy.admin(), "/clusters")
+                .await
+                .1
+                .contains(&pending),
+        "expected one request at the endpoint and one pending: {}, {} requests",
+        admin_get(mesh.proxy.admin(), "/clusters").await.1,
+        servers[0].request_count()
+    );
+    assert_eq!(mesh.endpoints().await[0]["active_requests"], 1);
+    // ...and a third overflows at once, while the other two are still waiting.
+    assert_eq!(mesh.get("/").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(in_flight.iter().all(|t| !t.is_finished()));
+    assert_eq!(
+        mesh.metric(
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        mesh.metric(
+            "weft_upstream_overflows_total",
+            &[("reason", "max_pending_requests")]
+        )
+        .await,
+        1.0
+    );
+    for t in in_flight {
+        t.abort();
+    }
+
+    // A second service endpoint that refuses connections: Istio's default retry policy
+    // (connect-failure) sends every request elsewhere.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let live = HttpServer::start("live").await;
+    let mesh = Mesh::start(&[live.addr.port(), dead_port], "").await;
+    for _ in 0..20 {
+        assert_eq!(mesh.get("/").await, StatusCode::OK);
+    }
+    assert_eq!(live.request_count(), 20);
+    assert!(
+        mesh.metric("weft_upstream_retries_total", &[("reason", "made")])
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_is_replayed_on_retry_and_a_large_one_is_not_retried() {
+    let servers = servers(2).await;
+    servers[1].set_fault(Fault::Status(503));
+    let routes = "---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: { name: orders }
+spec:
+  hosts: [orders]
+  http:
+    - route:
+        - destination: { host: orders }
+      retries: { attempts: 2, retryOn: 5xx }
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: { name: orders }
+spec:
+  host: orders
+  trafficPolicy:
+    loadBalancer: { simple: ROUND_ROBIN }
+";
+    let mesh = Mesh::start(&ports(&servers), routes).await;
+    let post = |size: usize| {
+        Request::post("http://orders:8080/sink")
+            .body(full(vec![b'x'; size]))
+            .unwrap()
+    };
+    // Small bodies: every POST arrives whole, on the good endpoint when the bad one answered first.
+    for _ in 0..6 {
+        let response = mesh.client.request(post(10_000)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], b"10000");
+    }
+    assert!(servers[1].request_count() >= 2);
+    // Larger than the replay buffer: not retried, so the bad endpoint's 503 reaches the client.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let response = mesh
+            .client
+            .request(post(weft_http::MAX_REPLAY_BYTES + 1))
+            .await
+            .unwrap();
+        statuses.push(response.status());
+        drain_body(response.into_body()).await.unwrap();
+    }
+    assert!(
+        statuses.contains(&StatusCode::SERVICE_UNAVAILABLE),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&StatusCode::OK), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_deadline_bounds_the_request() {
+    let servers = servers(1).await;
+    servers[0].set_fault(Fault::Hang);
+    let mesh = Mesh::start(&ports(&servers), "").await;
+    let h2 = client(
+        mesh.proxy
+            .orig_dst
+            .connector(mesh.proxy.outbound(), ORDERS.parse().unwrap()),
+        true,
+    );
+    let request = Request::post("http://orders:8080/pkg.Service/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "200m")
+        .body(full(vec![0u8, 0, 0, 0, 0]))
+        .unwrap();
+    let response = h2.request(request).await.unwrap();
+    // A trailers-only gRPC response: the client's deadline passed.
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["grpc-status"], "4");
+    assert_eq!(
+        mesh.metric(
+            "istio_requests_total",
+            &[("request_protocol", "grpc"), ("response_flags", "UT")]
+        )
+        .await,
+        1.0
+    );
+}
