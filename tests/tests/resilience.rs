@@ -604,3 +604,116 @@ async fn a_grpc_deadline_bounds_the_request() {
         1.0
     );
 }
+
+/// Opaque TCP: a dead endpoint's connect failure is tried again on another endpoint and counted by
+/// outlier detection, which ejects it; an idle TCP connection is closed after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connects_are_retried_elsewhere_and_idle_connections_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_test_support::tcp::TcpServer;
+
+    let echo = TcpServer::echo().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TestProxy::start(&format!(
+        "idle_timeout: 300ms
+outbound: {{ services: [{{ address: 0.0.0.0:6379, cluster: cache, protocol: tcp }}] }}
+clusters:
+  - name: cache
+    lb_policy: ROUND_ROBIN
+    endpoints: [\"{dead}\", \"{}\"]
+    outlier_detection: {{ consecutive_5xx: 2, max_ejection_percent: 100 }}",
+        echo.addr
+    ))
+    .await;
+    for _ in 0..6 {
+        let mut stream = proxy
+            .orig_dst
+            .connect(proxy.outbound(), "127.0.96.51:6379".parse().unwrap())
+            .await
+            .unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut pong = [0u8; 4];
+        stream.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"ping");
+    }
+    let (_, clusters) = admin_get(proxy.admin(), "/clusters").await;
+    assert!(
+        clusters.contains(&format!("cache::{dead}::health_flags::/failed_outlier_check")),
+        "{clusters}"
+    );
+
+    // Quiet for longer than the idle timeout: the proxy closes the connection.
+    let mut stream = proxy
+        .orig_dst
+        .connect(proxy.outbound(), "127.0.96.51:6379".parse().unwrap())
+        .await
+        .unwrap();
+    stream.write_all(b"hi").await.unwrap();
+    let mut buf = [0u8; 2];
+    stream.read_exact(&mut buf).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle connection stayed open: {closed:?}"
+    );
+}
+
+/// A stalled upstream is cut by the route's stream idle timeout (504, flag SI), and a client connection
+/// with no request for the idle timeout is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_idle_and_connection_idle_timeouts() {
+    let server = HttpServer::start("slow").await;
+    server.set_fault(Fault::Hang);
+    let proxy = TestProxy::start(&format!(
+        "idle_timeout: 400ms
+outbound: {{ services: [{{ address: 0.0.0.0:8080, route: web }}] }}
+clusters: [{{ name: web, endpoints: [\"{}\"] }}]
+routes:
+  - name: web
+    virtual_hosts:
+      - name: web
+        routes: [{{ match: {{ prefix: / }}, cluster: web, timeout: 0s, idle_timeout: 200ms }}]",
+        server.addr
+    ))
+    .await;
+    let dst = "127.0.96.52:8080".parse().unwrap();
+    let http = client(proxy.orig_dst.connector(proxy.outbound(), dst), false);
+    let response = http
+        .request(Request::get("http://web:8080/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    drain_body(response.into_body()).await.unwrap();
+    assert_eq!(
+        metric(
+            &proxy.metrics().await,
+            "istio_requests_total",
+            &[("response_code", "504"), ("response_flags", "SI")]
+        ),
+        1.0
+    );
+
+    // A raw HTTP/1 connection that sends nothing more after one request is closed by the proxy.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    server.set_fault(Fault::None);
+    let mut stream = proxy.orig_dst.connect(proxy.outbound(), dst).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: web\r\ncontent-length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the idle client connection stayed open: {read:?}"
+    );
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+}

@@ -226,7 +226,8 @@ where
                     .and_then(|v| http::HeaderValue::from_str(&v).ok()),
             });
             let forwarder = inputs.forwarder.clone();
-            let result = weft_http::serve(io, version, inputs.drain.clone(), move |req| {
+            let idle_timeout = inputs.mesh().idle_timeout;
+            let result = weft_http::serve(io, version, inputs.drain.clone(), idle_timeout, move |req| {
                 let forwarder = forwarder.clone();
                 let ctx = ctx.clone();
                 async move { forwarder.forward(req, &ctx).await }
@@ -244,7 +245,7 @@ where
 /// sending, the other side's write half is shut down and the opposite direction keeps flowing.
 async fn forward_tcp<S>(
     inputs: &Inputs,
-    mut downstream: PrefixedIo<S>,
+    downstream: PrefixedIo<S>,
     destination: Destination,
     peers: Peers,
     dst: SocketAddr,
@@ -291,8 +292,21 @@ async fn forward_tcp<S>(
     };
     inputs.metrics.tcp_opened.get_or_create(&labels).inc();
 
+    // No bytes either way for the idle timeout closes both sides (Envoy's TCP proxy idle_timeout).
+    let activity = weft_transport::Activity::new();
+    let mut downstream = weft_transport::IdleIo::new(downstream, activity.clone());
+    let idle = async {
+        match inputs.mesh().idle_timeout {
+            Some(timeout) => activity.idle(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     let copied = tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied,
+        () = idle => {
+            tracing::debug!(%dst, %endpoint, "closing an idle TCP connection");
+            Ok((0, 0))
+        }
         () = inputs.force_close.cancelled() => {
             labels.response_flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
             Ok((0, 0))

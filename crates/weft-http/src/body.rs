@@ -25,6 +25,8 @@ pub struct ProxyBody {
     /// Whatever must live as long as the response: the cluster's request counts, the endpoint's active
     /// request, the connection slot.
     _held: Option<InFlight>,
+    /// Counts the request as in flight on its client connection (idle timeout) until the body ends.
+    request: Option<weft_transport::InFlight>,
 }
 
 /// What a response in progress holds in its cluster.
@@ -127,6 +129,7 @@ impl ProxyBody {
             completion: Some(completion),
             timer,
             _held: Some(held),
+            request: None,
         }
     }
 
@@ -136,13 +139,19 @@ impl ProxyBody {
             completion,
             timer: None,
             _held: None,
+            request: None,
         }
+    }
+
+    pub(crate) fn hold_request(&mut self, request: weft_transport::InFlight) {
+        self.request = Some(request);
     }
 
     fn finish(&mut self, flags: ResponseFlags) {
         if let Some(c) = self.completion.take() {
             c.finish(flags);
         }
+        self.request = None;
     }
 }
 

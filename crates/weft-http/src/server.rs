@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
+use weft_transport::Activity;
 
 use crate::ProxyBody;
 use crate::pool::MAX_HEADER_LIST_BYTES;
@@ -37,6 +38,7 @@ pub async fn serve<I, F, Fut>(
     io: I,
     version: HttpVersion,
     drain: CancellationToken,
+    idle_timeout: Option<Duration>,
     handle: F,
 ) -> Result<(), hyper::Error>
 where
@@ -44,10 +46,26 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    // A connection with no request in flight (up to the end of its response body) for the idle timeout
+    // is closed gracefully, like a drain of this one connection (Envoy's: HTTP/2 PINGs do not count as
+    // activity).
+    let activity = Activity::new();
+    let counted = activity.clone();
     let service = service_fn(move |req| {
+        let in_flight = counted.request();
         let fut = handle(req);
-        async move { Ok::<_, Infallible>(fut.await) }
+        async move {
+            let mut response = fut.await;
+            response.body_mut().hold_request(in_flight);
+            Ok::<_, Infallible>(response)
+        }
     });
+    let idle = async move {
+        match idle_timeout {
+            Some(timeout) => activity.idle(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     let io = TokioIo::new(io);
     match version {
         HttpVersion::Http1 => {
@@ -61,6 +79,10 @@ where
             tokio::select! {
                 res = conn.as_mut() => return res,
                 () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
+                () = idle => {
+                    tracing::debug!("closing an idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             conn.await
         }
@@ -76,6 +98,10 @@ where
             tokio::select! {
                 res = conn.as_mut() => return res,
                 () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
+                () = idle => {
+                    tracing::debug!("closing an idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                }
             }
             conn.await
         }

@@ -28,6 +28,8 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// a client on a busy machine to send its request, short enough that a server-speaks-first protocol
 /// (MySQL, SMTP) only sees a small delay before its greeting.
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Envoy's default idle timeout for client connections (HTTP connection manager and TCP proxy).
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Istio's trust domain and certificate lifetime defaults.
@@ -53,6 +55,10 @@ pub struct ProxyFile {
     pub drain_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub detect_timeout: Option<Duration>,
+    /// Client connections (HTTP with no request in flight, or opaque TCP) that carry no bytes for this
+    /// long are closed (default 1 h, Envoy's; `0s` disables).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     pub outbound: OutboundFile,
     pub inbound: InboundFile,
     pub listeners: Vec<ListenerFile>,
@@ -550,6 +556,8 @@ impl ProxyFile {
 
         let mesh = Mesh {
             detect_timeout: self.detect_timeout.unwrap_or(DEFAULT_DETECT_TIMEOUT),
+            idle_timeout: Some(self.idle_timeout.unwrap_or(DEFAULT_CONNECTION_IDLE_TIMEOUT))
+                .filter(|t| !t.is_zero()),
             outbound,
             inbound,
             listeners,

@@ -144,6 +144,9 @@ pub struct Node {
 pub struct Mesh {
     #[serde(with = "humantime_serde")]
     pub detect_timeout: Duration,
+    /// Client connections with no bytes (and, for HTTP, no request in flight) for this long are closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     pub outbound: Option<OutboundPolicy>,
     pub inbound: Option<InboundPolicy>,
     pub listeners: Vec<ExplicitListener>,

@@ -6,8 +6,10 @@
 
 mod binder;
 mod connect;
+mod idle;
 mod prefixed;
 
 pub use binder::{Accepted, Binder, OsBinder, accept, bind_listener};
 pub use connect::{ConnectError, connect};
+pub use idle::{Activity, IdleIo, InFlight};
 pub use prefixed::PrefixedIo;
