@@ -43,6 +43,10 @@ struct Args {
     /// Print one JSON object with every figure instead of the table.
     #[arg(long)]
     json: bool,
+    /// Route through the resilience policies: a retry policy (5xx, connect-failure, 3 retries, 2 s per
+    /// try), outlier detection and least-request balancing (`policies: on` in the output).
+    #[arg(long)]
+    policies: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -75,7 +79,7 @@ fn main() -> anyhow::Result<()> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut proxy = Proxy::start(&weft, backend_addr)?;
+    let mut proxy = Proxy::start(&weft, backend_addr, args.policies)?;
     client_rt.block_on(proxy.wait_ready())?;
 
     let phase = Duration::from_secs(args.seconds);
@@ -107,13 +111,16 @@ fn main() -> anyhow::Result<()> {
                 "proxy": { "peak_rss_mib": peak_rss_mib, "cpu_us_per_request": cpu_us_per_request, "cpu_cores_at_rate": cpu_cores_at_rate },
                 "errors": direct_sat.errors + proxied_sat.errors + direct_lat.errors + proxied_lat.errors,
                 "max_send_lag_us": direct_lat.max_send_lag_us.max(proxied_lat.max_send_lag_us),
-                "settings": { "seconds": args.seconds, "connections": args.connections, "rate": args.rate },
+                "settings": { "seconds": args.seconds, "connections": args.connections, "rate": args.rate, "policies": args.policies },
             })
         );
     } else {
         println!(
-            "HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections, {} req/s fixed rate",
-            args.seconds, args.connections, args.rate
+            "HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections, {} req/s fixed rate; policies: {}",
+            args.seconds,
+            args.connections,
+            args.rate,
+            if args.policies { "on" } else { "off" }
         );
         println!("{:<28}{:>14}{:>14}{:>10}", "", "direct", "via weft", "ratio");
         println!(
@@ -286,21 +293,32 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(weft: &std::path::Path, backend: SocketAddr) -> anyhow::Result<Self> {
+    fn start(weft: &std::path::Path, backend: SocketAddr, policies: bool) -> anyhow::Result<Self> {
         let admin = free_addr()?;
         let listener = free_addr()?;
         let readiness = free_addr()?;
         let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("weft.yaml");
-        std::fs::write(
-            &config,
+        let common = format!(
+            "admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\noutbound: {{ enabled: false }}\ninbound: {{ enabled: false }}\n"
+        );
+        let proxied = if policies {
             format!(
-                "admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\noutbound: {{ enabled: false }}\ninbound: {{ enabled: false }}\n\
-                 listeners: [{{ name: bench, address: {listener}, cluster: backend, protocol: http }}]\n\
+                "listeners: [{{ name: bench, address: {listener}, route: bench, protocol: http }}]\n\
+                 clusters:\n  - name: backend\n    endpoints: [{backend}]\n    lb_policy: LEAST_REQUEST\n    outlier_detection: {{}}\n\
+                 routes:\n  - name: bench\n    virtual_hosts:\n      - name: bench\n        routes:\n\
+                 \x20         - match: {{ prefix: / }}\n\
+                 \x20           cluster: backend\n\
+                 \x20           retry: {{ retry_on: \"5xx,connect-failure\", num_retries: 3, per_try_timeout: 2s }}\n"
+            )
+        } else {
+            format!(
+                "listeners: [{{ name: bench, address: {listener}, cluster: backend, protocol: http }}]\n\
                  clusters: [{{ name: backend, endpoints: [{backend}] }}]\n"
-            ),
-        )?;
+            )
+        };
+        std::fs::write(&config, common + &proxied)?;
         let child = Command::new(weft)
             .args(["proxy", "--config"])
             .arg(&config)
