@@ -318,21 +318,22 @@ impl Forwarder {
         };
         let deadline = timeout.map(|t| start + t);
 
-        let exchange = Exchange {
+        let mut exchange = Exchange {
             parts,
             version: ctx.version,
+            timeout: timeout.unwrap_or_default(),
             deadline,
             idle_timeout: decision.idle_timeout,
         };
         let (result, held, flags) = match decision.target {
             DecidedTarget::Direct(endpoint, settings) => {
                 let result = self
-                    .try_once(&exchange, endpoint, settings, RequestBody::Streamed(body))
+                    .try_once(&mut exchange, endpoint, settings, RequestBody::Streamed(body))
                     .await;
                 (result, InFlight::default(), ResponseFlags::NONE)
             }
             DecidedTarget::Cluster(cluster) => {
-                self.to_cluster(&cluster, body, decision.retry.as_ref(), &exchange)
+                self.to_cluster(&cluster, body, decision.retry.as_ref(), &mut exchange)
                     .await
             }
         };
@@ -371,7 +372,7 @@ impl Forwarder {
         cluster: &Arc<Cluster>,
         body: Incoming,
         policy: Option<&RetryPolicy>,
-        exchange: &Exchange,
+        exchange: &mut Exchange,
     ) -> (Try, InFlight, ResponseFlags) {
         let state = self.clusters.get(cluster);
         let mut held = InFlight::default();
@@ -397,7 +398,7 @@ impl Forwarder {
                             Ok(slot) => slot,
                             Err(_) => {
                                 return (
-                                    Try::Failed(UpstreamError::Timeout(exchange.timeout_from(deadline))),
+                                    Try::Failed(UpstreamError::Timeout(exchange.timeout)),
                                     held,
                                     ResponseFlags::NONE,
                                 );
@@ -427,15 +428,9 @@ impl Forwarder {
                 _ => None,
             };
             let per_try = policy.and_then(|p| p.per_try_timeout);
+            let head = exchange.head(policy.is_some_and(|p| retries < p.num_retries));
             let result = self
-                .try_endpoint(
-                    exchange,
-                    exchange.head(),
-                    address,
-                    settings.clone(),
-                    body,
-                    per_try,
-                )
+                .try_endpoint(exchange, head, address, settings.clone(), body, per_try)
                 .await;
             let outcome = match &result {
                 Try::Response(r) => Outcome::Status(r.status().as_u16()),
@@ -534,12 +529,13 @@ impl Forwarder {
 
     async fn try_once(
         &self,
-        exchange: &Exchange,
+        exchange: &mut Exchange,
         endpoint: SocketAddr,
         settings: PoolSettings,
         body: RequestBody,
     ) -> Try {
-        self.try_endpoint(exchange, exchange.head(), endpoint, settings, body, None)
+        let head = exchange.head(false);
+        self.try_endpoint(exchange, head, endpoint, settings, body, None)
             .await
     }
 }
@@ -548,15 +544,21 @@ impl Forwarder {
 struct Exchange {
     parts: http::request::Parts,
     version: HttpVersion,
+    /// The request's timeout and when it passes.
+    timeout: Duration,
     deadline: Option<Instant>,
     idle_timeout: Option<Duration>,
 }
 
 impl Exchange {
-    /// The request head for a try. `Parts` holds extensions, which cannot be cloned; the upstream
-    /// request needs none of them.
-    fn head(&self) -> http::request::Parts {
+    /// The request head for a try: moved out when no later try can need it (the usual case costs
+    /// nothing), copied otherwise. A copy leaves out the extensions, which cannot be cloned and which
+    /// the upstream request does not need.
+    fn head(&mut self, again: bool) -> http::request::Parts {
         let (mut head, ()) = Request::new(()).into_parts();
+        if !again {
+            return std::mem::replace(&mut self.parts, head);
+        }
         head.method = self.parts.method.clone();
         head.uri = self.parts.uri.clone();
         head.version = self.parts.version;
@@ -566,10 +568,6 @@ impl Exchange {
 
     fn past_deadline(&self) -> bool {
         self.deadline.is_some_and(|d| d <= Instant::now())
-    }
-
-    fn timeout_from(&self, deadline: Instant) -> Duration {
-        deadline.saturating_duration_since(Instant::now())
     }
 }
 
