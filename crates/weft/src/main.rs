@@ -9,6 +9,7 @@ use weft_app::{App, OsBinder};
 use weft_telemetry::LogControl;
 
 mod demo;
+mod init;
 
 /// Exit code for configuration that cannot be used (bad flags exit 2 as well, through clap).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -85,6 +86,9 @@ enum Command {
         #[arg(long, env = "WEFT_XDS_ADDRESS")]
         xds_address: Option<String>,
     },
+    /// Install the pod's capture rules: inbound TCP to the proxy's 15006, outbound to 15001, the proxy's
+    /// own traffic (UID/GID 1337) excluded. Needs NET_ADMIN in the pod's network namespace.
+    Init(init::InitArgs),
     /// Run the reference control plane: serve xDS computed from Kubernetes/Istio YAML in a directory, and
     /// the CA that signs workload certificates.
     Control(ControlArgs),
@@ -108,7 +112,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let runtime = match cli.command {
+    let command = cli.command;
+    let runtime = match command {
         Command::Proxy { concurrency: 1, .. } => {
             tokio::runtime::Builder::new_current_thread().enable_all().build()
         }
@@ -116,6 +121,8 @@ fn main() -> ExitCode {
             .worker_threads(usize::from(concurrency))
             .enable_all()
             .build(),
+        // `weft init` runs a few commands and exits.
+        Command::Init(_) => tokio::runtime::Builder::new_current_thread().build(),
         Command::Demo(_) | Command::Control(_) | Command::Check { .. } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()
         }
@@ -128,13 +135,14 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        match cli.command {
+        match command {
             Command::Proxy {
                 config, xds_address, ..
             } => proxy(config, xds_address, log).await,
             Command::Control(args) => control(args).await,
             Command::Check { dir } => check(&dir),
             Command::Demo(args) => demo::run(args).await,
+            Command::Init(args) => init::run(args),
         }
     })
 }
