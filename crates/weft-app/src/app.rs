@@ -1,7 +1,7 @@
 //! Building and running the proxy: bind, accept, drain.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,18 +106,20 @@ impl Inputs {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             tls: None,
+            source: None,
         };
         Destination::Direct(addr, settings)
     }
 
-    /// To the app beside us.
-    pub(crate) fn app(&self, addr: SocketAddr, idle_timeout: Duration) -> Destination {
+    /// To the app beside us, from `source` when given.
+    pub(crate) fn app(&self, addr: SocketAddr, idle_timeout: Duration, source: Option<IpAddr>) -> Destination {
         Destination::Direct(
             addr,
             PoolSettings {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout,
                 tls: None,
+                source,
             },
         )
     }

@@ -21,7 +21,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let routed = Routed {
         stream: conn.stream,
         orig_dst,
-        destination: inputs.app(app, policy.idle_timeout),
+        destination: inputs.app(app, policy.idle_timeout, policy.source_for(app)),
         protocol: Some(policy.protocol_for(orig_dst.port())),
         peers,
         inbound: true,

@@ -586,6 +586,7 @@ fn pool_settings(cluster: &Cluster) -> PoolSettings {
         connect_timeout: cluster.connect_timeout,
         idle_timeout: cluster.idle_timeout,
         tls: cluster.tls.as_ref().map(|t| t.identities.clone()),
+        source: None,
     }
 }
 

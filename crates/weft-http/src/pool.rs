@@ -44,6 +44,8 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// Mutual TLS: the identities the endpoint may present. `None`: plaintext.
     pub tls: Option<Arc<[SpiffeId]>>,
+    /// The local address to connect from; `None`: the kernel's choice.
+    pub source: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -173,7 +175,7 @@ pub(crate) async fn connect(
     tls: &watch::Receiver<Option<TlsMaterial>>,
     alpn: &[&[u8]],
 ) -> Result<UpstreamIo, ConnectError> {
-    let stream = weft_transport::connect(endpoint, settings.connect_timeout).await?;
+    let stream = weft_transport::connect(endpoint, settings.source, settings.connect_timeout).await?;
     let Some(expected) = &settings.tls else {
         return Ok(UpstreamIo::Plain { stream });
     };

@@ -165,7 +165,8 @@ pub struct TargetFile {
 pub struct InboundFile {
     pub enabled: bool,
     pub address: Option<SocketAddr>,
-    pub app_address: IpAddr,
+    /// Default: `127.0.0.1` locally; in a pod, the address the caller dialled.
+    pub app_address: Option<IpAddr>,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     pub ports: Vec<InboundPortFile>,
@@ -178,7 +179,7 @@ impl Default for InboundFile {
         Self {
             enabled: true,
             address: None,
-            app_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            app_address: None,
             idle_timeout: None,
             ports: Vec::new(),
             peer_authentication: crate::PeerAuthentication::Permissive,
@@ -523,7 +524,11 @@ impl ProxyFile {
                 .inbound
                 .address
                 .unwrap_or(SocketAddr::new(wildcard, INBOUND_PORT)),
-            app_address: self.inbound.app_address,
+            app_address: match self.mode {
+                Mode::Local => Some(self.inbound.app_address.unwrap_or(Ipv4Addr::LOCALHOST.into())),
+                Mode::Pod => self.inbound.app_address,
+            },
+            passthrough_source: self.mode == Mode::Pod,
             idle_timeout: self.inbound.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
             ports: inbound_ports,
             peer_authentication: self.inbound.peer_authentication,

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::policy::{CircuitBreakers, OutlierDetection};
 use crate::route::RouteTable;
 
+/// The source address of connections the inbound listener makes to the app (Istio's): `weft init`'s
+/// rules let traffic from it over loopback through, so it is never captured again.
+const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+
 /// Where the proxy runs: the defaults for bind addresses follow from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -165,11 +169,15 @@ pub struct OutboundPolicy {
     pub services: HashMap<SocketAddr, Target>,
 }
 
-/// The transparent inbound listener: forwards to the app on `app_address`, port preserved.
+/// The transparent inbound listener: forwards to the app on `app_address` (or, in a pod, the address the
+/// caller dialled), port preserved.
 #[derive(Debug, Clone, Serialize)]
 pub struct InboundPolicy {
     pub address: SocketAddr,
-    pub app_address: IpAddr,
+    /// `None`: the connection's original destination (the pod's own address).
+    pub app_address: Option<IpAddr>,
+    /// Connect to the app from 127.0.0.6 (`::6`), the source `weft init`'s rules never capture again.
+    pub passthrough_source: bool,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     #[serde(serialize_with = "sorted_map")]
@@ -291,7 +299,15 @@ impl OutboundPolicy {
 impl InboundPolicy {
     /// The app's address for a connection that was going to `dst`.
     pub fn app_for(&self, dst: SocketAddr) -> SocketAddr {
-        SocketAddr::new(self.app_address, dst.port())
+        SocketAddr::new(self.app_address.unwrap_or(dst.ip()), dst.port())
+    }
+
+    /// The source address for connections to `app`, when one is bound.
+    pub fn source_for(&self, app: SocketAddr) -> Option<IpAddr> {
+        self.passthrough_source.then(|| match app {
+            SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_V4),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)),
+        })
     }
 
     pub fn protocol_for(&self, port: u16) -> Protocol {

@@ -40,6 +40,25 @@ fn pod_mode_binds_all_addresses() {
     assert_eq!(mesh.inbound.unwrap().address, addr("[::]:15006"));
 }
 
+#[test]
+fn inbound_reaches_the_app_where_the_caller_was_going_in_a_pod() {
+    let (_, mesh) = parse("mode: pod").unwrap();
+    let inbound = mesh.inbound.unwrap();
+    let pod_ip = addr("10.1.0.7:8080");
+    assert_eq!(inbound.app_for(pod_ip), pod_ip);
+    assert_eq!(inbound.source_for(pod_ip), Some("127.0.0.6".parse().unwrap()));
+    let pod_ip6 = addr("[fd00::7]:8080");
+    assert_eq!(inbound.source_for(pod_ip6), Some("::6".parse().unwrap()));
+
+    let (_, mesh) = parse("").unwrap();
+    let inbound = mesh.inbound.unwrap();
+    assert_eq!(inbound.app_for(pod_ip), addr("127.0.0.1:8080"));
+    assert_eq!(inbound.source_for(pod_ip), None);
+
+    let (_, mesh) = parse("mode: pod\ninbound: { app_address: 127.0.0.1 }").unwrap();
+    assert_eq!(mesh.inbound.unwrap().app_for(pod_ip), addr("127.0.0.1:8080"));
+}
+
 const FULL: &str = r#"
 node: { workload: productpage-v1, namespace: bookinfo }
 drain_timeout: 10s

@@ -226,3 +226,37 @@ async fn large_bodies_with_bounded_memory_http2() {
         .await
         .unwrap();
 }
+
+/// `iptables/default.rules` is what `weft init --dry-run` prints for the default settings. After an
+/// intended change to the rules, regenerate it with `WEFT_UPDATE_GOLDEN=1`.
+#[test]
+fn init_dry_run_matches_the_golden_rule_set() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../iptables/default.rules");
+    let out = Command::new(WEFT).args(["init", "--dry-run"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8(out.stdout).unwrap();
+    if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &printed).unwrap();
+    }
+    let expected = std::fs::read_to_string(&golden).unwrap();
+    assert!(
+        printed == expected,
+        "`weft init --dry-run` differs from {}; if the change is intended, run the test with \
+         WEFT_UPDATE_GOLDEN=1\n--- printed ---\n{printed}",
+        golden.display()
+    );
+}
+
+#[test]
+fn init_refuses_bad_flags_naming_them() {
+    for (args, named) in [
+        (&["init", "-x", "10.0.0.0/40"][..], "--exclude-outbound-cidrs"),
+        (&["init", "-b", "80,http"][..], "\"http\""),
+        (&["init", "-p", "15006"][..], "--outbound-port and --inbound-port"),
+    ] {
+        let out = Command::new(WEFT).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+}
