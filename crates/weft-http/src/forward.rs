@@ -357,7 +357,13 @@ impl Forwarder {
                 strip_hop_by_hop(response.headers_mut(), false);
             }
         }
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
+        // The response speaks the client's protocol, whatever the upstream hop spoke: an HTTP/1.0 app
+        // (Python's http.server) must not end the client's keep-alive connection.
+        parts.version = match ctx.version {
+            HttpVersion::Http1 => http::Version::HTTP_11,
+            HttpVersion::Http2 => http::Version::HTTP_2,
+        };
         let timer = BodyTimer::new(deadline, exchange.idle_timeout);
         Response::from_parts(
             parts,

@@ -82,6 +82,8 @@ pub struct Recorded {
     pub uri: Uri,
     pub version: Version,
     pub headers: HeaderMap,
+    /// The connection's peer: who the app saw calling.
+    pub peer: SocketAddr,
 }
 
 #[derive(Debug, Clone)]
@@ -111,7 +113,11 @@ impl HttpServer {
     }
 
     pub async fn start_on(addr: SocketAddr, name: &'static str) -> Self {
-        let listener = TcpListener::bind(addr).await.expect("bind http server");
+        Self::serve(TcpListener::bind(addr).await.expect("bind http server"), name)
+    }
+
+    /// Serves on a listener made elsewhere (in another network namespace, say).
+    pub fn serve(listener: TcpListener, name: &'static str) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
@@ -120,7 +126,7 @@ impl HttpServer {
         let fault = Arc::new(Mutex::new(Fault::None));
         let injected = fault.clone();
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            while let Ok((stream, peer)) = listener.accept().await {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let log = log.clone();
                 let injected = injected.clone();
@@ -128,7 +134,7 @@ impl HttpServer {
                     let service = hyper::service::service_fn(move |req| {
                         let log = log.clone();
                         let fault = *injected.lock().expect("fault");
-                        async move { Ok::<_, Infallible>(handle(name, &log, fault, req).await) }
+                        async move { Ok::<_, Infallible>(handle(name, &log, peer, fault, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -171,6 +177,7 @@ impl HttpServer {
 async fn handle(
     name: &'static str,
     log: &Mutex<Vec<Recorded>>,
+    peer: SocketAddr,
     fault: Fault,
     mut req: Request<Incoming>,
 ) -> Response<TestBody> {
@@ -179,6 +186,7 @@ async fn handle(
         uri: req.uri().clone(),
         version: req.version(),
         headers: req.headers().clone(),
+        peer,
     });
     match fault {
         Fault::None => {}

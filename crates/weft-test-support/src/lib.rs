@@ -4,6 +4,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod netns;
 mod orig_dst;
 mod proxy;
 pub mod tcp;
