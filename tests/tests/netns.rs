@@ -172,3 +172,240 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
     );
     assert!(served >= 1.0, "{server_metrics}");
 }
+
+/// The seed's order service: its VirtualService (90/10 canary, `x-canary: true` to v2) and
+/// DestinationRule exactly as the example file has them, over two pods.
+#[tokio::test]
+async fn seed_canary_splits_90_10_and_the_header_routes_to_v2() {
+    require_root!("seed_canary_splits_90_10_and_the_header_routes_to_v2");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let client = network.pod("client").unwrap();
+    let v1 = network.pod("order-v1").unwrap();
+    let v2 = network.pod("order-v2").unwrap();
+    let example = include_str!("../../examples/mesh/order-service.yaml");
+    let policies: Vec<&str> = example
+        .split("\n---\n")
+        .filter(|doc| doc.contains("kind: VirtualService") || doc.contains("kind: DestinationRule"))
+        .collect();
+    assert_eq!(policies.len(), 2);
+    let mut yaml = service_yaml("order-svc", "10.96.0.30", 8080, &[(&v1, "v1"), (&v2, "v2")]);
+    for policy in policies {
+        yaml.push_str("---\n");
+        yaml.push_str(policy);
+        yaml.push('\n');
+    }
+    let control = Control::start(&network, &[("order-service.yaml", &yaml)]).unwrap();
+    let apps = [app_in(&v1, "order-v1"), app_in(&v2, "order-v2")];
+    control.inject(&client, "default", "api-gateway", &[]).unwrap();
+    for pod in [&v1, &v2] {
+        control.inject(pod, "default", "order-svc", &[]).unwrap();
+    }
+    for pod in [&client, &v1, &v2] {
+        netns::wait_ready(pod).await;
+    }
+
+    let service: SocketAddr = "10.96.0.30:8080".parse().unwrap();
+    let mut app = PodClient::connect(&client, service).await.unwrap();
+    let mut to_v2 = 0;
+    for n in 0..1000 {
+        let answer = app.get(&format!("/orders/{n}"), &[]).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+        if answer.header("x-served-by") == "order-v2" {
+            to_v2 += 1;
+        }
+    }
+    // Binomial(1000, 0.1): mean 100, standard deviation 9.5; 50..=150 is more than five of them.
+    assert!((50..=150).contains(&to_v2), "v2 got {to_v2} of 1000");
+    assert_eq!(apps[0].request_count() + apps[1].request_count(), 1000);
+
+    for n in 0..100 {
+        let answer = app.get(&format!("/orders/{n}"), &[("x-canary", "true")]).await.unwrap();
+        assert_eq!(answer.header("x-served-by"), "order-v2", "{answer:?}");
+    }
+    let metrics = mesh_metrics(&client).await;
+    let requests = metric(
+        &metrics,
+        "istio_requests_total",
+        &[("reporter", "source"), ("destination_service", "order-svc.default.svc.cluster.local")],
+    );
+    assert_eq!(requests, 1100.0, "{metrics}");
+}
+
+fn peer_authentication(mode: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: echo, namespace: default }}\n\
+         spec: {{ selector: {{ matchLabels: {{ app: echo }} }}, mtls: {{ mode: {mode} }} }}\n"
+    )
+}
+
+#[tokio::test]
+async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
+    require_root!("strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let client = network.pod("client").unwrap();
+    let outsider = network.pod("outsider").unwrap();
+    let server = network.pod("echo").unwrap();
+    let control = Control::start(
+        &network,
+        &[
+            ("echo.yaml", &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")])),
+            ("peer-authentication.yaml", &peer_authentication("STRICT")),
+        ],
+    )
+    .unwrap();
+    let app = app_in(&server, "echo");
+    control.inject(&client, "default", "client", &[]).unwrap();
+    control.inject(&server, "default", "echo", &[]).unwrap();
+    netns::wait_ready(&client).await;
+    netns::wait_ready(&server).await;
+
+    // A meshed client gets through STRICT.
+    let service: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    assert_eq!(netns::get(&client, service, "/", &[]).await.unwrap().status, StatusCode::OK);
+    let seen_by_app = app.request_count();
+
+    // A pod without a sidecar calls the server pod's address directly: refused, the app never sees it.
+    let direct = SocketAddr::new(server.ip().into(), APP_PORT);
+    let refused = netns::get(&outsider, direct, "/", &[]).await;
+    assert!(refused.is_err(), "plaintext got through STRICT: {refused:?}");
+    assert_eq!(curl(&outsider, &format!("http://{direct}/")).await.split(' ').next(), Some("000"));
+    assert_eq!(app.request_count(), seen_by_app);
+
+    // PERMISSIVE: the same call gets through, as plaintext from the sidecar.
+    control.write("peer-authentication.yaml", &peer_authentication("PERMISSIVE")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(answer) = netns::get(&outsider, direct, "/", &[]).await {
+            assert_eq!(answer.status, StatusCode::OK);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "PERMISSIVE never let the plaintext client in");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(curl(&outsider, &format!("http://{direct}/")).await, "200");
+    let last = app.last_request();
+    assert_eq!(last.peer.ip().to_string(), "127.0.0.6");
+    assert!(!last.headers.contains_key("x-forwarded-client-cert"), "no identity was proven");
+
+    // Inside the server pod, apps reach each other over loopback and the pod address without the proxy.
+    let local = netns::get(&server, ([127, 0, 0, 1], APP_PORT).into(), "/", &[]).await.unwrap();
+    assert_eq!(local.status, StatusCode::OK);
+    assert_eq!(app.last_request().peer.ip().to_string(), "127.0.0.1");
+    netns::get(&server, direct, "/", &[]).await.unwrap();
+    assert_eq!(app.last_request().peer.ip(), std::net::IpAddr::from(server.ip()));
+
+    // A connection addressed to the proxy's own listeners is a loop: refused, and the proxy lives on.
+    for port in [15001, 15006] {
+        let looped = netns::get(&outsider, SocketAddr::new(server.ip().into(), port), "/", &[]).await;
+        assert!(looped.is_err(), "port {port}: {looped:?}");
+        let looped = netns::get(&server, SocketAddr::new(server.ip().into(), port), "/", &[]).await;
+        assert!(looped.is_err(), "port {port} from inside: {looped:?}");
+    }
+    assert!(server.is_running("proxy"));
+    assert!(server.log("proxy").contains("redirect loop"), "{}", server.log("proxy"));
+    assert_eq!(netns::get(&client, service, "/", &[]).await.unwrap().status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext() {
+    require_root!("a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let client = network.pod("client").unwrap();
+    let server = network.pod("echo").unwrap();
+    let control =
+        Control::start(&network, &[("echo.yaml", &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]))])
+            .unwrap();
+    let app = app_in(&server, "echo");
+    control.inject(&client, "default", "client", &[]).unwrap();
+    control.inject(&server, "default", "echo", &[]).unwrap();
+    netns::wait_ready(&client).await;
+    netns::wait_ready(&server).await;
+    let service: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let direct = SocketAddr::new(server.ip().into(), APP_PORT);
+    assert_eq!(netns::get(&client, service, "/", &[]).await.unwrap().status, StatusCode::OK);
+    let served = app.request_count();
+
+    let wire = WireCapture::start(&network);
+    client.kill("proxy").unwrap();
+    // The rules stay; with nothing on 15001 every outbound connection is refused in the pod.
+    let marker = "leak-marker-91c2";
+    for target in [service, direct] {
+        let failed = netns::get(&client, target, &format!("/{marker}"), &[]).await;
+        assert!(failed.is_err(), "{target}: {failed:?}");
+        let curled = curl(&client, &format!("http://{target}/{marker}")).await;
+        assert!(curled.starts_with("000"), "{target}: {curled}");
+    }
+    // The server's proxy gone too: its app is not reachable around it.
+    server.kill("proxy").unwrap();
+    control.inject(&client, "default", "client", &[]).unwrap();
+    netns::wait_ready(&client).await;
+    let failed = netns::get(&client, service, &format!("/{marker}"), &[]).await.unwrap();
+    assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE, "{failed:?}");
+
+    let (segments, raw) = wire.stop();
+    assert_eq!(app.request_count(), served, "the app was reached without its proxy");
+    let from_client: Vec<_> = segments.iter().filter(|s| s.src.ip() == std::net::IpAddr::from(client.ip())).collect();
+    assert!(
+        from_client.iter().all(|s| s.dst.ip() == std::net::IpAddr::from(control.pod().ip())),
+        "the client pod sent TCP payload to a pod while its proxy was dead: {from_client:?}"
+    );
+    assert!(!raw.windows(marker.len()).any(|w| w == marker.as_bytes()), "the marker left the pod in plaintext");
+}
+
+/// `weft init` itself, with both iptables implementations: the installed rules are exactly the dry run's,
+/// a second run changes nothing, another tool's rules are left alone, and `--cleanup` leaves nothing of
+/// ours (IPv4 and IPv6).
+#[tokio::test]
+async fn weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours() {
+    require_root!("weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let dry_run = std::process::Command::new(netns::weft_binary()).args(["init", "--dry-run"]).output().unwrap();
+    let dry_run = String::from_utf8(dry_run.stdout).unwrap();
+    let (v4_part, v6_part) = dry_run.split_once("# --- IPv6 ---").unwrap();
+    let rule_lines = |text: &str| -> Vec<String> {
+        let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with("-A ")).map(str::to_owned).collect();
+        lines.sort();
+        lines
+    };
+    for mode in ["nft", "legacy"] {
+        let pod = network.pod(&format!("init-{mode}")).unwrap();
+        let save = |tool: &str| pod.exec(&[&format!("{tool}-{mode}-save")]).unwrap();
+        let ours = |tool: &str| {
+            let save = save(tool);
+            let mut lines: Vec<String> = save.lines().filter(|l| l.contains("WEFT_")).map(str::to_owned).collect();
+            lines.retain(|l| l.starts_with("-A "));
+            lines.sort();
+            lines
+        };
+        pod.exec(&[&format!("iptables-{mode}"), "-t", "nat", "-A", "OUTPUT", "-d", "192.0.2.1/32", "-j", "ACCEPT"])
+            .unwrap();
+
+        let first = pod.weft_init(&["--iptables-mode", mode]).unwrap();
+        assert!(first.contains("installed and checked (IPv4 and IPv6"), "{first}");
+        assert_eq!(ours("iptables"), rule_lines(v4_part), "{mode}");
+        assert_eq!(ours("ip6tables"), rule_lines(v6_part), "{mode}");
+        assert!(pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).unwrap().contains("::6/128"));
+
+        let before = (ours("iptables"), ours("ip6tables"));
+        let second = pod.weft_init(&["--iptables-mode", mode]).unwrap();
+        assert!(second.contains("already in place; nothing changed"), "{second}");
+        assert_eq!((ours("iptables"), ours("ip6tables")), before);
+
+        // Different flags replace the rule set in one go, no duplicates.
+        pod.weft_init(&["--iptables-mode", mode, "-o", "3306"]).unwrap();
+        let changed = ours("iptables");
+        assert_eq!(changed.len(), before.0.len() + 1, "{changed:#?}");
+        assert_eq!(changed.iter().filter(|l| l.starts_with("-A OUTPUT")).count(), 1);
+
+        let cleanup = pod.weft_init(&["--iptables-mode", mode, "--cleanup"]).unwrap();
+        assert!(cleanup.contains("capture rules removed"), "{cleanup}");
+        for tool in ["iptables", "ip6tables"] {
+            let left = save(tool);
+            assert!(!left.contains("WEFT"), "{mode} {tool} after cleanup:\n{left}");
+        }
+        assert!(save("iptables").contains("-A OUTPUT -d 192.0.2.1/32 -j ACCEPT"), "another tool's rule was removed");
+        assert!(!pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).unwrap().contains("::6/128"));
+        let again = pod.weft_init(&["--iptables-mode", mode, "--cleanup"]).unwrap();
+        assert!(again.contains("no capture rules to remove"), "{again}");
+    }
+}
