@@ -56,12 +56,29 @@ fn app_in(pod: &Pod, name: &'static str) -> HttpServer {
 /// code it printed, or its error.
 async fn curl(pod: &Pod, url: &str) -> String {
     let out = tokio::process::Command::new("ip")
-        .args(["netns", "exec", pod.netns(), "curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", url])
+        .args([
+            "netns",
+            "exec",
+            pod.netns(),
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
         .output()
         .await
         .expect("curl (.ci/run installs it)");
     let status = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() { status } else { format!("{status} {}", String::from_utf8_lossy(&out.stderr).trim()) }
+    if out.status.success() {
+        status
+    } else {
+        format!("{status} {}", String::from_utf8_lossy(&out.stderr).trim())
+    }
 }
 
 async fn mesh_metrics(pod: &Pod) -> String {
@@ -90,11 +107,24 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
     let files = network.dir().join("files");
     std::fs::create_dir_all(&files).unwrap();
     let secret = "plaintext-marker-7f3a";
-    std::fs::write(files.join(format!("{secret}.txt")), format!("python says {secret}\n")).unwrap();
+    std::fs::write(
+        files.join(format!("{secret}.txt")),
+        format!("python says {secret}\n"),
+    )
+    .unwrap();
     server_2
         .spawn(
             "app",
-            &["python3", "-m", "http.server", "8080", "--bind", "0.0.0.0", "--directory", files.to_str().unwrap()],
+            &[
+                "python3",
+                "-m",
+                "http.server",
+                "8080",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+                files.to_str().unwrap(),
+            ],
         )
         .unwrap();
 
@@ -139,10 +169,13 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
     assert_eq!(seen.peer.ip().to_string(), "127.0.0.6");
     assert_eq!(seen.headers["x-secret-header"], secret);
     let xfcc = seen.headers["x-forwarded-client-cert"].to_str().unwrap();
-    assert!(xfcc.contains("URI=spiffe://cluster.local/ns/default/sa/client"), "{xfcc}");
+    assert!(
+        xfcc.contains("URI=spiffe://cluster.local/ns/default/sa/client"),
+        "{xfcc}"
+    );
     let python_log = server_2.log("app");
     assert!(
-        python_log.contains(&format!("127.0.0.6 - - ")) && python_log.contains(&format!("\"GET {path} HTTP/1.1\" 200")),
+        python_log.contains("127.0.0.6 - - ") && python_log.contains(&format!("\"GET {path} HTTP/1.1\" 200")),
         "{python_log}"
     );
 
@@ -155,9 +188,16 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
         .into_iter()
         .filter(|s| s.src.ip() != control_ip && s.dst.ip() != control_ip)
         .collect();
-    assert!(between_pods.len() >= 40, "too few segments captured: {}", between_pods.len());
+    assert!(
+        between_pods.len() >= 40,
+        "too few segments captured: {}",
+        between_pods.len()
+    );
     let connections = netns::all_tls(&between_pods).unwrap();
-    assert!(connections >= 4, "client to both servers, both directions: {connections}");
+    assert!(
+        connections >= 4,
+        "client to both servers, both directions: {connections}"
+    );
     assert!(
         !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
         "the marker crossed the bridge in plaintext"
@@ -168,7 +208,10 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
     let served = metric(
         &server_metrics,
         "istio_requests_total",
-        &[("reporter", "destination"), ("connection_security_policy", "mutual_tls")],
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
     );
     assert!(served >= 1.0, "{server_metrics}");
 }
@@ -219,14 +262,20 @@ async fn seed_canary_splits_90_10_and_the_header_routes_to_v2() {
     assert_eq!(apps[0].request_count() + apps[1].request_count(), 1000);
 
     for n in 0..100 {
-        let answer = app.get(&format!("/orders/{n}"), &[("x-canary", "true")]).await.unwrap();
+        let answer = app
+            .get(&format!("/orders/{n}"), &[("x-canary", "true")])
+            .await
+            .unwrap();
         assert_eq!(answer.header("x-served-by"), "order-v2", "{answer:?}");
     }
     let metrics = mesh_metrics(&client).await;
     let requests = metric(
         &metrics,
         "istio_requests_total",
-        &[("reporter", "source"), ("destination_service", "order-svc.default.svc.cluster.local")],
+        &[
+            ("reporter", "source"),
+            ("destination_service", "order-svc.default.svc.cluster.local"),
+        ],
     );
     assert_eq!(requests, 1100.0, "{metrics}");
 }
@@ -248,7 +297,10 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     let control = Control::start(
         &network,
         &[
-            ("echo.yaml", &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")])),
+            (
+                "echo.yaml",
+                &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]),
+            ),
             ("peer-authentication.yaml", &peer_authentication("STRICT")),
         ],
     )
@@ -261,34 +313,53 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
 
     // A meshed client gets through STRICT.
     let service: SocketAddr = "10.96.0.20:80".parse().unwrap();
-    assert_eq!(netns::get(&client, service, "/", &[]).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        netns::get(&client, service, "/", &[]).await.unwrap().status,
+        StatusCode::OK
+    );
     let seen_by_app = app.request_count();
 
     // A pod without a sidecar calls the server pod's address directly: refused, the app never sees it.
     let direct = SocketAddr::new(server.ip().into(), APP_PORT);
     let refused = netns::get(&outsider, direct, "/", &[]).await;
     assert!(refused.is_err(), "plaintext got through STRICT: {refused:?}");
-    assert_eq!(curl(&outsider, &format!("http://{direct}/")).await.split(' ').next(), Some("000"));
+    assert_eq!(
+        curl(&outsider, &format!("http://{direct}/"))
+            .await
+            .split(' ')
+            .next(),
+        Some("000")
+    );
     assert_eq!(app.request_count(), seen_by_app);
 
     // PERMISSIVE: the same call gets through, as plaintext from the sidecar.
-    control.write("peer-authentication.yaml", &peer_authentication("PERMISSIVE")).unwrap();
+    control
+        .write("peer-authentication.yaml", &peer_authentication("PERMISSIVE"))
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(answer) = netns::get(&outsider, direct, "/", &[]).await {
             assert_eq!(answer.status, StatusCode::OK);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "PERMISSIVE never let the plaintext client in");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PERMISSIVE never let the plaintext client in"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(curl(&outsider, &format!("http://{direct}/")).await, "200");
     let last = app.last_request();
     assert_eq!(last.peer.ip().to_string(), "127.0.0.6");
-    assert!(!last.headers.contains_key("x-forwarded-client-cert"), "no identity was proven");
+    assert!(
+        !last.headers.contains_key("x-forwarded-client-cert"),
+        "no identity was proven"
+    );
 
     // Inside the server pod, apps reach each other over loopback and the pod address without the proxy.
-    let local = netns::get(&server, ([127, 0, 0, 1], APP_PORT).into(), "/", &[]).await.unwrap();
+    let local = netns::get(&server, ([127, 0, 0, 1], APP_PORT).into(), "/", &[])
+        .await
+        .unwrap();
     assert_eq!(local.status, StatusCode::OK);
     assert_eq!(app.last_request().peer.ip().to_string(), "127.0.0.1");
     netns::get(&server, direct, "/", &[]).await.unwrap();
@@ -302,8 +373,15 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
         assert!(looped.is_err(), "port {port} from inside: {looped:?}");
     }
     assert!(server.is_running("proxy"));
-    assert!(server.log("proxy").contains("redirect loop"), "{}", server.log("proxy"));
-    assert_eq!(netns::get(&client, service, "/", &[]).await.unwrap().status, StatusCode::OK);
+    assert!(
+        server.log("proxy").contains("redirect loop"),
+        "{}",
+        server.log("proxy")
+    );
+    assert_eq!(
+        netns::get(&client, service, "/", &[]).await.unwrap().status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -312,9 +390,14 @@ async fn a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext() {
     let network = Network::create(&netns::weft_binary()).unwrap();
     let client = network.pod("client").unwrap();
     let server = network.pod("echo").unwrap();
-    let control =
-        Control::start(&network, &[("echo.yaml", &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]))])
-            .unwrap();
+    let control = Control::start(
+        &network,
+        &[(
+            "echo.yaml",
+            &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]),
+        )],
+    )
+    .unwrap();
     let app = app_in(&server, "echo");
     control.inject(&client, "default", "client", &[]).unwrap();
     control.inject(&server, "default", "echo", &[]).unwrap();
@@ -322,7 +405,10 @@ async fn a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext() {
     netns::wait_ready(&server).await;
     let service: SocketAddr = "10.96.0.20:80".parse().unwrap();
     let direct = SocketAddr::new(server.ip().into(), APP_PORT);
-    assert_eq!(netns::get(&client, service, "/", &[]).await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        netns::get(&client, service, "/", &[]).await.unwrap().status,
+        StatusCode::OK
+    );
     let served = app.request_count();
 
     let wire = WireCapture::start(&network);
@@ -339,17 +425,31 @@ async fn a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext() {
     server.kill("proxy").unwrap();
     control.inject(&client, "default", "client", &[]).unwrap();
     netns::wait_ready(&client).await;
-    let failed = netns::get(&client, service, &format!("/{marker}"), &[]).await.unwrap();
+    let failed = netns::get(&client, service, &format!("/{marker}"), &[])
+        .await
+        .unwrap();
     assert_eq!(failed.status, StatusCode::SERVICE_UNAVAILABLE, "{failed:?}");
 
     let (segments, raw) = wire.stop();
-    assert_eq!(app.request_count(), served, "the app was reached without its proxy");
-    let from_client: Vec<_> = segments.iter().filter(|s| s.src.ip() == std::net::IpAddr::from(client.ip())).collect();
+    assert_eq!(
+        app.request_count(),
+        served,
+        "the app was reached without its proxy"
+    );
+    let from_client: Vec<_> = segments
+        .iter()
+        .filter(|s| s.src.ip() == std::net::IpAddr::from(client.ip()))
+        .collect();
     assert!(
-        from_client.iter().all(|s| s.dst.ip() == std::net::IpAddr::from(control.pod().ip())),
+        from_client
+            .iter()
+            .all(|s| s.dst.ip() == std::net::IpAddr::from(control.pod().ip())),
         "the client pod sent TCP payload to a pod while its proxy was dead: {from_client:?}"
     );
-    assert!(!raw.windows(marker.len()).any(|w| w == marker.as_bytes()), "the marker left the pod in plaintext");
+    assert!(
+        !raw.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the marker left the pod in plaintext"
+    );
 }
 
 /// `weft init` itself, with both iptables implementations: the installed rules are exactly the dry run's,
@@ -359,11 +459,18 @@ async fn a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext() {
 async fn weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours() {
     require_root!("weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours");
     let network = Network::create(&netns::weft_binary()).unwrap();
-    let dry_run = std::process::Command::new(netns::weft_binary()).args(["init", "--dry-run"]).output().unwrap();
+    let dry_run = std::process::Command::new(netns::weft_binary())
+        .args(["init", "--dry-run"])
+        .output()
+        .unwrap();
     let dry_run = String::from_utf8(dry_run.stdout).unwrap();
     let (v4_part, v6_part) = dry_run.split_once("# --- IPv6 ---").unwrap();
     let rule_lines = |text: &str| -> Vec<String> {
-        let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with("-A ")).map(str::to_owned).collect();
+        let mut lines: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(str::to_owned)
+            .collect();
         lines.sort();
         lines
     };
@@ -372,19 +479,37 @@ async fn weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours() {
         let save = |tool: &str| pod.exec(&[&format!("{tool}-{mode}-save")]).unwrap();
         let ours = |tool: &str| {
             let save = save(tool);
-            let mut lines: Vec<String> = save.lines().filter(|l| l.contains("WEFT_")).map(str::to_owned).collect();
+            let mut lines: Vec<String> = save
+                .lines()
+                .filter(|l| l.contains("WEFT_"))
+                .map(str::to_owned)
+                .collect();
             lines.retain(|l| l.starts_with("-A "));
             lines.sort();
             lines
         };
-        pod.exec(&[&format!("iptables-{mode}"), "-t", "nat", "-A", "OUTPUT", "-d", "192.0.2.1/32", "-j", "ACCEPT"])
-            .unwrap();
+        pod.exec(&[
+            &format!("iptables-{mode}"),
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            "192.0.2.1/32",
+            "-j",
+            "ACCEPT",
+        ])
+        .unwrap();
 
         let first = pod.weft_init(&["--iptables-mode", mode]).unwrap();
         assert!(first.contains("installed and checked (IPv4 and IPv6"), "{first}");
         assert_eq!(ours("iptables"), rule_lines(v4_part), "{mode}");
         assert_eq!(ours("ip6tables"), rule_lines(v6_part), "{mode}");
-        assert!(pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).unwrap().contains("::6/128"));
+        assert!(
+            pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"])
+                .unwrap()
+                .contains("::6/128")
+        );
 
         let before = (ours("iptables"), ours("ip6tables"));
         let second = pod.weft_init(&["--iptables-mode", mode]).unwrap();
@@ -403,8 +528,15 @@ async fn weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours() {
             let left = save(tool);
             assert!(!left.contains("WEFT"), "{mode} {tool} after cleanup:\n{left}");
         }
-        assert!(save("iptables").contains("-A OUTPUT -d 192.0.2.1/32 -j ACCEPT"), "another tool's rule was removed");
-        assert!(!pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"]).unwrap().contains("::6/128"));
+        assert!(
+            save("iptables").contains("-A OUTPUT -d 192.0.2.1/32 -j ACCEPT"),
+            "another tool's rule was removed"
+        );
+        assert!(
+            !pod.exec(&["ip", "-6", "addr", "show", "dev", "lo"])
+                .unwrap()
+                .contains("::6/128")
+        );
         let again = pod.weft_init(&["--iptables-mode", mode, "--cleanup"]).unwrap();
         assert!(again.contains("no capture rules to remove"), "{again}");
     }

@@ -112,7 +112,12 @@ impl Inputs {
     }
 
     /// To the app beside us, from `source` when given.
-    pub(crate) fn app(&self, addr: SocketAddr, idle_timeout: Duration, source: Option<IpAddr>) -> Destination {
+    pub(crate) fn app(
+        &self,
+        addr: SocketAddr,
+        idle_timeout: Duration,
+        source: Option<IpAddr>,
+    ) -> Destination {
         Destination::Direct(
             addr,
             PoolSettings {

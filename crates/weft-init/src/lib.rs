@@ -72,6 +72,8 @@ mod tests {
         assert!(!super::has_global_ipv6(lo));
         assert!(!super::has_global_ipv6(&format!("{lo}{link_local}")));
         assert!(super::has_global_ipv6(&format!("{lo}{link_local}{global}")));
-        assert!(!super::has_global_ipv6("00000000000000000000000000000006 01 80 00 80       lo\n"));
+        assert!(!super::has_global_ipv6(
+            "00000000000000000000000000000006 01 80 00 80       lo\n"
+        ));
     }
 }

@@ -120,7 +120,9 @@ impl FromStr for Cidr {
             Some((addr, prefix)) => (addr, Some(prefix)),
             None => (s, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("\"{addr}\" is not an IP address"))?;
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("\"{addr}\" is not an IP address"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
@@ -248,13 +250,8 @@ impl Table {
 pub fn rules(capture: &Capture, family: Family) -> RuleSet {
     let mut mangle = Vec::new();
     let mut nat = Vec::new();
-    let rule = |table: &mut Vec<Rule>, chain, spec: String, comment| {
-        table.push(Rule {
-            chain,
-            spec,
-            comment,
-        })
-    };
+    let rule =
+        |table: &mut Vec<Rule>, chain, spec: String, comment| table.push(Rule { chain, spec, comment });
 
     rule(
         &mut mangle,
@@ -277,12 +274,15 @@ pub fn rules(capture: &Capture, family: Family) -> RuleSet {
         &mut nat,
         "PREROUTING",
         format!("-p tcp -j {INBOUND}"),
-        Some("nat: TCP arriving at the pod goes through WEFT_INBOUND, TCP the pod sends through WEFT_OUTPUT."),
+        Some(
+            "nat: TCP arriving at the pod goes through WEFT_INBOUND, TCP the pod sends through WEFT_OUTPUT.",
+        ),
     );
     rule(&mut nat, "OUTPUT", format!("-p tcp -j {OUTPUT}"), None);
 
     // Inbound.
-    let mut comment = Some("The proxy's own ports are never captured: probes and scrapers reach them directly.");
+    let mut comment =
+        Some("The proxy's own ports are never captured: probes and scrapers reach them directly.");
     let mut excluded: Vec<u16> = PROXY_PORTS.to_vec();
     if capture.inbound_ports == Selection::All {
         excluded.extend(&capture.exclude_inbound_ports);
@@ -342,9 +342,7 @@ pub fn rules(capture: &Capture, family: Family) -> RuleSet {
         &mut nat,
         OUTPUT,
         format!("-s {source} -o lo -j RETURN"),
-        Some(
-            "The proxy delivers inbound connections to the app from this address: never captured again.",
-        ),
+        Some("The proxy delivers inbound connections to the app from this address: never captured again."),
     );
     for (owner, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
         rule(
@@ -360,7 +358,8 @@ pub fn rules(capture: &Capture, family: Family) -> RuleSet {
             &mut nat,
             OUTPUT,
             format!("-o lo -m owner ! {owner} {id} -j RETURN"),
-            (owner == "--uid-owner").then_some("Apps calling each other over loopback: not the mesh's business."),
+            (owner == "--uid-owner")
+                .then_some("Apps calling each other over loopback: not the mesh's business."),
         );
         rule(
             &mut nat,
@@ -377,13 +376,12 @@ pub fn rules(capture: &Capture, family: Family) -> RuleSet {
         Some("Localhost stays local."),
     );
     let mut comment = Some("Destinations never captured.");
-    for cidr in capture.exclude_outbound_cidrs.iter().filter(|c| c.family() == family) {
-        rule(
-            &mut nat,
-            OUTPUT,
-            format!("-d {cidr} -j RETURN"),
-            comment.take(),
-        );
+    for cidr in capture
+        .exclude_outbound_cidrs
+        .iter()
+        .filter(|c| c.family() == family)
+    {
+        rule(&mut nat, OUTPUT, format!("-d {cidr} -j RETURN"), comment.take());
     }
     let mut comment = Some("Outbound ports always captured.");
     for port in &capture.include_outbound_ports {

@@ -76,7 +76,11 @@ impl Network {
     pub fn create(weft: &Path) -> Result<Self, String> {
         static NETWORKS: AtomicU32 = AtomicU32::new(0);
         remove_stale();
-        let id = format!("{:x}{}", std::process::id(), NETWORKS.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{:x}{}",
+            std::process::id(),
+            NETWORKS.fetch_add(1, Ordering::SeqCst)
+        );
         let bridge = format!("wb{id}");
         let dir = std::env::temp_dir().join(format!("weft-netns-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -92,8 +96,26 @@ impl Network {
         };
         run(&["ip", "link", "add", &network.bridge, "type", "bridge"])?;
         // Bridged frames must not meet the host's firewall (br_netfilter with a FORWARD DROP policy).
-        let _ = run(&["ip", "link", "set", &network.bridge, "type", "bridge", "nf_call_iptables", "0"]);
-        let _ = run(&["ip", "link", "set", &network.bridge, "type", "bridge", "nf_call_ip6tables", "0"]);
+        let _ = run(&[
+            "ip",
+            "link",
+            "set",
+            &network.bridge,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+        ]);
+        let _ = run(&[
+            "ip",
+            "link",
+            "set",
+            &network.bridge,
+            "type",
+            "bridge",
+            "nf_call_ip6tables",
+            "0",
+        ]);
         run(&["ip", "link", "set", &network.bridge, "up"])?;
         Ok(network)
     }
@@ -139,13 +161,14 @@ fn remove_stale() {
     let alive = |hex: &str| {
         // Ids are the creator's pid in hex followed by a decimal counter; try each split.
         (1..=hex.len()).any(|end| {
-            u32::from_str_radix(&hex[..end], 16)
-                .is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            u32::from_str_radix(&hex[..end], 16).is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
         })
     };
     if let Ok(list) = run(&["ip", "netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-            if let Some(id) = name.strip_prefix("weftpod-").and_then(|rest| rest.split('-').next())
+            if let Some(id) = name
+                .strip_prefix("weftpod-")
+                .and_then(|rest| rest.split('-').next())
                 && !alive(id)
             {
                 let _ = run(&["ip", "netns", "del", name]);

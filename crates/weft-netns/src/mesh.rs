@@ -77,7 +77,9 @@ impl Control {
     pub fn token(&self, ns: &str, sa: &str) -> Result<String, String> {
         let weft = self.weft.to_string_lossy();
         let ca_dir = self.ca_dir.to_string_lossy();
-        let out = run(&[&weft, "control", "token", "--ca-dir", &ca_dir, "--ns", ns, "--sa", sa])?;
+        let out = run(&[
+            &weft, "control", "token", "--ca-dir", &ca_dir, "--ns", ns, "--sa", sa,
+        ])?;
         Ok(out.trim().to_owned())
     }
 

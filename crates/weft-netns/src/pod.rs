@@ -33,8 +33,12 @@ impl Pod {
         let veth = format!("wv{}p{n}", network.id());
         let pod = Self {
             name: name.to_owned(),
-            ip: format!("{SUBNET_PREFIX}.{n}").parse().map_err(|e| format!("{e}"))?,
-            ip6: format!("{SUBNET6_PREFIX}{n:x}").parse().map_err(|e| format!("{e}"))?,
+            ip: format!("{SUBNET_PREFIX}.{n}")
+                .parse()
+                .map_err(|e| format!("{e}"))?,
+            ip6: format!("{SUBNET6_PREFIX}{n:x}")
+                .parse()
+                .map_err(|e| format!("{e}"))?,
             netns,
             dir: network.dir().to_owned(),
             weft: network.weft().to_owned(),
@@ -42,7 +46,9 @@ impl Pod {
         };
         // From here on, dropping `pod` deletes the namespace (and the veth inside it).
         run(&["ip", "netns", "add", &pod.netns])?;
-        run(&["ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns])?;
+        run(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.netns,
+        ])?;
         run(&["ip", "link", "set", &veth, "master", network.bridge(), "up"])?;
         let ip = format!("{}/24", pod.ip);
         let ip6 = format!("{}/64", pod.ip6);
@@ -127,11 +133,14 @@ impl Pod {
             .stderr(err)
             .spawn()
             .map_err(|e| format!("cannot start {args:?} in pod {}: {e}", self.name))?;
-        self.processes.lock().unwrap_or_else(|p| p.into_inner()).push(Spawned {
-            label: label.to_owned(),
-            child,
-            log,
-        });
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Spawned {
+                label: label.to_owned(),
+                child,
+                log,
+            });
         Ok(())
     }
 
@@ -172,7 +181,8 @@ impl Pod {
             .map_err(|e| format!("pod {} namespace: {e}", self.name))?;
         setns(&pod, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns into pod {}: {e}", self.name))?;
         let out = f();
-        setns(&home, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns back from pod {}: {e}", self.name))?;
+        setns(&home, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("setns back from pod {}: {e}", self.name))?;
         Ok(out)
     }
 }

@@ -18,7 +18,10 @@ pub fn weft_binary() -> PathBuf {
         return path.into();
     }
     let exe = std::env::current_exe().expect("test executable");
-    let target = exe.parent().and_then(|deps| deps.parent()).expect("target directory");
+    let target = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
     let weft = target.join("weft");
     assert!(
         weft.is_file(),
@@ -46,11 +49,20 @@ pub fn listen(pod: &Pod, addr: SocketAddr) -> TcpListener {
 /// A connection made from inside `pod`, as an app there would make it.
 pub async fn connect(pod: &Pod, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = pod
-        .enter(|| if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() })
+        .enter(|| {
+            if addr.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+        })
         .map_err(std::io::Error::other)??;
     match tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await {
         Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr}"))),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect to {addr}"),
+        )),
     }
 }
 
@@ -64,7 +76,10 @@ pub struct Answer {
 
 impl Answer {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -77,7 +92,9 @@ pub struct PodClient {
 
 impl PodClient {
     pub async fn connect(pod: &Pod, addr: SocketAddr) -> Result<Self, String> {
-        let stream = connect(pod, addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let stream = connect(pod, addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("handshake {addr}: {e}"))?;
@@ -111,7 +128,12 @@ impl PodClient {
 }
 
 /// One `GET` on a new connection from inside `pod`.
-pub async fn get(pod: &Pod, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+pub async fn get(
+    pod: &Pod,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, String> {
     PodClient::connect(pod, addr).await?.get(path, headers).await
 }
 
@@ -163,7 +185,10 @@ impl WireCapture {
             .spawn()
             .expect("tcpdump (.ci/run installs it)");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&stderr_path).unwrap_or_default().contains("listening on") {
+        while !std::fs::read_to_string(&stderr_path)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
             assert!(std::time::Instant::now() < deadline, "tcpdump did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -205,7 +230,11 @@ pub fn segments(pcap: &[u8]) -> Vec<Segment> {
     let little = pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1];
     let u32_at = |b: &[u8], i: usize| {
         let bytes = [b[i], b[i + 1], b[i + 2], b[i + 3]];
-        if little { u32::from_le_bytes(bytes) } else { u32::from_be_bytes(bytes) }
+        if little {
+            u32::from_le_bytes(bytes)
+        } else {
+            u32::from_be_bytes(bytes)
+        }
     };
     let be16 = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
     let mut out = Vec::new();
@@ -222,7 +251,14 @@ pub fn segments(pcap: &[u8]) -> Vec<Segment> {
             0x0800 if packet.len() >= 20 && packet[9] == 6 => {
                 let header = usize::from(packet[0] & 0x0f) * 4;
                 let total = usize::from(be16(packet, 2)).min(packet.len());
-                let addr = |i: usize| IpAddr::V4(Ipv4Addr::new(packet[i], packet[i + 1], packet[i + 2], packet[i + 3]));
+                let addr = |i: usize| {
+                    IpAddr::V4(Ipv4Addr::new(
+                        packet[i],
+                        packet[i + 1],
+                        packet[i + 2],
+                        packet[i + 3],
+                    ))
+                };
                 (addr(12), addr(16), &packet[header.min(total)..total])
             }
             0x86dd if packet.len() >= 40 && packet[6] == 6 => {
@@ -256,15 +292,22 @@ pub fn segments(pcap: &[u8]) -> Vec<Segment> {
 pub fn all_tls(segments: &[Segment]) -> Result<usize, String> {
     let mut streams: std::collections::BTreeMap<(SocketAddr, SocketAddr), Vec<u8>> = Default::default();
     for s in segments {
-        streams.entry((s.src, s.dst)).or_default().extend_from_slice(&s.payload);
+        streams
+            .entry((s.src, s.dst))
+            .or_default()
+            .extend_from_slice(&s.payload);
     }
     for ((src, dst), bytes) in &streams {
         let mut at = 0;
         while at < bytes.len() {
-            let header = bytes.get(at..at + 5).ok_or_else(|| format!("{src} -> {dst}: truncated record"))?;
+            let header = bytes
+                .get(at..at + 5)
+                .ok_or_else(|| format!("{src} -> {dst}: truncated record"))?;
             if !(20..=23).contains(&header[0]) || header[1] != 3 || header[2] > 4 {
                 let shown = String::from_utf8_lossy(&bytes[at..bytes.len().min(at + 60)]).into_owned();
-                return Err(format!("{src} -> {dst}: not a TLS record at byte {at}: {shown:?}"));
+                return Err(format!(
+                    "{src} -> {dst}: not a TLS record at byte {at}: {shown:?}"
+                ));
             }
             at += 5 + usize::from(u16::from_be_bytes([header[3], header[4]]));
         }

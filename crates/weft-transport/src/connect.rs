@@ -34,10 +34,12 @@ pub async fn connect(
     }
     .map_err(io)?;
     if let Some(source) = source {
-        socket.bind(SocketAddr::new(source, 0)).map_err(|e| ConnectError::Io {
-            addr,
-            source: std::io::Error::new(e.kind(), format!("cannot bind source address {source}: {e}")),
-        })?;
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .map_err(|e| ConnectError::Io {
+                addr,
+                source: std::io::Error::new(e.kind(), format!("cannot bind source address {source}: {e}")),
+            })?;
     }
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await

@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use weft_app::{App, OsBinder, Running};
 use weft_telemetry::LogControl;
 
+mod netns;
+
 #[derive(clap::Args, Debug)]
 pub(crate) struct DemoArgs {
     /// Send this many requests, print the summary and exit (non-zero if any failed). Without it the demo
@@ -31,12 +33,21 @@ pub(crate) struct DemoArgs {
     /// Requests per second.
     #[arg(long, default_value_t = 20)]
     rate: u32,
+    /// Run the mesh as pods made of network namespaces (root): `weft init` rules, proxies as UID 1337,
+    /// `weft control` in its own pod, apps that only know the service address.
+    #[arg(long)]
+    netns: bool,
 }
 
 const SERVICES: [&str; 2] = ["reviews-v1", "reviews-v2"];
 
 pub(crate) async fn run(args: DemoArgs) -> ExitCode {
-    match demo(args).await {
+    let result = if args.netns {
+        netns::demo(args).await
+    } else {
+        demo(args).await
+    };
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: demo failed: {err:#}");
@@ -61,7 +72,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let mut server_sides = Vec::new();
     for name in SERVICES {
-        let app = start_service(name).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let app = listener.local_addr()?;
+        serve_app(listener, name);
         let proxy = start_proxy(
             &(server_side_config(name, app) + &identity("reviews")?),
             Arc::new(OsBinder),
@@ -74,7 +87,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         server_sides.push((entry, proxy));
     }
     // Write, then rename into place: the control plane never reads half a file.
-    let yaml = mesh_yaml(server_sides[0].0, server_sides[1].0);
+    let yaml = mesh_yaml(REVIEWS, server_sides[0].0, server_sides[1].0);
     std::fs::write(dir.join(".reviews.yaml.tmp"), yaml)?;
     std::fs::rename(dir.join(".reviews.yaml.tmp"), dir.join("reviews.yaml"))?;
     // The client side starts once the control plane serves the reviews Service.
@@ -116,33 +129,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut report = Report::default();
-    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
-    let mut ticker = tokio::time::interval(period);
-    let mut last_print = Instant::now();
-    let interrupted = tokio::signal::ctrl_c();
-    tokio::pin!(interrupted);
-    loop {
-        if args.requests.is_some_and(|n| report.total() >= n) {
-            break;
-        }
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = &mut interrupted => break,
-        }
-        report.record(send(&client, front, report.total(), false).await);
-        if args.requests.is_none() && last_print.elapsed() >= Duration::from_secs(1) {
-            println!("{}", report.line());
-            last_print = Instant::now();
-        }
-    }
-
-    println!("\n{}", report.summary());
-    let mut canary = Report::default();
-    for n in 0..5 {
-        canary.record(send(&client, front, n, true).await);
-    }
-    println!("  with x-canary: true: {:?}", canary.by_service);
+    let (report, canary) = traffic(&client, front, &args).await;
     println!("\nidentities of each hop (mutual TLS, certificates from weft control's CA):");
     println!(
         "  client side presents  {}",
@@ -170,12 +157,52 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     control_plane.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(verdict(&report, &canary))
+}
+
+/// Sends the demo's requests to `front` at the chosen rate (printing a line a second when running until
+/// interrupted), then five with `x-canary: true`; prints the summaries.
+async fn traffic<C>(client: &Client<C, Empty<Bytes>>, front: SocketAddr, args: &DemoArgs) -> (Report, Report)
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let mut report = Report::default();
+    let period = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let mut ticker = tokio::time::interval(period);
+    let mut last_print = Instant::now();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        if args.requests.is_some_and(|n| report.total() >= n) {
+            break;
+        }
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut interrupted => break,
+        }
+        report.record(send(client, front, report.total(), false).await);
+        if args.requests.is_none() && last_print.elapsed() >= Duration::from_secs(1) {
+            println!("{}", report.line());
+            last_print = Instant::now();
+        }
+    }
+    println!("\n{}", report.summary());
+    let mut canary = Report::default();
+    for n in 0..5 {
+        canary.record(send(client, front, n, true).await);
+    }
+    println!("  with x-canary: true: {:?}", canary.by_service);
+    (report, canary)
+}
+
+/// Success when every request was answered and the header sent every canary request to v2.
+fn verdict(report: &Report, canary: &Report) -> ExitCode {
     let canary_ok = canary.by_service.get("reviews-v2") == Some(&canary.total());
-    Ok(if report.failures == 0 && canary_ok {
+    if report.failures == 0 && canary_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 fn server_side_config(name: &str, app: SocketAddr) -> String {
@@ -214,8 +241,8 @@ xds: {{ address: "http://{control_plane}" }}
     )
 }
 
-/// Istio resources as a user writes them; the workloads are the server-side proxies' listeners.
-fn mesh_yaml(v1: SocketAddr, v2: SocketAddr) -> String {
+/// Istio resources as a user writes them: the reviews Service at `service`, its two workloads.
+fn mesh_yaml(service: SocketAddr, v1: SocketAddr, v2: SocketAddr) -> String {
     format!(
         r#"apiVersion: v1
 kind: Service
@@ -265,8 +292,8 @@ spec:
     - {{ name: v1, labels: {{ version: v1 }} }}
     - {{ name: v2, labels: {{ version: v2 }} }}
 "#,
-        ip = REVIEWS.ip(),
-        port = REVIEWS.port(),
+        ip = service.ip(),
+        port = service.port(),
         v1ip = v1.ip(),
         v1port = v1.port(),
         v2ip = v2.ip(),
@@ -305,9 +332,7 @@ async fn start_proxy(config: &str, binder: Arc<dyn weft_app::Binder>) -> anyhow:
 }
 
 /// A tiny HTTP service that says who it is.
-async fn start_service(name: &'static str) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+fn serve_app(listener: TcpListener, name: &'static str) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
@@ -331,7 +356,6 @@ async fn start_service(name: &'static str) -> anyhow::Result<SocketAddr> {
             });
         }
     });
-    Ok(addr)
 }
 
 struct Outcome {

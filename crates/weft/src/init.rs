@@ -90,7 +90,10 @@ pub(crate) fn run(args: InitArgs) -> ExitCode {
         exclude_outbound_ports: args.exclude_outbound_ports,
     };
     if args.outbound_port == args.inbound_port {
-        eprintln!("error: --outbound-port and --inbound-port are both {}", args.inbound_port);
+        eprintln!(
+            "error: --outbound-port and --inbound-port are both {}",
+            args.inbound_port
+        );
         return ExitCode::from(EXIT_BAD_CONFIG);
     }
     if args.dry_run {
@@ -128,7 +131,11 @@ pub(crate) fn run(args: InitArgs) -> ExitCode {
                 (true, Outcome::Changed) => "capture rules removed",
                 (true, Outcome::Unchanged) => "no capture rules to remove",
             };
-            println!("weft init: {what} ({}, iptables {})", family_names.join(" and "), backend.name());
+            println!(
+                "weft init: {what} ({}, iptables {})",
+                family_names.join(" and "),
+                backend.name()
+            );
             ExitCode::SUCCESS
         }
         Err(err) => {

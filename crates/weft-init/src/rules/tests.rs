@@ -65,7 +65,11 @@ fn flags_shape_the_rules() {
         exclude_outbound_ports: vec![3306],
     };
     let v4 = lines(&rules(&capture, Family::V4), "nat");
-    let has = |l: &str| v4.iter().position(|x| x == l).unwrap_or_else(|| panic!("no `{l}` in {v4:#?}"));
+    let has = |l: &str| {
+        v4.iter()
+            .position(|x| x == l)
+            .unwrap_or_else(|| panic!("no `{l}` in {v4:#?}"))
+    };
     has("-A WEFT_INBOUND -p tcp -m tcp --dport 8080 -j WEFT_IN_REDIRECT");
     has("-A WEFT_INBOUND -p tcp -m tcp --dport 9090 -j WEFT_IN_REDIRECT");
     // Exclusions only matter when every port is captured; the proxy's own ports always are.
@@ -98,7 +102,10 @@ fn nothing_selected_captures_nothing() {
         ..Capture::default()
     };
     let nat = lines(&rules(&capture, Family::V4), "nat");
-    assert!(!nat.iter().any(|l| l.ends_with("-j WEFT_IN_REDIRECT") && l.starts_with("-A WEFT_INBOUND")));
+    assert!(
+        !nat.iter()
+            .any(|l| l.ends_with("-j WEFT_IN_REDIRECT") && l.starts_with("-A WEFT_INBOUND"))
+    );
     assert!(!nat.iter().any(|l| l.ends_with("-j WEFT_REDIRECT")));
 }
 
@@ -127,7 +134,10 @@ fn cidrs_are_masked_and_bad_input_is_named() {
 fn restore_input_is_commented_and_complete() {
     let input = rules(&Capture::default(), Family::V4).restore_input();
     assert!(input.starts_with("*mangle\n:WEFT_INBOUND - [0:0]\n"), "{input}");
-    assert!(input.contains("COMMIT\n*nat\n:WEFT_INBOUND - [0:0]\n:WEFT_IN_REDIRECT - [0:0]\n"), "{input}");
+    assert!(
+        input.contains("COMMIT\n*nat\n:WEFT_INBOUND - [0:0]\n:WEFT_IN_REDIRECT - [0:0]\n"),
+        "{input}"
+    );
     assert!(input.ends_with("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"));
     let uncommented: Vec<&str> = input.lines().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(uncommented.len(), 2 + 1 + 2 + 2 + 4 + 18);
