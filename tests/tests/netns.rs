@@ -306,6 +306,7 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     )
     .unwrap();
     let app = app_in(&server, "echo");
+    let outside = HttpServer::serve(netns::listen(&outsider, ([0, 0, 0, 0], 9000).into()), "outside");
     control.inject(&client, "default", "client", &[]).unwrap();
     control.inject(&server, "default", "echo", &[]).unwrap();
     netns::wait_ready(&client).await;
@@ -316,6 +317,16 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     assert_eq!(
         netns::get(&client, service, "/", &[]).await.unwrap().status,
         StatusCode::OK
+    );
+    // An address no Service claims passes through to where the app was going (Istio's ALLOW_ANY), from
+    // the client pod's own address.
+    let passthrough = netns::get(&client, SocketAddr::new(outsider.ip().into(), 9000), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(passthrough.header("x-served-by"), "outside");
+    assert_eq!(
+        outside.last_request().peer.ip(),
+        std::net::IpAddr::from(client.ip())
     );
     let seen_by_app = app.request_count();
 
@@ -540,4 +551,87 @@ async fn weft_init_is_idempotent_and_cleanup_leaves_no_rule_of_ours() {
         let again = pod.weft_init(&["--iptables-mode", mode, "--cleanup"]).unwrap();
         assert!(again.contains("no capture rules to remove"), "{again}");
     }
+}
+
+/// The flags decide what the kernel sends to the proxy. With the rules in place and no proxy running,
+/// a captured connection is refused (nothing listens on 15001/15006) and an excluded one gets through,
+/// over IPv4 and IPv6.
+#[tokio::test]
+async fn init_flags_decide_what_is_captured() {
+    require_root!("init_flags_decide_what_is_captured");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let src = network.pod("src").unwrap();
+    let dst = network.pod("dst").unwrap();
+    let _apps: Vec<HttpServer> = [7000u16, 7001]
+        .into_iter()
+        .map(|port| {
+            HttpServer::serve(
+                netns::listen(&dst, (std::net::Ipv6Addr::UNSPECIFIED, port).into()),
+                "dst",
+            )
+        })
+        .collect();
+    let reaches = |pod: &'static str, port: u16, v6: bool| {
+        let ip: std::net::IpAddr = if v6 { dst.ip6().into() } else { dst.ip().into() };
+        let from = if pod == "src" { &src } else { &dst };
+        async move {
+            netns::get(from, SocketAddr::new(ip, port), "/", &[])
+                .await
+                .is_ok()
+        }
+    };
+
+    // Outbound: everything captured but port 7001.
+    src.weft_init(&["-o", "7001"]).unwrap();
+    for v6 in [false, true] {
+        assert!(
+            !reaches("src", 7000, v6).await,
+            "7000 (v6: {v6}) should be captured"
+        );
+        assert!(reaches("src", 7001, v6).await, "7001 (v6: {v6}) is excluded");
+    }
+    // Outbound: the destination pod excluded by address.
+    let dst_v4 = format!("{}/32", dst.ip());
+    let dst_v6 = format!("{}/128", dst.ip6());
+    src.weft_init(&["-x", &format!("{dst_v4},{dst_v6}")]).unwrap();
+    for v6 in [false, true] {
+        assert!(
+            reaches("src", 7000, v6).await,
+            "7000 (v6: {v6}) to an excluded address"
+        );
+    }
+    // Outbound: only some addresses captured, plus a port wherever it goes.
+    src.weft_init(&["-i", "192.0.2.0/24", "-q", "7000"]).unwrap();
+    assert!(!reaches("src", 7000, false).await, "-q 7000 captures it anywhere");
+    assert!(reaches("src", 7001, false).await, "not in -i, not in -q");
+    src.weft_init(&["--cleanup"]).unwrap();
+
+    // Inbound: only 7000 captured; then all but 7001.
+    dst.weft_init(&["-b", "7000"]).unwrap();
+    for v6 in [false, true] {
+        assert!(
+            !reaches("src", 7000, v6).await,
+            "inbound 7000 (v6: {v6}) should be captured"
+        );
+        assert!(
+            reaches("src", 7001, v6).await,
+            "inbound 7001 (v6: {v6}) is not in -b"
+        );
+    }
+    dst.weft_init(&["-d", "7001"]).unwrap();
+    assert!(!reaches("src", 7000, false).await);
+    assert!(reaches("src", 7001, false).await, "-d 7001");
+    // The proxy's own ports are never captured, whatever the flags: readiness answers directly.
+    let _readiness = HttpServer::serve(netns::listen(&dst, ([0, 0, 0, 0], 15021).into()), "readiness");
+    assert!(reaches("src", 15021, false).await, "15021 must never be captured");
+    // Apps in the pod reach each other on loopback and on the pod's address.
+    assert!(
+        netns::get(&dst, ([127, 0, 0, 1], 7000).into(), "/", &[])
+            .await
+            .is_ok()
+    );
+    assert!(
+        reaches("dst", 7000, false).await,
+        "app to its own pod address is not captured"
+    );
 }
