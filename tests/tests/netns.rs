@@ -5,7 +5,7 @@
 //! Without root (or without `ip`, `iptables`, `setpriv`) each test prints SKIP with the reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -49,7 +49,7 @@ fn service_yaml(name: &str, vip: &str, port: u16, workloads: &[(&Pod, &str)]) ->
 
 /// Serves the test HTTP server inside `pod` on the app port.
 fn app_in(pod: &Pod, name: &'static str) -> HttpServer {
-    HttpServer::serve(netns::listen(pod, ([0, 0, 0, 0], APP_PORT).into()), name)
+    HttpServer::serve(netns::listen(pod, (Ipv6Addr::UNSPECIFIED, APP_PORT).into()), name)
 }
 
 /// `curl` run in `pod` (without blocking this test's runtime, which serves the test apps); the status
@@ -166,7 +166,7 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
         .find(|r| r.headers.contains_key("x-secret-header"))
         .expect("the test app served some of the client's requests");
     assert_eq!(seen.version, http::Version::HTTP_11);
-    assert_eq!(seen.peer.ip().to_string(), "127.0.0.6");
+    assert_eq!(seen.peer.ip().to_canonical().to_string(), "127.0.0.6");
     assert_eq!(seen.headers["x-secret-header"], secret);
     let xfcc = seen.headers["x-forwarded-client-cert"].to_str().unwrap();
     assert!(
@@ -306,7 +306,10 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     )
     .unwrap();
     let app = app_in(&server, "echo");
-    let outside = HttpServer::serve(netns::listen(&outsider, ([0, 0, 0, 0], 9000).into()), "outside");
+    let outside = HttpServer::serve(
+        netns::listen(&outsider, (Ipv6Addr::UNSPECIFIED, 9000).into()),
+        "outside",
+    );
     control.inject(&client, "default", "client", &[]).unwrap();
     control.inject(&server, "default", "echo", &[]).unwrap();
     netns::wait_ready(&client).await;
@@ -325,9 +328,14 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
         .unwrap();
     assert_eq!(passthrough.header("x-served-by"), "outside");
     assert_eq!(
-        outside.last_request().peer.ip(),
-        std::net::IpAddr::from(client.ip())
+        outside.last_request().peer.ip().to_canonical(),
+        IpAddr::from(client.ip())
     );
+    let passthrough = netns::get(&client, SocketAddr::new(outsider.ip6().into(), 9000), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(passthrough.header("x-served-by"), "outside", "IPv6 passthrough");
+    assert_eq!(outside.last_request().peer.ip(), IpAddr::from(client.ip6()));
     let seen_by_app = app.request_count();
 
     // A pod without a sidecar calls the server pod's address directly: refused, the app never sees it.
@@ -361,7 +369,14 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     }
     assert_eq!(curl(&outsider, &format!("http://{direct}/")).await, "200");
     let last = app.last_request();
-    assert_eq!(last.peer.ip().to_string(), "127.0.0.6");
+    assert_eq!(last.peer.ip().to_canonical().to_string(), "127.0.0.6");
+    // Over IPv6 the sidecar delivers from ::6, which `weft init` put on the pod's loopback.
+    let direct6 = SocketAddr::new(server.ip6().into(), APP_PORT);
+    assert_eq!(
+        netns::get(&outsider, direct6, "/", &[]).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(app.last_request().peer.ip().to_string(), "::6");
     assert!(
         !last.headers.contains_key("x-forwarded-client-cert"),
         "no identity was proven"
@@ -372,9 +387,15 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
         .await
         .unwrap();
     assert_eq!(local.status, StatusCode::OK);
-    assert_eq!(app.last_request().peer.ip().to_string(), "127.0.0.1");
+    assert_eq!(
+        app.last_request().peer.ip().to_canonical().to_string(),
+        "127.0.0.1"
+    );
     netns::get(&server, direct, "/", &[]).await.unwrap();
-    assert_eq!(app.last_request().peer.ip(), std::net::IpAddr::from(server.ip()));
+    assert_eq!(
+        app.last_request().peer.ip().to_canonical(),
+        IpAddr::from(server.ip())
+    );
 
     // A connection addressed to the proxy's own listeners is a loop: refused, and the proxy lives on.
     for port in [15001, 15006] {
@@ -449,12 +470,12 @@ async fn a_killed_proxy_fails_closed_and_nothing_leaks_in_plaintext() {
     );
     let from_client: Vec<_> = segments
         .iter()
-        .filter(|s| s.src.ip() == std::net::IpAddr::from(client.ip()))
+        .filter(|s| s.src.ip() == IpAddr::from(client.ip()))
         .collect();
     assert!(
         from_client
             .iter()
-            .all(|s| s.dst.ip() == std::net::IpAddr::from(control.pod().ip())),
+            .all(|s| s.dst.ip() == IpAddr::from(control.pod().ip())),
         "the client pod sent TCP payload to a pod while its proxy was dead: {from_client:?}"
     );
     assert!(
@@ -572,7 +593,7 @@ async fn init_flags_decide_what_is_captured() {
         })
         .collect();
     let reaches = |pod: &'static str, port: u16, v6: bool| {
-        let ip: std::net::IpAddr = if v6 { dst.ip6().into() } else { dst.ip().into() };
+        let ip: IpAddr = if v6 { dst.ip6().into() } else { dst.ip().into() };
         let from = if pod == "src" { &src } else { &dst };
         async move {
             netns::get(from, SocketAddr::new(ip, port), "/", &[])

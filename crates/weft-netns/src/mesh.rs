@@ -83,22 +83,23 @@ impl Control {
         Ok(out.trim().to_owned())
     }
 
-    /// The sidecar configuration of a workload: pod mode, identity `ns`/`sa` from this control plane,
-    /// everything else over xDS. `workload` must be the name of the workload's WorkloadEntry.
-    pub fn sidecar_config(&self, workload: &str, ns: &str, sa: &str) -> Result<String, String> {
+    /// The sidecar configuration of a workload with the identity `ns`/`sa`: pod mode, the certificate
+    /// from this control plane's CA, everything else over xDS. Who the workload is (its WorkloadEntry
+    /// name, namespace, IP) comes from the pod's environment.
+    pub fn sidecar_config(&self, ns: &str, sa: &str) -> Result<String, String> {
         let token = self.token(ns, sa)?;
         let url = self.url();
         Ok(format!(
             "mode: pod\n\
-             node: {{ workload: {workload}, namespace: {ns}, service_account: {sa} }}\n\
              xds: {{ address: \"{url}\", initial_fetch_timeout: 20s }}\n\
              identity: {{ ca_address: \"{url}\", token: \"{token}\" }}\n"
         ))
     }
 
-    /// Makes `pod` a meshed pod: `weft init` with `init_args`, then the proxy with [`Self::sidecar_config`].
+    /// Makes `pod` a meshed pod, as sidecar injection would: `weft init` with `init_args`, then the
+    /// proxy with [`Self::sidecar_config`]. The pod's name must be its WorkloadEntry's.
     pub fn inject(&self, pod: &Pod, ns: &str, sa: &str, init_args: &[&str]) -> Result<(), String> {
         pod.weft_init(init_args)?;
-        pod.start_proxy(&self.sidecar_config(pod.name(), ns, sa)?)
+        pod.start_proxy(&self.sidecar_config(ns, sa)?, ns, sa)
     }
 }

@@ -101,21 +101,40 @@ impl Pod {
 
     /// Starts a long-running process in the pod as root.
     pub fn spawn(&self, label: &str, args: &[&str]) -> Result<(), String> {
-        self.spawn_as(label, None, args)
+        self.spawn_as(label, None, &[], args)
     }
 
     /// Writes `config` to a file and starts `weft proxy` with it, as UID/GID 1337 (the identity the
-    /// capture rules leave alone).
-    pub fn start_proxy(&self, config: &str) -> Result<(), String> {
+    /// capture rules leave alone), with the pod's environment as Kubernetes' downward API would give it
+    /// (`POD_NAME`, `POD_NAMESPACE`, `SERVICE_ACCOUNT`, `INSTANCE_IP`).
+    pub fn start_proxy(&self, config: &str, namespace: &str, service_account: &str) -> Result<(), String> {
         let path = self.dir.join(format!("{}-proxy.yaml", self.name));
         std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
         set_mode(&path, 0o644)?;
         let weft = self.weft.to_string_lossy();
         let path = path.to_string_lossy();
-        self.spawn_as("proxy", Some(PROXY_UID), &[&weft, "proxy", "--config", &path])
+        let ip = self.ip.to_string();
+        let env = [
+            ("POD_NAME", self.name.as_str()),
+            ("POD_NAMESPACE", namespace),
+            ("SERVICE_ACCOUNT", service_account),
+            ("INSTANCE_IP", ip.as_str()),
+        ];
+        self.spawn_as(
+            "proxy",
+            Some(PROXY_UID),
+            &env,
+            &[&weft, "proxy", "--config", &path],
+        )
     }
 
-    fn spawn_as(&self, label: &str, uid: Option<u32>, args: &[&str]) -> Result<(), String> {
+    fn spawn_as(
+        &self,
+        label: &str,
+        uid: Option<u32>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Result<(), String> {
         let log = self.dir.join(format!("{}-{label}.log", self.name));
         let out = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
@@ -128,6 +147,7 @@ impl Pod {
         // `ip netns exec` and `setpriv` exec into the program: the child is the program itself.
         let child = command
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
