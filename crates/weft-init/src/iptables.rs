@@ -93,17 +93,24 @@ pub enum Outcome {
     Unchanged,
 }
 
-/// Weft's rules as installed: chains and rules per table.
+/// Weft's rules as installed (or wanted), per table.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Installed {
-    /// table -> (our chains, rule lines that are ours, in order).
-    tables: BTreeMap<String, (Vec<String>, Vec<String>)>,
+    tables: BTreeMap<String, Ours>,
+}
+
+/// One table's share: our chains (sorted) and the rule lines that are ours (in the chains, or jumping
+/// to them), as `iptables-save` prints them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Ours {
+    chains: Vec<String>,
+    rules: Vec<String>,
 }
 
 impl Installed {
     /// Reads `iptables-save` output, keeping our chains, the rules in them and the jumps to them.
     fn parse(save: &str) -> Self {
-        let mut tables: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+        let mut tables: BTreeMap<String, Ours> = BTreeMap::new();
         let mut table = None;
         for line in save.lines().map(str::trim_end) {
             if let Some(name) = line.strip_prefix('*') {
@@ -114,18 +121,26 @@ impl Installed {
                 if let Some(decl) = line.strip_prefix(':') {
                     let chain = decl.split_whitespace().next().unwrap_or_default();
                     if chain.starts_with(CHAIN_PREFIX) {
-                        tables.entry(table.clone()).or_default().0.push(chain.to_owned());
+                        tables
+                            .entry(table.clone())
+                            .or_default()
+                            .chains
+                            .push(chain.to_owned());
                     }
                 } else if let Some(rule) = line.strip_prefix("-A ") {
                     let chain = rule.split_whitespace().next().unwrap_or_default();
                     if chain.starts_with(CHAIN_PREFIX) || rule.contains(&format!(" -j {CHAIN_PREFIX}")) {
-                        tables.entry(table.clone()).or_default().1.push(line.to_owned());
+                        tables
+                            .entry(table.clone())
+                            .or_default()
+                            .rules
+                            .push(line.to_owned());
                     }
                 }
             }
         }
-        for (chains, _) in tables.values_mut() {
-            chains.sort();
+        for ours in tables.values_mut() {
+            ours.chains.sort();
         }
         Self { tables }
     }
@@ -135,10 +150,8 @@ impl Installed {
         for table in &set.tables {
             let mut chains: Vec<String> = table.chains.iter().map(|c| (*c).to_owned()).collect();
             chains.sort();
-            tables.insert(
-                table.name.to_owned(),
-                (chains, table.rules.iter().map(|r| r.line()).collect()),
-            );
+            let rules = table.rules.iter().map(|r| r.line()).collect();
+            tables.insert(table.name.to_owned(), Ours { chains, rules });
         }
         Self { tables }
     }
@@ -146,7 +159,7 @@ impl Installed {
     /// Compares per chain, since `iptables-save` groups rules by chain.
     fn by_chain(&self) -> BTreeMap<(String, String), Vec<String>> {
         let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-        for (table, (chains, rules)) in &self.tables {
+        for (table, Ours { chains, rules }) in &self.tables {
             for chain in chains {
                 out.entry((table.clone(), chain.clone())).or_default();
             }
@@ -159,7 +172,9 @@ impl Installed {
     }
 
     fn is_empty(&self) -> bool {
-        self.tables.values().all(|(c, r)| c.is_empty() && r.is_empty())
+        self.tables
+            .values()
+            .all(|t| t.chains.is_empty() && t.rules.is_empty())
     }
 
     /// What differs from `wanted`, for an error message; empty when they match.
@@ -203,7 +218,7 @@ impl Installed {
             for chain in wanted_chains {
                 let _ = writeln!(out, ":{chain} - [0:0]");
             }
-            if let Some((chains, rules)) = self.tables.get(name) {
+            if let Some(Ours { chains, rules }) = self.tables.get(name) {
                 for rule in rules {
                     let chain = rule.split_whitespace().nth(1).unwrap_or_default();
                     if !chain.starts_with(CHAIN_PREFIX) {
@@ -239,7 +254,8 @@ pub fn apply(capture: &Capture, backend: Backend, families: &[Family]) -> Result
         let set = rules(capture, family);
         let wanted = Installed::wanted(&set);
         let before = installed(backend, family)?;
-        if before == wanted {
+        // Compared chain by chain: the order `iptables-save` lists chains in is not ours to rely on.
+        if before.difference(&wanted).is_empty() {
             continue;
         }
         // One transaction: remove what an earlier run left, then create and fill the chains.
