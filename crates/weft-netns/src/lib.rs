@@ -76,8 +76,9 @@ impl Network {
     pub fn create(weft: &Path) -> Result<Self, String> {
         static NETWORKS: AtomicU32 = AtomicU32::new(0);
         remove_stale();
+        // The creator's pid in hex, `x`, a counter: names stay short and say whose they are.
         let id = format!(
-            "{:x}{}",
+            "{:x}x{}",
             std::process::id(),
             NETWORKS.fetch_add(1, Ordering::SeqCst)
         );
@@ -158,11 +159,11 @@ impl Drop for Network {
 /// Namespaces and bridges left by a test process that was killed before it could clean up (a `SIGKILL`
 /// skips destructors): everything named after a process id that no longer exists.
 fn remove_stale() {
-    let alive = |hex: &str| {
-        // Ids are the creator's pid in hex followed by a decimal counter; try each split.
-        (1..=hex.len()).any(|end| {
-            u32::from_str_radix(&hex[..end], 16).is_ok_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-        })
+    // An id we cannot read is not ours to remove.
+    let alive = |id: &str| {
+        id.split_once('x')
+            .and_then(|(pid, _)| u32::from_str_radix(pid, 16).ok())
+            .is_none_or(|pid| Path::new(&format!("/proc/{pid}")).exists())
     };
     if let Ok(list) = run(&["ip", "netns", "list"]) {
         for name in list.lines().filter_map(|l| l.split_whitespace().next()) {

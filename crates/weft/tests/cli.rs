@@ -275,7 +275,7 @@ fn demo_netns_runs_the_mesh_in_network_namespaces_and_cleans_up() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let id = format!("{:x}0", child.id());
+    let id = format!("{:x}x0", child.id());
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
