@@ -656,3 +656,50 @@ async fn init_flags_decide_what_is_captured() {
         "app to its own pod address is not captured"
     );
 }
+
+/// iptables commits a restore table by table: when a later table fails, `weft init` puts back the tables
+/// already changed. The failure is injected by a wrapper around the real `iptables-nft-restore` that
+/// commits the mangle part of the transaction and then fails, as a kernel refusing the nat table would.
+#[tokio::test]
+async fn a_failed_restore_puts_back_the_tables_already_changed() {
+    require_root!("a_failed_restore_puts_back_the_tables_already_changed");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let pod = network.pod("init").unwrap();
+    let real = pod
+        .exec(&["sh", "-c", "command -v iptables-nft-restore"])
+        .unwrap();
+    let bin = network.dir().join("failing-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("iptables-nft-restore");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ninput=$(cat)\n\
+             if printf '%s\\n' \"$input\" | grep -q -- '-A WEFT_REDIRECT'; then\n\
+             \x20 printf '%s\\n' \"$input\" | awk '/^\\*nat/{{exit}} {{print}}' | {real} \"$@\"\n\
+             \x20 echo 'iptables-nft-restore: line 12 failed' >&2\n  exit 1\nfi\n\
+             printf '%s\\n' \"$input\" | exec {real} \"$@\"\n",
+            real = real.trim()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("PATH={}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let weft = netns::weft_binary();
+    let weft = weft.to_str().unwrap();
+
+    let failed = pod
+        .exec(&["env", &path, weft, "init", "--iptables-mode", "nft"])
+        .unwrap_err();
+    assert!(failed.contains("line 12 failed"), "{failed}");
+    assert!(failed.contains("put back as they were"), "{failed}");
+    let left = pod.exec(&["iptables-nft-save"]).unwrap();
+    assert!(
+        !left.contains("WEFT"),
+        "the mangle table kept a half-applied rule set:\n{left}"
+    );
+
+    // Without the fault the same command installs everything.
+    let ok = pod.exec(&[weft, "init", "--iptables-mode", "nft"]).unwrap();
+    assert!(ok.contains("installed and checked"), "{ok}");
+}

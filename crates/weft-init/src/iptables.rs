@@ -78,6 +78,12 @@ pub enum InitError {
     },
     #[error("{tool} failed: {stderr}")]
     Failed { tool: String, stderr: String },
+    #[error("{source}; {}", if *restored {
+        "the tables it had already changed were put back as they were"
+    } else {
+        "the tables it had already changed could not be put back: run `weft init --cleanup`, then `weft init`"
+    })]
+    PartlyApplied { source: Box<InitError>, restored: bool },
     #[error("{family} rules are not in place after applying them (another tool changed them?): {difference}")]
     NotInPlace {
         family: &'static str,
@@ -200,19 +206,19 @@ impl Installed {
         out.join(", ")
     }
 
-    /// Restore input that removes what is installed and, with `set`, puts the rule set in its place:
-    /// for each table the wanted chains are declared (created, or flushed when they exist), the jumps to
-    /// our chains deleted, chains no longer wanted flushed and deleted, and the wanted rules appended.
-    fn transaction(&self, set: Option<&RuleSet>) -> String {
+    /// Restore input that replaces what is installed with `to`: for each table the wanted chains are
+    /// declared (created, or flushed when they exist), the jumps to our chains deleted, chains no longer
+    /// wanted flushed and deleted, and the wanted rules appended.
+    fn transaction(&self, to: &[TableInput]) -> String {
         let mut names: Vec<&str> = self.tables.keys().map(String::as_str).collect();
-        for table in set.map(|s| s.tables.as_slice()).unwrap_or_default() {
-            if !names.contains(&table.name) {
-                names.push(table.name);
+        for table in to {
+            if !names.contains(&table.name.as_str()) {
+                names.push(&table.name);
             }
         }
         let mut out = String::new();
         for name in names {
-            let wanted = set.and_then(|s| s.tables.iter().find(|t| t.name == name));
+            let wanted = to.iter().find(|t| t.name == name);
             let wanted_chains = wanted.map(|t| t.chains.as_slice()).unwrap_or_default();
             let _ = writeln!(out, "*{name}");
             for chain in wanted_chains {
@@ -226,10 +232,7 @@ impl Installed {
                     }
                 }
                 // Every chain emptied before any is deleted: our chains jump to each other.
-                let stale: Vec<&String> = chains
-                    .iter()
-                    .filter(|c| !wanted_chains.contains(&c.as_str()))
-                    .collect();
+                let stale: Vec<&String> = chains.iter().filter(|c| !wanted_chains.contains(c)).collect();
                 for chain in &stale {
                     let _ = writeln!(out, "-F {chain}");
                 }
@@ -238,11 +241,44 @@ impl Installed {
                 }
             }
             if let Some(table) = wanted {
-                out.push_str(&table.rules_input());
+                out.push_str(&table.rules);
             }
             out.push_str("COMMIT\n");
         }
         out
+    }
+
+    /// This state as something a transaction can put back.
+    fn as_input(&self) -> Vec<TableInput> {
+        self.tables
+            .iter()
+            .map(|(name, ours)| TableInput {
+                name: name.clone(),
+                chains: ours.chains.clone(),
+                rules: ours.rules.iter().map(|r| format!("{r}\n")).collect(),
+            })
+            .collect()
+    }
+}
+
+/// What a transaction puts in place in one table: our chains and the `-A` lines (with any comments).
+#[derive(Debug)]
+struct TableInput {
+    name: String,
+    chains: Vec<String>,
+    rules: String,
+}
+
+impl TableInput {
+    fn from_set(set: &RuleSet) -> Vec<Self> {
+        set.tables
+            .iter()
+            .map(|t| TableInput {
+                name: t.name.to_owned(),
+                chains: t.chains.iter().map(|c| (*c).to_owned()).collect(),
+                rules: t.rules_input(),
+            })
+            .collect()
     }
 }
 
@@ -259,7 +295,9 @@ pub fn apply(capture: &Capture, backend: Backend, families: &[Family]) -> Result
             continue;
         }
         // One transaction: remove what an earlier run left, then create and fill the chains.
-        restore(backend, family, &before.transaction(Some(&set)))?;
+        if let Err(err) = restore(backend, family, &before.transaction(&TableInput::from_set(&set))) {
+            return Err(roll_back(backend, family, &before, err));
+        }
         outcome = Outcome::Changed;
         let after = installed(backend, family)?;
         let difference = after.difference(&wanted);
@@ -281,7 +319,9 @@ pub fn cleanup(backend: Backend, families: &[Family]) -> Result<Outcome, InitErr
         if before.is_empty() {
             continue;
         }
-        restore(backend, family, &before.transaction(None))?;
+        if let Err(err) = restore(backend, family, &before.transaction(&[])) {
+            return Err(roll_back(backend, family, &before, err));
+        }
         outcome = Outcome::Changed;
         let after = installed(backend, family)?;
         if !after.is_empty() {
@@ -292,6 +332,23 @@ pub fn cleanup(backend: Backend, families: &[Family]) -> Result<Outcome, InitErr
         }
     }
     Ok(outcome)
+}
+
+/// After a failed restore: iptables commits a transaction table by table, so the tables before the
+/// failing one may have changed. Puts back what was there; the error says whether that worked.
+fn roll_back(backend: Backend, family: Family, before: &Installed, err: InitError) -> InitError {
+    let Ok(now) = installed(backend, family) else {
+        return err;
+    };
+    if now.difference(before).is_empty() {
+        return err;
+    }
+    let restored = restore(backend, family, &now.transaction(&before.as_input())).is_ok()
+        && installed(backend, family).is_ok_and(|again| again.difference(before).is_empty());
+    InitError::PartlyApplied {
+        source: Box::new(err),
+        restored,
+    }
 }
 
 /// Weft's rules as `iptables-save` shows them now.
@@ -365,7 +422,7 @@ mod tests {
         assert_eq!(installed, wanted);
         assert_eq!(installed.difference(&wanted), "");
 
-        let removal = installed.transaction(None);
+        let removal = installed.transaction(&[]);
         assert!(
             removal.contains("-D PREROUTING -p tcp -j WEFT_INBOUND\n"),
             "{removal}"
