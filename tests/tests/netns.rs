@@ -703,3 +703,35 @@ async fn a_failed_restore_puts_back_the_tables_already_changed() {
     let ok = pod.exec(&[weft, "init", "--iptables-mode", "nft"]).unwrap();
     assert!(ok.contains("installed and checked"), "{ok}");
 }
+
+/// The harness removes what it made when a test fails: a panic with pods, a running proxy and a bridge
+/// in scope leaves no namespace, bridge or process behind.
+#[tokio::test]
+async fn a_failing_test_leaves_nothing_behind() {
+    require_root!("a_failing_test_leaves_nothing_behind");
+    let made = std::sync::Mutex::new((String::new(), String::new()));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let network = Network::create(&netns::weft_binary()).unwrap();
+        let pod = network.pod("doomed").unwrap();
+        pod.weft_init(&[]).unwrap();
+        pod.spawn("app", &["sleep", "600"]).unwrap();
+        *made.lock().unwrap() = (pod.netns().to_owned(), network.bridge().to_owned());
+        panic!("a test failing with the mesh up");
+    }));
+    assert!(outcome.is_err());
+    let (namespace, bridge) = made.into_inner().unwrap();
+    let namespaces = netns::run(&["ip", "netns", "list"]).unwrap();
+    assert!(
+        !namespaces.contains(&namespace),
+        "{namespace} left behind: {namespaces}"
+    );
+    assert!(
+        netns::run(&["ip", "link", "show", &bridge]).is_err(),
+        "{bridge} left behind"
+    );
+    let survivor = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| std::fs::read(entry.ok()?.path().join("cmdline")).ok())
+        .any(|cmdline| cmdline == b"sleep\x00600\x00");
+    assert!(!survivor, "the pod's process survived");
+}
