@@ -15,7 +15,7 @@ use weft_test_support::netns::{self, Control, Network, Pod, PodClient, WireCaptu
 
 macro_rules! require_root {
     ($test:literal) => {
-        if let Some(reason) = netns::skip_reason() {
+        if let Some(reason) = netns::missing_prerequisite() {
             eprintln!("SKIP {}: {reason}", $test);
             return;
         }
@@ -49,7 +49,10 @@ fn service_yaml(name: &str, vip: &str, port: u16, workloads: &[(&Pod, &str)]) ->
 
 /// Serves the test HTTP server inside `pod` on the app port.
 fn app_in(pod: &Pod, name: &'static str) -> HttpServer {
-    HttpServer::serve(netns::listen(pod, (Ipv6Addr::UNSPECIFIED, APP_PORT).into()), name)
+    HttpServer::serve(
+        pod.listen((Ipv6Addr::UNSPECIFIED, APP_PORT).into()).unwrap(),
+        name,
+    )
 }
 
 /// `curl` run in `pod` (without blocking this test's runtime, which serves the test apps); the status
@@ -307,7 +310,7 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     .unwrap();
     let app = app_in(&server, "echo");
     let outside = HttpServer::serve(
-        netns::listen(&outsider, (Ipv6Addr::UNSPECIFIED, 9000).into()),
+        outsider.listen((Ipv6Addr::UNSPECIFIED, 9000).into()).unwrap(),
         "outside",
     );
     control.inject(&client, "default", "client", &[]).unwrap();
@@ -587,7 +590,8 @@ async fn init_flags_decide_what_is_captured() {
         .into_iter()
         .map(|port| {
             HttpServer::serve(
-                netns::listen(&dst, (std::net::Ipv6Addr::UNSPECIFIED, port).into()),
+                dst.listen((std::net::Ipv6Addr::UNSPECIFIED, port).into())
+                    .unwrap(),
                 "dst",
             )
         })
@@ -643,7 +647,7 @@ async fn init_flags_decide_what_is_captured() {
     assert!(!reaches("src", 7000, false).await);
     assert!(reaches("src", 7001, false).await, "-d 7001");
     // The proxy's own ports are never captured, whatever the flags: readiness answers directly.
-    let _readiness = HttpServer::serve(netns::listen(&dst, ([0, 0, 0, 0], 15021).into()), "readiness");
+    let _readiness = HttpServer::serve(dst.listen(([0, 0, 0, 0], 15021).into()).unwrap(), "readiness");
     assert!(reaches("src", 15021, false).await, "15021 must never be captured");
     // Apps in the pod reach each other on loopback and on the pod's address.
     assert!(

@@ -13,6 +13,7 @@ use crate::route::RouteTable;
 /// The source address of connections the inbound listener makes to the app (Istio's): `weft init`'s
 /// rules let traffic from it over loopback through, so it is never captured again.
 const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// Where the proxy runs: the defaults for bind addresses follow from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,9 +305,9 @@ impl InboundPolicy {
 
     /// The source address for connections to `app`, when one is bound.
     pub fn source_for(&self, app: SocketAddr) -> Option<IpAddr> {
-        self.passthrough_source.then(|| match app {
+        self.passthrough_source.then_some(match app {
             SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_V4),
-            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)),
+            SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_V6),
         })
     }
 

@@ -106,14 +106,6 @@ impl Network {
             "bridge",
             "nf_call_iptables",
             "0",
-        ]);
-        let _ = run(&[
-            "ip",
-            "link",
-            "set",
-            &network.bridge,
-            "type",
-            "bridge",
             "nf_call_ip6tables",
             "0",
         ]);

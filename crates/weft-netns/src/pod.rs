@@ -1,10 +1,13 @@
 //! One pod: a network namespace on the bridge, and the processes running in it.
 
 use std::fs::File;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{Network, PROXY_UID, SUBNET_PREFIX, SUBNET6_PREFIX, run, set_mode};
 
@@ -204,6 +207,33 @@ impl Pod {
         setns(&home, CloneFlags::CLONE_NEWNET)
             .map_err(|e| format!("setns back from pod {}: {e}", self.name))?;
         Ok(out)
+    }
+}
+
+impl Pod {
+    /// A listener in the pod, as an app there would open it (needs a Tokio runtime).
+    pub fn listen(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        let listener = self
+            .enter(|| std::net::TcpListener::bind(addr))
+            .map_err(std::io::Error::other)??;
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    }
+
+    /// A connection from inside the pod, as an app there would make it; the pod's rules apply to it.
+    pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = self
+            .enter(|| {
+                if addr.is_ipv4() {
+                    TcpSocket::new_v4()
+                } else {
+                    TcpSocket::new_v6()
+                }
+            })
+            .map_err(std::io::Error::other)??;
+        tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect to {addr}")))?
     }
 }
 

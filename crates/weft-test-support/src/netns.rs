@@ -8,7 +8,6 @@ use std::time::Duration;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
 pub use weft_netns::*;
 
 /// The `weft` binary the pods run: `WEFT_BIN`, else `weft` beside the test's `deps/` directory (cargo
@@ -29,41 +28,6 @@ pub fn weft_binary() -> PathBuf {
         weft.display()
     );
     weft
-}
-
-/// `None` when the mesh can be built here, else why not (print it as the SKIP reason).
-pub fn skip_reason() -> Option<String> {
-    missing_prerequisite()
-}
-
-/// A listener in `pod` (an app's server socket).
-pub fn listen(pod: &Pod, addr: SocketAddr) -> TcpListener {
-    let std = pod
-        .enter(|| std::net::TcpListener::bind(addr))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("bind {addr} in pod {}: {e}", pod.name()));
-    std.set_nonblocking(true).unwrap();
-    TcpListener::from_std(std).unwrap()
-}
-
-/// A connection made from inside `pod`, as an app there would make it.
-pub async fn connect(pod: &Pod, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = pod
-        .enter(|| {
-            if addr.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            }
-        })
-        .map_err(std::io::Error::other)??;
-    match tokio::time::timeout(Duration::from_secs(5), socket.connect(addr)).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("connect to {addr}"),
-        )),
-    }
 }
 
 /// What came back from [`get`].
@@ -92,7 +56,8 @@ pub struct PodClient {
 
 impl PodClient {
     pub async fn connect(pod: &Pod, addr: SocketAddr) -> Result<Self, String> {
-        let stream = connect(pod, addr)
+        let stream = pod
+            .connect(addr)
             .await
             .map_err(|e| format!("connect {addr}: {e}"))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

@@ -112,8 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let command = cli.command;
-    let runtime = match command {
+    let runtime = match cli.command {
         Command::Proxy { concurrency: 1, .. } => {
             tokio::runtime::Builder::new_current_thread().enable_all().build()
         }
@@ -135,7 +134,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        match command {
+        match cli.command {
             Command::Proxy {
                 config, xds_address, ..
             } => proxy(config, xds_address, log).await,

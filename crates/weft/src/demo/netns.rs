@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use weft_netns::{Control, Network, Pod};
 
 use super::{
@@ -50,11 +50,7 @@ pub(super) async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     );
 
     for (name, pod) in SERVICES.into_iter().zip(&servers) {
-        let listener = pod
-            .enter(|| std::net::TcpListener::bind(("0.0.0.0", APP_PORT)))
-            .map_err(anyhow::Error::msg)??;
-        listener.set_nonblocking(true)?;
-        serve_app(TcpListener::from_std(listener)?, name);
+        serve_app(pod.listen(SocketAddr::new([0, 0, 0, 0].into(), APP_PORT))?, name);
         control
             .inject(pod, "demo", "reviews", &[])
             .map_err(anyhow::Error::msg)?;
@@ -170,13 +166,7 @@ impl tower_service::Service<hyper::Uri> for PodConnector {
                 .authority()
                 .and_then(|a| a.as_str().parse().ok())
                 .ok_or_else(|| std::io::Error::other(format!("{uri}: not ip:port")))?;
-            let socket = pod.enter(TcpSocket::new_v4).map_err(std::io::Error::other)??;
-            let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("connect {addr}"))
-                })??;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(pod.connect(addr).await?))
         })
     }
 }
