@@ -55,7 +55,7 @@ pub(crate) async fn detect<S: AsyncRead + Unpin>(
         Protocol::Http => {
             let (buf, detected, stream) = sniff(stream, HTTP_FIRST_BYTES_TIMEOUT).await;
             let version = match detected {
-                Some(Detected::Http2) => HttpVersion::Http2,
+                Detected::Http2 => HttpVersion::Http2,
                 // Whatever else it is, the port is declared HTTP: the HTTP/1 server answers garbage with 400.
                 _ => HttpVersion::Http1,
             };
@@ -68,30 +68,36 @@ pub(crate) async fn detect<S: AsyncRead + Unpin>(
         Protocol::Detect => {
             let (buf, detected, stream) = sniff(stream, timeout).await;
             let (handling, hello) = match detected {
-                Some(Detected::Http1) => (Handling::Http(HttpVersion::Http1), None),
-                Some(Detected::Http2) => (Handling::Http(HttpVersion::Http2), None),
-                Some(Detected::Tls(hello)) => (Handling::Opaque, Some(hello)),
-                Some(Detected::Opaque) | None => (Handling::Opaque, None),
+                Detected::Http1 => (Handling::Http(HttpVersion::Http1), None),
+                Detected::Http2 => (Handling::Http(HttpVersion::Http2), None),
+                Detected::Tls(hello) => (Handling::Opaque, Some(hello)),
+                Detected::Opaque => (Handling::Opaque, None),
             };
             (PrefixedIo::new(buf.freeze(), stream), handling, hello)
         }
     }
 }
 
-/// Reads until detection decides, the client stops sending (EOF or error), or the deadline passes.
-async fn sniff<S: AsyncRead + Unpin>(mut stream: S, timeout: Duration) -> (BytesMut, Option<Detected>, S) {
+/// Reads until detection decides, the client stops sending (EOF or error), or the deadline passes. In
+/// the last two cases the bytes so far decide: a client that pauses mid-request is still HTTP (never
+/// opaque bytes that skip header sanitising); one that sent nothing is opaque.
+async fn sniff<S: AsyncRead + Unpin>(mut stream: S, timeout: Duration) -> (BytesMut, Detected, S) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let Ok(read) = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await else {
-            return (buf, None, stream);
+            let detected = weft_detect::detect_final(&buf);
+            return (buf, detected, stream);
         };
         match read {
-            Ok(0) | Err(_) => return (buf, None, stream),
+            Ok(0) | Err(_) => {
+                let detected = weft_detect::detect_final(&buf);
+                return (buf, detected, stream);
+            }
             Ok(_) => {}
         }
         if let Detection::Known(protocol) = weft_detect::detect(&buf) {
-            return (buf, Some(protocol), stream);
+            return (buf, protocol, stream);
         }
         buf.reserve(READ_CHUNK);
     }

@@ -1,53 +1,101 @@
-//! HTTP/1.x request line: `method SP request-target SP HTTP/1.x CRLF` (RFC 9112 §3).
+//! HTTP/1.x requests: `method SP request-target SP HTTP/1.x CRLF` (RFC 9112 §3), after any empty lines a
+//! client may send first (RFC 9112 §2.2).
+//!
+//! The answer leans towards HTTP on purpose: bytes that look like an HTTP request but do not parse are
+//! still HTTP, so the HTTP server refuses them. Carrying them as opaque TCP would take forged headers
+//! (`x-forwarded-client-cert`) and smuggled requests past the proxy's sanitising to the app.
 
 use crate::{Detection, Protocol};
 
-/// Longer method tokens exist in theory; real ones (including WebDAV's) are well under this.
-const MAX_METHOD_LEN: usize = 24;
+/// Method tokens that say "this is HTTP" even when the rest of the line does not parse (IANA's HTTP
+/// method registry, the common part). Compared ignoring case: lenient servers accept `get`.
+const METHODS: [&str; 32] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
+    "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH", "REPORT", "MKACTIVITY", "CHECKOUT",
+    "MERGE", "M-SEARCH", "NOTIFY", "SUBSCRIBE", "UNSUBSCRIBE", "PURGE", "LINK", "UNLINK", "ACL", "BIND",
+    "REBIND", "QUERY",
+];
 
-/// Returns `None` when the bytes cannot be the start of an HTTP/1 request.
-pub(crate) fn match_request_line(buf: &[u8]) -> Option<Detection> {
-    let mut rest = buf;
-
-    let method_len = rest.iter().take_while(|b| is_tchar(**b)).count();
-    if method_len > MAX_METHOD_LEN {
-        return None;
+/// Returns `None` when the bytes cannot be the start of an HTTP/1 request. `complete` says no more
+/// bytes will come (end of stream, deadline, or the detection limit): a prefix that is still consistent
+/// with a request line is then HTTP, to be refused by the server if it never becomes one.
+pub(crate) fn match_request(buf: &[u8], complete: bool) -> Option<Detection> {
+    let start = buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let rest = &buf[start..];
+    if rest.is_empty() {
+        // Only empty lines so far.
+        return (start > 0).then(|| more_or_http(complete));
     }
-    if method_len == rest.len() {
-        return need_more_if(method_len <= MAX_METHOD_LEN);
-    }
-    if method_len == 0 || rest[method_len] != b' ' {
-        return None;
-    }
-    rest = &rest[method_len + 1..];
-
-    let target_len = rest.iter().take_while(|b| is_target_byte(**b)).count();
-    if target_len == rest.len() {
-        return Some(Detection::NeedMore);
-    }
-    if target_len == 0 || rest[target_len] != b' ' {
-        return None;
-    }
-    rest = &rest[target_len + 1..];
-
-    const VERSION: &[u8] = b"HTTP/1.";
-    if rest.len() < VERSION.len() {
-        return need_more_if(VERSION.starts_with(rest));
-    }
-    if !rest.starts_with(VERSION) {
-        return None;
-    }
-    rest = &rest[VERSION.len()..];
-    match rest {
-        [] => Some(Detection::NeedMore),
-        [b'0' | b'1'] | [b'0' | b'1', b'\r'] => Some(Detection::NeedMore),
-        [b'0' | b'1', b'\n', ..] | [b'0' | b'1', b'\r', b'\n', ..] => Some(Detection::Known(Protocol::Http1)),
-        _ => None,
+    let line_end = rest.iter().position(|b| *b == b'\n');
+    let line = &rest[..line_end.map_or(rest.len(), |end| end + 1)];
+    match request_line(line) {
+        Line::Valid => Some(Detection::Known(Protocol::Http1)),
+        Line::Prefix if line_end.is_none() => Some(more_or_http(complete)),
+        Line::Prefix | Line::Invalid => looks_like_http(line).then_some(Detection::Known(Protocol::Http1)),
     }
 }
 
-fn need_more_if(consistent: bool) -> Option<Detection> {
-    consistent.then_some(Detection::NeedMore)
+fn more_or_http(complete: bool) -> Detection {
+    if complete {
+        Detection::Known(Protocol::Http1)
+    } else {
+        Detection::NeedMore
+    }
+}
+
+enum Line {
+    /// A whole, well-formed request line.
+    Valid,
+    /// Well-formed so far, but not finished.
+    Prefix,
+    Invalid,
+}
+
+/// Checks one line (ending in LF, or cut short) against the request-line grammar.
+fn request_line(line: &[u8]) -> Line {
+    let method_len = line.iter().take_while(|b| is_tchar(**b)).count();
+    if method_len == line.len() {
+        return Line::Prefix;
+    }
+    if method_len == 0 || line[method_len] != b' ' {
+        return Line::Invalid;
+    }
+    let rest = &line[method_len + 1..];
+    let target_len = rest.iter().take_while(|b| is_target_byte(**b)).count();
+    if target_len == rest.len() {
+        return Line::Prefix;
+    }
+    if target_len == 0 || rest[target_len] != b' ' {
+        return Line::Invalid;
+    }
+    let rest = &rest[target_len + 1..];
+    const VERSION: &[u8] = b"HTTP/1.";
+    if rest.len() < VERSION.len() {
+        return if VERSION.starts_with(rest) {
+            Line::Prefix
+        } else {
+            Line::Invalid
+        };
+    }
+    if !rest.starts_with(VERSION) {
+        return Line::Invalid;
+    }
+    match &rest[VERSION.len()..] {
+        [] | [b'0' | b'1'] | [b'0' | b'1', b'\r'] => Line::Prefix,
+        [b'0' | b'1', b'\n'] | [b'0' | b'1', b'\r', b'\n'] => Line::Valid,
+        _ => Line::Invalid,
+    }
+}
+
+/// A line that a lenient HTTP server could take for a request: it starts with a known method followed
+/// by whitespace (or nothing yet), or names an HTTP version anywhere.
+fn looks_like_http(line: &[u8]) -> bool {
+    let token_len = line.iter().take_while(|b| is_tchar(**b)).count();
+    let token = &line[..token_len];
+    let after = line.get(token_len).copied();
+    let known_method = METHODS.iter().any(|m| m.as_bytes().eq_ignore_ascii_case(token))
+        && matches!(after, None | Some(b' ' | b'\t' | b'\r' | b'\n'));
+    known_method || line.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"))
 }
 
 /// `tchar` from RFC 9110 §5.6.2.

@@ -57,15 +57,63 @@ fn http1_prefixes_need_more() {
 #[test]
 fn not_http1() {
     for bytes in [
-        &b"GET  / HTTP/1.1\r\n"[..],
-        b"GET / HTTP/2.0\r\n",
-        b"GET / FTP/1.1\r\n",
-        b"\x00\x01",
+        &b"\x00\x01"[..],
         b"220 smtp ready\r\n",
-        b"GET / HTTP/1.1x",
+        b"SET key value\r\n",
+        b"*2\r\n$3\r\nGET\r\n",
+        b"PING\r\n",
     ] {
         assert_eq!(detect(bytes), known(Protocol::Opaque), "{bytes:?}");
     }
+}
+
+/// Lines that a lenient server could read as a request are HTTP, so the proxy's HTTP server refuses them
+/// rather than carrying them, unsanitised, as opaque bytes.
+#[test]
+fn malformed_requests_are_still_http() {
+    for bytes in [
+        &b"GET  / HTTP/1.1\r\n"[..],
+        b"GET / HTTP/2.0\r\n",
+        b"GET / FTP/1.1\r\n",
+        b"GET / HTTP/1.1x",
+        b"get /\tHTTP/1.1\r\n",
+        b"FOO\t/x\tHTTP/1.1\r\n",
+        b"GET /a\x01b HTTP/1.1\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nXX",
+    ] {
+        assert_eq!(detect(bytes), known(Protocol::Http1), "{bytes:?}");
+    }
+}
+
+/// RFC 9112 §2.2: empty lines before the request line are allowed; long targets and long methods are
+/// HTTP whatever their length.
+#[test]
+fn leading_empty_lines_long_targets_and_long_methods() {
+    assert_eq!(detect(b"\r\nGET / HTTP/1.1\r\n"), known(Protocol::Http1));
+    assert_eq!(detect(b"\n\r\n\r\nGET / HTTP/1.1\r\n"), known(Protocol::Http1));
+    assert_eq!(detect(b"\r\n"), Detection::NeedMore);
+    let long_method = format!("{} / HTTP/1.1\r\n", "X".repeat(40));
+    assert_eq!(detect(long_method.as_bytes()), known(Protocol::Http1));
+    let long_target = format!("GET /{} HTTP/1.1\r\n", "a".repeat(20 * 1024));
+    assert_eq!(detect(long_target.as_bytes()), known(Protocol::Http1));
+    assert_eq!(
+        detect(&long_target.as_bytes()[..MAX_DETECT_BYTES - 1]),
+        Detection::NeedMore
+    );
+}
+
+/// When no more bytes come, a prefix that could still become a request is HTTP; nothing at all is
+/// opaque (server speaks first).
+#[test]
+fn final_answers() {
+    assert_eq!(detect_final(b""), Protocol::Opaque);
+    assert_eq!(detect_final(b"GET /slow"), Protocol::Http1);
+    assert_eq!(detect_final(b"X-Forwarded"), Protocol::Http1);
+    assert_eq!(detect_final(b"\r\n"), Protocol::Http1);
+    assert_eq!(detect_final(b"PRI * HTTP/2"), Protocol::Http1);
+    assert_eq!(detect_final(b"\x16\x03\x01\x00"), Protocol::Opaque);
+    assert_eq!(detect_final(b"\x00\x01"), Protocol::Opaque);
+    assert_eq!(detect_final(H2_PREFACE), Protocol::Http2);
 }
 
 #[test]
@@ -75,8 +123,8 @@ fn h2_preface() {
     with_settings.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
     assert_eq!(detect(&with_settings), known(Protocol::Http2));
     assert_eq!(detect(b"PRI * HTTP/2"), Detection::NeedMore);
-    // The preface shares its first bytes with an HTTP/1 request line but is not one.
-    assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nXX"), known(Protocol::Opaque));
+    // The preface shares its first bytes with an HTTP/1 request line; a broken one is refused as HTTP.
+    assert_eq!(detect(b"PRI * HTTP/2.0\r\n\r\nXX"), known(Protocol::Http1));
 }
 
 #[test]
@@ -113,13 +161,14 @@ fn tls_lookalikes_are_opaque() {
 }
 
 #[test]
-fn endless_prefix_becomes_opaque() {
+fn endless_request_line_is_http() {
+    // Was opaque TCP before: a 16 KiB target carried forged headers past sanitising.
     let mut long = b"GET /".to_vec();
     long.resize(MAX_DETECT_BYTES, b'a');
-    assert_eq!(detect(&long), known(Protocol::Opaque));
+    assert_eq!(detect(&long), known(Protocol::Http1));
     // The answer stays the same however the line ends later.
     long.extend_from_slice(b" HTTP/1.1\r\n");
-    assert_eq!(detect(&long), known(Protocol::Opaque));
+    assert_eq!(detect(&long), known(Protocol::Http1));
 }
 
 #[test]

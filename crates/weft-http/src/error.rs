@@ -26,6 +26,10 @@ pub enum UpstreamError {
     Protocol(#[source] hyper_util::client::legacy::Error),
     #[error("upstream connection terminated before the response: {0}")]
     Terminated(#[source] hyper_util::client::legacy::Error),
+    /// The client's own request was at fault (a request body that broke off or had bad framing, a
+    /// duplicate or conflicting Host): answered 400 and never held against an endpoint.
+    #[error("malformed request from the client: {0}")]
+    BadRequest(&'static str),
 }
 
 impl UpstreamError {
@@ -47,6 +51,7 @@ impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Protocol(_) => StatusCode::BAD_GATEWAY,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::Timeout(_) | Self::StreamIdle => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -64,6 +69,7 @@ impl UpstreamError {
             Self::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
             Self::Protocol(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             Self::Terminated(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            Self::BadRequest(_) => ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
         }
     }
 
@@ -87,6 +93,7 @@ impl UpstreamError {
             Self::Terminated(_) => {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
+            Self::BadRequest(_) => "bad request",
         }
     }
 
@@ -96,7 +103,7 @@ impl UpstreamError {
         match self {
             Self::Timeout(_) | Self::StreamIdle => 4, // DEADLINE_EXCEEDED
             Self::NoRoute => 12,                      // UNIMPLEMENTED
-            Self::Protocol(_) => 13,                  // INTERNAL
+            Self::Protocol(_) | Self::BadRequest(_) => 13, // INTERNAL
             _ => 14,                                  // UNAVAILABLE
         }
     }

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
@@ -17,7 +18,7 @@ use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, Resp
 use crate::body::{BodyTimer, Completion, InFlight};
 use crate::cluster::{ClusterStates, Outcome};
 use crate::headers::{set_upgrade, strip_hop_by_hop};
-use crate::retry::{ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
+use crate::retry::{ClientBody, ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
 use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 
 /// The route table in force for a connection's requests. Looked up for every request, so a configuration
@@ -260,7 +261,22 @@ impl Forwarder {
             set_upgrade(&mut parts.headers, protocol.clone());
         }
 
-        let authority = request_authority(&parts, ctx.orig_dst);
+        let authority = match request_authority(&mut parts, ctx.version, ctx.orig_dst) {
+            Ok(authority) => authority,
+            Err(err) => {
+                let completion = |status: StatusCode, flags: ResponseFlags| Completion {
+                    metrics: self.metrics.clone(),
+                    labels: RequestLabels {
+                        peers: ctx.peers.clone(),
+                        request_protocol,
+                        response_code: status.as_u16(),
+                        response_flags: flags,
+                    },
+                    start,
+                };
+                return error_response(err, grpc, ResponseFlags::NONE, completion);
+            }
+        };
         let decided = self.decide(&parts, &authority, &ctx.upstream);
         let mut peers = ctx.peers.clone();
         if let Ok(Decision {
@@ -284,12 +300,6 @@ impl Forwarder {
             Ok(decision) => decision,
             Err(err) => return error_response(err, grpc, ResponseFlags::NONE, completion),
         };
-        if ctx.version == HttpVersion::Http1 && !parts.headers.contains_key(header::HOST) {
-            // HTTP/1.0 clients may send no Host; the next hop gets the address the client dialled.
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, host);
-            }
-        }
         let path = parts
             .uri
             .path_and_query()
@@ -325,15 +335,16 @@ impl Forwarder {
             deadline,
             idle_timeout: decision.idle_timeout,
         };
+        let (body, broken) = ClientBody::new(body);
         let (result, held, flags) = match decision.target {
             DecidedTarget::Direct(endpoint, settings) => {
                 let result = self
                     .try_once(&mut exchange, endpoint, settings, RequestBody::Streamed(body))
                     .await;
-                (result, InFlight::default(), ResponseFlags::NONE)
+                (client_fault(result, &broken), InFlight::default(), ResponseFlags::NONE)
             }
             DecidedTarget::Cluster(cluster) => {
-                self.to_cluster(&cluster, body, decision.retry.as_ref(), &mut exchange)
+                self.to_cluster(&cluster, body, &broken, decision.retry.as_ref(), &mut exchange)
                     .await
             }
         };
@@ -376,7 +387,8 @@ impl Forwarder {
     async fn to_cluster(
         &self,
         cluster: &Arc<Cluster>,
-        body: Incoming,
+        body: ClientBody,
+        broken: &AtomicBool,
         policy: Option<&RetryPolicy>,
         exchange: &mut Exchange,
     ) -> (Try, InFlight, ResponseFlags) {
@@ -435,10 +447,14 @@ impl Forwarder {
             };
             let per_try = policy.and_then(|p| p.per_try_timeout);
             let head = exchange.head(policy.is_some_and(|p| retries < p.num_retries));
-            let result = self
-                .try_endpoint(exchange, head, address, settings.clone(), body, per_try)
-                .await;
+            let result = client_fault(
+                self.try_endpoint(exchange, head, address, settings.clone(), body, per_try)
+                    .await,
+                broken,
+            );
             let outcome = match &result {
+                // The client broke its own request: not the endpoint's failure, and not retried.
+                Try::Failed(UpstreamError::BadRequest(_)) => return (result, held, ResponseFlags::NONE),
                 Try::Response(r) => Outcome::Status(r.status().as_u16()),
                 Try::Failed(UpstreamError::Timeout(_)) if exchange.past_deadline() => {
                     // The route's deadline, not this endpoint's fault alone: no retry.
@@ -640,18 +656,59 @@ fn local_response(status: StatusCode, body: ProxyBody) -> Response<ProxyBody> {
     response
 }
 
-/// The authority the client meant: the URI's (absolute-form or HTTP/2), then Host, then where it dialled.
-fn request_authority(parts: &http::request::Parts, orig_dst: SocketAddr) -> Authority {
-    parts
-        .uri
-        .authority()
-        .cloned()
-        .or_else(|| {
-            let host = parts.headers.get(header::HOST)?;
-            Authority::try_from(host.as_bytes()).ok()
-        })
+/// A failed try whose request body the client broke is the client's fault.
+fn client_fault(result: Try, broken: &AtomicBool) -> Try {
+    match result {
+        Try::Failed(_) if broken.load(Ordering::Relaxed) => {
+            Try::Failed(UpstreamError::BadRequest("the request body could not be read"))
+        }
+        result => result,
+    }
+}
+
+/// The one authority of a request, which routing, authorization and the app all see: the URI's
+/// (absolute-form, which replaces Host by RFC 9112 §3.2.2, or HTTP/2's `:authority`), then Host, then the
+/// address the client dialled (HTTP/1.0 clients may send no Host). Leaves the request carrying exactly
+/// that authority: as Host for HTTP/1, as `:authority` alone for HTTP/2. Two Host headers, a Host that
+/// is not an authority, or one that contradicts `:authority` are the client's error.
+fn request_authority(
+    parts: &mut http::request::Parts,
+    version: HttpVersion,
+    orig_dst: SocketAddr,
+) -> Result<Authority, UpstreamError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(UpstreamError::BadRequest("more than one Host header"));
+    }
+    let host = host
+        .map(|h| Authority::try_from(h.as_bytes()))
+        .transpose()
+        .map_err(|_| UpstreamError::BadRequest("the Host header is not a valid authority"))?;
+    let uri_authority = parts.uri.authority().cloned();
+    if let (HttpVersion::Http2, Some(uri), Some(host)) = (version, &uri_authority, &host)
+        && !uri.as_str().eq_ignore_ascii_case(host.as_str())
+    {
+        return Err(UpstreamError::BadRequest("Host and :authority differ"));
+    }
+    let authority = uri_authority
+        .or(host)
         .or_else(|| Authority::try_from(orig_dst.to_string()).ok())
-        .unwrap_or_else(|| Authority::from_static("localhost"))
+        .unwrap_or_else(|| Authority::from_static("localhost"));
+    if authority.as_str().contains('@') {
+        return Err(UpstreamError::BadRequest("an authority with user information"));
+    }
+    match version {
+        HttpVersion::Http1 => {
+            let host = HeaderValue::from_str(authority.as_str())
+                .map_err(|_| UpstreamError::BadRequest("the authority is not a valid header value"))?;
+            parts.headers.insert(header::HOST, host);
+        }
+        HttpVersion::Http2 => {
+            parts.headers.remove(header::HOST);
+        }
+    }
+    Ok(authority)
 }
 
 /// Istio's clusters are named `outbound|<port>|<subset>|<host>`: the host is the service. Other names

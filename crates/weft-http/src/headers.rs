@@ -15,6 +15,8 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 /// Removes hop-by-hop headers and those `Connection` names. Returns the `Upgrade` value when the message
 /// asks for a protocol upgrade (`Connection: upgrade` with an `Upgrade` header), so the caller can keep it.
+/// `h2c` is never offered upstream (Envoy strips it too): after a `101` the bytes that follow would reach
+/// the app as HTTP/2 the proxy never parsed, routed or counted.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) -> Option<HeaderValue> {
     let mut upgrade_requested = false;
     let listed: Vec<HeaderName> = headers
@@ -31,7 +33,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
         })
         .collect();
     let upgrade = if upgrade_requested {
-        headers.get(header::UPGRADE).cloned()
+        headers.get(header::UPGRADE).and_then(without_h2c)
     } else {
         None
     };
@@ -48,6 +50,23 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) 
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     upgrade
+}
+
+/// The protocols of an `Upgrade` value other than `h2c`; `None` when nothing is left.
+fn without_h2c(value: &HeaderValue) -> Option<HeaderValue> {
+    let text = value.to_str().ok()?;
+    if !text.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c")) {
+        return Some(value.clone());
+    }
+    let kept: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.eq_ignore_ascii_case("h2c"))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
 }
 
 /// Puts back the two headers an upgrade needs on the next hop.
@@ -105,5 +124,18 @@ mod tests {
         // An Upgrade header that Connection does not name is not an upgrade request.
         let mut h = map(&[("upgrade", "websocket")]);
         assert_eq!(strip_hop_by_hop(&mut h, false), None);
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert_eq!(strip_hop_by_hop(&mut h, false), None);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "H2C, websocket")]);
+        assert_eq!(strip_hop_by_hop(&mut h, false).unwrap(), "websocket");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -96,11 +97,57 @@ pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// The client's request body. It remembers when the client broke it (bad chunked framing, a reset
+/// stream), so that the failed try is the client's fault, never the endpoint's.
+#[derive(Debug)]
+pub(crate) struct ClientBody {
+    inner: Incoming,
+    broken: Arc<AtomicBool>,
+}
+
+impl ClientBody {
+    /// The body, and a flag that turns true if reading it from the client fails.
+    pub(crate) fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
+        let broken = Arc::new(AtomicBool::new(false));
+        (
+            Self {
+                inner,
+                broken: broken.clone(),
+            },
+            broken,
+        )
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A request body as sent upstream: the client's, passed through, or one that keeps what it has sent
 /// (up to [`MAX_REPLAY_BYTES`]) so that a retry can send it again.
 #[derive(Debug)]
 pub(crate) enum RequestBody {
-    Streamed(Incoming),
+    Streamed(ClientBody),
     Replay(ReplayBody),
 }
 
@@ -147,7 +194,7 @@ pub(crate) struct ReplayBody {
 
 #[derive(Debug)]
 struct Shared {
-    source: Incoming,
+    source: ClientBody,
     log: Vec<Bytes>,
     logged_bytes: usize,
     /// Data frames pulled from the client so far.
@@ -159,7 +206,7 @@ struct Shared {
 }
 
 impl ReplayBody {
-    pub(crate) fn new(source: Incoming) -> Self {
+    pub(crate) fn new(source: ClientBody) -> Self {
         let hint = source.size_hint();
         let empty = source.is_end_stream();
         let unreplayable = hint.lower() > MAX_REPLAY_BYTES as u64;

@@ -35,8 +35,10 @@ impl ResponseFlags {
     pub const NO_CLUSTER: Self = Self(1 << 10);
     /// Stream idle timeout (`SI`).
     pub const STREAM_IDLE_TIMEOUT: Self = Self(1 << 11);
+    /// Denied by an authorization policy (`RBAC`, Envoy's RBAC filter's flag).
+    pub const RBAC_DENIED: Self = Self(1 << 12);
 
-    const NAMES: [(Self, &'static str); 12] = [
+    const NAMES: [(Self, &'static str); 13] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECT_FAILURE, "UF"),
         (Self::UPSTREAM_CONNECTION_TERMINATION, "UC"),
@@ -49,6 +51,7 @@ impl ResponseFlags {
         (Self::DOWNSTREAM_PROTOCOL_ERROR, "DPE"),
         (Self::NO_CLUSTER, "NC"),
         (Self::STREAM_IDLE_TIMEOUT, "SI"),
+        (Self::RBAC_DENIED, "RBAC"),
     ];
 
     pub fn is_empty(self) -> bool {

@@ -1,0 +1,22 @@
+//! Authorization, as pure functions: who may call what.
+//!
+//! [`model`] is Envoy's RBAC filter model (ordered filters of ALLOW, DENY or LOG rules, with shadow rules
+//! that only observe), which is what xDS carries; [`Authorization::evaluate`] decides for one connection
+//! or request; [`path`] normalizes a request path before anything matches on it; [`istio`] translates
+//! Istio's AuthorizationPolicy into the model with Istio's semantics. Nothing here does I/O.
+
+mod eval;
+pub mod istio;
+mod model;
+pub mod path;
+
+pub use eval::{Decision, Event, Peer, Request};
+pub use model::{
+    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Permission, Policy, Principal, Rbac,
+    RbacFilter, StringMatch,
+};
+
+/// A value in a policy that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
