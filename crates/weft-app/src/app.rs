@@ -73,6 +73,11 @@ impl Inputs {
         self.mesh.borrow().clone()
     }
 
+    /// A receiver of configuration snapshots, for what must follow changes.
+    pub(crate) fn mesh_changes(&self) -> watch::Receiver<Arc<Mesh>> {
+        self.mesh.clone()
+    }
+
     /// Where a redirected connection was going, or `None` (logged) when that is unknown or is this proxy
     /// itself: forwarding a connection to our own listener would loop forever.
     pub(crate) fn original_dst(&self, conn: &Accepted) -> Option<SocketAddr> {

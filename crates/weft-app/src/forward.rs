@@ -64,10 +64,58 @@ impl weft_http::RouteSource for LiveRoutes {
     }
 }
 
+/// Which listener's authorization policy holds a connection to account.
+#[derive(Debug, Clone)]
+pub(crate) enum AuthzKey {
+    Inbound,
+    Listener(String),
+}
+
+/// The current policy of one listener for one layer, read from the snapshot in force at each request
+/// (or, for TCP, at connect time and at every configuration change).
+#[derive(Debug)]
+struct LivePolicy {
+    mesh: tokio::sync::watch::Receiver<Arc<weft_model::Mesh>>,
+    key: AuthzKey,
+    http: bool,
+}
+
+impl weft_http::authz::PolicySource for LivePolicy {
+    fn current(&self) -> Arc<weft_authz::Authorization> {
+        let mesh = self.mesh.borrow().clone();
+        let authorization = match &self.key {
+            AuthzKey::Inbound => mesh.inbound.as_ref().map(|i| &i.authorization),
+            AuthzKey::Listener(name) => mesh
+                .listeners
+                .iter()
+                .find(|l| &l.name == name)
+                .map(|l| &l.authorization),
+        };
+        match authorization {
+            Some(a) if self.http => a.http.clone(),
+            Some(a) => a.tcp.clone(),
+            // The listener is gone from the configuration: nothing may pass any more.
+            None => Arc::new(weft_authz::Authorization {
+                filters: vec![weft_authz::RbacFilter {
+                    rules: Some(weft_authz::Rbac {
+                        action: weft_authz::Action::Allow,
+                        policies: Vec::new(),
+                    }),
+                    shadow: None,
+                }],
+            }),
+        }
+    }
+}
+
 /// A connection whose destination is decided.
 #[derive(Debug)]
 pub(crate) struct Routed {
     pub(crate) stream: TcpStream,
+    /// The address of the peer that connected.
+    pub(crate) source: SocketAddr,
+    /// Where peers' traffic arrives: the policy its requests and connections are held to.
+    pub(crate) authz: Option<AuthzKey>,
     pub(crate) orig_dst: SocketAddr,
     pub(crate) destination: Destination,
     /// Overrides the destination's protocol (inbound ports declare theirs).
@@ -98,8 +146,20 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         mut peers,
         inbound,
         peer_authentication,
+        source,
+        authz,
         ..
     } = conn;
+    let server_name: Option<Arc<str>> = hello
+        .as_ref()
+        .and_then(|h| h.server_name.as_deref())
+        .map(Arc::from);
+    let authz = authz.map(|key| Authz {
+        key,
+        source,
+        destination: orig_dst,
+        server_name,
+    });
     let detected = if hello.is_some() { "tls" } else { handling.name() };
     inputs.metrics.count_detection(inbound, detected);
 
@@ -138,6 +198,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         peers.source_principal = client
             .as_ref()
             .map_or_else(Label::unknown, |id| Label::from(id.to_string()));
+        let principal: Option<Arc<str>> = client.as_ref().map(|id| Arc::from(id.to_string()));
         let client_cert = client.map(|id| format!("By={};URI={id}", material.credentials.id));
         let handling = match alpn.as_deref() {
             Some(b"h2") => Some(Handling::Http(HttpVersion::Http2)),
@@ -160,6 +221,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 destination,
                 peers,
                 client_cert,
+                authz: authz.map(|a| (a, principal)),
             },
         )
         .await;
@@ -192,9 +254,18 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
             destination,
             peers,
             client_cert: None,
+            authz: authz.map(|a| (a, None)),
         },
     )
     .await
+}
+
+/// What authorizing a connection needs besides the caller's identity.
+struct Authz {
+    key: AuthzKey,
+    source: SocketAddr,
+    destination: SocketAddr,
+    server_name: Option<Arc<str>>,
 }
 
 /// What forwarding a connection needs once its protocol and peer are known.
@@ -204,6 +275,25 @@ struct Connection {
     peers: Peers,
     /// `x-forwarded-client-cert` for the app, when the client proved an identity.
     client_cert: Option<String>,
+    /// Where peers arrive: the policy, and the principal the connection proved.
+    authz: Option<(Authz, Option<Arc<str>>)>,
+}
+
+impl Connection {
+    fn authorization(&self, inputs: &Inputs, http: bool) -> Option<weft_http::authz::ConnectionAuthz> {
+        let (authz, principal) = self.authz.as_ref()?;
+        Some(weft_http::authz::ConnectionAuthz {
+            policy: Arc::new(LivePolicy {
+                mesh: inputs.mesh_changes(),
+                key: authz.key.clone(),
+                http,
+            }),
+            principal: principal.clone(),
+            source: authz.source.ip(),
+            destination: authz.destination,
+            server_name: authz.server_name.clone(),
+        })
+    }
 }
 
 async fn forward<S>(inputs: Arc<Inputs>, io: PrefixedIo<S>, handling: Handling, conn: Connection)
@@ -212,11 +302,13 @@ where
 {
     match handling {
         Handling::Http(version) => {
+            let authorization = conn.authorization(&inputs, true);
             let upstream = match conn.destination {
                 Destination::Target(_, key) => Upstream::Routes(inputs.live_routes(key)),
                 Destination::Direct(addr, settings) => Upstream::Direct { addr, settings },
             };
             let ctx = Arc::new(HttpContext {
+                authorization,
                 upstream,
                 orig_dst: conn.orig_dst,
                 version,
@@ -237,7 +329,10 @@ where
                 tracing::debug!(error = %err, dst = %conn.orig_dst, "HTTP connection ended with an error");
             }
         }
-        Handling::Opaque => forward_tcp(&inputs, io, conn.destination, conn.peers, conn.orig_dst).await,
+        Handling::Opaque => {
+            let authz = conn.authorization(&inputs, false);
+            forward_tcp(&inputs, io, conn.destination, conn.peers, conn.orig_dst, authz).await
+        }
     }
 }
 
@@ -249,6 +344,7 @@ async fn forward_tcp<S>(
     destination: Destination,
     peers: Peers,
     dst: SocketAddr,
+    authz: Option<weft_http::authz::ConnectionAuthz>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -256,6 +352,14 @@ async fn forward_tcp<S>(
         peers,
         response_flags: ResponseFlags::NONE,
     };
+    // Opaque connections are authorized on what exists at L4 before anything reaches the app.
+    if let Some(authz) = &authz
+        && !authz.decide(None, inputs.forwarder.decisions()).is_allowed()
+    {
+        labels.response_flags = ResponseFlags::RBAC_DENIED;
+        inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+        return;
+    }
     let connected = match &destination {
         Destination::Direct(addr, settings) => inputs
             .forwarder
@@ -311,6 +415,11 @@ async fn forward_tcp<S>(
             labels.response_flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
             Ok((0, 0))
         }
+        () = revoked(inputs, authz.as_ref()) => {
+            tracing::info!(%dst, %endpoint, "closing a TCP connection the authorization policy no longer allows");
+            labels.response_flags = ResponseFlags::RBAC_DENIED;
+            Ok((0, 0))
+        }
     };
     match copied {
         Ok((received, sent)) => {
@@ -328,4 +437,19 @@ async fn forward_tcp<S>(
         }
     }
     inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+}
+
+/// Resolves when a configuration change leaves the connection no longer allowed (Envoy's network RBAC
+/// closes such connections); never without a policy.
+async fn revoked(inputs: &Inputs, authz: Option<&weft_http::authz::ConnectionAuthz>) {
+    let Some(authz) = authz else {
+        return std::future::pending().await;
+    };
+    let mut changes = inputs.mesh_changes();
+    while changes.changed().await.is_ok() {
+        if !authz.decide(None, inputs.forwarder.decisions()).is_allowed() {
+            return;
+        }
+    }
+    std::future::pending().await
 }

@@ -7,7 +7,7 @@ use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter};
 use weft_transport::Accepted;
 
 use crate::app::Inputs;
-use crate::forward::{Routed, serve};
+use crate::forward::{AuthzKey, Routed, serve};
 
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let Some(orig_dst) = inputs.original_dst(&conn) else {
@@ -20,6 +20,8 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let peers = destination_peers(&inputs, format!("inbound|{}||", orig_dst.port()).into());
     let routed = Routed {
         stream: conn.stream,
+        source: conn.peer,
+        authz: Some(AuthzKey::Inbound),
         orig_dst,
         destination: inputs.app(app, policy.idle_timeout, policy.source_for(app)),
         protocol: Some(policy.protocol_for(orig_dst.port())),

@@ -7,7 +7,7 @@ use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, 
 use weft_transport::Accepted;
 
 use crate::app::Inputs;
-use crate::forward::{Destination, Routed, TargetKey, serve};
+use crate::forward::{AuthzKey, Destination, Routed, TargetKey, serve};
 
 /// A connection the app made to some `ip:port`, captured by iptables.
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
@@ -39,6 +39,8 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let peers = source_peers(&inputs, service);
     let routed = Routed {
         stream: conn.stream,
+        source: conn.peer,
+        authz: None,
         orig_dst,
         destination,
         protocol: None,
@@ -60,8 +62,12 @@ pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, co
     } else {
         source_peers(&inputs, service)
     };
+    // An entry point, or a listener with policies, authorizes what arrives.
+    let authz = (entry || !listener.authorization.is_empty()).then(|| AuthzKey::Listener(listener.name.clone()));
     let routed = Routed {
         stream: conn.stream,
+        source: conn.peer,
+        authz,
         // The clients dialled the listener's own address; requests without an authority use it.
         orig_dst: conn.local,
         peers,

@@ -48,7 +48,7 @@ impl Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Event<'a> {
     pub action: Action,
-    pub policy: Option<&'a str>,
+    pub policy: Option<&'a Arc<str>>,
     pub result: &'static str,
     /// From shadow rules: observed, not enforced.
     pub shadow: bool,
@@ -95,7 +95,7 @@ impl Authorization {
                         result: "denied",
                         shadow: false,
                     });
-                    return Decision::Denied(rules.policy_name(name));
+                    return Decision::Denied(Some(name.clone()));
                 }
                 (Action::Allow, Some(name)) => observe(Event {
                     action: Action::Allow,
@@ -117,15 +117,11 @@ impl Authorization {
 }
 
 impl Rbac {
-    fn first_match(&self, peer: &Peer<'_>, request: Option<&Request<'_>>) -> Option<&str> {
+    fn first_match(&self, peer: &Peer<'_>, request: Option<&Request<'_>>) -> Option<&Arc<str>> {
         self.policies
             .iter()
             .find(|p| p.policy.matches(peer, request))
-            .map(|p| &*p.name)
-    }
-
-    fn policy_name(&self, name: &str) -> Option<Arc<str>> {
-        self.policies.iter().find(|p| &*p.name == name).map(|p| p.name.clone())
+            .map(|p| &p.name)
     }
 }
 

@@ -12,9 +12,14 @@ pub mod path;
 
 pub use eval::{Decision, Event, Peer, Request};
 pub use model::{
-    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Permission, Policy, Principal, Rbac,
-    RbacFilter, StringMatch,
+    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Pattern, Permission, Policy, Principal,
+    Rbac, RbacFilter, StringMatch,
 };
+
+/// A regular expression as RBAC matches it (the whole value, RE2 syntax).
+pub fn model_pattern(source: &str) -> Result<model::Pattern, InvalidValue> {
+    model::Pattern::new(source)
+}
 
 /// A value in a policy that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -260,11 +260,12 @@ impl From<Cidr> for String {
     }
 }
 
-/// Istio's path templates: `{*}` is exactly one segment, `{**}` (last) is whatever remains.
+/// A URI template: `{*}` is exactly one segment, `{**}` (last) is whatever remains. Istio writes
+/// `/orders/{*}/items/{**}`; Envoy's `uri_template` writes `/orders/*/items/**` (or names the
+/// variables, `{id}`, `{rest=**}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(into = "String")]
 pub struct PathTemplate {
-    source: String,
     segments: Vec<Segment>,
 }
 
@@ -276,33 +277,51 @@ enum Segment {
 }
 
 impl PathTemplate {
+    /// Istio's form.
     pub fn parse(text: &str) -> Result<Self, InvalidValue> {
+        Self::parse_with(text, |part| match part {
+            "{*}" => Some(Segment::One),
+            "{**}" => Some(Segment::Rest),
+            _ => None,
+        })
+    }
+
+    /// Envoy's `uri_template` form.
+    pub fn parse_envoy(text: &str) -> Result<Self, InvalidValue> {
+        Self::parse_with(text, |part| {
+            let operator = match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                Some(variable) => variable.split_once('=').map_or("*", |(_, op)| op),
+                None => part,
+            };
+            match operator {
+                "*" => Some(Segment::One),
+                "**" => Some(Segment::Rest),
+                _ => None,
+            }
+        })
+    }
+
+    fn parse_with(text: &str, operator: impl Fn(&str) -> Option<Segment>) -> Result<Self, InvalidValue> {
         let invalid = |why: &str| InvalidValue(format!("path template \"{text}\": {why}"));
         let Some(rest) = text.strip_prefix('/') else {
             return Err(invalid("must start with /"));
         };
-        let mut segments = Vec::new();
         let parts: Vec<&str> = rest.split('/').collect();
+        let mut segments = Vec::new();
         for (i, part) in parts.iter().enumerate() {
-            let segment = match *part {
-                "{*}" => Segment::One,
-                "{**}" if i + 1 == parts.len() => Segment::Rest,
-                "{**}" => return Err(invalid("{**} must be the last segment")),
-                p if p.contains(['{', '}', '*']) => {
+            let segment = match operator(part) {
+                Some(Segment::Rest) if i + 1 != parts.len() => {
+                    return Err(invalid("the multi-segment operator must be the last segment"));
+                }
+                Some(op) => op,
+                None if part.contains(['{', '}', '*']) => {
                     return Err(invalid("an operator must be a whole segment: {*} or {**}"));
                 }
-                p => Segment::Literal(p.to_owned()),
+                None => Segment::Literal((*part).to_owned()),
             };
             segments.push(segment);
         }
-        Ok(Self {
-            source: text.to_owned(),
-            segments,
-        })
-    }
-
-    pub fn source(&self) -> &str {
-        &self.source
+        Ok(Self { segments })
     }
 
     pub fn matches(&self, path: &str) -> bool {
@@ -328,9 +347,24 @@ impl PathTemplate {
     }
 }
 
+/// Envoy's form.
+impl std::fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for segment in &self.segments {
+            f.write_str("/")?;
+            match segment {
+                Segment::Literal(l) => f.write_str(l)?,
+                Segment::One => f.write_str("*")?,
+                Segment::Rest => f.write_str("**")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl From<PathTemplate> for String {
     fn from(t: PathTemplate) -> String {
-        t.source
+        t.to_string()
     }
 }
 

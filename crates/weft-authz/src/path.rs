@@ -19,6 +19,17 @@ pub enum PathError {
     Fragment,
 }
 
+impl PathError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathError::Nul => "the path contains a NUL",
+            PathError::BadEscape => "the path contains a malformed percent-escape",
+            PathError::NotUtf8 => "the path is not UTF-8 once decoded",
+            PathError::Fragment => "the path contains a fragment",
+        }
+    }
+}
+
 /// Normalizes the path of `path_and_query`, keeping the query as it is.
 pub fn normalize(path_and_query: &str) -> Result<Cow<'_, str>, PathError> {
     let (path, query) = match path_and_query.find('?') {

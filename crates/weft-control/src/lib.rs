@@ -3,6 +3,7 @@
 //! serves them over ADS ([`server`]).
 
 pub mod ca;
+mod rbac;
 pub mod resources;
 pub mod server;
 pub mod tls;

@@ -342,8 +342,20 @@ pub enum MtlsMode {
     Strict,
 }
 
-/// Istio's root namespace: a PeerAuthentication there without a selector applies mesh-wide.
-pub const ROOT_NAMESPACE: &str = "istio-system";
+/// Istio's default root namespace: a PeerAuthentication or AuthorizationPolicy there without a selector
+/// applies mesh-wide. `WEFT_ROOT_NAMESPACE` changes it (Istio's `meshConfig.rootNamespace`).
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
+
+/// The root namespace in force, read once.
+pub fn root_namespace() -> &'static str {
+    static ROOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        std::env::var("WEFT_ROOT_NAMESPACE")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| DEFAULT_ROOT_NAMESPACE.to_owned())
+    })
+}
 
 // ---- loading ----
 
@@ -364,6 +376,10 @@ pub struct Catalog {
     pub virtual_services: Vec<Resource<VirtualServiceSpec>>,
     pub destination_rules: Vec<Resource<DestinationRuleSpec>>,
     pub peer_authentications: Vec<Resource<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Resource<weft_authz::istio::AuthorizationPolicySpec>>,
+    /// Kinds read and left alone because they are not mesh configuration (a Deployment, a
+    /// ServiceAccount), with how many of each: reported by name, never silently.
+    pub ignored: BTreeMap<String, usize>,
 }
 
 /// A problem with one resource (or one document).
@@ -389,14 +405,21 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Kinds from other APIs (AuthorizationPolicy, Deployments...) are skipped quietly:
-/// they belong to other parts of the mesh or to Kubernetes itself.
-const KNOWN_ELSEWHERE: [&str; 5] = [
-    "AuthorizationPolicy",
+/// Kubernetes kinds that are not mesh configuration: read, counted and listed as ignored.
+const NOT_MESH_CONFIGURATION: [&str; 13] = [
     "Deployment",
+    "StatefulSet",
+    "DaemonSet",
+    "ReplicaSet",
+    "Job",
+    "CronJob",
+    "Pod",
     "ServiceAccount",
     "Namespace",
     "ConfigMap",
+    "Secret",
+    "Role",
+    "RoleBinding",
 ];
 
 #[derive(Deserialize)]
@@ -531,7 +554,27 @@ pub fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut 
                 catalog.peer_authentications,
                 api.starts_with("security.istio.io/")
             ),
-            k if KNOWN_ELSEWHERE.contains(&k) => {}
+            "AuthorizationPolicy" => {
+                let before = catalog.authorization_policies.len();
+                push!(
+                    catalog.authorization_policies,
+                    matches!(api.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1")
+                );
+                // Enforced, but where a part cannot be evaluated it fails closed: say which part.
+                if let Some(p) = catalog.authorization_policies.get(before) {
+                    for finding in weft_authz::istio::check(&p.spec) {
+                        problems.push(problem(&resource, &finding.field, finding.problem));
+                    }
+                }
+            }
+            "RequestAuthentication" => problems.push(problem(
+                &resource,
+                "kind",
+                "RequestAuthentication (JWT) is not supported yet: no request is authenticated by it, and AuthorizationPolicy fields that need a JWT fail closed".into(),
+            )),
+            k if NOT_MESH_CONFIGURATION.contains(&k) => {
+                *catalog.ignored.entry(k.to_owned()).or_default() += 1;
+            }
             other => problems.push(problem(
                 &resource,
                 "kind",
@@ -574,6 +617,20 @@ pub fn keep_last_good(previous: &Catalog, next: &mut Catalog, problems: &[Proble
         "DestinationRule",
         &previous.destination_rules,
         &mut next.destination_rules,
+        problems,
+    );
+    carry(
+        "PeerAuthentication",
+        &previous.peer_authentications,
+        &mut next.peer_authentications,
+        problems,
+    );
+    // A policy that stops parsing keeps its last good version: an edit with a typo must never open a
+    // workload that the policy protected.
+    carry(
+        "AuthorizationPolicy",
+        &previous.authorization_policies,
+        &mut next.authorization_policies,
         problems,
     );
 }

@@ -53,6 +53,8 @@ use crate::resources::{
 pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
 pub const INBOUND_CAPTURE_PORT: u32 = 15006;
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
+/// Istio's cluster for inbound connections to ports no Service declares.
+const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
 /// The label Istio's injector puts on workloads that have a sidecar.
 const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 const ROUTER_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
@@ -453,6 +455,16 @@ impl Builder {
         let mut chains = Vec::new();
         let mut seen = BTreeSet::new();
         let mode = peer_authentication(catalog, me, &node.namespace);
+        let (http_authz, tcp_authz) = authorization(catalog, me, &node.namespace);
+        let http_rbac = crate::rbac::http_filters(&http_authz);
+        let tcp_rbac = crate::rbac::network_filters(&tcp_authz);
+        let inbound_chain = |filter: Any, http: bool| {
+            let mut chain = filter_chain(filter);
+            if !http {
+                chain.filters.splice(0..0, tcp_rbac.iter().cloned());
+            }
+            chain
+        };
         if let Some(me) = me {
             for service in catalog.services.iter().filter(|s| {
                 s.metadata.namespace() == me.metadata.namespace()
@@ -466,8 +478,9 @@ impl Builder {
                         continue;
                     }
                     let inbound_cluster = format!("inbound|{target}||");
-                    let filter = if port.protocol() == PortProtocol::Http {
-                        hcm_inline(&inbound_cluster)
+                    let http = port.protocol() == PortProtocol::Http;
+                    let filter = if http {
+                        hcm_inline(&inbound_cluster, &http_rbac)
                     } else {
                         tcp_proxy(&inbound_cluster)
                     };
@@ -482,7 +495,7 @@ impl Builder {
                         if !wanted {
                             continue;
                         }
-                        let mut chain = filter_chain(filter.clone());
+                        let mut chain = inbound_chain(filter.clone(), http);
                         chain.filter_chain_match = Some(FilterChainMatch {
                             destination_port: Some(UInt32Value {
                                 value: u32::from(target),
@@ -497,6 +510,12 @@ impl Builder {
                     }
                 }
             }
+        }
+        // Istio's catch-all chains: connections to ports no Service declares are held to the same
+        // policy, translated for HTTP and for TCP.
+        if !(http_authz.is_empty() && tcp_authz.is_empty()) {
+            chains.push(inbound_chain(hcm_inline(INBOUND_PASSTHROUGH, &http_rbac), true));
+            chains.push(inbound_chain(tcp_proxy(INBOUND_PASSTHROUGH), false));
         }
         self.listeners.insert(
             "virtualInbound".into(),
@@ -540,6 +559,38 @@ fn mesh_identities(
     })
 }
 
+/// The AuthorizationPolicies that apply to a workload (Istio's scopes: mesh-wide in the root namespace,
+/// namespace-wide, or selecting its labels, from its namespace or from the root namespace), translated
+/// for HTTP requests and for TCP connections.
+fn authorization(
+    catalog: &Catalog,
+    me: Option<&Resource<WorkloadEntrySpec>>,
+    namespace: &str,
+) -> (weft_authz::Authorization, weft_authz::Authorization) {
+    let root = crate::resources::root_namespace();
+    let applicable: Vec<weft_authz::istio::Applicable<'_>> = catalog
+        .authorization_policies
+        .iter()
+        .filter(|p| {
+            let ns = p.metadata.namespace();
+            match (&p.spec.selector, me) {
+                (None, _) => ns == namespace || ns == root,
+                (Some(s), Some(me)) => (ns == namespace || ns == root) && selects(&s.match_labels, &me.spec.labels),
+                (Some(_), None) => false,
+            }
+        })
+        .map(|p| weft_authz::istio::Applicable {
+            namespace: p.metadata.namespace(),
+            name: &p.metadata.name,
+            spec: &p.spec,
+        })
+        .collect();
+    (
+        weft_authz::istio::authorization(&applicable, weft_authz::istio::Layer::Http),
+        weft_authz::istio::authorization(&applicable, weft_authz::istio::Layer::Tcp),
+    )
+}
+
 /// The mode for a workload, by Istio's precedence: a policy selecting it, then its namespace's, then the
 /// mesh-wide one in the root namespace; `UNSET` defers to the next; PERMISSIVE when none says.
 fn peer_authentication(
@@ -568,7 +619,7 @@ fn peer_authentication(
     let mesh_wide = catalog
         .peer_authentications
         .iter()
-        .filter(|p| p.metadata.namespace() == crate::resources::ROOT_NAMESPACE && p.spec.selector.is_none());
+        .filter(|p| p.metadata.namespace() == crate::resources::root_namespace() && p.spec.selector.is_none());
     selecting
         .filter_map(mode_of)
         .next()
@@ -832,7 +883,7 @@ fn hcm_rds(route_name: &str) -> Any {
     })
 }
 
-fn hcm_inline(cluster: &str) -> Any {
+fn hcm_inline(cluster: &str, rbac: &[HttpFilter]) -> Any {
     let route = route_to(
         "default".into(),
         prefix_match("/"),
@@ -854,7 +905,7 @@ fn hcm_inline(cluster: &str) -> Any {
                 ..Default::default()
             },
         )),
-        http_filters: vec![router()],
+        http_filters: rbac.iter().cloned().chain([router()]).collect(),
         ..Default::default()
     })
 }

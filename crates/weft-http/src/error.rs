@@ -30,6 +30,9 @@ pub enum UpstreamError {
     /// duplicate or conflicting Host): answered 400 and never held against an endpoint.
     #[error("malformed request from the client: {0}")]
     BadRequest(&'static str),
+    /// An authorization policy denied the request.
+    #[error("denied by authorization policy")]
+    Forbidden,
 }
 
 impl UpstreamError {
@@ -52,6 +55,7 @@ impl UpstreamError {
         match self {
             Self::Protocol(_) => StatusCode::BAD_GATEWAY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Forbidden => StatusCode::FORBIDDEN,
             Self::NoRoute => StatusCode::NOT_FOUND,
             Self::Timeout(_) | Self::StreamIdle => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -70,6 +74,7 @@ impl UpstreamError {
             Self::Protocol(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             Self::Terminated(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
             Self::BadRequest(_) => ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+            Self::Forbidden => ResponseFlags::RBAC_DENIED,
         }
     }
 
@@ -94,6 +99,8 @@ impl UpstreamError {
                 "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
             }
             Self::BadRequest(_) => "bad request",
+            // Envoy's RBAC filter's words, which users search for.
+            Self::Forbidden => "RBAC: access denied",
         }
     }
 
@@ -104,6 +111,7 @@ impl UpstreamError {
             Self::Timeout(_) | Self::StreamIdle => 4, // DEADLINE_EXCEEDED
             Self::NoRoute => 12,                      // UNIMPLEMENTED
             Self::Protocol(_) | Self::BadRequest(_) => 13, // INTERNAL
+            Self::Forbidden => 7,                           // PERMISSION_DENIED
             _ => 14,                                  // UNAVAILABLE
         }
     }

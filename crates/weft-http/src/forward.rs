@@ -67,6 +67,8 @@ pub struct HttpContext {
     pub peers: Peers,
     /// Set as `x-forwarded-client-cert` (the caller's proven identity); any the client sent is removed.
     pub client_cert: Option<HeaderValue>,
+    /// Where peers' traffic arrives: paths are normalized and every request is authorized.
+    pub authorization: Option<crate::authz::ConnectionAuthz>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -75,6 +77,7 @@ pub struct Forwarder {
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
     clusters: Arc<ClusterStates>,
+    decisions: Arc<crate::authz::Decisions>,
 }
 
 /// How an opaque TCP connection to a cluster was made.
@@ -135,8 +138,14 @@ impl Forwarder {
         Self {
             pools,
             clusters: Arc::new(ClusterStates::new(metrics.clone())),
+            decisions: Arc::new(crate::authz::Decisions::new(metrics.clone())),
             metrics,
         }
+    }
+
+    /// Counts authorization decisions and logs denials, for connections authorized outside HTTP.
+    pub fn decisions(&self) -> &crate::authz::Decisions {
+        &self.decisions
     }
 
     /// The running state of every cluster (admin `GET /clusters`).
@@ -261,22 +270,28 @@ impl Forwarder {
             set_upgrade(&mut parts.headers, protocol.clone());
         }
 
+        let refused = |err: UpstreamError, flags: ResponseFlags| {
+            let completion = |status: StatusCode, flags: ResponseFlags| Completion {
+                metrics: self.metrics.clone(),
+                labels: RequestLabels {
+                    peers: ctx.peers.clone(),
+                    request_protocol,
+                    response_code: status.as_u16(),
+                    response_flags: flags,
+                },
+                start,
+            };
+            error_response(err, grpc, flags, completion)
+        };
         let authority = match request_authority(&mut parts, ctx.version, ctx.orig_dst) {
             Ok(authority) => authority,
-            Err(err) => {
-                let completion = |status: StatusCode, flags: ResponseFlags| Completion {
-                    metrics: self.metrics.clone(),
-                    labels: RequestLabels {
-                        peers: ctx.peers.clone(),
-                        request_protocol,
-                        response_code: status.as_u16(),
-                        response_flags: flags,
-                    },
-                    start,
-                };
-                return error_response(err, grpc, ResponseFlags::NONE, completion);
-            }
+            Err(err) => return refused(err, ResponseFlags::NONE),
         };
+        if let Some(authz) = &ctx.authorization
+            && let Err(err) = self.authorize(&mut parts, &authority, authz)
+        {
+            return refused(err, ResponseFlags::NONE);
+        }
         let decided = self.decide(&parts, &authority, &ctx.upstream);
         let mut peers = ctx.peers.clone();
         if let Ok(Decision {
@@ -380,6 +395,38 @@ impl Forwarder {
             parts,
             ProxyBody::upstream(body, completion(status, flags), timer, held),
         )
+    }
+
+    /// Normalizes the request's path (the app receives the path that was authorized) and holds the
+    /// request to the workload's policy.
+    fn authorize(
+        &self,
+        parts: &mut http::request::Parts,
+        authority: &Authority,
+        authz: &crate::authz::ConnectionAuthz,
+    ) -> Result<(), UpstreamError> {
+        let original = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let normalized =
+            weft_authz::path::normalize(original).map_err(|e| UpstreamError::BadRequest(e.as_str()))?;
+        if let std::borrow::Cow::Owned(path) = normalized {
+            let path = PathAndQuery::try_from(path)
+                .map_err(|_| UpstreamError::BadRequest("the normalized path is not a valid URI path"))?;
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.path_and_query = Some(path);
+            parts.uri = Uri::from_parts(uri).map_err(|_| UpstreamError::BadRequest("the request URI"))?;
+        }
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let request = weft_authz::Request {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            path_and_query,
+            authority: authority.as_str(),
+            headers: &parts.headers,
+        };
+        match authz.decide(Some(&request), &self.decisions) {
+            weft_authz::Decision::Allowed => Ok(()),
+            weft_authz::Decision::Denied(_) => Err(UpstreamError::Forbidden),
+        }
     }
 
     /// Tries a request on the cluster's endpoints under its circuit breakers, retrying as the route's

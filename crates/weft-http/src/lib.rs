@@ -4,6 +4,7 @@
 //! Request-level policy lives here too: routing, retries with a budget, timeouts, circuit breakers,
 //! least-request balancing and outlier detection ([`cluster`]).
 
+pub mod authz;
 mod body;
 pub mod cluster;
 mod error;

@@ -172,6 +172,18 @@ pub struct InboundFile {
     pub ports: Vec<InboundPortFile>,
     /// Istio's PeerAuthentication mode for the inbound listener; `permissive` by default.
     pub peer_authentication: crate::PeerAuthentication,
+    /// Istio AuthorizationPolicies enforced on what arrives, with Istio's semantics.
+    pub authorization_policies: Vec<AuthorizationPolicyFile>,
+}
+
+/// An AuthorizationPolicy in the proxy's own file: a name and Istio's `spec`, which applies to this
+/// proxy (so it has no selector).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationPolicyFile {
+    pub name: String,
+    #[serde(skip_serializing)]
+    pub spec: weft_authz::istio::AuthorizationPolicySpec,
 }
 
 impl Default for InboundFile {
@@ -183,6 +195,7 @@ impl Default for InboundFile {
             idle_timeout: None,
             ports: Vec::new(),
             peer_authentication: crate::PeerAuthentication::Permissive,
+            authorization_policies: Vec::new(),
         }
     }
 }
@@ -202,6 +215,9 @@ pub struct ListenerFile {
     /// Mutual TLS from peers: `disable` (the default for explicit listeners), `permissive`, `strict`.
     #[serde(default)]
     pub peer_authentication: Option<crate::PeerAuthentication>,
+    /// Istio AuthorizationPolicies enforced on what arrives (see `inbound.authorization_policies`).
+    #[serde(default)]
+    pub authorization_policies: Vec<AuthorizationPolicyFile>,
     #[serde(flatten)]
     pub target: TargetFile,
 }
@@ -519,6 +535,8 @@ impl ProxyFile {
                 ));
             }
         }
+        let inbound_authorization =
+            authorization("inbound.authorization_policies", &self.inbound.authorization_policies, &node.namespace)?;
         let inbound = self.inbound.enabled.then(|| InboundPolicy {
             address: self
                 .inbound
@@ -532,6 +550,7 @@ impl ProxyFile {
             idle_timeout: self.inbound.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
             ports: inbound_ports,
             peer_authentication: self.inbound.peer_authentication,
+            authorization: inbound_authorization,
         });
 
         let mut listeners = Vec::new();
@@ -547,9 +566,15 @@ impl ProxyFile {
                 ));
             }
             let resolved = target(format!("listeners[{i}]"), &l.target)?;
+            let authorization = authorization(
+                &format!("listeners[{i}].authorization_policies"),
+                &l.authorization_policies,
+                &node.namespace,
+            )?;
             listeners.push(ExplicitListener {
                 name: l.name,
                 address: l.address,
+                authorization,
                 peer_authentication: l
                     .peer_authentication
                     .unwrap_or(crate::PeerAuthentication::Disable),
@@ -571,6 +596,46 @@ impl ProxyFile {
         };
         Ok((bootstrap, mesh))
     }
+}
+
+/// The file's policies, checked as `weft check` checks them: in the proxy's own file every problem is an
+/// error (a policy that would fail closed at run time is better refused at start).
+fn authorization(
+    field: &str,
+    policies: &[AuthorizationPolicyFile],
+    namespace: &str,
+) -> Result<crate::ListenerAuthorization, Invalid> {
+    use weft_authz::istio::{Applicable, Layer, authorization, check};
+    let mut names = HashSet::new();
+    for (i, p) in policies.iter().enumerate() {
+        if p.name.is_empty() {
+            return Err(invalid(format!("{field}[{i}].name"), "must not be empty"));
+        }
+        if !names.insert(p.name.as_str()) {
+            return Err(invalid(format!("{field}[{i}].name"), format!("duplicate policy name \"{}\"", p.name)));
+        }
+        if p.spec.selector.is_some() {
+            return Err(invalid(
+                format!("{field}[{i}].spec.selector"),
+                "a policy in the proxy's own file applies to this proxy: leave the selector out",
+            ));
+        }
+        if let Some(finding) = check(&p.spec).into_iter().next() {
+            return Err(invalid(format!("{field}[{i}].{}", finding.field), finding.problem));
+        }
+    }
+    let applicable: Vec<Applicable<'_>> = policies
+        .iter()
+        .map(|p| Applicable {
+            namespace,
+            name: &p.name,
+            spec: &p.spec,
+        })
+        .collect();
+    Ok(crate::ListenerAuthorization {
+        http: Arc::new(authorization(&applicable, Layer::Http)),
+        tcp: Arc::new(authorization(&applicable, Layer::Tcp)),
+    })
 }
 
 fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<Cluster>>, Invalid> {

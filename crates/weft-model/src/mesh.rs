@@ -184,6 +184,22 @@ pub struct InboundPolicy {
     #[serde(serialize_with = "sorted_map")]
     pub ports: HashMap<u16, Protocol>,
     pub peer_authentication: PeerAuthentication,
+    pub authorization: ListenerAuthorization,
+}
+
+/// What a listener that receives peers' traffic enforces: Envoy's RBAC filters, one set for HTTP
+/// requests and one for opaque TCP connections (Istio translates a policy differently for each).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ListenerAuthorization {
+    pub http: Arc<weft_authz::Authorization>,
+    pub tcp: Arc<weft_authz::Authorization>,
+}
+
+impl ListenerAuthorization {
+    /// Nothing enforced or observed on either layer.
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.tcp.is_empty()
+    }
 }
 
 /// A listener bound to a fixed address that sends everything to one cluster (no iptables needed).
@@ -192,6 +208,7 @@ pub struct ExplicitListener {
     pub name: String,
     pub address: SocketAddr,
     pub peer_authentication: PeerAuthentication,
+    pub authorization: ListenerAuthorization,
     #[serde(flatten)]
     pub target: Target,
 }

@@ -8,6 +8,6 @@ mod metrics;
 pub use flags::ResponseFlags;
 pub use logging::{LogControl, LogError};
 pub use metrics::{
-    ClusterEventLabels, ClusterLabels, ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels,
+    AuthzLabels, ClusterEventLabels, ClusterLabels, ConnectionSecurity, Label, Metrics, Peers, Reporter, RequestLabels,
     RequestProtocol, TcpLabels, XdsLabels,
 };

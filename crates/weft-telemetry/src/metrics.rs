@@ -35,6 +35,12 @@ impl From<&str> for Label {
     }
 }
 
+impl From<Arc<str>> for Label {
+    fn from(s: Arc<str>) -> Self {
+        Self(s)
+    }
+}
+
 impl From<String> for Label {
     fn from(s: String) -> Self {
         Self(s.into())
@@ -140,6 +146,16 @@ pub struct ClusterEventLabels {
     pub reason: &'static str,
 }
 
+/// An authorization decision: which rule set (`allow`, `deny`, `audit`), which policy matched (`none`:
+/// no ALLOW policy did), and what happened (`allowed`, `denied`, `audited`, `shadow_allowed`,
+/// `shadow_denied`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub action: &'static str,
+    pub policy: Label,
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the proxy exports.
@@ -163,6 +179,7 @@ pub struct Metrics {
     pub overflows: Family<ClusterEventLabels, Counter>,
     pub ejections: Family<ClusterEventLabels, Counter>,
     pub ejected_endpoints: Family<ClusterLabels, Gauge>,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
 }
 
 impl Metrics {
@@ -186,6 +203,7 @@ impl Metrics {
         let overflows = Family::default();
         let ejections = Family::default();
         let ejected_endpoints = Family::default();
+        let authz_decisions = Family::default();
 
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -278,6 +296,12 @@ impl Metrics {
             ejected_endpoints.clone(),
         );
 
+        weft.register(
+            "authz_decisions",
+            "Authorization decisions, by rule set, matching policy and result",
+            authz_decisions.clone(),
+        );
+
         Arc::new(Self {
             registry,
             requests,
@@ -297,6 +321,7 @@ impl Metrics {
             overflows,
             ejections,
             ejected_endpoints,
+            authz_decisions,
         })
     }
 

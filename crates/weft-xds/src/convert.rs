@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier;
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, RouteConfiguration};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfig;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier as TcpClusterSpecifier;
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
@@ -38,12 +39,15 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
 use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetryPolicy;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use weft_model::{
-    Backoff, CircuitBreakers, Egress, Endpoint, LbPolicy, OutlierDetection, PeerAuthentication, Protocol, RetryBudget,
-    RetryOn, UpstreamTls,
+    Backoff, CircuitBreakers, Egress, Endpoint, LbPolicy, ListenerAuthorization, OutlierDetection, PeerAuthentication,
+    Protocol, RetryBudget, RetryOn, UpstreamTls,
 };
+
+mod rbac;
 
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 /// Istio's names for the egress catch-alls.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
@@ -113,6 +117,7 @@ pub enum ListenerSpec {
     VirtualInbound {
         ports: HashMap<u16, Protocol>,
         peer_authentication: Option<PeerAuthentication>,
+        authorization: ListenerAuthorization,
     },
 }
 
@@ -161,7 +166,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     if l.name == VIRTUAL_OUTBOUND || (use_original_dst && l.name != VIRTUAL_INBOUND) {
         let chain = l.default_filter_chain.as_ref().or(l.filter_chains.last());
         let egress = match chain
-            .map(|c| chain_targets(&ctx, "default_filter_chain", c))
+            .map(|c| chain_targets(&ctx, "default_filter_chain", c, false))
             .transpose()?
         {
             Some(ChainTargets {
@@ -174,8 +179,37 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     if l.name == VIRTUAL_INBOUND {
         let mut ports = HashMap::new();
         let (mut tls, mut plaintext) = (false, false);
+        // Every chain's RBAC filters, HTTP and TCP apart: the proxy enforces one set per layer for the
+        // workload, so chains that disagree are refused rather than merged.
+        let mut http_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
+        let mut tcp_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
         for (i, chain) in l.filter_chains.iter().enumerate() {
             let field = format!("filter_chains[{i}]");
+            // A chain that terminates TLS must be mutual TLS; the proxy uses its own certificate for it.
+            let mut chain = chain.clone();
+            let terminates = match chain.transport_socket.take() {
+                Some(socket) => {
+                    downstream_mtls(&ctx, &format!("{field}.transport_socket"), &socket)?;
+                    true
+                }
+                None => false,
+            };
+            let targets = chain_targets(&ctx, &field, &chain, true)?;
+            let (layer, rbac) = if targets.http.is_some() {
+                (&mut http_rbac, targets.http_rbac)
+            } else {
+                (&mut tcp_rbac, targets.tcp_rbac)
+            };
+            match layer {
+                Some((first, seen)) if *seen != rbac => {
+                    return Err(ctx.err(
+                        format!("{field}.filters"),
+                        format!("RBAC filters differ from those of {first}; one workload has one policy per layer"),
+                    ));
+                }
+                Some(_) => {}
+                None => *layer = Some((field.clone(), rbac)),
+            }
             let Some(port) = chain
                 .filter_chain_match
                 .as_ref()
@@ -192,16 +226,11 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                         "not a port",
                     )
                 })?;
-            // A chain that terminates TLS must be mutual TLS; the proxy uses its own certificate for it.
-            let mut chain = chain.clone();
-            match chain.transport_socket.take() {
-                Some(socket) => {
-                    downstream_mtls(&ctx, &format!("{field}.transport_socket"), &socket)?;
-                    tls = true;
-                }
-                None => plaintext = true,
+            if terminates {
+                tls = true;
+            } else {
+                plaintext = true;
             }
-            let targets = chain_targets(&ctx, &field, &chain)?;
             let protocol = if targets.http.is_some() {
                 Protocol::Http
             } else {
@@ -216,9 +245,20 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
             (false, true) => Some(PeerAuthentication::Disable),
             (false, false) => None,
         };
+        let filters = |layer: Option<(String, Vec<weft_authz::RbacFilter>)>| layer.map(|(_, f)| f);
+        let (http, tcp) = (filters(http_rbac), filters(tcp_rbac));
+        let authorization = ListenerAuthorization {
+            http: std::sync::Arc::new(weft_authz::Authorization {
+                filters: http.clone().unwrap_or_else(|| deny_all_if_any(tcp.as_deref())),
+            }),
+            tcp: std::sync::Arc::new(weft_authz::Authorization {
+                filters: tcp.unwrap_or_else(|| deny_all_if_any(http.as_deref())),
+            }),
+        };
         return Ok(ListenerSpec::VirtualInbound {
             ports,
             peer_authentication,
+            authorization,
         });
     }
     if l.bind_to_port.as_ref().is_some_and(|b| b.value) {
@@ -236,7 +276,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         .chain(l.default_filter_chain.iter())
         .enumerate()
     {
-        let targets = chain_targets(&ctx, &format!("filter_chains[{i}]"), chain)?;
+        let targets = chain_targets(&ctx, &format!("filter_chains[{i}]"), chain, false)?;
         http = http.or(targets.http);
         tcp_cluster = tcp_cluster.or(targets.tcp_cluster);
     }
@@ -254,12 +294,36 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     })
 }
 
+/// The other layer of an inbound listener has no chain of its own: when this one enforces anything, the
+/// other denies everything (fail closed) rather than allowing what no policy was written for.
+fn deny_all_if_any(other: Option<&[weft_authz::RbacFilter]>) -> Vec<weft_authz::RbacFilter> {
+    match other {
+        Some(filters) if !filters.is_empty() => vec![weft_authz::RbacFilter {
+            rules: Some(weft_authz::Rbac {
+                action: weft_authz::Action::Allow,
+                policies: Vec::new(),
+            }),
+            shadow: None,
+        }],
+        _ => Vec::new(),
+    }
+}
+
 struct ChainTargets {
     http: Option<RouteRef>,
     tcp_cluster: Option<String>,
+    /// RBAC filters of the HTTP connection manager, in order.
+    http_rbac: Vec<weft_authz::RbacFilter>,
+    /// Network RBAC filters in front of the TCP proxy, in order.
+    tcp_rbac: Vec<weft_authz::RbacFilter>,
 }
 
-fn chain_targets(ctx: &Ctx<'_>, field: &str, chain: &FilterChain) -> Result<ChainTargets, ResourceError> {
+fn chain_targets(
+    ctx: &Ctx<'_>,
+    field: &str,
+    chain: &FilterChain,
+    inbound: bool,
+) -> Result<ChainTargets, ResourceError> {
     if chain.transport_socket.is_some() {
         return Err(ctx.err(
             format!("{field}.transport_socket"),
@@ -269,6 +333,18 @@ fn chain_targets(ctx: &Ctx<'_>, field: &str, chain: &FilterChain) -> Result<Chai
     let mut targets = ChainTargets {
         http: None,
         tcp_cluster: None,
+        http_rbac: Vec::new(),
+        tcp_rbac: Vec::new(),
+    };
+    let rbac_here = |f: &str| -> Result<(), ResourceError> {
+        if inbound {
+            Ok(())
+        } else {
+            Err(ctx.err(
+                f,
+                "RBAC is enforced on the inbound listener (virtualInbound) only",
+            ))
+        }
     };
     for (i, filter) in chain.filters.iter().enumerate() {
         let f = format!("{field}.filters[{i}]");
@@ -280,6 +356,13 @@ fn chain_targets(ctx: &Ctx<'_>, field: &str, chain: &FilterChain) -> Result<Chai
             HCM => {
                 let hcm: HttpConnectionManager =
                     decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
+                if !targets.tcp_rbac.is_empty() {
+                    return Err(ctx.err(
+                        format!("{f}"),
+                        "a network RBAC filter in front of an HTTP connection manager is not supported; use envoy.filters.http.rbac",
+                    ));
+                }
+                targets.http_rbac = http_filters(ctx, &format!("{f}.typed_config.http_filters"), &hcm, &rbac_here)?;
                 targets.http = Some(match hcm.route_specifier {
                     Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
                         RouteRef::Rds(rds.route_config_name)
@@ -309,6 +392,13 @@ fn chain_targets(ctx: &Ctx<'_>, field: &str, chain: &FilterChain) -> Result<Chai
                     }
                 }
             }
+            rbac::NETWORK_RBAC => {
+                rbac_here(&format!("{f}.typed_config"))?;
+                let config = decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
+                let filter = rbac::network_filter(&config)
+                    .map_err(|(field, problem)| ctx.err(format!("{f}.typed_config.{field}"), problem))?;
+                targets.tcp_rbac.push(filter);
+            }
             other => {
                 return Err(ctx.err(
                     format!("{f}.typed_config"),
@@ -318,6 +408,56 @@ fn chain_targets(ctx: &Ctx<'_>, field: &str, chain: &FilterChain) -> Result<Chai
         }
     }
     Ok(targets)
+}
+
+/// The HTTP filters of a connection manager: RBAC filters are enforced, the router ends the chain, and
+/// any other filter is refused unless it is marked `is_optional` (Envoy's rule), since a filter the
+/// proxy skipped would look as if it worked.
+fn http_filters(
+    ctx: &Ctx<'_>,
+    field: &str,
+    hcm: &HttpConnectionManager,
+    rbac_here: &dyn Fn(&str) -> Result<(), ResourceError>,
+) -> Result<Vec<weft_authz::RbacFilter>, ResourceError> {
+    let mut filters = Vec::new();
+    for (i, filter) in hcm.http_filters.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        let type_name = match &filter.config_type {
+            Some(HttpFilterConfig::TypedConfig(any)) => any.type_url.rsplit('/').next().unwrap_or_default(),
+            _ => "",
+        };
+        let is_router = type_name == ROUTER || filter.name == "envoy.filters.http.router";
+        if is_router {
+            if i + 1 != hcm.http_filters.len() {
+                return Err(ctx.err(f, "the router must be the last HTTP filter"));
+            }
+            continue;
+        }
+        if type_name == rbac::HTTP_RBAC {
+            rbac_here(&f)?;
+            if filter.disabled {
+                return Err(ctx.err(
+                    format!("{f}.disabled"),
+                    "an RBAC filter enabled per route is not supported",
+                ));
+            }
+            let Some(HttpFilterConfig::TypedConfig(any)) = &filter.config_type else {
+                return Err(ctx.err(format!("{f}.typed_config"), "missing"));
+            };
+            let config = decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
+            let decoded = rbac::http_filter(&config)
+                .map_err(|(field, problem)| ctx.err(format!("{f}.typed_config.{field}"), problem))?;
+            filters.push(decoded);
+            continue;
+        }
+        if filter.is_optional {
+            tracing::debug!(filter = %filter.name, "skipping an optional HTTP filter the proxy does not implement");
+            continue;
+        }
+        let what = if type_name.is_empty() { filter.name.as_str() } else { type_name };
+        return Err(ctx.err(f, format!("unsupported HTTP filter {what} (mark it is_optional to let the proxy skip it)")));
+    }
+    Ok(filters)
 }
 
 pub fn route_configuration(rc: &RouteConfiguration) -> Result<RouteTable, ResourceError> {

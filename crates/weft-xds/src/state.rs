@@ -140,8 +140,9 @@ impl XdsState {
                 ListenerSpec::VirtualInbound {
                     ports,
                     peer_authentication,
+                    authorization,
                 } => {
-                    inbound_ports = Some((ports.clone(), *peer_authentication));
+                    inbound_ports = Some((ports.clone(), *peer_authentication, authorization.clone()));
                 }
             }
         }
@@ -151,10 +152,15 @@ impl XdsState {
                 outbound.egress = egress;
             }
         }
-        if let (Some(inbound), Some((ports, mode))) = (&mut mesh.inbound, inbound_ports) {
+        if let (Some(inbound), Some((ports, mode, authorization))) = (&mut mesh.inbound, inbound_ports) {
             inbound.ports.extend(ports);
             if let Some(mode) = mode {
                 inbound.peer_authentication = mode;
+            }
+            // The control plane's policies replace the file's; a control plane that sends none leaves
+            // the file's in force rather than opening the workload.
+            if !authorization.is_empty() {
+                inbound.authorization = authorization;
             }
         }
         mesh.routes.extend(routes);
