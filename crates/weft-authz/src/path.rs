@@ -2,8 +2,9 @@
 //! then receives: Istio's `BASE` (RFC 3986 §6.2.2: percent-decoding of unreserved characters, dot
 //! segments removed) plus `MERGE_SLASHES`, and escaped slashes decoded (`%2F`, `%5C`, and `\` as `/`),
 //! so that no spelling of a path reaches the app as anything other than the path that was authorized.
-//! A NUL, a broken escape or bytes that are not UTF-8 once decoded (overlong encodings of `.` and `/`)
-//! are refused: no app could agree with the proxy on what they mean.
+//! A NUL, a broken escape, an escaped escape (`%252e`: an app that decodes twice would see `.`) or bytes
+//! that are not UTF-8 once decoded (overlong encodings of `.` and `/`) are refused: no app could agree
+//! with the proxy on what they mean.
 
 use std::borrow::Cow;
 
@@ -17,6 +18,8 @@ pub enum PathError {
     NotUtf8,
     #[error("the path contains a fragment")]
     Fragment,
+    #[error("the path is percent-encoded twice")]
+    DoubleEncoded,
 }
 
 impl PathError {
@@ -26,6 +29,7 @@ impl PathError {
             PathError::BadEscape => "the path contains a malformed percent-escape",
             PathError::NotUtf8 => "the path is not UTF-8 once decoded",
             PathError::Fragment => "the path contains a fragment",
+            PathError::DoubleEncoded => "the path is percent-encoded twice",
         }
     }
 }
@@ -112,6 +116,13 @@ fn decode(path: &str) -> Result<String, PathError> {
     if std::str::from_utf8(&raw).is_err() {
         return Err(PathError::NotUtf8);
     }
+    // An escaped `%` followed by hex digits, once the unreserved escapes are decoded.
+    let escaped_escape = out
+        .match_indices("%25")
+        .any(|(at, _)| out.as_bytes().get(at + 3..at + 5).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)));
+    if escaped_escape {
+        return Err(PathError::DoubleEncoded);
+    }
     Ok(out)
 }
 
@@ -191,6 +202,9 @@ mod tests {
         assert_eq!(normalize("/orders/%c0%ae%c0%ae/admin"), Err(PathError::NotUtf8));
         assert_eq!(normalize("/%e0%80%af"), Err(PathError::NotUtf8));
         assert_eq!(normalize("/a#b"), Err(PathError::Fragment));
+        assert_eq!(normalize("/orders/%252e%252e/admin"), Err(PathError::DoubleEncoded));
+        assert_eq!(normalize("/orders/%25%32%65"), Err(PathError::DoubleEncoded));
+        assert_eq!(normalize("/100%25").unwrap(), "/100%25");
         // Real UTF-8 stays, escaped.
         assert_eq!(normalize("/caf%C3%A9").unwrap(), "/caf%C3%A9");
     }

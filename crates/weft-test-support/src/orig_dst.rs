@@ -16,6 +16,9 @@ use weft_transport::Binder;
 #[derive(Debug, Default)]
 pub struct MockOrigDst {
     table: Mutex<HashMap<SocketAddr, SocketAddr>>,
+    /// For connections the test did not make itself (another proxy dialling this one's inbound
+    /// listener, as a peer sidecar would dial the pod): where they were "going".
+    fallback: Mutex<Option<SocketAddr>>,
 }
 
 impl MockOrigDst {
@@ -42,6 +45,12 @@ impl MockOrigDst {
         Ok(stream)
     }
 
+    /// Treats every connection not made through [`MockOrigDst::connect`] as one redirected from `dst`:
+    /// a server-side proxy whose peers dial its inbound listener directly.
+    pub fn set_fallback(&self, dst: SocketAddr) {
+        *self.fallback.lock().expect("fallback") = Some(dst);
+    }
+
     /// A connector for hyper and tonic clients whose every connection is "going to" `dst`.
     pub fn connector(self: &Arc<Self>, proxy: SocketAddr, dst: SocketAddr) -> OrigDstConnector {
         OrigDstConnector {
@@ -60,6 +69,7 @@ impl Binder for MockOrigDst {
             .expect("orig dst table")
             .get(&peer)
             .copied()
+            .or(*self.fallback.lock().expect("fallback"))
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
