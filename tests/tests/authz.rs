@@ -553,3 +553,167 @@ clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
     assert!(err.contains("listeners[0].authorization_policies[0].spec.action"), "{err}");
     assert!(err.contains("CUSTOM"), "{err}");
 }
+
+/// Any xDS server can drive authorization: the test ADS server (not weft control) sends a
+/// `virtualInbound` whose HTTP connection manager carries `envoy.filters.http.rbac`; an RBAC field the
+/// proxy does not implement is NACKed by name and the last good policy stays enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fields_are_nacked() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+    use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac, permission, principal, rbac};
+    use envoy_types::pb::envoy::config::route::v3::{Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match};
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, path_matcher, string_matcher};
+    use envoy_types::pb::google::protobuf::Any;
+    use envoy_types::util::pack_any;
+    use prost::Name;
+
+    let inbound = |policy: Policy| -> Any {
+        let deny_admin = HttpRbac {
+            rules: Some(Rbac {
+                action: rbac::Action::Deny as i32,
+                policies: [("deny-admin".to_owned(), policy)].into(),
+                audit_logging_options: None,
+            }),
+            ..Default::default()
+        };
+        let hcm = HttpConnectionManager {
+            stat_prefix: "inbound".into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
+                name: "inbound".into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: "inbound".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![Route {
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("inbound|8080||".into())),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            http_filters: vec![
+                HttpFilter {
+                    name: "envoy.filters.http.rbac".into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(deny_admin))),
+                    ..Default::default()
+                },
+                HttpFilter {
+                    name: "envoy.filters.http.router".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        pack_any(Listener {
+            name: "virtualInbound".into(),
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "0.0.0.0".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(15006)),
+                    ..Default::default()
+                })),
+            }),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    };
+    let admin_path = Permission {
+        rule: Some(permission::Rule::UrlPath(PathMatcher {
+            rule: Some(path_matcher::Rule::Path(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Prefix("/admin".into())),
+                ignore_case: false,
+            })),
+        })),
+    };
+    let anyone = Principal {
+        identifier: Some(principal::Identifier::Any(true)),
+    };
+    let good = Policy {
+        permissions: vec![admin_path.clone()],
+        principals: vec![anyone],
+        ..Default::default()
+    };
+
+    let app = HttpServer::start("app").await;
+    let xds = weft_test_support::xds::TestXdsServer::start().await;
+    xds.set(&Cluster::type_url(), "c1", vec![]);
+    xds.set(&Listener::type_url(), "l1", vec![inbound(good)]);
+    let proxy = TestProxy::start(&format!(
+        "node: {{ workload: web, namespace: default }}\nxds: {{ address: \"{}\", initial_fetch_timeout: 10s }}",
+        xds.url()
+    ))
+    .await;
+    proxy.orig_dst.set_fallback(app.addr);
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let get = |path: &'static str| {
+        let proxy = &proxy;
+        let app = &app;
+        async move {
+            let mut stream = proxy.orig_dst.connect(proxy.inbound(), app.addr).await.unwrap();
+            stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response).await;
+            String::from_utf8_lossy(&response).get(9..12).unwrap_or_default().to_owned()
+        }
+    };
+    assert_eventually!(get("/admin/x").await == "403", "the RBAC filter was not enforced");
+    assert_eq!(get("/orders").await, "200");
+
+    // A filter-state principal is not implemented: NACKed by field, and /admin stays denied.
+    let bad = Policy {
+        permissions: vec![admin_path],
+        principals: vec![Principal {
+            identifier: Some(principal::Identifier::FilterState(Default::default())),
+        }],
+        ..Default::default()
+    };
+    xds.set(&Listener::type_url(), "l2", vec![inbound(bad)]);
+    assert_eventually!(!xds.nacks().is_empty(), "no NACK");
+    let (type_url, still_on, message) = xds.nacks().remove(0);
+    assert_eq!(type_url, Listener::type_url());
+    assert_eq!(still_on, "l1");
+    assert_eq!(
+        message,
+        "Listener \"virtualInbound\": filter_chains[0].filters[0].typed_config.http_filters[0].typed_config.rules.policies[\"deny-admin\"].principals[0].filter_state: not supported"
+    );
+    assert_eq!(get("/admin/x").await, "403");
+    assert_eq!(get("/orders").await, "200");
+
+    // An HTTP filter the proxy does not implement is refused unless it is optional.
+    let mut listener: Listener = prost::Message::decode(inbound(Policy::default()).value.as_slice()).unwrap();
+    let Some(filter::ConfigType::TypedConfig(any)) = &listener.filter_chains[0].filters[0].config_type else {
+        unreachable!()
+    };
+    let mut hcm: HttpConnectionManager = prost::Message::decode(any.value.as_slice()).unwrap();
+    hcm.http_filters.insert(
+        0,
+        HttpFilter {
+            name: "envoy.filters.http.ext_authz".into(),
+            ..Default::default()
+        },
+    );
+    listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(pack_any(hcm)));
+    xds.set(&Listener::type_url(), "l3", vec![pack_any(listener)]);
+    assert_eventually!(xds.nacks().len() == 2, "no NACK for ext_authz");
+    assert!(xds.nacks()[1].2.contains("unsupported HTTP filter envoy.filters.http.ext_authz"), "{:?}", xds.nacks());
+    assert_eq!(get("/admin/x").await, "403");
+}

@@ -31,9 +31,11 @@ pub const XDS_PORT: u16 = 15010;
 /// How often the directory is checked for changes: pushes follow a file change within about this long.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Checks a directory as the control plane would load it; an empty list means it is all valid.
-pub fn check(dir: &Path) -> Vec<Problem> {
-    load_dir(dir).1
+/// Checks a directory as the control plane would load it: what each resource becomes, and the problems
+/// (an empty list means it is all valid).
+pub fn check(dir: &Path) -> (Vec<String>, Vec<Problem>) {
+    let (catalog, problems) = load_dir(dir);
+    (catalog.summary(), problems)
 }
 
 /// A running control plane.
@@ -73,6 +75,9 @@ impl ControlPlane {
         // watcher loads it however late its task first runs.
         let seen = fingerprint(&dir);
         let (catalog, problems) = load_dir(&dir);
+        for line in catalog.summary() {
+            tracing::info!("{line}");
+        }
         report(&problems);
         let problems = Arc::new(Mutex::new(problems));
         let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));

@@ -240,7 +240,10 @@ async fn control(args: ControlArgs) -> ExitCode {
 }
 
 fn check(dir: &std::path::Path) -> ExitCode {
-    let problems = weft_control::check(dir);
+    let (summary, problems) = weft_control::check(dir);
+    for line in &summary {
+        println!("{line}");
+    }
     for problem in &problems {
         println!("{problem}");
     }

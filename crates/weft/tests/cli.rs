@@ -117,7 +117,12 @@ fn check_reports_problems_and_exits_1() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    assert!(String::from_utf8_lossy(&out.stdout).ends_with("no problems\n"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.ends_with("no problems\n"), "{stdout}");
+    assert!(
+        stdout.contains("AuthorizationPolicy default/order-service-policy: enforced on inbound, ALLOW, 1 rule(s), on workloads with app=order-service"),
+        "{stdout}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -132,6 +137,53 @@ fn check_reports_problems_and_exits_1() {
         stdout.contains("bad.yaml: DestinationRule default/r: field `spec`: missing field `host`"),
         "{stdout}"
     );
+}
+
+/// Policies the proxy could only enforce by failing closed, and a JWT policy it does not verify, are each
+/// named by file, resource and field, and fail the check.
+#[test]
+fn check_names_every_policy_it_cannot_enforce() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policies.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: ext, namespace: default }
+spec:
+  action: CUSTOM
+  provider: { name: opa }
+  rules: [{ to: [{ operation: { paths: [\"/admin\"] } }] }]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: claims, namespace: default }
+spec:
+  rules: [{ when: [{ key: \"request.auth.claims[groups]\", values: [admins] }, { key: request.time, values: [x] }] }]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: { name: jwt, namespace: default }
+spec: { jwtRules: [{ issuer: https://issuer.example }] }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: app }
+spec: {}
+",
+    )
+    .unwrap();
+    let out = Command::new(WEFT).arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "policies.yaml: AuthorizationPolicy default/ext: field `spec.action`: CUSTOM needs an external authorizer",
+        "policies.yaml: AuthorizationPolicy default/claims: field `spec.rules[0].when[0].key`: \"request.auth.claims[groups]\" needs JWT authentication",
+        "policies.yaml: AuthorizationPolicy default/claims: field `spec.rules[0].when[1].key`: the proxy cannot evaluate \"request.time\"",
+        "policies.yaml: RequestAuthentication default/jwt: field `kind`: RequestAuthentication (JWT) is not supported yet",
+        "Deployment x1: ignored (not mesh configuration)",
+    ] {
+        assert!(stdout.contains(expected), "missing {expected:?} in\n{stdout}");
+    }
 }
 
 fn explicit_listener(port: u16, app: std::net::SocketAddr) -> String {
