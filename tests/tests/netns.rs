@@ -283,6 +283,82 @@ async fn seed_canary_splits_90_10_and_the_header_routes_to_v2() {
     assert_eq!(requests, 1100.0, "{metrics}");
 }
 
+/// The seed's AuthorizationPolicy between pods: identities come from the sidecars' certificates, so
+/// only the gateway's and the payment service's pods may GET and POST orders; a pod without a sidecar is
+/// denied (PERMISSIVE, no principal) or refused (STRICT).
+#[tokio::test]
+async fn the_seed_authorization_policy_holds_between_pods() {
+    require_root!("the_seed_authorization_policy_holds_between_pods");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let gateway = network.pod("gateway").unwrap();
+    let payments = network.pod("payments").unwrap();
+    let intruder = network.pod("intruder").unwrap();
+    let outsider = network.pod("outsider").unwrap();
+    let order = network.pod("order-v1").unwrap();
+    let policy = include_str!("../../examples/mesh/order-service.yaml")
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: AuthorizationPolicy"))
+        .unwrap();
+    // The seed's policy selects `app: order-service`: the workload carries that label, as in the example.
+    let yaml = service_yaml("order-svc", "10.96.0.30", 8080, &[(&order, "v1")]).replace("app: order-svc", "app: order-service");
+    let control = Control::start(&network, &[("order.yaml", &yaml), ("policy.yaml", policy)]).unwrap();
+    let app = app_in(&order, "order-v1");
+    control.inject(&gateway, "default", "api-gateway", &[]).unwrap();
+    control.inject(&payments, "default", "payment-service", &[]).unwrap();
+    control.inject(&intruder, "default", "other", &[]).unwrap();
+    control.inject(&order, "default", "order-svc", &[]).unwrap();
+    for pod in [&gateway, &payments, &intruder, &order] {
+        netns::wait_ready(pod).await;
+    }
+    let service: SocketAddr = "10.96.0.30:8080".parse().unwrap();
+    for pod in [&gateway, &payments] {
+        let mut client = PodClient::connect(pod, service).await.unwrap();
+        for method in [http::Method::GET, http::Method::POST] {
+            let answer = client.request(method.clone(), "/orders/1", &[]).await.unwrap();
+            assert_eq!(answer.status, StatusCode::OK, "{} {method}: {answer:?}", pod.name());
+        }
+        for (method, path) in [(http::Method::DELETE, "/orders/1"), (http::Method::GET, "/admin")] {
+            let answer = client.request(method.clone(), path, &[]).await.unwrap();
+            assert_eq!(answer.status, StatusCode::FORBIDDEN, "{} {method} {path}", pod.name());
+            assert_eq!(answer.body, "RBAC: access denied");
+        }
+    }
+    let denied = netns::get(&intruder, service, "/orders/1", &[]).await.unwrap();
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert_eq!(app.request_count(), 4, "only the allowed requests reached the app");
+    for seen in app.requests() {
+        let caller = seen.headers["x-forwarded-client-cert"].to_str().unwrap().to_owned();
+        assert!(caller.ends_with("/sa/api-gateway") || caller.ends_with("/sa/payment-service"), "{caller}");
+    }
+
+    // A pod without a sidecar dialling the server pod: PERMISSIVE lets it in without an identity, so the
+    // policy denies it; with STRICT it is refused outright.
+    let direct = SocketAddr::new(order.ip().into(), APP_PORT);
+    let answer = netns::get(&outsider, direct, "/orders/1", &[]).await.unwrap();
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{answer:?}");
+    assert_eq!(curl(&outsider, &format!("http://{direct}/orders/1")).await, "403");
+    control
+        .write(
+            "strict.yaml",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: order, namespace: default }\n\
+             spec: { selector: { matchLabels: { app: order-service } }, mtls: { mode: STRICT } }\n",
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while netns::get(&outsider, direct, "/orders/1", &[]).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "STRICT never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.request_count(), 4);
+    let metrics = mesh_metrics(&order).await;
+    let denials = metric(&metrics, "istio_requests_total", &[("response_code", "403"), ("response_flags", "RBAC")]);
+    assert!(denials >= 7.0, "{metrics}");
+    assert_eq!(
+        netns::get(&gateway, service, "/orders/2", &[]).await.unwrap().status,
+        StatusCode::OK
+    );
+}
+
 fn peer_authentication(mode: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: echo, namespace: default }}\n\

@@ -72,7 +72,20 @@ impl PodClient {
 
     /// `GET path` with `headers`; an error when the connection fails.
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
-        let mut request = Request::get(path).header("host", &self.authority);
+        self.request(http::Method::GET, path, headers).await
+    }
+
+    /// `method path` with `headers`; an error when the connection fails.
+    pub async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, String> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.authority);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
