@@ -47,7 +47,28 @@ struct Args {
     /// try), outlier detection and least-request balancing (`policies: on` in the output).
     #[arg(long)]
     policies: bool,
+    /// Instead of the usual table: CPU per request through two proxies in the same run, one without an
+    /// authorization policy and one enforcing the seed's AuthorizationPolicy shape (two sources, GET and
+    /// POST on `/orders/*`; the sources are the client's address, as this harness has no mTLS), phases
+    /// alternated.
+    #[arg(long)]
+    compare_authz: bool,
 }
+
+/// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
+const REQUEST_PATH: &str = "/orders/1";
+
+/// The seed's AuthorizationPolicy with its `from` on addresses instead of principals.
+const SEED_SHAPED_POLICY: &str = "    authorization_policies:
+      - name: order-service-policy
+        spec:
+          rules:
+            - from:
+                - source: { ipBlocks: [\"127.0.0.2/32\"] }
+                - source: { ipBlocks: [\"127.0.0.1/32\"] }
+              to:
+                - operation: { methods: [GET, POST], paths: [\"/orders/*\"] }
+";
 
 #[derive(Debug, Default, Clone)]
 struct Figures {
@@ -79,7 +100,10 @@ fn main() -> anyhow::Result<()> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut proxy = Proxy::start(&weft, backend_addr, args.policies)?;
+    if args.compare_authz {
+        return compare_authz(&args, &weft, backend_addr, &client_rt);
+    }
+    let mut proxy = Proxy::start(&weft, backend_addr, args.policies, "")?;
     client_rt.block_on(proxy.wait_ready())?;
 
     let phase = Duration::from_secs(args.seconds);
@@ -156,6 +180,46 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two proxies, without and with the policy, saturated in alternation (three phases each); the CPU per
+/// request of each is the median of its phases.
+fn compare_authz(
+    args: &Args,
+    weft: &std::path::Path,
+    backend: SocketAddr,
+    client_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let mut plain = Proxy::start(weft, backend, false, "")?;
+    let mut authz = Proxy::start(weft, backend, false, SEED_SHAPED_POLICY)?;
+    client_rt.block_on(plain.wait_ready())?;
+    client_rt.block_on(authz.wait_ready())?;
+    let phase = Duration::from_secs(args.seconds);
+    let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut errors = 0;
+    for _ in 0..3 {
+        for (i, proxy) in [&plain, &authz].into_iter().enumerate() {
+            let before = proxy.cpu_seconds()?;
+            let figures = client_rt.block_on(saturate(proxy.listener, args.connections, phase))?;
+            let cpu = proxy.cpu_seconds()? - before;
+            errors += figures.errors;
+            samples[i].push(cpu * 1e6 / (figures.rps * phase.as_secs_f64()).max(1.0));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (none, seed) = (median(&mut samples[0]), median(&mut samples[1]));
+    println!(
+        "CPU per request at saturation ({} connections, 3 x {} s each, alternated): no policy {none:.1} us, seed policy {seed:.1} us, ratio {:.3}; errors: {errors}",
+        args.connections,
+        args.seconds,
+        seed / none
+    );
+    plain.stop();
+    authz.stop();
+    Ok(())
+}
+
 fn default_weft_path() -> PathBuf {
     // Beside this binary: target/release/weft-bench -> target/release/weft.
     std::env::current_exe()
@@ -195,7 +259,7 @@ async fn saturate(target: SocketAddr, connections: usize, duration: Duration) ->
         let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let request = hyper::Request::get("/")
+                let request = hyper::Request::get(REQUEST_PATH)
                     .header("host", "backend")
                     .body(Empty::<Bytes>::new())
                     .expect("request");
@@ -293,11 +357,17 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(weft: &std::path::Path, backend: SocketAddr, policies: bool) -> anyhow::Result<Self> {
+    /// `listener_extra`: more fields of the listener (indented YAML), such as its policies.
+    fn start(
+        weft: &std::path::Path,
+        backend: SocketAddr,
+        policies: bool,
+        listener_extra: &str,
+    ) -> anyhow::Result<Self> {
         let admin = free_addr()?;
         let listener = free_addr()?;
         let readiness = free_addr()?;
-        let dir = std::env::temp_dir().join(format!("weft-bench-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("weft-bench-{}-{}", std::process::id(), listener.port()));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("weft.yaml");
         let common = format!(
@@ -314,7 +384,7 @@ impl Proxy {
             )
         } else {
             format!(
-                "listeners: [{{ name: bench, address: {listener}, cluster: backend, protocol: http }}]\n\
+                "listeners:\n  - name: bench\n    address: {listener}\n    cluster: backend\n    protocol: http\n{listener_extra}\
                  clusters: [{{ name: backend, endpoints: [{backend}] }}]\n"
             )
         };

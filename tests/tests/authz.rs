@@ -114,11 +114,14 @@ impl Mesh {
             assert_eventually!(
                 {
                     let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
-                    dump.contains("\"0.0.0.0:8080\"") && dump.contains(&format!("127.0.0.1:{}", server.inbound().port()))
+                    dump.contains("\"0.0.0.0:8080\"")
+                        && dump.contains(&format!("127.0.0.1:{}", server.inbound().port()))
                 },
                 "the service never reached {sa}"
             );
-            let connector = proxy.orig_dst.connector(proxy.outbound(), ORDER_SVC.parse().unwrap());
+            let connector = proxy
+                .orig_dst
+                .connector(proxy.outbound(), ORDER_SVC.parse().unwrap());
             callers.push(Caller {
                 http1: client(connector.clone(), false),
                 h2: client(connector, true),
@@ -126,7 +129,10 @@ impl Mesh {
             });
         }
         for proxy in callers.iter().map(|c| &c.proxy).chain([&server]) {
-            assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "a sidecar never became ready");
+            assert_eventually!(
+                admin_get(proxy.admin(), "/ready").await.0 == 200,
+                "a sidecar never became ready"
+            );
         }
         let mesh = Self {
             dir,
@@ -153,14 +159,23 @@ impl Mesh {
     async fn set_policies(&self, yaml: &str, applied: impl Fn(&str) -> bool) -> Instant {
         let written = Instant::now();
         write(self.dir.path(), "policy.yaml", yaml);
-        assert_eventually!(applied(&self.policies().await), "the server never received the policies: {}", self.policies().await);
+        assert_eventually!(
+            applied(&self.policies().await),
+            "the server never received the policies: {}",
+            self.policies().await
+        );
         assert!(self.cp.problems().is_empty(), "{:?}", self.cp.problems());
         written
     }
 
     /// A plaintext connection from outside the mesh, straight to the server's inbound listener.
     async fn plaintext(&self, raw: &str) -> String {
-        let mut stream = self.server.orig_dst.connect(self.server.inbound(), self.app.addr).await.unwrap();
+        let mut stream = self
+            .server
+            .orig_dst
+            .connect(self.server.inbound(), self.app.addr)
+            .await
+            .unwrap();
         let _ = stream.write_all(raw.as_bytes()).await;
         let mut response = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
@@ -168,7 +183,11 @@ impl Mesh {
     }
 }
 
-async fn send(client: &Client<OrigDstConnector, TestBody>, method: Method, path: &str) -> (StatusCode, String) {
+async fn send(
+    client: &Client<OrigDstConnector, TestBody>,
+    method: Method,
+    path: &str,
+) -> (StatusCode, String) {
     let request = Request::builder()
         .method(method)
         .uri(format!("http://order-svc:8080{path}"))
@@ -177,7 +196,12 @@ async fn send(client: &Client<OrigDstConnector, TestBody>, method: Method, path:
     match client.request(request).await {
         Ok(response) => {
             let status = response.status();
-            let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
         Err(_) => (StatusCode::BAD_GATEWAY, String::new()),
@@ -191,29 +215,67 @@ async fn status(caller: &Caller, method: Method, path: &str) -> StatusCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_policy_lets_only_the_gateway_and_payments_get_and_post_orders() {
     let mesh = Mesh::start(&seed_policy()).await;
-    assert!(mesh.policies().await.contains("ns[default]-policy[order-service-policy]-rule[0]"));
+    assert!(
+        mesh.policies()
+            .await
+            .contains("ns[default]-policy[order-service-policy]-rule[0]")
+    );
     for sa in ["api-gateway", "payment-service"] {
         let caller = mesh.caller(sa);
         for h2 in [false, true] {
             let client = if h2 { &caller.h2 } else { &caller.http1 };
-            assert_eq!(send(client, Method::GET, "/orders/1").await.0, StatusCode::OK, "{sa} h2={h2}");
-            assert_eq!(send(client, Method::POST, "/orders/1").await.0, StatusCode::OK, "{sa} h2={h2}");
-            assert_eq!(send(client, Method::GET, "/admin").await, (StatusCode::FORBIDDEN, "RBAC: access denied".into()));
-            assert_eq!(send(client, Method::DELETE, "/orders/1").await.0, StatusCode::FORBIDDEN, "{sa}");
+            assert_eq!(
+                send(client, Method::GET, "/orders/1").await.0,
+                StatusCode::OK,
+                "{sa} h2={h2}"
+            );
+            assert_eq!(
+                send(client, Method::POST, "/orders/1").await.0,
+                StatusCode::OK,
+                "{sa} h2={h2}"
+            );
+            assert_eq!(
+                send(client, Method::GET, "/admin").await,
+                (StatusCode::FORBIDDEN, "RBAC: access denied".into())
+            );
+            assert_eq!(
+                send(client, Method::DELETE, "/orders/1").await.0,
+                StatusCode::FORBIDDEN,
+                "{sa}"
+            );
         }
         let seen = mesh.app.last_request();
-        assert!(seen.headers["x-forwarded-client-cert"].to_str().unwrap().ends_with(&format!("URI=spiffe://cluster.local/ns/default/sa/{sa}")));
+        assert!(
+            seen.headers["x-forwarded-client-cert"]
+                .to_str()
+                .unwrap()
+                .ends_with(&format!("URI=spiffe://cluster.local/ns/default/sa/{sa}"))
+        );
     }
     let other = mesh.caller("other");
     for path in ["/orders/1", "/admin"] {
-        assert_eq!(send(&other.http1, Method::GET, path).await, (StatusCode::FORBIDDEN, "RBAC: access denied".into()));
+        assert_eq!(
+            send(&other.http1, Method::GET, path).await,
+            (StatusCode::FORBIDDEN, "RBAC: access denied".into())
+        );
     }
     // The app never saw a denied request.
     for seen in mesh.app.requests() {
-        assert!(seen.uri.path().starts_with("/orders/") || seen.uri.path() == "/", "{:?}", seen.uri);
+        assert!(
+            seen.uri.path().starts_with("/orders/") || seen.uri.path() == "/",
+            "{:?}",
+            seen.uri
+        );
         assert_ne!(seen.method, Method::DELETE);
-        let caller = seen.headers.get("x-forwarded-client-cert").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-        assert!(!caller.ends_with("sa/other") || seen.uri.path() == "/", "{caller}");
+        let caller = seen
+            .headers
+            .get("x-forwarded-client-cert")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        assert!(
+            !caller.ends_with("sa/other") || seen.uri.path() == "/",
+            "{caller}"
+        );
     }
 
     // gRPC callers get PERMISSION_DENIED.
@@ -228,22 +290,44 @@ async fn the_seed_policy_lets_only_the_gateway_and_payments_get_and_post_orders(
     assert_eq!(response.headers()["grpc-message"], "RBAC: access denied");
 
     // A client without a sidecar has no identity: PERMISSIVE lets it in, the policy denies it.
-    let response = mesh.plaintext("GET /orders/1 HTTP/1.1\r\nHost: order-svc\r\nConnection: close\r\n\r\n").await;
+    let response = mesh
+        .plaintext("GET /orders/1 HTTP/1.1\r\nHost: order-svc\r\nConnection: close\r\n\r\n")
+        .await;
     assert!(response.starts_with("HTTP/1.1 403"), "{response}");
     assert!(response.ends_with("RBAC: access denied"), "{response}");
 
     let metrics = mesh.server.metrics().await;
-    let denied = [("reporter", "destination"), ("response_code", "403"), ("response_flags", "RBAC")];
-    assert!(metric(&metrics, "istio_requests_total", &denied) >= 8.0, "{metrics}");
-    let allowed = [("action", "allow"), ("policy", "ns[default]-policy[order-service-policy]-rule[0]"), ("result", "allowed")];
-    assert!(metric(&metrics, "weft_authz_decisions_total", &allowed) >= 8.0, "{metrics}");
+    let denied = [
+        ("reporter", "destination"),
+        ("response_code", "403"),
+        ("response_flags", "RBAC"),
+    ];
+    assert!(
+        metric(&metrics, "istio_requests_total", &denied) >= 8.0,
+        "{metrics}"
+    );
+    let allowed = [
+        ("action", "allow"),
+        ("policy", "ns[default]-policy[order-service-policy]-rule[0]"),
+        ("result", "allowed"),
+    ];
+    assert!(
+        metric(&metrics, "weft_authz_decisions_total", &allowed) >= 8.0,
+        "{metrics}"
+    );
     let no_match = [("action", "allow"), ("policy", "none"), ("result", "denied")];
-    assert!(metric(&metrics, "weft_authz_decisions_total", &no_match) >= 8.0, "{metrics}");
+    assert!(
+        metric(&metrics, "weft_authz_decisions_total", &no_match) >= 8.0,
+        "{metrics}"
+    );
 
     // STRICT: the client without a sidecar is refused before any policy is asked.
     let strict = "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: { name: default, namespace: default }\nspec: { mtls: { mode: STRICT } }\n";
     let seed = seed_policy();
-    mesh.set_policies(&format!("{seed}\n{strict}"), |p| p.contains("order-service-policy")).await;
+    mesh.set_policies(&format!("{seed}\n{strict}"), |p| {
+        p.contains("order-service-policy")
+    })
+    .await;
     assert_eventually!(
         {
             let (_, dump) = admin_get(mesh.server.admin(), "/config_dump").await;
@@ -252,10 +336,15 @@ async fn the_seed_policy_lets_only_the_gateway_and_payments_get_and_post_orders(
         "STRICT never applied"
     );
     let before = mesh.app.request_count();
-    let response = mesh.plaintext("GET /orders/1 HTTP/1.1\r\nHost: order-svc\r\nConnection: close\r\n\r\n").await;
+    let response = mesh
+        .plaintext("GET /orders/1 HTTP/1.1\r\nHost: order-svc\r\nConnection: close\r\n\r\n")
+        .await;
     assert!(response.is_empty(), "{response}");
     assert_eq!(mesh.app.request_count(), before);
-    assert_eq!(status(mesh.caller("api-gateway"), Method::GET, "/orders/2").await, StatusCode::OK);
+    assert_eq!(
+        status(mesh.caller("api-gateway"), Method::GET, "/orders/2").await,
+        StatusCode::OK
+    );
 }
 
 /// Istio's semantics, case by case, each applied as an edit while the mesh runs.
@@ -263,7 +352,9 @@ async fn the_seed_policy_lets_only_the_gateway_and_payments_get_and_post_orders(
 async fn istio_semantics_hold_end_to_end() {
     let mesh = Mesh::start("").await;
     let policy = |name: &str, namespace: &str, spec: &str| {
-        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n{spec}\n")
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n{spec}\n"
+        )
     };
     let selected = "  selector: { matchLabels: { app: order-service } }\n";
     let expect = |cases: &'static [(&'static str, &'static str, StatusCode)]| cases;
@@ -271,49 +362,109 @@ async fn istio_semantics_hold_end_to_end() {
         (
             "deny by default: an ALLOW policy without rules allows nothing",
             policy("allow-nothing", "default", selected.trim_end()),
-            expect(&[("api-gateway", "/", StatusCode::FORBIDDEN), ("other", "/", StatusCode::FORBIDDEN)]),
+            expect(&[
+                ("api-gateway", "/", StatusCode::FORBIDDEN),
+                ("other", "/", StatusCode::FORBIDDEN),
+            ]),
         ),
         (
             "DENY before ALLOW",
             policy("allow-all", "default", &format!("{selected}  rules: [{{}}]"))
                 + "---\n"
-                + &policy("deny-other", "default", &format!("{selected}  action: DENY\n  rules: [{{ from: [{{ source: {{ principals: [cluster.local/ns/default/sa/other] }} }}] }}]")),
-            expect(&[("api-gateway", "/", StatusCode::OK), ("other", "/", StatusCode::FORBIDDEN)]),
+                + &policy(
+                    "deny-other",
+                    "default",
+                    &format!(
+                        "{selected}  action: DENY\n  rules: [{{ from: [{{ source: {{ principals: [cluster.local/ns/default/sa/other] }} }}] }}]"
+                    ),
+                ),
+            expect(&[
+                ("api-gateway", "/", StatusCode::OK),
+                ("other", "/", StatusCode::FORBIDDEN),
+            ]),
         ),
         (
             "AUDIT never blocks",
-            policy("audit-all", "default", &format!("{selected}  action: AUDIT\n  rules: [{{ to: [{{ operation: {{ paths: [\"/audited\"] }} }}] }}]")),
+            policy(
+                "audit-all",
+                "default",
+                &format!(
+                    "{selected}  action: AUDIT\n  rules: [{{ to: [{{ operation: {{ paths: [\"/audited\"] }} }}] }}]"
+                ),
+            ),
             expect(&[("other", "/audited", StatusCode::OK)]),
         ),
         (
             "namespace-wide (no selector)",
-            policy("ns-allow-gateway", "default", "  rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/api-gateway] } }] }]"),
-            expect(&[("api-gateway", "/", StatusCode::OK), ("payment-service", "/", StatusCode::FORBIDDEN)]),
+            policy(
+                "ns-allow-gateway",
+                "default",
+                "  rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/api-gateway] } }] }]",
+            ),
+            expect(&[
+                ("api-gateway", "/", StatusCode::OK),
+                ("payment-service", "/", StatusCode::FORBIDDEN),
+            ]),
         ),
         (
             "mesh-wide (root namespace)",
-            policy("mesh-deny-payments", "istio-system", "  action: DENY\n  rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/payment-service] } }] }]"),
-            expect(&[("api-gateway", "/", StatusCode::OK), ("payment-service", "/", StatusCode::FORBIDDEN)]),
+            policy(
+                "mesh-deny-payments",
+                "istio-system",
+                "  action: DENY\n  rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/payment-service] } }] }]",
+            ),
+            expect(&[
+                ("api-gateway", "/", StatusCode::OK),
+                ("payment-service", "/", StatusCode::FORBIDDEN),
+            ]),
         ),
         (
             "notPrincipals",
-            policy("not-other", "default", &format!("{selected}  rules: [{{ from: [{{ source: {{ namespaces: [default], notPrincipals: [cluster.local/ns/default/sa/other] }} }}] }}]")),
-            expect(&[("payment-service", "/", StatusCode::OK), ("other", "/", StatusCode::FORBIDDEN)]),
+            policy(
+                "not-other",
+                "default",
+                &format!(
+                    "{selected}  rules: [{{ from: [{{ source: {{ namespaces: [default], notPrincipals: [cluster.local/ns/default/sa/other] }} }}] }}]"
+                ),
+            ),
+            expect(&[
+                ("payment-service", "/", StatusCode::OK),
+                ("other", "/", StatusCode::FORBIDDEN),
+            ]),
         ),
         (
             "ipBlocks: the peer's address",
-            policy("from-elsewhere", "default", &format!("{selected}  rules: [{{ from: [{{ source: {{ ipBlocks: [10.0.0.0/8] }} }}] }}]")),
+            policy(
+                "from-elsewhere",
+                "default",
+                &format!("{selected}  rules: [{{ from: [{{ source: {{ ipBlocks: [10.0.0.0/8] }} }}] }}]"),
+            ),
             expect(&[("api-gateway", "/", StatusCode::FORBIDDEN)]),
         ),
         (
             "ipBlocks: loopback allowed, notIpBlocks",
-            policy("from-loopback", "default", &format!("{selected}  rules: [{{ from: [{{ source: {{ ipBlocks: [127.0.0.0/8], notIpBlocks: [10.0.0.0/8] }} }}] }}]")),
+            policy(
+                "from-loopback",
+                "default",
+                &format!(
+                    "{selected}  rules: [{{ from: [{{ source: {{ ipBlocks: [127.0.0.0/8], notIpBlocks: [10.0.0.0/8] }} }}] }}]"
+                ),
+            ),
             expect(&[("api-gateway", "/", StatusCode::OK)]),
         ),
         (
             "when: request headers and source principal",
-            policy("tenant", "default", &format!("{selected}  rules: [{{ when: [{{ key: \"request.headers[x-tenant]\", values: [blue] }}, {{ key: source.principal, values: [cluster.local/ns/default/sa/other] }}] }}]")),
-            expect(&[("other", "/", StatusCode::FORBIDDEN), ("api-gateway", "/", StatusCode::FORBIDDEN)]),
+            policy(
+                "tenant",
+                "default",
+                &format!(
+                    "{selected}  rules: [{{ when: [{{ key: \"request.headers[x-tenant]\", values: [blue] }}, {{ key: source.principal, values: [cluster.local/ns/default/sa/other] }}] }}]"
+                ),
+            ),
+            expect(&[
+                ("other", "/", StatusCode::FORBIDDEN),
+                ("api-gateway", "/", StatusCode::FORBIDDEN),
+            ]),
         ),
     ];
     for (name, yaml, cases) in &scenarios {
@@ -326,27 +477,54 @@ async fn istio_semantics_hold_end_to_end() {
         };
         mesh.set_policies(yaml, |p| p.contains(&marker)).await;
         for (sa, path, expected) in cases.iter() {
-            assert_eq!(status(mesh.caller(sa), Method::GET, path).await, *expected, "{name}: {sa} {path}");
+            assert_eq!(
+                status(mesh.caller(sa), Method::GET, path).await,
+                *expected,
+                "{name}: {sa} {path}"
+            );
         }
     }
     // The `when` scenario, with the header the rule asks for.
     let other = mesh.caller("other");
-    let request = Request::get("http://order-svc:8080/").header("x-tenant", "blue").body(empty()).unwrap();
-    assert_eq!(other.http1.request(request).await.unwrap().status(), StatusCode::OK);
+    let request = Request::get("http://order-svc:8080/")
+        .header("x-tenant", "blue")
+        .body(empty())
+        .unwrap();
+    assert_eq!(
+        other.http1.request(request).await.unwrap().status(),
+        StatusCode::OK
+    );
 
     // Ports: the destination port is the app's (where the caller was going).
     let port = mesh.app.addr.port();
-    let yaml = policy("ports", "default", &format!("{selected}  rules: [{{ to: [{{ operation: {{ ports: [\"{port}\"] }} }}] }}]"));
+    let yaml = policy(
+        "ports",
+        "default",
+        &format!("{selected}  rules: [{{ to: [{{ operation: {{ ports: [\"{port}\"] }} }}] }}]"),
+    );
     mesh.set_policies(&yaml, |p| p.contains("policy[ports]")).await;
-    assert_eq!(status(mesh.caller("other"), Method::GET, "/").await, StatusCode::OK);
-    let yaml = policy("ports2", "default", &format!("{selected}  rules: [{{ to: [{{ operation: {{ notPorts: [\"{port}\"] }} }}] }}]"));
+    assert_eq!(
+        status(mesh.caller("other"), Method::GET, "/").await,
+        StatusCode::OK
+    );
+    let yaml = policy(
+        "ports2",
+        "default",
+        &format!("{selected}  rules: [{{ to: [{{ operation: {{ notPorts: [\"{port}\"] }} }}] }}]"),
+    );
     mesh.set_policies(&yaml, |p| p.contains("policy[ports2]")).await;
-    assert_eq!(status(mesh.caller("other"), Method::GET, "/").await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        status(mesh.caller("other"), Method::GET, "/").await,
+        StatusCode::FORBIDDEN
+    );
 
     // AUDIT was counted without blocking.
     let metrics = mesh.server.metrics().await;
     let audited = [("action", "audit"), ("result", "audited")];
-    assert!(metric(&metrics, "weft_authz_decisions_total", &audited) >= 1.0, "{metrics}");
+    assert!(
+        metric(&metrics, "weft_authz_decisions_total", &audited) >= 1.0,
+        "{metrics}"
+    );
 }
 
 /// A policy edit under load from four clients: the newly denied caller is denied within a second and not
@@ -371,15 +549,25 @@ async fn a_policy_edit_under_load_applies_within_a_second_without_failing_allowe
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(status(mesh.caller("payment-service"), Method::GET, "/orders/1").await, StatusCode::OK);
+    assert_eq!(
+        status(mesh.caller("payment-service"), Method::GET, "/orders/1").await,
+        StatusCode::OK
+    );
     let deny = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: no-payments, namespace: default }\nspec:\n  action: DENY\n  rules: [{ from: [{ source: { principals: [cluster.local/ns/default/sa/payment-service] } }] }]\n";
     let written = Instant::now();
-    write(mesh.dir.path(), "policy.yaml", &format!("{}\n{deny}", seed_policy()));
+    write(
+        mesh.dir.path(),
+        "policy.yaml",
+        &format!("{}\n{deny}", seed_policy()),
+    );
     loop {
         if status(mesh.caller("payment-service"), Method::GET, "/orders/1").await == StatusCode::FORBIDDEN {
             break;
         }
-        assert!(written.elapsed() < Duration::from_secs(1), "the edit took longer than a second");
+        assert!(
+            written.elapsed() < Duration::from_secs(1),
+            "the edit took longer than a second"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let took = written.elapsed();
@@ -388,25 +576,47 @@ async fn a_policy_edit_under_load_applies_within_a_second_without_failing_allowe
     for task in load {
         task.await.unwrap();
     }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "allowed requests failed during the edit");
-    assert!(ok.load(Ordering::Relaxed) > 40, "too little load: {}", ok.load(Ordering::Relaxed));
-    eprintln!("policy edit applied {took:?} after the write, {} allowed requests meanwhile", ok.load(Ordering::Relaxed));
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "allowed requests failed during the edit"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 40,
+        "too little load: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    eprintln!(
+        "policy edit applied {took:?} after the write, {} allowed requests meanwhile",
+        ok.load(Ordering::Relaxed)
+    );
 }
 
 /// A DENY that starts matching applies to the next stream of an HTTP/2 connection already open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_http2_connection_is_held_to_the_new_policy() {
     let mesh = Mesh::start("").await;
-    let stream = mesh.server.orig_dst.connect(mesh.server.inbound(), mesh.app.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+    let stream = mesh
+        .server
+        .orig_dst
+        .connect(mesh.server.inbound(), mesh.app.addr)
         .await
         .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     let get = || Request::get("http://order-svc/x").body(empty()).unwrap();
     assert_eq!(sender.send_request(get()).await.unwrap().status(), StatusCode::OK);
     let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: { name: deny-x, namespace: default }\nspec:\n  action: DENY\n  rules: [{ to: [{ operation: { paths: [/x] } }] }]\n";
     mesh.set_policies(deny, |p| p.contains("deny-x")).await;
-    assert_eq!(sender.send_request(get()).await.unwrap().status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        sender.send_request(get()).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
 }
 
 /// Opaque TCP is authorized at connect time on L4 fields, and an open connection that a new policy no
@@ -416,7 +626,12 @@ async fn tcp_connections_are_authorized_and_closed_when_the_policy_turns() {
     let mesh = Mesh::start("").await;
     let echo = TcpServer::echo().await;
     let connect = || async {
-        let mut stream = mesh.server.orig_dst.connect(mesh.server.inbound(), echo.addr).await.unwrap();
+        let mut stream = mesh
+            .server
+            .orig_dst
+            .connect(mesh.server.inbound(), echo.addr)
+            .await
+            .unwrap();
         // Binary first bytes: nothing an HTTP request could start with.
         stream.write_all(b"\x00\x01ping").await.unwrap();
         let mut pong = [0u8; 6];
@@ -426,29 +641,55 @@ async fn tcp_connections_are_authorized_and_closed_when_the_policy_turns() {
         }
     };
     let policy = |name: &str, spec: &str| {
-        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: {name}, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: order-service }} }}\n{spec}\n")
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{ name: {name}, namespace: default }}\nspec:\n  selector: {{ matchLabels: {{ app: order-service }} }}\n{spec}\n"
+        )
     };
     let port = echo.addr.port();
     mesh.set_policies(&policy("tcp-allow", &format!("  rules: [{{ from: [{{ source: {{ ipBlocks: [127.0.0.0/8] }} }}], to: [{{ operation: {{ ports: [\"{port}\"] }} }}] }}]")), |p| p.contains("tcp-allow")).await;
     let mut open = connect().await.expect("allowed at L4");
 
     // The seed's policy has HTTP-only fields: on a TCP connection its rule never matches (Istio's rule).
-    mesh.set_policies(&seed_policy(), |p| p.contains("order-service-policy")).await;
-    assert!(connect().await.is_none(), "HTTP-only ALLOW rules must not admit TCP");
+    mesh.set_policies(&seed_policy(), |p| p.contains("order-service-policy"))
+        .await;
+    assert!(
+        connect().await.is_none(),
+        "HTTP-only ALLOW rules must not admit TCP"
+    );
     assert!(mesh.cp.problems().is_empty());
 
     // The open connection was closed when the policy turned.
     let mut buf = [0u8; 1];
     let closed = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf)).await;
-    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the connection stayed open: {closed:?}");
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection stayed open: {closed:?}"
+    );
 
     // A DENY with an HTTP field applies to the whole TCP connection.
     mesh.set_policies(&policy("tcp-deny", "  action: DENY\n  rules: [{ from: [{ source: { ipBlocks: [127.0.0.0/8] } }], to: [{ operation: { methods: [GET] } }] }]"), |p| p.contains("tcp-deny")).await;
-    assert!(connect().await.is_none(), "DENY without its HTTP field denies the connection");
-    mesh.set_policies(&policy("tcp-deny-other", "  action: DENY\n  rules: [{ from: [{ source: { ipBlocks: [10.0.0.0/8] } }] }]"), |p| p.contains("tcp-deny-other")).await;
+    assert!(
+        connect().await.is_none(),
+        "DENY without its HTTP field denies the connection"
+    );
+    mesh.set_policies(
+        &policy(
+            "tcp-deny-other",
+            "  action: DENY\n  rules: [{ from: [{ source: { ipBlocks: [10.0.0.0/8] } }] }]",
+        ),
+        |p| p.contains("tcp-deny-other"),
+    )
+    .await;
     assert!(connect().await.is_some());
     let metrics = mesh.server.metrics().await;
-    assert!(metric(&metrics, "istio_tcp_connections_closed_total", &[("response_flags", "RBAC")]) >= 3.0, "{metrics}");
+    assert!(
+        metric(
+            &metrics,
+            "istio_tcp_connections_closed_total",
+            &[("response_flags", "RBAC")]
+        ) >= 3.0,
+        "{metrics}"
+    );
 }
 
 /// No spelling of a denied path reaches the app: the workload allows `/orders/*` and denies `/admin*`.
@@ -472,15 +713,50 @@ spec:
     let mesh = Mesh::start(policies).await;
     assert_eventually!(mesh.policies().await.contains("no-admin"), "policies not applied");
     let variants = [
-        "/admin", "//admin", "///admin", "/./admin", "/admin/", "/admin/.", "/orders/../admin", "/orders/./../admin",
-        "/orders/%2e%2e/admin", "/orders/%2E%2E/admin", "/orders/.%2e/admin", "/orders/%2e./admin",
-        "/orders/..%2fadmin", "/orders/..%2Fadmin", "/orders/%2e%2e%2fadmin", "/orders%2f..%2fadmin",
-        "/orders/..%5cadmin", "/orders/..%5Cadmin", "/orders/..\\admin", "/orders\\..\\admin", "/%61dmin",
-        "/%61%64%6d%69%6e", "/%41dmin", "/orders/1/../../admin", "/orders//..//admin", "/orders/.././admin",
-        "/admin?", "/admin?x=1", "/admin#", "/admin#frag", "/admin%00", "/orders/%00/../admin",
-        "/orders/%c0%ae%c0%ae/admin", "/orders/%c0%afadmin", "/orders/%e0%80%ae%e0%80%ae/admin",
-        "/orders/%25%32%65%25%32%65/admin", "/orders/%2", "/orders/%zz/../admin", "/./orders/../admin/x",
-        "/orders/x/%2e%2e/%2e%2e/admin", "/admin;x=1", "/ADMIN%2f", "/%2fadmin", "/%5cadmin",
+        "/admin",
+        "//admin",
+        "///admin",
+        "/./admin",
+        "/admin/",
+        "/admin/.",
+        "/orders/../admin",
+        "/orders/./../admin",
+        "/orders/%2e%2e/admin",
+        "/orders/%2E%2E/admin",
+        "/orders/.%2e/admin",
+        "/orders/%2e./admin",
+        "/orders/..%2fadmin",
+        "/orders/..%2Fadmin",
+        "/orders/%2e%2e%2fadmin",
+        "/orders%2f..%2fadmin",
+        "/orders/..%5cadmin",
+        "/orders/..%5Cadmin",
+        "/orders/..\\admin",
+        "/orders\\..\\admin",
+        "/%61dmin",
+        "/%61%64%6d%69%6e",
+        "/%41dmin",
+        "/orders/1/../../admin",
+        "/orders//..//admin",
+        "/orders/.././admin",
+        "/admin?",
+        "/admin?x=1",
+        "/admin#",
+        "/admin#frag",
+        "/admin%00",
+        "/orders/%00/../admin",
+        "/orders/%c0%ae%c0%ae/admin",
+        "/orders/%c0%afadmin",
+        "/orders/%e0%80%ae%e0%80%ae/admin",
+        "/orders/%25%32%65%25%32%65/admin",
+        "/orders/%2",
+        "/orders/%zz/../admin",
+        "/./orders/../admin/x",
+        "/orders/x/%2e%2e/%2e%2e/admin",
+        "/admin;x=1",
+        "/ADMIN%2f",
+        "/%2fadmin",
+        "/%5cadmin",
     ];
     assert!(variants.len() >= 40);
     for path in variants {
@@ -494,7 +770,9 @@ spec:
         assert!(!decoded.contains("admin"), "{} reached the app", seen.uri);
     }
     // What is allowed arrives normalized: the app gets the path that was authorized.
-    let response = mesh.plaintext("GET /orders/./x/../1?q=%2F HTTP/1.1\r\nHost: order-svc\r\nConnection: close\r\n\r\n").await;
+    let response = mesh
+        .plaintext("GET /orders/./x/../1?q=%2F HTTP/1.1\r\nHost: order-svc\r\nConnection: close\r\n\r\n")
+        .await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(mesh.app.last_request().uri, "/orders/1?q=%2F");
 }
@@ -505,7 +783,10 @@ fn percent_decode(path: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%'
-            && let Some(v) = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok())
+            && let Some(v) = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
         {
             out.push(v);
             i += 3;
@@ -537,7 +818,10 @@ clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
     let front: SocketAddr = proxy.listener("front");
     let get = |path: &'static str| async move {
         let mut stream = tokio::net::TcpStream::connect(front).await.unwrap();
-        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut response = Vec::new();
         let _ = stream.read_to_end(&mut response).await;
         String::from_utf8_lossy(&response).into_owned()
@@ -550,7 +834,10 @@ clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
     // A policy the proxy could only enforce by failing closed is refused at start, by field.
     let file = "listeners: [{ name: f, address: 127.0.0.1:0, cluster: c, authorization_policies: [{ name: p, spec: { action: CUSTOM, provider: { name: ext } } }] }]\nclusters: [{ name: c }]";
     let err = weft_model::parse(file).unwrap_err().to_string();
-    assert!(err.contains("listeners[0].authorization_policies[0].spec.action"), "{err}");
+    assert!(
+        err.contains("listeners[0].authorization_policies[0].spec.action"),
+        "{err}"
+    );
     assert!(err.contains("CUSTOM"), "{err}");
 }
 
@@ -562,13 +849,19 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
     use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
-    use envoy_types::pb::envoy::config::rbac::v3::{Permission, Policy, Principal, Rbac, permission, principal, rbac};
-    use envoy_types::pb::envoy::config::route::v3::{Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match};
+    use envoy_types::pb::envoy::config::rbac::v3::{
+        Permission, Policy, Principal, Rbac, permission, principal, rbac,
+    };
+    use envoy_types::pb::envoy::config::route::v3::{
+        Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
+    };
     use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
         HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
     };
-    use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher, path_matcher, string_matcher};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        PathMatcher, StringMatcher, path_matcher, string_matcher,
+    };
     use envoy_types::pb::google::protobuf::Any;
     use envoy_types::util::pack_any;
     use prost::Name;
@@ -584,26 +877,30 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
         };
         let hcm = HttpConnectionManager {
             stat_prefix: "inbound".into(),
-            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
-                name: "inbound".into(),
-                virtual_hosts: vec![VirtualHost {
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
+                RouteConfiguration {
                     name: "inbound".into(),
-                    domains: vec!["*".into()],
-                    routes: vec![Route {
-                        r#match: Some(RouteMatch {
-                            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    virtual_hosts: vec![VirtualHost {
+                        name: "inbound".into(),
+                        domains: vec!["*".into()],
+                        routes: vec![Route {
+                            r#match: Some(RouteMatch {
+                                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                                ..Default::default()
+                            }),
+                            action: Some(route::Action::Route(RouteAction {
+                                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                                    "inbound|8080||".into(),
+                                )),
+                                ..Default::default()
+                            })),
                             ..Default::default()
-                        }),
-                        action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("inbound|8080||".into())),
-                            ..Default::default()
-                        })),
+                        }],
                         ..Default::default()
                     }],
                     ..Default::default()
-                }],
-                ..Default::default()
-            })),
+                },
+            )),
             http_filters: vec![
                 HttpFilter {
                     name: "envoy.filters.http.rbac".into(),
@@ -669,10 +966,18 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
         let app = &app;
         async move {
             let mut stream = proxy.orig_dst.connect(proxy.inbound(), app.addr).await.unwrap();
-            stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+            stream
+                .write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").as_bytes(),
+                )
+                .await
+                .unwrap();
             let mut response = Vec::new();
             let _ = stream.read_to_end(&mut response).await;
-            String::from_utf8_lossy(&response).get(9..12).unwrap_or_default().to_owned()
+            String::from_utf8_lossy(&response)
+                .get(9..12)
+                .unwrap_or_default()
+                .to_owned()
         }
     };
     assert_eventually!(get("/admin/x").await == "403", "the RBAC filter was not enforced");
@@ -714,6 +1019,12 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
     listener.filter_chains[0].filters[0].config_type = Some(filter::ConfigType::TypedConfig(pack_any(hcm)));
     xds.set(&Listener::type_url(), "l3", vec![pack_any(listener)]);
     assert_eventually!(xds.nacks().len() == 2, "no NACK for ext_authz");
-    assert!(xds.nacks()[1].2.contains("unsupported HTTP filter envoy.filters.http.ext_authz"), "{:?}", xds.nacks());
+    assert!(
+        xds.nacks()[1]
+            .2
+            .contains("unsupported HTTP filter envoy.filters.http.ext_authz"),
+        "{:?}",
+        xds.nacks()
+    );
     assert_eq!(get("/admin/x").await, "403");
 }

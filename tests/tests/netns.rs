@@ -300,11 +300,14 @@ async fn the_seed_authorization_policy_holds_between_pods() {
         .find(|doc| doc.contains("kind: AuthorizationPolicy"))
         .unwrap();
     // The seed's policy selects `app: order-service`: the workload carries that label, as in the example.
-    let yaml = service_yaml("order-svc", "10.96.0.30", 8080, &[(&order, "v1")]).replace("app: order-svc", "app: order-service");
+    let yaml = service_yaml("order-svc", "10.96.0.30", 8080, &[(&order, "v1")])
+        .replace("app: order-svc", "app: order-service");
     let control = Control::start(&network, &[("order.yaml", &yaml), ("policy.yaml", policy)]).unwrap();
     let app = app_in(&order, "order-v1");
     control.inject(&gateway, "default", "api-gateway", &[]).unwrap();
-    control.inject(&payments, "default", "payment-service", &[]).unwrap();
+    control
+        .inject(&payments, "default", "payment-service", &[])
+        .unwrap();
     control.inject(&intruder, "default", "other", &[]).unwrap();
     control.inject(&order, "default", "order-svc", &[]).unwrap();
     for pod in [&gateway, &payments, &intruder, &order] {
@@ -315,20 +318,40 @@ async fn the_seed_authorization_policy_holds_between_pods() {
         let mut client = PodClient::connect(pod, service).await.unwrap();
         for method in [http::Method::GET, http::Method::POST] {
             let answer = client.request(method.clone(), "/orders/1", &[]).await.unwrap();
-            assert_eq!(answer.status, StatusCode::OK, "{} {method}: {answer:?}", pod.name());
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "{} {method}: {answer:?}",
+                pod.name()
+            );
         }
         for (method, path) in [(http::Method::DELETE, "/orders/1"), (http::Method::GET, "/admin")] {
             let answer = client.request(method.clone(), path, &[]).await.unwrap();
-            assert_eq!(answer.status, StatusCode::FORBIDDEN, "{} {method} {path}", pod.name());
+            assert_eq!(
+                answer.status,
+                StatusCode::FORBIDDEN,
+                "{} {method} {path}",
+                pod.name()
+            );
             assert_eq!(answer.body, "RBAC: access denied");
         }
     }
     let denied = netns::get(&intruder, service, "/orders/1", &[]).await.unwrap();
     assert_eq!(denied.status, StatusCode::FORBIDDEN);
-    assert_eq!(app.request_count(), 4, "only the allowed requests reached the app");
+    assert_eq!(
+        app.request_count(),
+        4,
+        "only the allowed requests reached the app"
+    );
     for seen in app.requests() {
-        let caller = seen.headers["x-forwarded-client-cert"].to_str().unwrap().to_owned();
-        assert!(caller.ends_with("/sa/api-gateway") || caller.ends_with("/sa/payment-service"), "{caller}");
+        let caller = seen.headers["x-forwarded-client-cert"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            caller.ends_with("/sa/api-gateway") || caller.ends_with("/sa/payment-service"),
+            "{caller}"
+        );
     }
 
     // A pod without a sidecar dialling the server pod: PERMISSIVE lets it in without an identity, so the
@@ -351,10 +374,17 @@ async fn the_seed_authorization_policy_holds_between_pods() {
     }
     assert_eq!(app.request_count(), 4);
     let metrics = mesh_metrics(&order).await;
-    let denials = metric(&metrics, "istio_requests_total", &[("response_code", "403"), ("response_flags", "RBAC")]);
+    let denials = metric(
+        &metrics,
+        "istio_requests_total",
+        &[("response_code", "403"), ("response_flags", "RBAC")],
+    );
     assert!(denials >= 7.0, "{metrics}");
     assert_eq!(
-        netns::get(&gateway, service, "/orders/2", &[]).await.unwrap().status,
+        netns::get(&gateway, service, "/orders/2", &[])
+            .await
+            .unwrap()
+            .status,
         StatusCode::OK
     );
 }

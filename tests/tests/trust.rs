@@ -23,7 +23,13 @@ async fn proxy() -> TestProxy {
 
 /// Sends `bytes` (in pieces, with `pause` between them) on a connection redirected to `dst`, and
 /// returns what came back before the proxy or the app closed it.
-async fn exchange(proxy: &TestProxy, listener: SocketAddr, dst: SocketAddr, pieces: &[&[u8]], pause: Duration) -> String {
+async fn exchange(
+    proxy: &TestProxy,
+    listener: SocketAddr,
+    dst: SocketAddr,
+    pieces: &[&[u8]],
+    pause: Duration,
+) -> String {
     let mut stream: TcpStream = proxy.orig_dst.connect(listener, dst).await.unwrap();
     for (i, piece) in pieces.iter().enumerate() {
         if i > 0 {
@@ -48,7 +54,10 @@ fn request(prefix: &str, target: &str) -> String {
 fn assert_not_forged(app: &HttpServer, case: &str) {
     for seen in app.requests() {
         let xfcc: Vec<_> = seen.headers.get_all("x-forwarded-client-cert").iter().collect();
-        assert!(xfcc.iter().all(|v| v.to_str().unwrap() != FORGED), "{case}: the app saw the forged identity {xfcc:?}");
+        assert!(
+            xfcc.iter().all(|v| v.to_str().unwrap() != FORGED),
+            "{case}: the app saw the forged identity {xfcc:?}"
+        );
     }
 }
 
@@ -70,9 +79,15 @@ async fn bytes_detection_did_not_recognise_never_carry_forged_identity() {
         ("leading CRLF", vec![leading_crlf.as_bytes()]),
         ("a 17 KiB request target", vec![long.as_bytes()]),
         ("a 30-character method", vec![long_method.as_bytes()]),
-        ("a pause mid-request past the detect timeout", vec![first.as_bytes(), rest.as_bytes()]),
+        (
+            "a pause mid-request past the detect timeout",
+            vec![first.as_bytes(), rest.as_bytes()],
+        ),
     ];
-    for (listener, direction) in [(proxy.inbound(), "inbound"), (proxy.outbound(), "outbound passthrough")] {
+    for (listener, direction) in [
+        (proxy.inbound(), "inbound"),
+        (proxy.outbound(), "outbound passthrough"),
+    ] {
         for (case, pieces) in &cases {
             let before = app.request_count();
             let response = exchange(&proxy, listener, app.addr, pieces, Duration::from_millis(300)).await;
@@ -96,7 +111,14 @@ async fn bytes_detection_did_not_recognise_never_carry_forged_identity() {
     let smuggled = format!(
         "\r\nPOST / HTTP/1.1\r\nHost: app\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nX-Forwarded-Client-Cert: {FORGED}\r\n\r\n"
     );
-    exchange(&proxy, proxy.inbound(), app.addr, &[smuggled.as_bytes()], Duration::ZERO).await;
+    exchange(
+        &proxy,
+        proxy.inbound(),
+        app.addr,
+        &[smuggled.as_bytes()],
+        Duration::ZERO,
+    )
+    .await;
     assert_not_forged(&app, "CL+TE after a leading CRLF");
     assert!(app.requests().iter().all(|r| r.uri.path() != "/smuggled"));
 }
@@ -107,7 +129,14 @@ async fn h2c_upgrade_is_never_offered_to_the_app() {
     let proxy = proxy().await;
     let upgrade = "GET /h2c HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\n\
                    HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
-    let response = exchange(&proxy, proxy.inbound(), app.addr, &[upgrade.as_bytes()], Duration::ZERO).await;
+    let response = exchange(
+        &proxy,
+        proxy.inbound(),
+        app.addr,
+        &[upgrade.as_bytes()],
+        Duration::ZERO,
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let seen = app.last_request();
     assert_eq!(seen.uri.path(), "/h2c");
@@ -120,13 +149,30 @@ async fn one_request_has_one_authority() {
     let app = HttpServer::start("app").await;
     let proxy = proxy().await;
     let duplicate = "GET /dup HTTP/1.1\r\nHost: app\r\nHost: evil.example\r\nConnection: close\r\n\r\n";
-    let response = exchange(&proxy, proxy.inbound(), app.addr, &[duplicate.as_bytes()], Duration::ZERO).await;
+    let response = exchange(
+        &proxy,
+        proxy.inbound(),
+        app.addr,
+        &[duplicate.as_bytes()],
+        Duration::ZERO,
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
-    assert!(app.requests().iter().all(|r| r.uri.path() != "/dup"), "the app saw two Hosts");
+    assert!(
+        app.requests().iter().all(|r| r.uri.path() != "/dup"),
+        "the app saw two Hosts"
+    );
 
     // Absolute form: its authority replaces Host, so the app sees what routing saw.
     let absolute = "GET http://evil.example/abs HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n";
-    let response = exchange(&proxy, proxy.inbound(), app.addr, &[absolute.as_bytes()], Duration::ZERO).await;
+    let response = exchange(
+        &proxy,
+        proxy.inbound(),
+        app.addr,
+        &[absolute.as_bytes()],
+        Duration::ZERO,
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let seen = app.last_request();
     assert_eq!(seen.uri.path(), "/abs");
@@ -134,7 +180,14 @@ async fn one_request_has_one_authority() {
     assert_eq!(hosts, ["evil.example"]);
 
     let bad = "GET /bad HTTP/1.1\r\nHost: a b\r\nConnection: close\r\n\r\n";
-    let response = exchange(&proxy, proxy.inbound(), app.addr, &[bad.as_bytes()], Duration::ZERO).await;
+    let response = exchange(
+        &proxy,
+        proxy.inbound(),
+        app.addr,
+        &[bad.as_bytes()],
+        Duration::ZERO,
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
 }
 
@@ -154,7 +207,14 @@ routes:
     .await;
     let dst: SocketAddr = "127.0.96.80:8080".parse().unwrap();
     let absolute = "GET http://evil.example/x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
-    let response = exchange(&proxy, proxy.outbound(), dst, &[absolute.as_bytes()], Duration::ZERO).await;
+    let response = exchange(
+        &proxy,
+        proxy.outbound(),
+        dst,
+        &[absolute.as_bytes()],
+        Duration::ZERO,
+    )
+    .await;
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
     assert_eq!(orders.request_count(), 0);
     let fine = "GET /x HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n";
@@ -176,7 +236,8 @@ clusters:
     .await;
     let dst: SocketAddr = "127.0.96.81:8080".parse().unwrap();
     for _ in 0..16 {
-        let bad = "POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+        let bad =
+            "POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
         let response = exchange(&proxy, proxy.outbound(), dst, &[bad.as_bytes()], Duration::ZERO).await;
         // hyper closes a connection whose request body broke, so the 400 may not get out.
         assert!(
@@ -186,11 +247,24 @@ clusters:
     }
     let metrics = proxy.metrics().await;
     let labels = [("response_code", "400"), ("response_flags", "DPE")];
-    assert_eq!(metric(&metrics, "istio_requests_total", &labels), 16.0, "{metrics}");
-    assert_eq!(metric(&metrics, "istio_requests_total", &[("response_code", "503")]), 0.0, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &labels),
+        16.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "istio_requests_total", &[("response_code", "503")]),
+        0.0,
+        "{metrics}"
+    );
     let (_, clusters) = admin_get(proxy.admin(), "/clusters?format=json").await;
     let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
-    let cluster = clusters.as_array().unwrap().iter().find(|c| c["name"] == "app").unwrap();
+    let cluster = clusters
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "app")
+        .unwrap();
     let endpoint = &cluster["endpoints"][0];
     assert_eq!(endpoint["ejected"], false, "{clusters}");
     assert_eq!(endpoint["ejections"], 0, "{clusters}");

@@ -63,7 +63,8 @@ pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, co
         source_peers(&inputs, service)
     };
     // An entry point, or a listener with policies, authorizes what arrives.
-    let authz = (entry || !listener.authorization.is_empty()).then(|| AuthzKey::Listener(listener.name.clone()));
+    let authz =
+        (entry || !listener.authorization.is_empty()).then(|| AuthzKey::Listener(listener.name.clone()));
     let routed = Routed {
         stream: conn.stream,
         source: conn.peer,

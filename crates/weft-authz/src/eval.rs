@@ -57,7 +57,12 @@ pub struct Event<'a> {
 impl Authorization {
     /// Decides for a connection (`request: None`, only L4 facts) or a request. `observe` sees every
     /// rule set that matched or denied, in order, without allocating.
-    pub fn evaluate(&self, peer: &Peer<'_>, request: Option<&Request<'_>>, observe: &mut dyn FnMut(Event<'_>)) -> Decision {
+    pub fn evaluate(
+        &self,
+        peer: &Peer<'_>,
+        request: Option<&Request<'_>>,
+        observe: &mut dyn FnMut(Event<'_>),
+    ) -> Decision {
         for filter in &self.filters {
             if let Some(shadow) = &filter.shadow {
                 let matched = shadow.first_match(peer, request);

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::model::{
-    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Pattern, Permission, Policy, Principal, Rbac,
-    RbacFilter, StringMatch,
+    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Pattern, Permission, Policy,
+    Principal, Rbac, RbacFilter, StringMatch,
 };
 
 /// The keys of `when` conditions the proxy evaluates.
@@ -49,7 +49,6 @@ pub struct AuthorizationPolicySpec {
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
-
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -357,7 +356,13 @@ fn rule_policy(t: &mut Translator<'_>, field: &str, rule: &Rule) -> Policy {
     let mut when_permissions = Vec::new();
     let mut when_principals = Vec::new();
     for (i, c) in rule.when.iter().enumerate() {
-        condition(t, &format!("{field}.when[{i}]"), c, &mut when_permissions, &mut when_principals);
+        condition(
+            t,
+            &format!("{field}.when[{i}]"),
+            c,
+            &mut when_permissions,
+            &mut when_principals,
+        );
     }
     let mut principals: Vec<Principal> = rule
         .from
@@ -408,11 +413,19 @@ fn and_permission(mut all: Vec<Permission>) -> Permission {
 }
 
 fn or_principal(mut any: Vec<Principal>) -> Principal {
-    if any.len() == 1 { any.remove(0) } else { Principal::Or(any) }
+    if any.len() == 1 {
+        any.remove(0)
+    } else {
+        Principal::Or(any)
+    }
 }
 
 fn or_permission(mut any: Vec<Permission>) -> Permission {
-    if any.len() == 1 { any.remove(0) } else { Permission::Or(any) }
+    if any.len() == 1 {
+        any.remove(0)
+    } else {
+        Permission::Or(any)
+    }
 }
 
 /// `values` as alternatives (and `not_values` as exclusions), each value translated by `one`, which
@@ -428,7 +441,10 @@ fn field_of<T>(
     not: fn(T) -> T,
     out: &mut Vec<T>,
 ) {
-    for (list, name, negate) in [(values, field.to_owned(), false), (not_values, not_name.to_owned(), true)] {
+    for (list, name, negate) in [
+        (values, field.to_owned(), false),
+        (not_values, not_name.to_owned(), true),
+    ] {
         if list.is_empty() {
             continue;
         }
@@ -451,19 +467,64 @@ fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
     let mut out = Vec::new();
     let not_p = |p| Principal::Not(Box::new(p));
     let sibling = |name: &str| format!("{}.{name}", field);
-    field_of(t, &sibling("principals"), &s.principals, &s.not_principals, &sibling("notPrincipals"), &|v| Ok(principal(v)), or_principal, not_p, &mut out);
+    field_of(
+        t,
+        &sibling("principals"),
+        &s.principals,
+        &s.not_principals,
+        &sibling("notPrincipals"),
+        &|v| Ok(principal(v)),
+        or_principal,
+        not_p,
+        &mut out,
+    );
     if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
-        let name = if s.request_principals.is_empty() { "notRequestPrincipals" } else { "requestPrincipals" };
+        let name = if s.request_principals.is_empty() {
+            "notRequestPrincipals"
+        } else {
+            "requestPrincipals"
+        };
         t.cannot(
             sibling(name),
-            "request principals come from JWTs (RequestAuthentication), which Weft does not verify yet".into(),
+            "request principals come from JWTs (RequestAuthentication), which Weft does not verify yet"
+                .into(),
         );
     }
-    field_of(t, &sibling("namespaces"), &s.namespaces, &s.not_namespaces, &sibling("notNamespaces"), &namespace, or_principal, not_p, &mut out);
+    field_of(
+        t,
+        &sibling("namespaces"),
+        &s.namespaces,
+        &s.not_namespaces,
+        &sibling("notNamespaces"),
+        &namespace,
+        or_principal,
+        not_p,
+        &mut out,
+    );
     let ip = |v: &str| Cidr::parse(v).map(Principal::DirectRemoteIp).map_err(|e| e.0);
-    field_of(t, &sibling("ipBlocks"), &s.ip_blocks, &s.not_ip_blocks, &sibling("notIpBlocks"), &ip, or_principal, not_p, &mut out);
+    field_of(
+        t,
+        &sibling("ipBlocks"),
+        &s.ip_blocks,
+        &s.not_ip_blocks,
+        &sibling("notIpBlocks"),
+        &ip,
+        or_principal,
+        not_p,
+        &mut out,
+    );
     let remote = |v: &str| Cidr::parse(v).map(Principal::RemoteIp).map_err(|e| e.0);
-    field_of(t, &sibling("remoteIpBlocks"), &s.remote_ip_blocks, &s.not_remote_ip_blocks, &sibling("notRemoteIpBlocks"), &remote, or_principal, not_p, &mut out);
+    field_of(
+        t,
+        &sibling("remoteIpBlocks"),
+        &s.remote_ip_blocks,
+        &s.not_remote_ip_blocks,
+        &sibling("notRemoteIpBlocks"),
+        &remote,
+        or_principal,
+        not_p,
+        &mut out,
+    );
     out
 }
 
@@ -473,9 +534,25 @@ fn operation(t: &mut Translator<'_>, field: &str, o: &Operation) -> Vec<Permissi
     let sibling = |name: &str| format!("{}.{name}", field);
     let ports: Vec<String> = o.ports.iter().map(PortValue::text).collect();
     let not_ports: Vec<String> = o.not_ports.iter().map(PortValue::text).collect();
-    field_of(t, &sibling("ports"), &ports, &not_ports, &sibling("notPorts"), &|v| port(v).map(Permission::DestinationPort), or_permission, not_p, &mut out);
+    field_of(
+        t,
+        &sibling("ports"),
+        &ports,
+        &not_ports,
+        &sibling("notPorts"),
+        &|v| port(v).map(Permission::DestinationPort),
+        or_permission,
+        not_p,
+        &mut out,
+    );
     for (name, values, not_name, not_values, one) in [
-        ("hosts", &o.hosts, "notHosts", &o.not_hosts, host as fn(&str) -> Result<Permission, String>),
+        (
+            "hosts",
+            &o.hosts,
+            "notHosts",
+            &o.not_hosts,
+            host as fn(&str) -> Result<Permission, String>,
+        ),
         ("methods", &o.methods, "notMethods", &o.not_methods, method),
         ("paths", &o.paths, "notPaths", &o.not_paths, path),
     ] {
@@ -486,7 +563,17 @@ fn operation(t: &mut Translator<'_>, field: &str, o: &Operation) -> Vec<Permissi
         if t.http_only(sibling(first)) {
             continue;
         }
-        field_of(t, &sibling(name), values, not_values, &sibling(not_name), &one, or_permission, not_p, &mut out);
+        field_of(
+            t,
+            &sibling(name),
+            values,
+            not_values,
+            &sibling(not_name),
+            &one,
+            or_permission,
+            not_p,
+            &mut out,
+        );
     }
     out
 }
@@ -499,7 +586,10 @@ fn condition(
     principals: &mut Vec<Principal>,
 ) {
     if c.values.is_empty() && c.not_values.is_empty() {
-        t.cannot(format!("{field}.values"), "a condition needs values or notValues".into());
+        t.cannot(
+            format!("{field}.values"),
+            "a condition needs values or notValues".into(),
+        );
         return;
     }
     let values = format!("{field}.values");
@@ -508,15 +598,88 @@ fn condition(
     let not_pe = |p| Permission::Not(Box::new(p));
     let key = c.key.as_str();
     match key {
-        "source.principal" => field_of(t, &values, &c.values, &c.not_values, &not_values, &|v| Ok(principal(v)), or_principal, not_pr, principals),
-        "source.namespace" => field_of(t, &values, &c.values, &c.not_values, &not_values, &namespace, or_principal, not_pr, principals),
-        "source.ip" => field_of(t, &values, &c.values, &c.not_values, &not_values, &|v| Cidr::parse(v).map(Principal::DirectRemoteIp).map_err(|e| e.0), or_principal, not_pr, principals),
-        "remote.ip" => field_of(t, &values, &c.values, &c.not_values, &not_values, &|v| Cidr::parse(v).map(Principal::RemoteIp).map_err(|e| e.0), or_principal, not_pr, principals),
-        "destination.ip" => field_of(t, &values, &c.values, &c.not_values, &not_values, &|v| Cidr::parse(v).map(Permission::DestinationIp).map_err(|e| e.0), or_permission, not_pe, permissions),
-        "destination.port" => field_of(t, &values, &c.values, &c.not_values, &not_values, &|v| port(v).map(Permission::DestinationPort), or_permission, not_pe, permissions),
-        "connection.sni" => field_of(t, &values, &c.values, &c.not_values, &not_values, &|v| Ok(Permission::ServerName(istio_string(v, false))), or_permission, not_pe, permissions),
+        "source.principal" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &|v| Ok(principal(v)),
+            or_principal,
+            not_pr,
+            principals,
+        ),
+        "source.namespace" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &namespace,
+            or_principal,
+            not_pr,
+            principals,
+        ),
+        "source.ip" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &|v| Cidr::parse(v).map(Principal::DirectRemoteIp).map_err(|e| e.0),
+            or_principal,
+            not_pr,
+            principals,
+        ),
+        "remote.ip" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &|v| Cidr::parse(v).map(Principal::RemoteIp).map_err(|e| e.0),
+            or_principal,
+            not_pr,
+            principals,
+        ),
+        "destination.ip" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &|v| Cidr::parse(v).map(Permission::DestinationIp).map_err(|e| e.0),
+            or_permission,
+            not_pe,
+            permissions,
+        ),
+        "destination.port" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &|v| port(v).map(Permission::DestinationPort),
+            or_permission,
+            not_pe,
+            permissions,
+        ),
+        "connection.sni" => field_of(
+            t,
+            &values,
+            &c.values,
+            &c.not_values,
+            &not_values,
+            &|v| Ok(Permission::ServerName(istio_string(v, false))),
+            or_permission,
+            not_pe,
+            permissions,
+        ),
         _ => {
-            if let Some(name) = key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+            if let Some(name) = key
+                .strip_prefix("request.headers[")
+                .and_then(|k| k.strip_suffix(']'))
+            {
                 if t.http_only(format!("{field}.key")) {
                     return;
                 }
@@ -534,12 +697,27 @@ fn condition(
                         invert: false,
                     }))
                 };
-                field_of(t, &values, &c.values, &c.not_values, &not_values, &one, or_principal, not_pr, principals);
+                field_of(
+                    t,
+                    &values,
+                    &c.values,
+                    &c.not_values,
+                    &not_values,
+                    &one,
+                    or_principal,
+                    not_pr,
+                    principals,
+                );
             } else {
                 let problem = if key.starts_with("request.auth.") {
-                    format!("\"{key}\" needs JWT authentication (RequestAuthentication), which Weft does not verify yet")
+                    format!(
+                        "\"{key}\" needs JWT authentication (RequestAuthentication), which Weft does not verify yet"
+                    )
                 } else {
-                    format!("the proxy cannot evaluate \"{key}\"; supported keys: {}", SUPPORTED_WHEN_KEYS.join(", "))
+                    format!(
+                        "the proxy cannot evaluate \"{key}\"; supported keys: {}",
+                        SUPPORTED_WHEN_KEYS.join(", ")
+                    )
                 };
                 t.cannot(format!("{field}.key"), problem);
             }
@@ -638,7 +816,9 @@ fn method(v: &str) -> Result<Permission, String> {
 
 fn path(v: &str) -> Result<Permission, String> {
     if v.contains('{') {
-        return PathTemplate::parse(v).map(Permission::PathTemplate).map_err(|e| e.0);
+        return PathTemplate::parse(v)
+            .map(Permission::PathTemplate)
+            .map_err(|e| e.0);
     }
     if v.is_empty() {
         return Err("an empty path".into());

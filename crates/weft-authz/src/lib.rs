@@ -12,8 +12,8 @@ pub mod path;
 
 pub use eval::{Decision, Event, Peer, Request};
 pub use model::{
-    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Pattern, Permission, Policy, Principal,
-    Rbac, RbacFilter, StringMatch,
+    Action, Authorization, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Pattern, Permission, Policy,
+    Principal, Rbac, RbacFilter, StringMatch,
 };
 
 /// A regular expression as RBAC matches it (the whole value, RE2 syntax).

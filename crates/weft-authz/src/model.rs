@@ -81,7 +81,10 @@ pub enum Permission {
     DestinationIp(Cidr),
     DestinationPort(u16),
     /// Inclusive start, exclusive end, as Envoy's `Int32Range`.
-    DestinationPortRange { start: u16, end: u32 },
+    DestinationPortRange {
+        start: u16,
+        end: u32,
+    },
     /// The TLS server name the client asked for.
     ServerName(StringMatch),
 }
@@ -229,10 +232,7 @@ impl Cidr {
         if prefix_len > max {
             return Err(invalid());
         }
-        Ok(Self {
-            address,
-            prefix_len,
-        })
+        Ok(Self { address, prefix_len })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -246,7 +246,9 @@ impl Cidr {
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix_len))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -409,7 +411,6 @@ impl Authorization {
             })
     }
 }
-
 
 fn as_str<S: serde::Serializer>(name: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(name)

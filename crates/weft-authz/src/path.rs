@@ -59,9 +59,7 @@ pub fn normalize(path_and_query: &str) -> Result<Cow<'_, str>, PathError> {
 fn is_normal(path: &str) -> bool {
     !path.contains(['%', '\\'])
         && !path.contains("//")
-        && !path
-            .split('/')
-            .any(|segment| segment == "." || segment == "..")
+        && !path.split('/').any(|segment| segment == "." || segment == "..")
 }
 
 /// Decodes escapes of unreserved characters and of `/` and `\`, uppercases the rest, turns `\` into `/`
@@ -117,9 +115,11 @@ fn decode(path: &str) -> Result<String, PathError> {
         return Err(PathError::NotUtf8);
     }
     // An escaped `%` followed by hex digits, once the unreserved escapes are decoded.
-    let escaped_escape = out
-        .match_indices("%25")
-        .any(|(at, _)| out.as_bytes().get(at + 3..at + 5).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)));
+    let escaped_escape = out.match_indices("%25").any(|(at, _)| {
+        out.as_bytes()
+            .get(at + 3..at + 5)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
     if escaped_escape {
         return Err(PathError::DoubleEncoded);
     }
@@ -202,7 +202,10 @@ mod tests {
         assert_eq!(normalize("/orders/%c0%ae%c0%ae/admin"), Err(PathError::NotUtf8));
         assert_eq!(normalize("/%e0%80%af"), Err(PathError::NotUtf8));
         assert_eq!(normalize("/a#b"), Err(PathError::Fragment));
-        assert_eq!(normalize("/orders/%252e%252e/admin"), Err(PathError::DoubleEncoded));
+        assert_eq!(
+            normalize("/orders/%252e%252e/admin"),
+            Err(PathError::DoubleEncoded)
+        );
         assert_eq!(normalize("/orders/%25%32%65"), Err(PathError::DoubleEncoded));
         assert_eq!(normalize("/100%25").unwrap(), "/100%25");
         // Real UTF-8 stays, escaped.

@@ -9,14 +9,20 @@ use envoy_types::pb::envoy::config::rbac::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{HttpFilter, http_filter};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpFilter, http_filter,
+};
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemplateMatchConfig;
-use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher,
+};
 use envoy_types::pb::envoy::r#type::v3::Int32Range;
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
-use weft_authz::{Action, Authorization, Cidr, HeaderMatch, Permission, Principal, Rbac, RbacFilter, StringMatch};
+use weft_authz::{
+    Action, Authorization, Cidr, HeaderMatch, Permission, Principal, Rbac, RbacFilter, StringMatch,
+};
 
 const HTTP_RBAC_NAME: &str = "envoy.filters.http.rbac";
 const NETWORK_RBAC_NAME: &str = "envoy.filters.network.rbac";
@@ -57,7 +63,11 @@ pub(crate) fn network_filters(authz: &Authorization) -> Vec<Filter> {
 
 /// Istio's prefix for its AUDIT (dry-run) statistics.
 fn shadow_prefix(f: &RbacFilter) -> String {
-    if f.shadow.is_some() { "istio_dry_run_allow_".into() } else { String::new() }
+    if f.shadow.is_some() {
+        "istio_dry_run_allow_".into()
+    } else {
+        String::new()
+    }
 }
 
 fn rbac(r: &Rbac) -> XRbac {
@@ -199,11 +209,18 @@ mod tests {
     /// same model for HTTP and for TCP.
     #[test]
     fn the_seed_policy_survives_the_trip_through_xds() {
-        let yaml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mesh/order-service.yaml"))
-            .expect("the example");
+        let yaml = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mesh/order-service.yaml"),
+        )
+        .expect("the example");
         let mut catalog = Catalog::default();
         let mut problems = Vec::new();
-        load_text(Path::new("order-service.yaml"), &yaml, &mut catalog, &mut problems);
+        load_text(
+            Path::new("order-service.yaml"),
+            &yaml,
+            &mut catalog,
+            &mut problems,
+        );
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(catalog.authorization_policies.len(), 1);
         let node = NodeInfo {
@@ -212,9 +229,13 @@ mod tests {
         };
         let snapshot = snapshot(&catalog, &node);
         let listeners = snapshot.get(&Listener::type_url()).expect("listeners");
-        let inbound = Listener::decode(listeners.resources["virtualInbound"].value.as_slice()).expect("decodes");
+        let inbound =
+            Listener::decode(listeners.resources["virtualInbound"].value.as_slice()).expect("decodes");
         let spec = weft_xds::convert::listener(&inbound).expect("the proxy accepts it");
-        let weft_xds::convert::ListenerSpec::VirtualInbound { authorization: got, .. } = spec else {
+        let weft_xds::convert::ListenerSpec::VirtualInbound {
+            authorization: got, ..
+        } = spec
+        else {
             panic!("not the inbound listener");
         };
         let policy = &catalog.authorization_policies[0];
@@ -233,7 +254,8 @@ mod tests {
         };
         let snapshot = crate::translate::snapshot(&catalog, &other);
         let listeners = snapshot.get(&Listener::type_url()).expect("listeners");
-        let inbound = Listener::decode(listeners.resources["virtualInbound"].value.as_slice()).expect("decodes");
+        let inbound =
+            Listener::decode(listeners.resources["virtualInbound"].value.as_slice()).expect("decodes");
         let weft_xds::convert::ListenerSpec::VirtualInbound { authorization, .. } =
             weft_xds::convert::listener(&inbound).expect("accepted")
         else {

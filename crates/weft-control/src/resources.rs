@@ -398,31 +398,53 @@ impl Catalog {
             }
         }
         let mut out = Vec::new();
-        lines(&mut out, "Service", &self.services, |_| "served as clusters, listeners and routes".into());
-        lines(&mut out, "WorkloadEntry", &self.workload_entries, |_| "served as endpoints".into());
-        lines(&mut out, "VirtualService", &self.virtual_services, |_| "served as routes".into());
-        lines(&mut out, "DestinationRule", &self.destination_rules, |_| "served as cluster policy".into());
-        lines(&mut out, "PeerAuthentication", &self.peer_authentications, |_| "enforced on inbound".into());
-        lines(&mut out, "AuthorizationPolicy", &self.authorization_policies, |spec| {
-            let action = match spec.action {
-                IstioAction::Allow => "ALLOW",
-                IstioAction::Deny => "DENY",
-                IstioAction::Audit => "AUDIT (observed, never enforced)",
-                IstioAction::Custom => "CUSTOM (no external authorizer: its rules deny)",
-            };
-            let scope = match &spec.selector {
-                Some(s) => format!(
-                    "workloads with {}",
-                    s.match_labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
-                ),
-                None => "every workload of its namespace (mesh-wide in the root namespace)".into(),
-            };
-            let mut line = format!("enforced on inbound, {action}, {} rule(s), on {scope}", spec.rules.len());
-            for finding in weft_authz::istio::tcp_findings(spec) {
-                line.push_str(&format!("; on TCP ports: {}: {}", finding.field, finding.problem));
-            }
-            line
+        lines(&mut out, "Service", &self.services, |_| {
+            "served as clusters, listeners and routes".into()
         });
+        lines(&mut out, "WorkloadEntry", &self.workload_entries, |_| {
+            "served as endpoints".into()
+        });
+        lines(&mut out, "VirtualService", &self.virtual_services, |_| {
+            "served as routes".into()
+        });
+        lines(&mut out, "DestinationRule", &self.destination_rules, |_| {
+            "served as cluster policy".into()
+        });
+        lines(&mut out, "PeerAuthentication", &self.peer_authentications, |_| {
+            "enforced on inbound".into()
+        });
+        lines(
+            &mut out,
+            "AuthorizationPolicy",
+            &self.authorization_policies,
+            |spec| {
+                let action = match spec.action {
+                    IstioAction::Allow => "ALLOW",
+                    IstioAction::Deny => "DENY",
+                    IstioAction::Audit => "AUDIT (observed, never enforced)",
+                    IstioAction::Custom => "CUSTOM (no external authorizer: its rules deny)",
+                };
+                let scope = match &spec.selector {
+                    Some(s) => format!(
+                        "workloads with {}",
+                        s.match_labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    None => "every workload of its namespace (mesh-wide in the root namespace)".into(),
+                };
+                let mut line = format!(
+                    "enforced on inbound, {action}, {} rule(s), on {scope}",
+                    spec.rules.len()
+                );
+                for finding in weft_authz::istio::tcp_findings(spec) {
+                    line.push_str(&format!("; on TCP ports: {}: {}", finding.field, finding.problem));
+                }
+                line
+            },
+        );
         for (kind, count) in &self.ignored {
             out.push(format!("{kind} x{count}: ignored (not mesh configuration)"));
         }

@@ -575,7 +575,9 @@ fn authorization(
             let ns = p.metadata.namespace();
             match (&p.spec.selector, me) {
                 (None, _) => ns == namespace || ns == root,
-                (Some(s), Some(me)) => (ns == namespace || ns == root) && selects(&s.match_labels, &me.spec.labels),
+                (Some(s), Some(me)) => {
+                    (ns == namespace || ns == root) && selects(&s.match_labels, &me.spec.labels)
+                }
                 (Some(_), None) => false,
             }
         })
@@ -616,10 +618,9 @@ fn peer_authentication(
         .peer_authentications
         .iter()
         .filter(|p| p.metadata.namespace() == namespace && p.spec.selector.is_none());
-    let mesh_wide = catalog
-        .peer_authentications
-        .iter()
-        .filter(|p| p.metadata.namespace() == crate::resources::root_namespace() && p.spec.selector.is_none());
+    let mesh_wide = catalog.peer_authentications.iter().filter(|p| {
+        p.metadata.namespace() == crate::resources::root_namespace() && p.spec.selector.is_none()
+    });
     selecting
         .filter_map(mode_of)
         .next()

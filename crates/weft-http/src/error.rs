@@ -108,11 +108,11 @@ impl UpstreamError {
     /// client's deadline passing).
     pub fn grpc_status(&self) -> u16 {
         match self {
-            Self::Timeout(_) | Self::StreamIdle => 4, // DEADLINE_EXCEEDED
-            Self::NoRoute => 12,                      // UNIMPLEMENTED
+            Self::Timeout(_) | Self::StreamIdle => 4,      // DEADLINE_EXCEEDED
+            Self::NoRoute => 12,                           // UNIMPLEMENTED
             Self::Protocol(_) | Self::BadRequest(_) => 13, // INTERNAL
-            Self::Forbidden => 7,                           // PERMISSION_DENIED
-            _ => 14,                                  // UNAVAILABLE
+            Self::Forbidden => 7,                          // PERMISSION_DENIED
+            _ => 14,                                       // UNAVAILABLE
         }
     }
 

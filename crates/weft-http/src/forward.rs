@@ -356,7 +356,11 @@ impl Forwarder {
                 let result = self
                     .try_once(&mut exchange, endpoint, settings, RequestBody::Streamed(body))
                     .await;
-                (client_fault(result, &broken), InFlight::default(), ResponseFlags::NONE)
+                (
+                    client_fault(result, &broken),
+                    InFlight::default(),
+                    ResponseFlags::NONE,
+                )
             }
             DecidedTarget::Cluster(cluster) => {
                 self.to_cluster(&cluster, body, &broken, decision.retry.as_ref(), &mut exchange)

@@ -535,8 +535,11 @@ impl ProxyFile {
                 ));
             }
         }
-        let inbound_authorization =
-            authorization("inbound.authorization_policies", &self.inbound.authorization_policies, &node.namespace)?;
+        let inbound_authorization = authorization(
+            "inbound.authorization_policies",
+            &self.inbound.authorization_policies,
+            &node.namespace,
+        )?;
         let inbound = self.inbound.enabled.then(|| InboundPolicy {
             address: self
                 .inbound
@@ -612,7 +615,10 @@ fn authorization(
             return Err(invalid(format!("{field}[{i}].name"), "must not be empty"));
         }
         if !names.insert(p.name.as_str()) {
-            return Err(invalid(format!("{field}[{i}].name"), format!("duplicate policy name \"{}\"", p.name)));
+            return Err(invalid(
+                format!("{field}[{i}].name"),
+                format!("duplicate policy name \"{}\"", p.name),
+            ));
         }
         if p.spec.selector.is_some() {
             return Err(invalid(
@@ -621,7 +627,10 @@ fn authorization(
             ));
         }
         if let Some(finding) = check(&p.spec).into_iter().next() {
-            return Err(invalid(format!("{field}[{i}].{}", finding.field), finding.problem));
+            return Err(invalid(
+                format!("{field}[{i}].{}", finding.field),
+                finding.problem,
+            ));
         }
     }
     let applicable: Vec<Applicable<'_>> = policies

@@ -204,7 +204,9 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                 Some((first, seen)) if *seen != rbac => {
                     return Err(ctx.err(
                         format!("{field}.filters"),
-                        format!("RBAC filters differ from those of {first}; one workload has one policy per layer"),
+                        format!(
+                            "RBAC filters differ from those of {first}; one workload has one policy per layer"
+                        ),
                     ));
                 }
                 Some(_) => {}
@@ -362,7 +364,8 @@ fn chain_targets(
                         "a network RBAC filter in front of an HTTP connection manager is not supported; use envoy.filters.http.rbac",
                     ));
                 }
-                targets.http_rbac = http_filters(ctx, &format!("{f}.typed_config.http_filters"), &hcm, &rbac_here)?;
+                targets.http_rbac =
+                    http_filters(ctx, &format!("{f}.typed_config.http_filters"), &hcm, &rbac_here)?;
                 targets.http = Some(match hcm.route_specifier {
                     Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
                         RouteRef::Rds(rds.route_config_name)
@@ -454,8 +457,15 @@ fn http_filters(
             tracing::debug!(filter = %filter.name, "skipping an optional HTTP filter the proxy does not implement");
             continue;
         }
-        let what = if type_name.is_empty() { filter.name.as_str() } else { type_name };
-        return Err(ctx.err(f, format!("unsupported HTTP filter {what} (mark it is_optional to let the proxy skip it)")));
+        let what = if type_name.is_empty() {
+            filter.name.as_str()
+        } else {
+            type_name
+        };
+        return Err(ctx.err(
+            f,
+            format!("unsupported HTTP filter {what} (mark it is_optional to let the proxy skip it)"),
+        ));
     }
     Ok(filters)
 }

@@ -61,7 +61,9 @@ impl<'a> Case<'a> {
             authority: "order-svc:8080",
             headers: &self.headers,
         };
-        authz.evaluate(&self.peer(), Some(&request), &mut |_| {}).is_allowed()
+        authz
+            .evaluate(&self.peer(), Some(&request), &mut |_| {})
+            .is_allowed()
     }
 
     fn tcp(&self, authz: &Authorization) -> bool {
@@ -101,7 +103,12 @@ fn the_seed_policy_allows_two_callers_to_get_and_post_orders() {
     // On a TCP port the rule has HTTP fields: Istio drops it, so the ALLOW policy matches nothing.
     let tcp = authorization(&applying(&policies), Layer::Tcp);
     assert!(!Case::new(Some(GATEWAY), "", "").tcp(&tcp));
-    assert_eq!(tcp_findings(&spec(SEED)).len(), 2, "{:?}", tcp_findings(&spec(SEED)));
+    assert_eq!(
+        tcp_findings(&spec(SEED)).len(),
+        2,
+        "{:?}",
+        tcp_findings(&spec(SEED))
+    );
 }
 
 #[test]
@@ -110,7 +117,10 @@ fn names_follow_istio() {
     let authz = authorization(&applying(&policies), Layer::Http);
     let rules = authz.filters[0].rules.as_ref().unwrap();
     assert_eq!(rules.action, Action::Allow);
-    assert_eq!(&*rules.policies[0].name, "ns[default]-policy[order-service-policy]-rule[0]");
+    assert_eq!(
+        &*rules.policies[0].name,
+        "ns[default]-policy[order-service-policy]-rule[0]"
+    );
 }
 
 #[test]
@@ -234,25 +244,41 @@ fn what_cannot_be_evaluated_fails_closed() {
     let unknown = "rules: [{ when: [{ key: \"request.auth.claims[iss]\", values: [x] }] }]";
     let allow = [("a", spec(unknown))];
     let authz = authorization(&applying(&allow), Layer::Http);
-    assert!(!Case::new(Some(GATEWAY), "GET", "/").http(&authz), "ALLOW never matches");
+    assert!(
+        !Case::new(Some(GATEWAY), "GET", "/").http(&authz),
+        "ALLOW never matches"
+    );
     let deny = [
         ("all", spec("rules: [{}]")),
         ("d", spec(&format!("action: DENY\n{unknown}"))),
     ];
     let authz = authorization(&applying(&deny), Layer::Http);
-    assert!(!Case::new(Some(GATEWAY), "GET", "/").http(&authz), "DENY always matches");
+    assert!(
+        !Case::new(Some(GATEWAY), "GET", "/").http(&authz),
+        "DENY always matches"
+    );
     let findings = check(&spec(unknown));
     assert_eq!(findings[0].field, "spec.rules[0].when[0].key");
-    assert!(findings[0].problem.contains("RequestAuthentication"), "{findings:?}");
+    assert!(
+        findings[0].problem.contains("RequestAuthentication"),
+        "{findings:?}"
+    );
     let findings = check(&spec("rules: [{ when: [{ key: foo.bar, values: [x] }] }]"));
-    assert!(findings[0].problem.contains("cannot evaluate \"foo.bar\""), "{findings:?}");
-    let findings = check(&spec("rules: [{ from: [{ source: { ipBlocks: [\"10.0.0.0/99\"] } }] }]"));
+    assert!(
+        findings[0].problem.contains("cannot evaluate \"foo.bar\""),
+        "{findings:?}"
+    );
+    let findings = check(&spec(
+        "rules: [{ from: [{ source: { ipBlocks: [\"10.0.0.0/99\"] } }] }]",
+    ));
     assert_eq!(findings[0].field, "spec.rules[0].from[0].source.ipBlocks[0]");
 }
 
 #[test]
 fn custom_is_reported_and_its_rules_deny() {
-    let custom = spec("action: CUSTOM\nprovider: { name: ext }\nrules: [{ to: [{ operation: { paths: [\"/x\"] } }] }]");
+    let custom = spec(
+        "action: CUSTOM\nprovider: { name: ext }\nrules: [{ to: [{ operation: { paths: [\"/x\"] } }] }]",
+    );
     let findings = check(&custom);
     assert_eq!(findings[0].field, "spec.action");
     let policies = [("all", spec("rules: [{}]")), ("c", custom)];
@@ -265,7 +291,9 @@ fn custom_is_reported_and_its_rules_deny() {
 fn a_deny_rule_with_http_fields_applies_to_the_whole_tcp_connection() {
     let policies = [(
         "d",
-        spec("action: DENY\nrules: [{ from: [{ source: { principals: [\"cluster.local/ns/default/sa/other\"] } }], to: [{ operation: { methods: [GET] } }] }]"),
+        spec(
+            "action: DENY\nrules: [{ from: [{ source: { principals: [\"cluster.local/ns/default/sa/other\"] } }], to: [{ operation: { methods: [GET] } }] }]",
+        ),
     )];
     let tcp = authorization(&applying(&policies), Layer::Tcp);
     assert!(!Case::new(Some(OTHER), "", "").tcp(&tcp));
@@ -276,7 +304,9 @@ fn a_deny_rule_with_http_fields_applies_to_the_whole_tcp_connection() {
 fn path_forms_and_templates() {
     let policies = [(
         "p",
-        spec(r#"rules: [{ to: [{ operation: { paths: ["/exact", "/pre/*", "*/info", "/t/{*}/x", "/r/{**}"] } }] }]"#),
+        spec(
+            r#"rules: [{ to: [{ operation: { paths: ["/exact", "/pre/*", "*/info", "/t/{*}/x", "/r/{**}"] } }] }]"#,
+        ),
     )];
     let authz = authorization(&applying(&policies), Layer::Http);
     for (path, allowed) in [
@@ -293,13 +323,21 @@ fn path_forms_and_templates() {
     ] {
         assert_eq!(Case::new(None, "GET", path).http(&authz), allowed, "{path}");
     }
-    let findings = check(&spec(r#"rules: [{ to: [{ operation: { paths: ["/a/{**}/b"] } }] }]"#));
-    assert!(findings[0].problem.contains("must be the last segment"), "{findings:?}");
+    let findings = check(&spec(
+        r#"rules: [{ to: [{ operation: { paths: ["/a/{**}/b"] } }] }]"#,
+    ));
+    assert!(
+        findings[0].problem.contains("must be the last segment"),
+        "{findings:?}"
+    );
 }
 
 #[test]
 fn audit_observes_and_never_blocks() {
-    let policies = [("audit", spec("action: AUDIT\nrules: [{ to: [{ operation: { paths: [\"/x\"] } }] }]"))];
+    let policies = [(
+        "audit",
+        spec("action: AUDIT\nrules: [{ to: [{ operation: { paths: [\"/x\"] } }] }]"),
+    )];
     let authz = authorization(&applying(&policies), Layer::Http);
     let c = Case::new(None, "GET", "/x");
     let request = Request {
@@ -310,15 +348,19 @@ fn audit_observes_and_never_blocks() {
         headers: &c.headers,
     };
     let mut results = Vec::new();
-    let decision = authz.evaluate(&c.peer(), Some(&request), &mut |e| results.push((e.result, e.shadow)));
+    let decision = authz.evaluate(&c.peer(), Some(&request), &mut |e| {
+        results.push((e.result, e.shadow))
+    });
     assert!(decision.is_allowed());
     assert_eq!(results, [("audited", true)]);
 }
 
 #[test]
 fn unknown_fields_are_refused_by_name() {
-    let err = serde_yaml_ng::from_str::<AuthorizationPolicySpec>("rules: [{ from: [{ source: { principal: [x] } }] }]")
-        .unwrap_err()
-        .to_string();
+    let err = serde_yaml_ng::from_str::<AuthorizationPolicySpec>(
+        "rules: [{ from: [{ source: { principal: [x] } }] }]",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("unknown field `principal`"), "{err}");
 }

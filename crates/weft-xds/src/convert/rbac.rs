@@ -9,7 +9,9 @@ use envoy_types::pb::envoy::config::core::v3::{CidrRange, TypedExtensionConfig};
 use envoy_types::pb::envoy::config::rbac::v3::permission::Rule;
 use envoy_types::pb::envoy::config::rbac::v3::principal::Identifier;
 use envoy_types::pb::envoy::config::rbac::v3::rbac::Action as XAction;
-use envoy_types::pb::envoy::config::rbac::v3::{Permission as XPermission, Principal as XPrincipal, Rbac as XRbac};
+use envoy_types::pb::envoy::config::rbac::v3::{
+    Permission as XPermission, Principal as XPrincipal, Rbac as XRbac,
+};
 use envoy_types::pb::envoy::config::route::v3::HeaderMatcher;
 use envoy_types::pb::envoy::config::route::v3::header_matcher::HeaderMatchSpecifier;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
@@ -18,7 +20,10 @@ use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3::UriTemp
 use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher::Rule as PathRule;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, StringMatcher};
-use weft_authz::{Action, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Permission, Policy, Principal, Rbac, RbacFilter, StringMatch};
+use weft_authz::{
+    Action, Cidr, HeaderMatch, NamedPolicy, PathTemplate, Permission, Policy, Principal, Rbac, RbacFilter,
+    StringMatch,
+};
 
 use super::decode;
 
@@ -34,17 +39,27 @@ fn problem(field: impl Into<String>, what: impl Into<String>) -> Problem {
 
 pub(crate) fn http_filter(config: &HttpRbac) -> Result<RbacFilter, Problem> {
     if config.matcher.is_some() || config.shadow_matcher.is_some() {
-        return Err(problem("matcher", "unified matchers are not supported; use rules"));
+        return Err(problem(
+            "matcher",
+            "unified matchers are not supported; use rules",
+        ));
     }
     Ok(RbacFilter {
         rules: config.rules.as_ref().map(|r| rbac("rules", r)).transpose()?,
-        shadow: config.shadow_rules.as_ref().map(|r| rbac("shadow_rules", r)).transpose()?,
+        shadow: config
+            .shadow_rules
+            .as_ref()
+            .map(|r| rbac("shadow_rules", r))
+            .transpose()?,
     })
 }
 
 pub(crate) fn network_filter(config: &NetworkRbac) -> Result<RbacFilter, Problem> {
     if config.matcher.is_some() || config.shadow_matcher.is_some() {
-        return Err(problem("matcher", "unified matchers are not supported; use rules"));
+        return Err(problem(
+            "matcher",
+            "unified matchers are not supported; use rules",
+        ));
     }
     if config.delay_deny.is_some() {
         return Err(problem("delay_deny", "not supported"));
@@ -53,7 +68,11 @@ pub(crate) fn network_filter(config: &NetworkRbac) -> Result<RbacFilter, Problem
     // policy changes, closing a connection that is no longer allowed.
     let filter = RbacFilter {
         rules: config.rules.as_ref().map(|r| rbac("rules", r)).transpose()?,
-        shadow: config.shadow_rules.as_ref().map(|r| rbac("shadow_rules", r)).transpose()?,
+        shadow: config
+            .shadow_rules
+            .as_ref()
+            .map(|r| rbac("shadow_rules", r))
+            .transpose()?,
     };
     for (field, set) in [("rules", &filter.rules), ("shadow_rules", &filter.shadow)] {
         if set.as_ref().is_some_and(|r| {
@@ -62,7 +81,10 @@ pub(crate) fn network_filter(config: &NetworkRbac) -> Result<RbacFilter, Problem
                     || p.policy.principals.iter().any(Principal::is_http_only)
             })
         }) {
-            return Err(problem(field, "a network RBAC filter cannot match headers or paths"));
+            return Err(problem(
+                field,
+                "a network RBAC filter cannot match headers or paths",
+            ));
         }
     }
     Ok(filter)
@@ -73,16 +95,27 @@ fn rbac(field: &str, r: &XRbac) -> Result<Rbac, Problem> {
         Ok(XAction::Allow) => Action::Allow,
         Ok(XAction::Deny) => Action::Deny,
         Ok(XAction::Log) => Action::Log,
-        Err(_) => return Err(problem(format!("{field}.action"), format!("unknown action {}", r.action))),
+        Err(_) => {
+            return Err(problem(
+                format!("{field}.action"),
+                format!("unknown action {}", r.action),
+            ));
+        }
     };
     if r.audit_logging_options.is_some() {
-        return Err(problem(format!("{field}.audit_logging_options"), "audit loggers are not supported"));
+        return Err(problem(
+            format!("{field}.audit_logging_options"),
+            "audit loggers are not supported",
+        ));
     }
     let mut policies = Vec::with_capacity(r.policies.len());
     for (name, p) in &r.policies {
         let f = format!("{field}.policies[\"{name}\"]");
         if p.condition.is_some() || p.checked_condition.is_some() || p.cel_config.is_some() {
-            return Err(problem(format!("{f}.condition"), "CEL conditions are not supported"));
+            return Err(problem(
+                format!("{f}.condition"),
+                "CEL conditions are not supported",
+            ));
         }
         let permissions = p
             .permissions
@@ -126,15 +159,26 @@ fn permission(field: &str, p: &XPermission) -> Result<Permission, Problem> {
         Some(Rule::NotRule(r)) => Permission::Not(Box::new(permission(&format!("{field}.not_rule"), r)?)),
         Some(Rule::Header(h)) => Permission::Header(header(&format!("{field}.header"), h)?),
         Some(Rule::UrlPath(m)) => Permission::Path(path(&format!("{field}.url_path"), m)?),
-        Some(Rule::UriTemplate(t)) => Permission::PathTemplate(uri_template(&format!("{field}.uri_template"), t)?),
-        Some(Rule::DestinationIp(c)) => Permission::DestinationIp(cidr(&format!("{field}.destination_ip"), c)?),
-        Some(Rule::DestinationPort(port)) => Permission::DestinationPort(
-            u16::try_from(*port)
-                .map_err(|_| problem(format!("{field}.destination_port"), format!("{port} is not a port")))?,
-        ),
+        Some(Rule::UriTemplate(t)) => {
+            Permission::PathTemplate(uri_template(&format!("{field}.uri_template"), t)?)
+        }
+        Some(Rule::DestinationIp(c)) => {
+            Permission::DestinationIp(cidr(&format!("{field}.destination_ip"), c)?)
+        }
+        Some(Rule::DestinationPort(port)) => {
+            Permission::DestinationPort(u16::try_from(*port).map_err(|_| {
+                problem(
+                    format!("{field}.destination_port"),
+                    format!("{port} is not a port"),
+                )
+            })?)
+        }
         Some(Rule::DestinationPortRange(r)) => {
             let (Ok(start), Ok(end)) = (u16::try_from(r.start), u32::try_from(r.end)) else {
-                return Err(problem(format!("{field}.destination_port_range"), "not a port range"));
+                return Err(problem(
+                    format!("{field}.destination_port_range"),
+                    "not a port range",
+                ));
             };
             Permission::DestinationPortRange { start, end }
         }
@@ -185,7 +229,10 @@ fn principal(field: &str, p: &XPrincipal) -> Result<Principal, Problem> {
             return Err(problem(format!("{field}.sourced_metadata"), "not supported"));
         }
         Some(Identifier::Custom(c)) => {
-            return Err(problem(format!("{field}.custom"), format!("custom principal {} is not supported", c.name)));
+            return Err(problem(
+                format!("{field}.custom"),
+                format!("custom principal {} is not supported", c.name),
+            ));
         }
     })
 }
@@ -201,7 +248,10 @@ fn string(field: &str, m: &StringMatcher) -> Result<StringMatch, Problem> {
             weft_authz::model_pattern(&re.regex).map_err(|e| problem(format!("{field}.safe_regex"), e.0))?,
         ),
         Some(MatchPattern::SafeRegex(_)) => {
-            return Err(problem(format!("{field}.ignore_case"), "not supported with safe_regex"));
+            return Err(problem(
+                format!("{field}.ignore_case"),
+                "not supported with safe_regex",
+            ));
         }
         Some(MatchPattern::Custom(_)) => return Err(problem(format!("{field}.custom"), "not supported")),
         None => return Err(problem(field, "a string matcher needs a pattern")),
@@ -211,7 +261,10 @@ fn string(field: &str, m: &StringMatcher) -> Result<StringMatch, Problem> {
 #[allow(deprecated)]
 fn header(field: &str, h: &HeaderMatcher) -> Result<HeaderMatch, Problem> {
     if h.treat_missing_header_as_empty {
-        return Err(problem(format!("{field}.treat_missing_header_as_empty"), "not supported"));
+        return Err(problem(
+            format!("{field}.treat_missing_header_as_empty"),
+            "not supported",
+        ));
     }
     let value = match &h.header_match_specifier {
         None | Some(HeaderMatchSpecifier::PresentMatch(true)) => None,
@@ -220,7 +273,8 @@ fn header(field: &str, h: &HeaderMatcher) -> Result<HeaderMatch, Problem> {
         Some(HeaderMatchSpecifier::SuffixMatch(v)) => Some(StringMatch::Suffix(v.clone(), false)),
         Some(HeaderMatchSpecifier::ContainsMatch(v)) => Some(StringMatch::Contains(v.clone(), false)),
         Some(HeaderMatchSpecifier::SafeRegexMatch(re)) => Some(StringMatch::Regex(
-            weft_authz::model_pattern(&re.regex).map_err(|e| problem(format!("{field}.safe_regex_match"), e.0))?,
+            weft_authz::model_pattern(&re.regex)
+                .map_err(|e| problem(format!("{field}.safe_regex_match"), e.0))?,
         )),
         Some(HeaderMatchSpecifier::StringMatch(m)) => Some(string(&format!("{field}.string_match"), m)?),
         Some(HeaderMatchSpecifier::PresentMatch(false)) | Some(HeaderMatchSpecifier::RangeMatch(_)) => {
@@ -249,15 +303,19 @@ fn uri_template(field: &str, t: &TypedExtensionConfig) -> Result<PathTemplate, P
         .typed_config
         .as_ref()
         .ok_or_else(|| problem(format!("{field}.typed_config"), "missing"))?;
-    let config: UriTemplateMatchConfig = decode(any).map_err(|e| problem(format!("{field}.typed_config"), e.problem))?;
-    PathTemplate::parse_envoy(&config.path_template).map_err(|e| problem(format!("{field}.path_template"), e.0))
+    let config: UriTemplateMatchConfig =
+        decode(any).map_err(|e| problem(format!("{field}.typed_config"), e.problem))?;
+    PathTemplate::parse_envoy(&config.path_template)
+        .map_err(|e| problem(format!("{field}.path_template"), e.0))
 }
 
 fn cidr(field: &str, c: &CidrRange) -> Result<Cidr, Problem> {
-    let address: IpAddr = c
-        .address_prefix
-        .parse()
-        .map_err(|_| problem(format!("{field}.address_prefix"), format!("\"{}\" is not an IP address", c.address_prefix)))?;
+    let address: IpAddr = c.address_prefix.parse().map_err(|_| {
+        problem(
+            format!("{field}.address_prefix"),
+            format!("\"{}\" is not an IP address", c.address_prefix),
+        )
+    })?;
     let prefix_len = c.prefix_len.as_ref().map_or(0, |p| p.value);
     let text = format!("{address}/{prefix_len}");
     Cidr::parse(&text).map_err(|e| problem(format!("{field}.prefix_len"), e.0))
