@@ -191,6 +191,8 @@ mod tests {
             ("/..", "/"),
         ] {
             assert_eq!(normalize(input).unwrap(), expected, "{input}");
+            // Normal already: a second pass (an app decoding again) finds nothing to change.
+            assert_eq!(normalize(expected).unwrap(), expected, "{expected}");
         }
     }
 
