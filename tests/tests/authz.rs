@@ -134,14 +134,13 @@ impl Mesh {
                 "a sidecar never became ready"
             );
         }
-        let mesh = Self {
+        Self {
             dir,
             cp,
             app,
             server,
             callers,
-        };
-        mesh
+        }
     }
 
     fn caller(&self, sa: &str) -> &Caller {
@@ -347,6 +346,9 @@ async fn the_seed_policy_lets_only_the_gateway_and_payments_get_and_post_orders(
     );
 }
 
+/// A caller, a path, and the status it must get.
+type Expected = (&'static str, &'static str, StatusCode);
+
 /// Istio's semantics, case by case, each applied as an edit while the mesh runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn istio_semantics_hold_end_to_end() {
@@ -357,8 +359,8 @@ async fn istio_semantics_hold_end_to_end() {
         )
     };
     let selected = "  selector: { matchLabels: { app: order-service } }\n";
-    let expect = |cases: &'static [(&'static str, &'static str, StatusCode)]| cases;
-    let scenarios: Vec<(&str, String, &[(&str, &str, StatusCode)])> = vec![
+    let expect = |cases: &'static [Expected]| cases;
+    let scenarios: Vec<(&str, String, &[Expected])> = vec![
         (
             "deny by default: an ALLOW policy without rules allows nothing",
             policy("allow-nothing", "default", selected.trim_end()),

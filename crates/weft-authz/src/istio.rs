@@ -412,6 +412,32 @@ fn and_permission(mut all: Vec<Permission>) -> Permission {
     }
 }
 
+/// A matcher tree: alternatives and exclusions of one field.
+trait Tree: Sized {
+    fn any_of(alternatives: Vec<Self>) -> Self;
+    fn negate(self) -> Self;
+}
+
+impl Tree for Principal {
+    fn any_of(alternatives: Vec<Self>) -> Self {
+        or_principal(alternatives)
+    }
+
+    fn negate(self) -> Self {
+        Principal::Not(Box::new(self))
+    }
+}
+
+impl Tree for Permission {
+    fn any_of(alternatives: Vec<Self>) -> Self {
+        or_permission(alternatives)
+    }
+
+    fn negate(self) -> Self {
+        Permission::Not(Box::new(self))
+    }
+}
+
 fn or_principal(mut any: Vec<Principal>) -> Principal {
     if any.len() == 1 {
         any.remove(0)
@@ -430,15 +456,13 @@ fn or_permission(mut any: Vec<Permission>) -> Permission {
 
 /// `values` as alternatives (and `not_values` as exclusions), each value translated by `one`, which
 /// says why a value cannot be used.
-fn field_of<T>(
+fn field_of<T: Tree>(
     t: &mut Translator<'_>,
     field: &str,
     values: &[String],
     not_values: &[String],
     not_name: &str,
     one: &dyn Fn(&str) -> Result<T, String>,
-    or: fn(Vec<T>) -> T,
-    not: fn(T) -> T,
     out: &mut Vec<T>,
 ) {
     for (list, name, negate) in [
@@ -458,14 +482,13 @@ fn field_of<T>(
                 }
             }
         }
-        let m = or(alternatives);
-        out.push(if negate { not(m) } else { m });
+        let m = T::any_of(alternatives);
+        out.push(if negate { m.negate() } else { m });
     }
 }
 
 fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
     let mut out = Vec::new();
-    let not_p = |p| Principal::Not(Box::new(p));
     let sibling = |name: &str| format!("{}.{name}", field);
     field_of(
         t,
@@ -474,8 +497,6 @@ fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
         &s.not_principals,
         &sibling("notPrincipals"),
         &|v| Ok(principal(v)),
-        or_principal,
-        not_p,
         &mut out,
     );
     if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
@@ -497,8 +518,6 @@ fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
         &s.not_namespaces,
         &sibling("notNamespaces"),
         &namespace,
-        or_principal,
-        not_p,
         &mut out,
     );
     let ip = |v: &str| Cidr::parse(v).map(Principal::DirectRemoteIp).map_err(|e| e.0);
@@ -509,8 +528,6 @@ fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
         &s.not_ip_blocks,
         &sibling("notIpBlocks"),
         &ip,
-        or_principal,
-        not_p,
         &mut out,
     );
     let remote = |v: &str| Cidr::parse(v).map(Principal::RemoteIp).map_err(|e| e.0);
@@ -521,8 +538,6 @@ fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
         &s.not_remote_ip_blocks,
         &sibling("notRemoteIpBlocks"),
         &remote,
-        or_principal,
-        not_p,
         &mut out,
     );
     out
@@ -530,7 +545,6 @@ fn source(t: &mut Translator<'_>, field: &str, s: &Source) -> Vec<Principal> {
 
 fn operation(t: &mut Translator<'_>, field: &str, o: &Operation) -> Vec<Permission> {
     let mut out = Vec::new();
-    let not_p = |p| Permission::Not(Box::new(p));
     let sibling = |name: &str| format!("{}.{name}", field);
     let ports: Vec<String> = o.ports.iter().map(PortValue::text).collect();
     let not_ports: Vec<String> = o.not_ports.iter().map(PortValue::text).collect();
@@ -541,8 +555,6 @@ fn operation(t: &mut Translator<'_>, field: &str, o: &Operation) -> Vec<Permissi
         &not_ports,
         &sibling("notPorts"),
         &|v| port(v).map(Permission::DestinationPort),
-        or_permission,
-        not_p,
         &mut out,
     );
     for (name, values, not_name, not_values, one) in [
@@ -570,8 +582,6 @@ fn operation(t: &mut Translator<'_>, field: &str, o: &Operation) -> Vec<Permissi
             not_values,
             &sibling(not_name),
             &one,
-            or_permission,
-            not_p,
             &mut out,
         );
     }
@@ -594,8 +604,6 @@ fn condition(
     }
     let values = format!("{field}.values");
     let not_values = format!("{field}.notValues");
-    let not_pr = |p| Principal::Not(Box::new(p));
-    let not_pe = |p| Permission::Not(Box::new(p));
     let key = c.key.as_str();
     match key {
         "source.principal" => field_of(
@@ -605,8 +613,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &|v| Ok(principal(v)),
-            or_principal,
-            not_pr,
             principals,
         ),
         "source.namespace" => field_of(
@@ -616,8 +622,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &namespace,
-            or_principal,
-            not_pr,
             principals,
         ),
         "source.ip" => field_of(
@@ -627,8 +631,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &|v| Cidr::parse(v).map(Principal::DirectRemoteIp).map_err(|e| e.0),
-            or_principal,
-            not_pr,
             principals,
         ),
         "remote.ip" => field_of(
@@ -638,8 +640,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &|v| Cidr::parse(v).map(Principal::RemoteIp).map_err(|e| e.0),
-            or_principal,
-            not_pr,
             principals,
         ),
         "destination.ip" => field_of(
@@ -649,8 +649,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &|v| Cidr::parse(v).map(Permission::DestinationIp).map_err(|e| e.0),
-            or_permission,
-            not_pe,
             permissions,
         ),
         "destination.port" => field_of(
@@ -660,8 +658,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &|v| port(v).map(Permission::DestinationPort),
-            or_permission,
-            not_pe,
             permissions,
         ),
         "connection.sni" => field_of(
@@ -671,8 +667,6 @@ fn condition(
             &c.not_values,
             &not_values,
             &|v| Ok(Permission::ServerName(istio_string(v, false))),
-            or_permission,
-            not_pe,
             permissions,
         ),
         _ => {
@@ -704,8 +698,6 @@ fn condition(
                     &c.not_values,
                     &not_values,
                     &one,
-                    or_principal,
-                    not_pr,
                     principals,
                 );
             } else {

@@ -360,7 +360,7 @@ fn chain_targets(
                     decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
                 if !targets.tcp_rbac.is_empty() {
                     return Err(ctx.err(
-                        format!("{f}"),
+                        f.clone(),
                         "a network RBAC filter in front of an HTTP connection manager is not supported; use envoy.filters.http.rbac",
                     ));
                 }
