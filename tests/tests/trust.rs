@@ -236,8 +236,10 @@ clusters:
     .await;
     let dst: SocketAddr = "127.0.96.81:8080".parse().unwrap();
     for _ in 0..16 {
+        // The app reads the whole body before it answers (`/sink`), so the broken body fails the try
+        // (an app that answered first would have its answer forwarded, as it should).
         let bad =
-            "POST /upload HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+            "POST /sink HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
         let response = exchange(&proxy, proxy.outbound(), dst, &[bad.as_bytes()], Duration::ZERO).await;
         // hyper closes a connection whose request body broke, so the 400 may not get out.
         assert!(
