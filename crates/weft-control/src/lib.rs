@@ -75,8 +75,13 @@ impl ControlPlane {
         // watcher loads it however late its task first runs.
         let seen = fingerprint(&dir);
         let (catalog, problems) = load_dir(&dir);
+        // What protects workloads, and what is ignored, is worth a line at start; the rest on request.
         for line in catalog.summary() {
-            tracing::info!("{line}");
+            if line.starts_with("AuthorizationPolicy") || line.contains("ignored") {
+                tracing::info!("{line}");
+            } else {
+                tracing::debug!("{line}");
+            }
         }
         report(&problems);
         let problems = Arc::new(Mutex::new(problems));

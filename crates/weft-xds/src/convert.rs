@@ -454,7 +454,7 @@ fn http_filters(
             continue;
         }
         if filter.is_optional {
-            tracing::debug!(filter = %filter.name, "skipping an optional HTTP filter the proxy does not implement");
+            tracing::info!(filter = %filter.name, "skipping an optional HTTP filter the proxy does not implement (is_optional)");
             continue;
         }
         let what = if type_name.is_empty() {
