@@ -270,17 +270,9 @@ impl Forwarder {
             set_upgrade(&mut parts.headers, protocol.clone());
         }
 
+        // Refused before routing: the labels have no destination service yet.
         let refused = |err: UpstreamError, flags: ResponseFlags| {
-            let completion = |status: StatusCode, flags: ResponseFlags| Completion {
-                metrics: self.metrics.clone(),
-                labels: RequestLabels {
-                    peers: ctx.peers.clone(),
-                    request_protocol,
-                    response_code: status.as_u16(),
-                    response_flags: flags,
-                },
-                start,
-            };
+            let completion = self.completion(&ctx.peers, request_protocol, start);
             error_response(err, grpc, flags, completion)
         };
         let authority = match request_authority(&mut parts, ctx.version, ctx.orig_dst) {
@@ -301,16 +293,7 @@ impl Forwarder {
         {
             peers.destination_service = service.clone();
         }
-        let completion = |status: StatusCode, flags: ResponseFlags| Completion {
-            metrics: self.metrics.clone(),
-            labels: RequestLabels {
-                peers: peers.clone(),
-                request_protocol,
-                response_code: status.as_u16(),
-                response_flags: flags,
-            },
-            start,
-        };
+        let completion = self.completion(&peers, request_protocol, start);
         let decision = match decided {
             Ok(decision) => decision,
             Err(err) => return error_response(err, grpc, ResponseFlags::NONE, completion),
@@ -399,6 +382,25 @@ impl Forwarder {
             parts,
             ProxyBody::upstream(body, completion(status, flags), timer, held),
         )
+    }
+
+    /// What records a request's metrics when its response ends, given the status and flags.
+    fn completion<'a>(
+        &'a self,
+        peers: &'a Peers,
+        request_protocol: RequestProtocol,
+        start: Instant,
+    ) -> impl Fn(StatusCode, ResponseFlags) -> Completion + 'a {
+        move |status, flags| Completion {
+            metrics: self.metrics.clone(),
+            labels: RequestLabels {
+                peers: peers.clone(),
+                request_protocol,
+                response_code: status.as_u16(),
+                response_flags: flags,
+            },
+            start,
+        }
     }
 
     /// Normalizes the request's path (the app receives the path that was authorized) and holds the
