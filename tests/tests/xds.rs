@@ -319,124 +319,15 @@ async fn without_a_control_plane_the_proxy_is_not_ready_until_the_initial_fetch_
     );
 }
 
-mod envoy_style {
-    //! Hand-written Envoy-style resources from a minimal xDS server that is not weft control.
-    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-        ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
-    };
-    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
-    use envoy_types::pb::envoy::config::endpoint::v3::{
-        ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
-    };
-    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
-    use envoy_types::pb::envoy::config::route::v3::{
-        Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
-    };
-    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-        HttpConnectionManager, Rds, http_connection_manager,
-    };
-    use envoy_types::pb::google::protobuf::{Any, BoolValue};
-    use envoy_types::util::pack_any;
-    use prost::Name;
-
-    pub(crate) fn url<T: Name>() -> String {
-        T::type_url()
-    }
-
-    fn socket(ip: &str, port: u16) -> Address {
-        Address {
-            address: Some(address::Address::SocketAddress(SocketAddress {
-                address: ip.into(),
-                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
-                ..Default::default()
-            })),
-        }
-    }
-
-    pub(crate) fn listener(port: u16, route: &str) -> Any {
-        let hcm = HttpConnectionManager {
-            stat_prefix: "web".into(),
-            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-                route_config_name: route.into(),
-                config_source: None,
-            })),
-            ..Default::default()
-        };
-        pack_any(Listener {
-            name: format!("0.0.0.0_{port}"),
-            address: Some(socket("0.0.0.0", port)),
-            bind_to_port: Some(BoolValue { value: false }),
-            filter_chains: vec![FilterChain {
-                filters: vec![Filter {
-                    name: "hcm".into(),
-                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-    }
-
-    pub(crate) fn routes(name: &str, cluster: &str) -> Any {
-        pack_any(RouteConfiguration {
-            name: name.into(),
-            virtual_hosts: vec![VirtualHost {
-                name: "web".into(),
-                domains: vec!["*".into()],
-                routes: vec![Route {
-                    r#match: Some(RouteMatch {
-                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                        ..Default::default()
-                    }),
-                    action: Some(route::Action::Route(RouteAction {
-                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-    }
-
-    pub(crate) fn eds_cluster(name: &str) -> Cluster {
-        Cluster {
-            name: name.into(),
-            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-            eds_cluster_config: Some(EdsClusterConfig::default()),
-            ..Default::default()
-        }
-    }
-
-    pub(crate) fn endpoints(cluster: &str, addr: std::net::SocketAddr) -> Any {
-        pack_any(ClusterLoadAssignment {
-            cluster_name: cluster.into(),
-            endpoints: vec![LocalityLbEndpoints {
-                lb_endpoints: vec![LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket(&addr.ip().to_string(), addr.port())),
-                        ..Default::default()
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_xds_server_that_is_not_weft_control_drives_the_proxy_and_gets_precise_nacks() {
-    use envoy_style::*;
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;
     use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use envoy_types::pb::envoy::config::listener::v3::Listener;
     use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
     use envoy_types::util::pack_any;
+    use weft_test_support::envoy::*;
 
     let web = HttpServer::start("web").await;
     let xds = weft_test_support::xds::TestXdsServer::start().await;

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use weft_http::HttpVersion;
 use weft_http::{HttpContext, PoolSettings, TcpConnectError, Upstream};
-use weft_model::{PeerAuthentication, Protocol, Target};
+use weft_model::{HttpSettings, PeerAuthentication, Protocol, Target};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
 
@@ -124,6 +124,8 @@ pub(crate) struct Routed {
     pub(crate) inbound: bool,
     /// Whether peers must, may or may not use mutual TLS on this connection.
     pub(crate) peer_authentication: PeerAuthentication,
+    /// How HTTP is served on this connection.
+    pub(crate) http: HttpSettings,
 }
 
 pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
@@ -148,6 +150,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         peer_authentication,
         source,
         authz,
+        http,
         ..
     } = conn;
     let server_name: Option<Arc<str>> = hello
@@ -222,6 +225,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 peers,
                 client_cert,
                 authz: authz.map(|a| (a, principal)),
+                http,
             },
         )
         .await;
@@ -255,6 +259,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
             peers,
             client_cert: None,
             authz: authz.map(|a| (a, None)),
+            http,
         },
     )
     .await
@@ -277,6 +282,7 @@ struct Connection {
     client_cert: Option<String>,
     /// Where peers arrive: the policy, and the principal the connection proved.
     authz: Option<(Authz, Option<Arc<str>>)>,
+    http: HttpSettings,
 }
 
 impl Connection {
@@ -316,10 +322,14 @@ where
                 client_cert: conn
                     .client_cert
                     .and_then(|v| http::HeaderValue::from_str(&v).ok()),
+                stream_idle_timeout: conn.http.stream_idle_timeout,
             });
             let forwarder = inputs.forwarder.clone();
-            let idle_timeout = inputs.mesh().idle_timeout;
-            let result = weft_http::serve(io, version, inputs.drain.clone(), idle_timeout, move |req| {
+            let timeouts = weft_http::ServeTimeouts {
+                idle: inputs.mesh().idle_timeout,
+                request_headers: conn.http.request_headers_timeout,
+            };
+            let result = weft_http::serve(io, version, inputs.drain.clone(), timeouts, move |req| {
                 let forwarder = forwarder.clone();
                 let ctx = ctx.clone();
                 async move { forwarder.forward(req, &ctx).await }

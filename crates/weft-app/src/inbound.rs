@@ -28,6 +28,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         peers,
         inbound: true,
         peer_authentication: policy.peer_authentication,
+        http: policy.http,
     };
     serve(inputs, routed, mesh.detect_timeout).await;
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use weft_model::{Egress, ExplicitListener, PeerAuthentication, Target};
+use weft_model::{Egress, ExplicitListener, HttpSettings, PeerAuthentication, Target};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, TcpLabels};
 use weft_transport::Accepted;
 
@@ -17,13 +17,18 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
     let mesh = inputs.mesh();
     let Some(policy) = &mesh.outbound else { return };
 
-    let (destination, service) = match policy.service_for(orig_dst) {
+    let (destination, service, http) = match policy.service_for(orig_dst) {
         Some(target) => (
             Destination::Target(target.clone(), TargetKey::Service(orig_dst)),
             service_label(target),
+            target.http,
         ),
         None => match policy.egress {
-            Egress::AllowAny => (inputs.passthrough(orig_dst), Label::from(orig_dst.to_string())),
+            Egress::AllowAny => (
+                inputs.passthrough(orig_dst),
+                Label::from(orig_dst.to_string()),
+                HttpSettings::default(),
+            ),
             Egress::RegistryOnly => {
                 let peers = source_peers(&inputs, Label::from(orig_dst.to_string()));
                 let labels = TcpLabels {
@@ -47,6 +52,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         peers,
         inbound: false,
         peer_authentication: PeerAuthentication::Disable,
+        http,
     };
     serve(inputs, routed, mesh.detect_timeout).await;
 }
@@ -72,6 +78,7 @@ pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, co
         // The clients dialled the listener's own address; requests without an authority use it.
         orig_dst: conn.local,
         peers,
+        http: listener.target.http,
         destination: Destination::Target(listener.target, TargetKey::Listener(listener.name)),
         protocol: None,
         inbound: entry,

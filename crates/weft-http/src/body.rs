@@ -46,6 +46,8 @@ pub(crate) struct BodyTimer {
     idle: Option<Duration>,
     last_frame: Instant,
     sleep: Pin<Box<Sleep>>,
+    /// A gRPC response ends with a status in trailers when a timeout passes, rather than a reset.
+    grpc: bool,
 }
 
 impl BodyTimer {
@@ -57,7 +59,14 @@ impl BodyTimer {
             idle,
             last_frame: now,
             sleep: Box::pin(tokio::time::sleep_until(first.into())),
+            grpc: false,
         })
+    }
+
+    /// Ends a gRPC response with `grpc-status` when a timeout passes.
+    pub(crate) fn for_grpc(mut self) -> Self {
+        self.grpc = true;
+        self
     }
 
     fn next_fire(deadline: Option<Instant>, idle: Option<Duration>, last_frame: Instant) -> Option<Instant> {
@@ -155,6 +164,15 @@ impl ProxyBody {
     }
 }
 
+/// The trailers that end a gRPC call the proxy timed out: DEADLINE_EXCEEDED, as for a timeout before
+/// the response began.
+fn grpc_deadline_trailers(what: &'static str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+    trailers.insert("grpc-message", http::HeaderValue::from_static(what));
+    trailers
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -180,13 +198,16 @@ impl Body for ProxyBody {
                 if let Some(flags) = expired {
                     // Dropping the upstream body resets the stream (HTTP/2) or closes the connection.
                     self.kind = Kind::Local(Full::default());
-                    self.timer = None;
+                    let grpc = self.timer.take().is_some_and(|t| t.grpc);
                     self.finish(flags);
                     let what = if flags == ResponseFlags::UPSTREAM_TIMEOUT {
                         "upstream request timeout"
                     } else {
                         "stream idle timeout"
                     };
+                    if grpc {
+                        return Poll::Ready(Some(Ok(Frame::trailers(grpc_deadline_trailers(what)))));
+                    }
                     return Poll::Ready(Some(Err(BodyTimeout(what).into())));
                 }
             }

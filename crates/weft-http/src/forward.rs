@@ -11,7 +11,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use weft_model::route::{DEFAULT_STREAM_IDLE_TIMEOUT, RequestView, RouteTable};
+use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
 
@@ -69,6 +69,8 @@ pub struct HttpContext {
     pub client_cert: Option<HeaderValue>,
     /// Where peers' traffic arrives: paths are normalized and every request is authorized.
     pub authorization: Option<crate::authz::ConnectionAuthz>,
+    /// The stream idle timeout of requests whose route sets none; `None`: disabled.
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -209,13 +211,14 @@ impl Forwarder {
         parts: &http::request::Parts,
         authority: &Authority,
         upstream: &Upstream,
+        stream_idle_timeout: Option<Duration>,
     ) -> Result<Decision, UpstreamError> {
         let table = match upstream {
             Upstream::Direct { addr, settings } => {
                 return Ok(Decision {
                     target: DecidedTarget::Direct(*addr, settings.clone()),
                     timeout: None,
-                    idle_timeout: Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+                    idle_timeout: stream_idle_timeout,
                     retry: None,
                     service: None,
                 });
@@ -241,7 +244,10 @@ impl Forwarder {
             service: Some(service_of(&cluster.name)),
             target: DecidedTarget::Cluster(cluster.clone()),
             timeout: route.action.timeout,
-            idle_timeout: route.action.idle_timeout,
+            idle_timeout: match route.action.idle_timeout {
+                Some(own) => Some(own).filter(|t| !t.is_zero()),
+                None => stream_idle_timeout,
+            },
             retry: route.action.retry.clone(),
         })
     }
@@ -284,7 +290,7 @@ impl Forwarder {
         {
             return refused(err, ResponseFlags::NONE);
         }
-        let decided = self.decide(&parts, &authority, &ctx.upstream);
+        let decided = self.decide(&parts, &authority, &ctx.upstream, ctx.stream_idle_timeout);
         let mut peers = ctx.peers.clone();
         if let Ok(Decision {
             service: Some(service),
@@ -377,7 +383,13 @@ impl Forwarder {
             HttpVersion::Http1 => http::Version::HTTP_11,
             HttpVersion::Http2 => http::Version::HTTP_2,
         };
-        let timer = BodyTimer::new(deadline, exchange.idle_timeout);
+        let grpc_response = ctx.version == HttpVersion::Http2
+            && parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let timer = BodyTimer::new(deadline, exchange.idle_timeout)
+            .map(|t| if grpc_response { t.for_grpc() } else { t });
         Response::from_parts(
             parts,
             ProxyBody::upstream(body, completion(status, flags), timer, held),

@@ -14,10 +14,9 @@ use tokio_util::sync::CancellationToken;
 use weft_transport::Activity;
 
 use crate::ProxyBody;
+use crate::head_timeout::{HeadClock, HeadTimedIo};
 use crate::pool::MAX_HEADER_LIST_BYTES;
 
-/// A client has this long to send a complete request header block (slowloris protection).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// HTTP/1 header lines accepted per request; with hyper's buffer this admits well over 64 KiB of headers.
 const MAX_HTTP1_HEADERS: usize = 256;
 /// Concurrent streams per HTTP/2 connection.
@@ -32,13 +31,22 @@ pub enum HttpVersion {
     Http2,
 }
 
+/// How long a client connection may wait, and for what.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeTimeouts {
+    /// No request in flight for this long closes the connection gracefully.
+    pub idle: Option<Duration>,
+    /// From a request's first byte to the end of its headers (HTTP/1).
+    pub request_headers: Option<Duration>,
+}
+
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
 /// have finished.
 pub async fn serve<I, F, Fut>(
     io: I,
     version: HttpVersion,
     drain: CancellationToken,
-    idle_timeout: Option<Duration>,
+    timeouts: ServeTimeouts,
     handle: F,
 ) -> Result<(), hyper::Error>
 where
@@ -51,7 +59,10 @@ where
     // activity).
     let activity = Activity::new();
     let counted = activity.clone();
+    let head_clock = HeadClock::new();
+    let heads = head_clock.clone();
     let service = service_fn(move |req| {
+        heads.headers_done();
         let in_flight = counted.request();
         let fut = handle(req);
         async move {
@@ -60,21 +71,28 @@ where
             Ok::<_, Infallible>(response)
         }
     });
+    let watched = activity.clone();
     let idle = async move {
-        match idle_timeout {
-            Some(timeout) => activity.idle(timeout).await,
+        match timeouts.idle {
+            Some(timeout) => watched.idle(timeout).await,
             None => std::future::pending().await,
         }
     };
-    let io = TokioIo::new(io);
     match version {
         HttpVersion::Http1 => {
+            let io = TokioIo::new(HeadTimedIo::new(io, head_clock.clone(), activity));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(None)
                 .max_headers(MAX_HTTP1_HEADERS)
                 .serve_connection(io, service)
                 .with_upgrades();
+            let headers_late = async {
+                match timeouts.request_headers {
+                    Some(timeout) => head_clock.expired(timeout).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => return res,
@@ -83,10 +101,16 @@ where
                     tracing::debug!("closing an idle client connection");
                     conn.as_mut().graceful_shutdown();
                 }
+                () = headers_late => {
+                    // Closed with nothing sent, as for a header block that never completes.
+                    tracing::debug!("closing a client connection whose request headers did not arrive in time");
+                    return Ok(());
+                }
             }
             conn.await
         }
         HttpVersion::Http2 => {
+            let io = TokioIo::new(io);
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_LIST_BYTES)

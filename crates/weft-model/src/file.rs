@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::mesh::{
-    Bootstrap, Cluster, Egress, ExplicitListener, InboundPolicy, Mesh, Mode, Node, OutboundPolicy, Protocol,
+    Bootstrap, Cluster, Egress, ExplicitListener, HttpSettings, InboundPolicy, Mesh, Mode, Node,
+    OutboundPolicy, Protocol,
 };
 use crate::route::{
     DEFAULT_ROUTE_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT, HeaderMatch, PathMatch, Route, RouteAction,
@@ -30,6 +31,9 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Envoy's default idle timeout for client connections (HTTP connection manager and TCP proxy).
 pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A client has this long from a request's first byte to send its whole header block (Envoy's
+/// `request_headers_timeout`, which Envoy leaves off; the proxy keeps slowloris out by default).
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 /// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Istio's trust domain and certificate lifetime defaults.
@@ -59,6 +63,14 @@ pub struct ProxyFile {
     /// long are closed (default 1 h, Envoy's; `0s` disables).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
+    /// From a request's first byte to the end of its headers, on every HTTP listener of this file
+    /// (default 30 s; `0s` disables).
+    #[serde(with = "humantime_serde")]
+    pub request_headers_timeout: Option<Duration>,
+    /// No response frame for this long ends a request whose route sets no `idle_timeout`, on every
+    /// HTTP listener of this file (default 5 min; `0s` disables).
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Option<Duration>,
     pub outbound: OutboundFile,
     pub inbound: InboundFile,
     pub listeners: Vec<ListenerFile>,
@@ -348,7 +360,7 @@ pub struct RouteFile {
     pub clusters: Vec<WeightedClusterFile>,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
-    /// Stream idle timeout (default 5 min, `0s` disables).
+    /// Stream idle timeout (default: the listener's `stream_idle_timeout`; `0s` disables).
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     #[serde(default)]
@@ -499,7 +511,13 @@ impl ProxyFile {
 
         let clusters = validate_clusters(self.clusters)?;
         let routes = validate_routes(self.routes, &clusters)?;
-        let target = |field: String, t: &TargetFile| resolve_target(&field, t, &clusters, &routes);
+        let enabled =
+            |t: Option<Duration>, default: Duration| Some(t.unwrap_or(default)).filter(|t| !t.is_zero());
+        let http = HttpSettings {
+            request_headers_timeout: enabled(self.request_headers_timeout, DEFAULT_REQUEST_HEADERS_TIMEOUT),
+            stream_idle_timeout: enabled(self.stream_idle_timeout, DEFAULT_STREAM_IDLE_TIMEOUT),
+        };
+        let target = |field: String, t: &TargetFile| resolve_target(&field, t, &clusters, &routes, http);
 
         let mut services = HashMap::new();
         for (i, svc) in self.outbound.services.into_iter().enumerate() {
@@ -554,6 +572,7 @@ impl ProxyFile {
             ports: inbound_ports,
             peer_authentication: self.inbound.peer_authentication,
             authorization: inbound_authorization,
+            http,
         });
 
         let mut listeners = Vec::new();
@@ -775,6 +794,7 @@ fn resolve_target(
     t: &TargetFile,
     clusters: &HashMap<String, Arc<Cluster>>,
     routes: &HashMap<String, Arc<RouteTable>>,
+    http: HttpSettings,
 ) -> Result<crate::Target, Invalid> {
     let cluster = match &t.cluster {
         Some(name) => Some(
@@ -797,6 +817,7 @@ fn resolve_target(
         protocol: t.protocol,
         cluster,
         route,
+        http,
     })
 }
 
@@ -912,8 +933,7 @@ fn validate_route(
         action: RouteAction {
             clusters: targets,
             timeout: Some(r.timeout.unwrap_or(DEFAULT_ROUTE_TIMEOUT)).filter(|t| !t.is_zero()),
-            idle_timeout: Some(r.idle_timeout.unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT))
-                .filter(|t| !t.is_zero()),
+            idle_timeout: r.idle_timeout,
             retry: r.retry,
         },
     })

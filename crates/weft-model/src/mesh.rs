@@ -185,6 +185,30 @@ pub struct InboundPolicy {
     pub ports: HashMap<u16, Protocol>,
     pub peer_authentication: PeerAuthentication,
     pub authorization: ListenerAuthorization,
+    /// How HTTP is served on the inbound listener.
+    pub http: HttpSettings,
+}
+
+/// How a listener serves HTTP: Envoy's HTTP connection manager timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HttpSettings {
+    /// From a request's first byte to the end of its header block (slowloris protection); an idle
+    /// keep-alive connection waits for the connection idle timeout instead. `None` disables it.
+    #[serde(with = "humantime_serde")]
+    pub request_headers_timeout: Option<Duration>,
+    /// No frame of a request's response for this long ends it, unless its route sets its own;
+    /// `None` disables it.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Option<Duration>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            request_headers_timeout: Some(crate::file::DEFAULT_REQUEST_HEADERS_TIMEOUT),
+            stream_idle_timeout: Some(crate::route::DEFAULT_STREAM_IDLE_TIMEOUT),
+        }
+    }
 }
 
 /// What a listener that receives peers' traffic enforces: Envoy's RBAC filters, one set for HTTP
@@ -223,6 +247,8 @@ pub struct Target {
     /// How HTTP requests are routed.
     #[serde(serialize_with = "route_name")]
     pub route: Arc<RouteTable>,
+    /// How HTTP is served to the clients of this target.
+    pub http: HttpSettings,
 }
 
 impl Target {
@@ -232,6 +258,7 @@ impl Target {
             protocol,
             route: Arc::new(RouteTable::to_cluster(&cluster)),
             cluster: Some(cluster),
+            http: HttpSettings::default(),
         }
     }
 }

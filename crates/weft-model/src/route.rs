@@ -81,7 +81,8 @@ pub struct RouteAction {
     /// Whole-request deadline, including retries; `None` disables it.
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
-    /// Stream idle timeout: no response frame for this long resets the request; `None` disables it.
+    /// Stream idle timeout: no response frame for this long ends the request; `None`: the listener's
+    /// (`stream_idle_timeout`); zero disables it.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
@@ -118,7 +119,7 @@ impl RouteTable {
                     weight: 1,
                 }],
                 timeout: None,
-                idle_timeout: Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+                idle_timeout: None,
                 retry: None,
             },
         };

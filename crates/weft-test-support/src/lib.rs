@@ -2,6 +2,7 @@
 //! a test original-destination binder, in-process proxies, and small assertion helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod envoy;
 pub mod grpc;
 pub mod http;
 pub mod netns;

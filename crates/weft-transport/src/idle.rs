@@ -43,6 +43,11 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// Whether a request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) > 0
+    }
+
     /// Resolves once no bytes have moved and no request has been in flight for `timeout`.
     pub async fn idle(&self, timeout: Duration) {
         loop {

@@ -39,7 +39,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_c
 use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetryPolicy;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use weft_model::{
-    Backoff, CircuitBreakers, Egress, Endpoint, LbPolicy, ListenerAuthorization, OutlierDetection, PeerAuthentication,
+    Backoff, CircuitBreakers, Egress, Endpoint, HttpSettings, LbPolicy, ListenerAuthorization, OutlierDetection, PeerAuthentication,
     Protocol, RetryBudget, RetryOn, UpstreamTls,
 };
 
@@ -108,6 +108,7 @@ pub enum ListenerSpec {
     Service {
         address: SocketAddr,
         http: Option<RouteRef>,
+        http_settings: HttpSettings,
         tcp_cluster: Option<String>,
         protocol: Protocol,
     },
@@ -118,6 +119,8 @@ pub enum ListenerSpec {
         ports: HashMap<u16, Protocol>,
         peer_authentication: Option<PeerAuthentication>,
         authorization: ListenerAuthorization,
+        /// The HTTP connection managers' settings, when any chain has one.
+        http_settings: Option<HttpSettings>,
     },
 }
 
@@ -183,6 +186,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         // workload, so chains that disagree are refused rather than merged.
         let mut http_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
         let mut tcp_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
+        let mut http_settings: Option<(String, HttpSettings)> = None;
         for (i, chain) in l.filter_chains.iter().enumerate() {
             let field = format!("filter_chains[{i}]");
             // A chain that terminates TLS must be mutual TLS; the proxy uses its own certificate for it.
@@ -195,6 +199,18 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                 None => false,
             };
             let targets = chain_targets(&ctx, &field, &chain, true)?;
+            match (&http_settings, targets.http_settings) {
+                (Some((first, seen)), Some(these)) if *seen != these => {
+                    return Err(ctx.err(
+                        format!("{field}.filters"),
+                        format!(
+                            "HTTP connection manager timeouts differ from those of {first}; the inbound listener has one setting"
+                        ),
+                    ));
+                }
+                (None, Some(these)) => http_settings = Some((field.clone(), these)),
+                _ => {}
+            }
             let (layer, rbac) = if targets.http.is_some() {
                 (&mut http_rbac, targets.http_rbac)
             } else {
@@ -261,6 +277,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
             ports,
             peer_authentication,
             authorization,
+            http_settings: http_settings.map(|(_, s)| s),
         });
     }
     if l.bind_to_port.as_ref().is_some_and(|b| b.value) {
@@ -271,6 +288,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     }
     let address = socket_address(&ctx, "address", l.address.as_ref())?;
     let mut http = None;
+    let mut http_settings = None;
     let mut tcp_cluster = None;
     for (i, chain) in l
         .filter_chains
@@ -280,6 +298,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     {
         let targets = chain_targets(&ctx, &format!("filter_chains[{i}]"), chain, false)?;
         http = http.or(targets.http);
+        http_settings = http_settings.or(targets.http_settings);
         tcp_cluster = tcp_cluster.or(targets.tcp_cluster);
     }
     let protocol = match (&http, &tcp_cluster) {
@@ -291,6 +310,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     Ok(ListenerSpec::Service {
         address,
         http,
+        http_settings: http_settings.unwrap_or_default(),
         tcp_cluster,
         protocol,
     })
@@ -313,6 +333,8 @@ fn deny_all_if_any(other: Option<&[weft_authz::RbacFilter]>) -> Vec<weft_authz::
 
 struct ChainTargets {
     http: Option<RouteRef>,
+    /// The connection manager's timeouts, with `http`.
+    http_settings: Option<HttpSettings>,
     tcp_cluster: Option<String>,
     /// RBAC filters of the HTTP connection manager, in order.
     http_rbac: Vec<weft_authz::RbacFilter>,
@@ -334,6 +356,7 @@ fn chain_targets(
     }
     let mut targets = ChainTargets {
         http: None,
+        http_settings: None,
         tcp_cluster: None,
         http_rbac: Vec::new(),
         tcp_rbac: Vec::new(),
@@ -366,6 +389,7 @@ fn chain_targets(
                 }
                 targets.http_rbac =
                     http_filters(ctx, &format!("{f}.typed_config.http_filters"), &hcm, &rbac_here)?;
+                targets.http_settings = Some(hcm_settings(&hcm));
                 targets.http = Some(match hcm.route_specifier {
                     Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
                         RouteRef::Rds(rds.route_config_name)
@@ -411,6 +435,22 @@ fn chain_targets(
         }
     }
     Ok(targets)
+}
+
+/// The connection manager's timeouts, with Envoy's meaning of unset (the default) and zero (disabled),
+/// except that an unset `request_headers_timeout` keeps the proxy's slowloris default.
+fn hcm_settings(hcm: &HttpConnectionManager) -> HttpSettings {
+    let setting = |d: Option<&XDuration>, default: Duration| match d {
+        None => Some(default),
+        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
+    };
+    HttpSettings {
+        request_headers_timeout: setting(
+            hcm.request_headers_timeout.as_ref(),
+            weft_model::file::DEFAULT_REQUEST_HEADERS_TIMEOUT,
+        ),
+        stream_idle_timeout: setting(hcm.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE_TIMEOUT),
+    }
 }
 
 /// The HTTP filters of a connection manager: RBAC filters are enforced, the router ends the chain, and
@@ -581,11 +621,8 @@ fn route(
         None => Some(DEFAULT_ROUTE_TIMEOUT),
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
     };
-    // Envoy: unset means the connection manager's stream idle timeout (5 min by default); 0 disables.
-    let idle_timeout = match &action.idle_timeout {
-        None => Some(DEFAULT_STREAM_IDLE_TIMEOUT),
-        Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
-    };
+    // Envoy: unset means the connection manager's stream idle timeout; 0 disables.
+    let idle_timeout = action.idle_timeout.as_ref().map(duration);
     let retry = action
         .retry_policy
         .as_ref()

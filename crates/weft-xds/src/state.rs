@@ -109,6 +109,7 @@ impl XdsState {
                 ListenerSpec::Service {
                     address,
                     http,
+                    http_settings,
                     tcp_cluster,
                     protocol,
                 } => {
@@ -133,6 +134,7 @@ impl XdsState {
                             protocol: *protocol,
                             cluster,
                             route,
+                            http: *http_settings,
                         },
                     ));
                 }
@@ -141,8 +143,14 @@ impl XdsState {
                     ports,
                     peer_authentication,
                     authorization,
+                    http_settings,
                 } => {
-                    inbound_ports = Some((ports.clone(), *peer_authentication, authorization.clone()));
+                    inbound_ports = Some((
+                        ports.clone(),
+                        *peer_authentication,
+                        authorization.clone(),
+                        *http_settings,
+                    ));
                 }
             }
         }
@@ -152,8 +160,12 @@ impl XdsState {
                 outbound.egress = egress;
             }
         }
-        if let (Some(inbound), Some((ports, mode, authorization))) = (&mut mesh.inbound, inbound_ports) {
+        if let (Some(inbound), Some((ports, mode, authorization, http))) = (&mut mesh.inbound, inbound_ports)
+        {
             inbound.ports.extend(ports);
+            if let Some(http) = http {
+                inbound.http = http;
+            }
             if let Some(mode) = mode {
                 inbound.peer_authentication = mode;
             }

@@ -139,6 +139,7 @@ fn http_and_tcp_service_listeners() {
         ListenerSpec::Service {
             address: "0.0.0.0:9080".parse().unwrap(),
             http: Some(RouteRef::Rds("9080".into())),
+            http_settings: weft_model::HttpSettings::default(),
             tcp_cluster: None,
             protocol: Protocol::Http
         }
@@ -512,10 +513,8 @@ fn retry_policies_are_parsed_and_bad_conditions_named() {
     assert_eq!(retry.num_retries, 3);
     assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(2)));
     assert_eq!(retry.retriable_status_codes, vec![409]);
-    assert_eq!(
-        table.virtual_hosts[0].routes[0].action.idle_timeout,
-        Some(DEFAULT_STREAM_IDLE_TIMEOUT)
-    );
+    // Unset: the connection manager's stream idle timeout applies.
+    assert_eq!(table.virtual_hosts[0].routes[0].action.idle_timeout, None);
 
     let Some(Action::Route(action)) = &mut route.action else {
         unreachable!()
@@ -526,4 +525,37 @@ fn retry_policies_are_parsed_and_bad_conditions_named() {
     let err = route_configuration(&config(route)).unwrap_err();
     assert!(err.field.ends_with("retry_policy.retry_on"), "{err}");
     assert!(err.problem.contains("\"sometimes\""), "{err}");
+}
+
+#[test]
+fn connection_manager_timeouts_follow_envoy_unset_default_and_zero_disables() {
+    let with = |stream_idle: Option<XDuration>, headers: Option<XDuration>| {
+        let manager = pack_any(HttpConnectionManager {
+            stat_prefix: "x".into(),
+            route_specifier: Some(RouteSpecifier::Rds(Rds {
+                route_config_name: "r".into(),
+                config_source: None,
+            })),
+            stream_idle_timeout: stream_idle,
+            request_headers_timeout: headers,
+            ..Default::default()
+        });
+        match listener(&service_listener("0.0.0.0_80", 80, vec![chain(manager)])).unwrap() {
+            ListenerSpec::Service { http_settings, .. } => http_settings,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(with(None, None), HttpSettings::default());
+    let zero = XDuration { seconds: 0, nanos: 0 };
+    let ten = XDuration {
+        seconds: 10,
+        nanos: 0,
+    };
+    assert_eq!(
+        with(Some(zero), Some(ten)),
+        HttpSettings {
+            request_headers_timeout: Some(Duration::from_secs(10)),
+            stream_idle_timeout: None,
+        }
+    );
 }

@@ -1,0 +1,172 @@
+//! The request headers timeout of an HTTP/1 client connection (Envoy's `request_headers_timeout`): it
+//! runs from the first byte of a request to the end of its header block, so a slow client cannot hold a
+//! connection open by trickling headers, while an idle keep-alive connection between requests waits for
+//! the connection idle timeout instead. (hyper's own `header_read_timeout` also runs while the
+//! connection is idle, which closed kept-alive connections under clients about to reuse them.)
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use weft_transport::Activity;
+
+/// When the request whose header block is being read began.
+#[derive(Debug)]
+pub(crate) struct HeadClock {
+    origin: Instant,
+    /// Milliseconds since `origin` plus one at the request's first byte; 0 while no header is pending.
+    started: AtomicU64,
+    armed: Notify,
+}
+
+impl HeadClock {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            origin: Instant::now(),
+            started: AtomicU64::new(0),
+            armed: Notify::new(),
+        })
+    }
+
+    fn start(&self) {
+        let now = u64::try_from(self.origin.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        if self
+            .started
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.armed.notify_one();
+        }
+    }
+
+    /// The request's header block is complete.
+    pub(crate) fn headers_done(&self) {
+        self.started.store(0, Ordering::Release);
+    }
+
+    /// Resolves when a request's headers have been pending for `timeout`.
+    pub(crate) async fn expired(&self, timeout: Duration) {
+        loop {
+            let started = self.started.load(Ordering::Acquire);
+            if started == 0 {
+                self.armed.notified().await;
+                continue;
+            }
+            let at = self.origin + Duration::from_millis(started - 1) + timeout;
+            tokio::time::sleep_until(at).await;
+            if self.started.load(Ordering::Acquire) == started {
+                return;
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A client connection that starts the clock when bytes arrive with no request in flight: they
+    /// are the beginning of the next request. Bytes that arrive during a request (its body, or a
+    /// pipelined request behind it) do not.
+    #[derive(Debug)]
+    pub(crate) struct HeadTimedIo<S> {
+        #[pin]
+        inner: S,
+        clock: Arc<HeadClock>,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<S> HeadTimedIo<S> {
+    pub(crate) fn new(inner: S, clock: Arc<HeadClock>, activity: Arc<Activity>) -> Self {
+        Self {
+            inner,
+            clock,
+            activity,
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for HeadTimedIo<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before && !this.activity.busy() {
+            this.clock.start();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for HeadTimedIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_from_the_first_byte_to_the_end_of_the_headers() {
+        let clock = HeadClock::new();
+        let timeout = Duration::from_secs(30);
+        // Idle: no clock, however long.
+        let idle = tokio::time::timeout(Duration::from_secs(3600), clock.expired(timeout)).await;
+        assert!(idle.is_err(), "an idle connection has no header deadline");
+
+        clock.start();
+        tokio::time::advance(Duration::from_secs(20)).await;
+        clock.start(); // more bytes of the same header block do not restart it
+        let started = Instant::now();
+        clock.expired(timeout).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+
+        clock.headers_done();
+        let done = tokio::time::timeout(Duration::from_secs(3600), clock.expired(timeout)).await;
+        assert!(done.is_err(), "a complete header block stops the clock");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_finished_header_block_cancels_a_waiting_deadline() {
+        let clock = HeadClock::new();
+        clock.start();
+        let waiter = {
+            let clock = clock.clone();
+            tokio::spawn(async move { clock.expired(Duration::from_secs(30)).await })
+        };
+        tokio::time::advance(Duration::from_secs(10)).await;
+        clock.headers_done();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(!waiter.is_finished());
+        waiter.abort();
+    }
+}
