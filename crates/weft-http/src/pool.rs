@@ -184,7 +184,7 @@ pub(crate) async fn connect(
         .clone()
         .ok_or(ConnectError::NoCertificate(endpoint))?;
     let config = material
-        .client_config(expected.to_vec(), alpn)
+        .client_config(expected, alpn)
         .map_err(|e| ConnectError::Tls {
             endpoint,
             reason: e.to_string(),

@@ -5,6 +5,7 @@
 //! requires a client certificate and reports the client's identity. Configurations are rebuilt for each
 //! new certificate, so the next handshake uses it and established connections are untouched.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -42,7 +43,19 @@ pub struct TlsMaterial {
     provider: Arc<CryptoProvider>,
     /// The server configuration is the same for every inbound connection: built once per certificate.
     server: Arc<std::sync::OnceLock<Arc<ServerConfig>>>,
+    /// Client configurations by what they expect and offer, built once per certificate.
+    clients: Arc<std::sync::Mutex<HashMap<ClientKey, Arc<ClientConfig>>>>,
 }
+
+/// What distinguishes one client configuration from another for the same certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    expected: Arc<[SpiffeId]>,
+    alpn: Vec<Vec<u8>>,
+}
+
+/// More distinct (identities, ALPN) pairs than this in one certificate's lifetime start the cache over.
+const MAX_CLIENT_CONFIGS: usize = 4096;
 
 impl fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -91,6 +104,7 @@ impl TlsMaterial {
             root_ders: Arc::new(root_ders),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             server: Arc::new(std::sync::OnceLock::new()),
+            clients: Arc::default(),
         })
     }
 
@@ -131,9 +145,33 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
-    /// For one outbound connection: the server must prove one of `expected`. `alpn`: what to offer
-    /// (the protocol the connection will carry).
+    /// For an outbound connection: the server must prove one of `expected`. `alpn`: what to offer
+    /// (the protocol the connection will carry). Built once per certificate and (identities, ALPN).
     pub fn client_config(
+        &self,
+        expected: &Arc<[SpiffeId]>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = ClientKey {
+            expected: expected.clone(),
+            alpn: alpn.iter().map(|p| p.to_vec()).collect(),
+        };
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(config) = clients.get(&key) {
+            return Ok(config.clone());
+        }
+        let config = self.build_client_config(expected.to_vec(), alpn)?;
+        if clients.len() >= MAX_CLIENT_CONFIGS {
+            clients.clear();
+        }
+        clients.insert(key, config.clone());
+        Ok(config)
+    }
+
+    fn build_client_config(
         &self,
         expected: Vec<SpiffeId>,
         alpn: &[&[u8]],
@@ -149,6 +187,9 @@ impl TlsMaterial {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        // Every handshake proves the server's identity afresh: a resumed session would skip the
+        // certificate, and with it the identity check.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 }

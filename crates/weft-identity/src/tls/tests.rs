@@ -93,7 +93,7 @@ async fn handshake(
 
     let config = match client {
         Some(material) => material
-            .client_config(expect.iter().map(|sa| id(sa)).collect(), &ALPN)
+            .client_config(&expect.iter().map(|sa| id(sa)).collect(), &ALPN)
             .unwrap(),
         None => {
             // A client with no certificate, trusting the root: what a non-mesh TLS client looks like.
@@ -214,4 +214,23 @@ async fn extra_trusted_roots_allow_rotation() {
     let server = TlsMaterial::new(new.credentials("reviews"), std::slice::from_ref(&old.root_pem)).unwrap();
     let (peer, _) = handshake(&server, Some(&client), &["reviews"]).await.unwrap();
     assert_eq!(peer, Some(id("productpage")));
+}
+
+#[test]
+fn client_configurations_are_built_once_per_identities_and_alpn() {
+    let material = TestCa::new().material("client");
+    let orders: Arc<[SpiffeId]> = vec![id("orders")].into();
+    let first = material.client_config(&orders, &ALPN).unwrap();
+    let again = material.client_config(&orders.to_vec().into(), &ALPN).unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "same identities and ALPN: one configuration"
+    );
+    let other = material
+        .client_config(&vec![id("payments")].into(), &ALPN)
+        .unwrap();
+    assert!(!Arc::ptr_eq(&first, &other));
+    let h1 = material.client_config(&orders, &[b"http/1.1"]).unwrap();
+    assert!(!Arc::ptr_eq(&first, &h1));
+    assert_eq!(h1.alpn_protocols, vec![b"http/1.1".to_vec()]);
 }
