@@ -53,6 +53,10 @@ struct Args {
     /// alternated.
     #[arg(long)]
     compare_authz: bool,
+    /// Instead of the usual table: CPU per request through a route table of 3 services and one of N
+    /// (Istio's per-port table, each service with its eight domains), the requests' service last.
+    #[arg(long)]
+    compare_services: Option<usize>,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -101,9 +105,45 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     if args.compare_authz {
-        return compare_authz(&args, &weft, backend_addr, &client_rt);
+        return compare_cpu(
+            &args,
+            &client_rt,
+            [
+                (
+                    "no policy",
+                    Proxy::start(&weft, |l| plain_yaml(l, backend_addr, ""))?,
+                ),
+                (
+                    "seed policy",
+                    Proxy::start(&weft, |l| plain_yaml(l, backend_addr, SEED_SHAPED_POLICY))?,
+                ),
+            ],
+        );
     }
-    let mut proxy = Proxy::start(&weft, backend_addr, args.policies, "")?;
+    if let Some(services) = args.compare_services {
+        return compare_cpu(
+            &args,
+            &client_rt,
+            [
+                (
+                    "3 services",
+                    Proxy::start(&weft, |l| services_yaml(l, backend_addr, 3))?,
+                ),
+                (
+                    &format!("{services} services"),
+                    Proxy::start(&weft, |l| services_yaml(l, backend_addr, services))?,
+                ),
+            ],
+        );
+    }
+    let policies = args.policies;
+    let mut proxy = Proxy::start(&weft, |l| {
+        if policies {
+            policies_yaml(l, backend_addr)
+        } else {
+            plain_yaml(l, backend_addr, "")
+        }
+    })?;
     client_rt.block_on(proxy.wait_ready())?;
 
     let phase = Duration::from_secs(args.seconds);
@@ -180,23 +220,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Two proxies, without and with the policy, saturated in alternation (three phases each); the CPU per
-/// request of each is the median of its phases.
-fn compare_authz(
+/// Two proxies saturated in alternation (three phases each); the CPU per request of each is the median
+/// of its phases, and the second is reported as a ratio to the first.
+fn compare_cpu(
     args: &Args,
-    weft: &std::path::Path,
-    backend: SocketAddr,
     client_rt: &tokio::runtime::Runtime,
+    proxies: [(&str, Proxy); 2],
 ) -> anyhow::Result<()> {
-    let mut plain = Proxy::start(weft, backend, false, "")?;
-    let mut authz = Proxy::start(weft, backend, false, SEED_SHAPED_POLICY)?;
-    client_rt.block_on(plain.wait_ready())?;
-    client_rt.block_on(authz.wait_ready())?;
+    let [(base_name, mut base), (other_name, mut other)] = proxies;
+    client_rt.block_on(base.wait_ready())?;
+    client_rt.block_on(other.wait_ready())?;
     let phase = Duration::from_secs(args.seconds);
     let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut errors = 0;
     for _ in 0..3 {
-        for (i, proxy) in [&plain, &authz].into_iter().enumerate() {
+        for (i, proxy) in [&base, &other].into_iter().enumerate() {
             let before = proxy.cpu_seconds()?;
             let figures = client_rt.block_on(saturate(proxy.listener, args.connections, phase))?;
             let cpu = proxy.cpu_seconds()? - before;
@@ -208,16 +246,62 @@ fn compare_authz(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (none, seed) = (median(&mut samples[0]), median(&mut samples[1]));
+    let spread = |v: &[f64]| format!("{:.1}-{:.1}", v[0], v[v.len() - 1]);
+    let (a, b) = (median(&mut samples[0]), median(&mut samples[1]));
     println!(
-        "CPU per request at saturation ({} connections, 3 x {} s each, alternated): no policy {none:.1} us, seed policy {seed:.1} us, ratio {:.3}; errors: {errors}",
+        "CPU per request at saturation ({} connections, 3 x {} s each, alternated; median, spread): {base_name} {a:.1} us ({}), {other_name} {b:.1} us ({}), ratio {:.3}; errors: {errors}",
         args.connections,
         args.seconds,
-        seed / none
+        spread(&samples[0]),
+        spread(&samples[1]),
+        b / a
     );
-    plain.stop();
-    authz.stop();
+    base.stop();
+    other.stop();
     Ok(())
+}
+
+/// One explicit listener to the backend; `listener_extra`: more fields of the listener (indented YAML),
+/// such as its policies.
+fn plain_yaml(listener: SocketAddr, backend: SocketAddr, listener_extra: &str) -> String {
+    format!(
+        "listeners:\n  - name: bench\n    address: {listener}\n    cluster: backend\n    protocol: http\n{listener_extra}\
+         clusters: [{{ name: backend, endpoints: [{backend}] }}]\n"
+    )
+}
+
+/// The listener routes through the resilience layer: retries, outlier detection, least request.
+fn policies_yaml(listener: SocketAddr, backend: SocketAddr) -> String {
+    format!(
+        "listeners: [{{ name: bench, address: {listener}, route: bench, protocol: http }}]\n\
+         clusters:\n  - name: backend\n    endpoints: [{backend}]\n    lb_policy: LEAST_REQUEST\n    outlier_detection: {{}}\n\
+         routes:\n  - name: bench\n    virtual_hosts:\n      - name: bench\n        routes:\n\
+         \x20         - match: {{ prefix: / }}\n\
+         \x20           cluster: backend\n\
+         \x20           retry: {{ retry_on: \"5xx,connect-failure\", num_retries: 3, per_try_timeout: 2s }}\n"
+    )
+}
+
+/// A route table shaped as Istio emits one per port: `services` virtual hosts, each with the domains
+/// Istio gives a service (short name, namespaced, FQDN, cluster IP, each with and without the port),
+/// the requests' own (`backend`) last.
+fn services_yaml(listener: SocketAddr, backend: SocketAddr, services: usize) -> String {
+    let mut yaml = format!(
+        "listeners: [{{ name: bench, address: {listener}, route: \"8080\", protocol: http }}]\n\
+         clusters: [{{ name: backend, endpoints: [{backend}] }}]\n\
+         routes:\n  - name: \"8080\"\n    virtual_hosts:\n"
+    );
+    for i in 0..services.saturating_sub(1) {
+        let name = format!("svc-{i}");
+        let ip = format!("10.96.{}.{}", i / 256, i % 256);
+        yaml.push_str(&format!(
+            "      - name: {name}\n        domains: [{name}, \"{name}:8080\", {name}.default, \"{name}.default:8080\", {name}.default.svc.cluster.local, \"{name}.default.svc.cluster.local:8080\", {ip}, \"{ip}:8080\"]\n        routes: [{{ match: {{ prefix: / }}, cluster: backend }}]\n"
+        ));
+    }
+    yaml.push_str(
+        "      - name: backend\n        domains: [backend, \"backend:8080\", backend.default.svc.cluster.local]\n        routes: [{ match: { prefix: / }, cluster: backend }]\n",
+    );
+    yaml
 }
 
 fn default_weft_path() -> PathBuf {
@@ -357,13 +441,8 @@ struct Proxy {
 }
 
 impl Proxy {
-    /// `listener_extra`: more fields of the listener (indented YAML), such as its policies.
-    fn start(
-        weft: &std::path::Path,
-        backend: SocketAddr,
-        policies: bool,
-        listener_extra: &str,
-    ) -> anyhow::Result<Self> {
+    /// A proxy whose listeners, clusters and routes are `proxied(listener address)` (YAML).
+    fn start(weft: &std::path::Path, proxied: impl FnOnce(SocketAddr) -> String) -> anyhow::Result<Self> {
         let admin = free_addr()?;
         let listener = free_addr()?;
         let readiness = free_addr()?;
@@ -373,21 +452,7 @@ impl Proxy {
         let common = format!(
             "admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\noutbound: {{ enabled: false }}\ninbound: {{ enabled: false }}\n"
         );
-        let proxied = if policies {
-            format!(
-                "listeners: [{{ name: bench, address: {listener}, route: bench, protocol: http }}]\n\
-                 clusters:\n  - name: backend\n    endpoints: [{backend}]\n    lb_policy: LEAST_REQUEST\n    outlier_detection: {{}}\n\
-                 routes:\n  - name: bench\n    virtual_hosts:\n      - name: bench\n        routes:\n\
-                 \x20         - match: {{ prefix: / }}\n\
-                 \x20           cluster: backend\n\
-                 \x20           retry: {{ retry_on: \"5xx,connect-failure\", num_retries: 3, per_try_timeout: 2s }}\n"
-            )
-        } else {
-            format!(
-                "listeners:\n  - name: bench\n    address: {listener}\n    cluster: backend\n    protocol: http\n{listener_extra}\
-                 clusters: [{{ name: backend, endpoints: [{backend}] }}]\n"
-            )
-        };
+        let proxied = proxied(listener);
         std::fs::write(&config, common + &proxied)?;
         let child = Command::new(weft)
             .args(["proxy", "--config"])

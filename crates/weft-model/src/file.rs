@@ -842,13 +842,7 @@ fn validate_routes(
         }
         let name = table.name.clone();
         if by_name
-            .insert(
-                name.clone(),
-                Arc::new(RouteTable {
-                    name: table.name,
-                    virtual_hosts,
-                }),
-            )
+            .insert(name.clone(), Arc::new(RouteTable::new(table.name, virtual_hosts)))
             .is_some()
         {
             return Err(invalid(

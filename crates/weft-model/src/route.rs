@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::Cluster;
+use crate::domains::DomainIndex;
 pub use crate::policy::RetryPolicy;
 
 /// Envoy's default route timeout (it covers all retries).
@@ -18,7 +19,9 @@ pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteTable {
     pub name: String,
-    pub virtual_hosts: Vec<VirtualHost>,
+    virtual_hosts: Vec<VirtualHost>,
+    #[serde(skip)]
+    domains: DomainIndex,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -128,10 +131,26 @@ impl RouteTable {
             domains: vec!["*".into()],
             routes: vec![route],
         };
+        Self::new(cluster.name.clone(), vec![vhost])
+    }
+
+    /// A table of these virtual hosts, indexed by their domains.
+    pub fn new(name: String, virtual_hosts: Vec<VirtualHost>) -> Self {
+        let domains = DomainIndex::new(virtual_hosts.iter().map(|v| v.domains.as_slice()));
         Self {
-            name: cluster.name.clone(),
-            virtual_hosts: vec![vhost],
+            name,
+            virtual_hosts,
+            domains,
         }
+    }
+
+    pub fn virtual_hosts(&self) -> &[VirtualHost] {
+        &self.virtual_hosts
+    }
+
+    /// Every route, to be completed in place (the domains, and so the index, stay as they are).
+    pub fn routes_mut(&mut self) -> impl Iterator<Item = &mut Route> {
+        self.virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut())
     }
 
     /// The route for a request, if any.
@@ -140,47 +159,10 @@ impl RouteTable {
         vhost.routes.iter().find(|r| r.matcher.matches(req))
     }
 
-    /// Envoy's order: an exact domain, then the longest `*.suffix`, then the longest `prefix*`, then `*`.
-    /// A host with a port that no domain names with its port is tried without it before `*`.
     fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
-        let authority = authority.to_ascii_lowercase();
-        let without_port = authority
-            .rsplit_once(':')
-            .filter(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
-            .map(|(host, _)| host);
-        self.named_virtual_host(&authority)
-            .or_else(|| without_port.and_then(|host| self.named_virtual_host(host)))
-            .or_else(|| {
-                self.virtual_hosts
-                    .iter()
-                    .find(|v| v.domains.iter().any(|d| d == "*"))
-            })
-    }
-
-    /// The best match other than `*`.
-    fn named_virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        let mut best: Option<(u8, usize, &VirtualHost)> = None;
-        for vhost in &self.virtual_hosts {
-            for domain in &vhost.domains {
-                let rank = if domain == host {
-                    Some((3, domain.len()))
-                } else if domain == "*" {
-                    None
-                } else if let Some(suffix) = domain.strip_prefix('*') {
-                    (host.len() > suffix.len() && host.ends_with(suffix)).then_some((2, suffix.len()))
-                } else if let Some(prefix) = domain.strip_suffix('*') {
-                    (host.len() > prefix.len() && host.starts_with(prefix)).then_some((1, prefix.len()))
-                } else {
-                    None
-                };
-                if let Some((class, len)) = rank
-                    && best.is_none_or(|(c, l, _)| (class, len) > (c, l))
-                {
-                    best = Some((class, len, vhost));
-                }
-            }
-        }
-        best.map(|(_, _, vhost)| vhost)
+        self.domains
+            .find(authority)
+            .and_then(|i| self.virtual_hosts.get(i))
     }
 }
 

@@ -66,16 +66,16 @@ fn request<'a>(
 #[test]
 fn virtual_hosts_by_envoy_precedence() {
     let any = |n: &str| vec![route(n, RouteMatch::default(), vec![to(n, 1)])];
-    let table = RouteTable {
-        name: "80".into(),
-        virtual_hosts: vec![
+    let table = RouteTable::new(
+        "80".into(),
+        vec![
             vhost("star", &["*"], any("star")),
             vhost("prefix", &["api.*"], any("prefix")),
             vhost("suffix", &["*.example.com"], any("suffix")),
             vhost("longer-suffix", &["*.eu.example.com"], any("longer-suffix")),
             vhost("exact", &["reviews", "reviews:9080"], any("exact")),
         ],
-    };
+    );
     assert_eq!(request("reviews", "/", &[])(&table).as_deref(), Some("exact"));
     assert_eq!(
         request("reviews:9080", "/", &[])(&table).as_deref(),
@@ -119,9 +119,9 @@ fn first_matching_route_wins() {
         path: PathMatch::Regex(compile_regex("/users/[0-9]+").unwrap()),
         headers: vec![],
     };
-    let table = RouteTable {
-        name: "t".into(),
-        virtual_hosts: vec![vhost(
+    let table = RouteTable::new(
+        "t".into(),
+        vec![vhost(
             "all",
             &["*"],
             vec![
@@ -138,7 +138,7 @@ fn first_matching_route_wins() {
                 ),
             ],
         )],
-    };
+    );
     assert_eq!(
         request("h", "/api/x", &[("x-canary", "true")])(&table).as_deref(),
         Some("canary")

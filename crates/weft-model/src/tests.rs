@@ -244,7 +244,7 @@ fn static_routes() {
             healthy: true
         }
     );
-    let vhost = &target.route.virtual_hosts[0];
+    let vhost = &target.route.virtual_hosts()[0];
     assert_eq!(
         vhost.routes[0].matcher.headers[0].name, "x-canary",
         "header names are case-insensitive"

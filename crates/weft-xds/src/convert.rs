@@ -533,10 +533,7 @@ pub fn route_configuration(rc: &RouteConfiguration) -> Result<RouteTable, Resour
             routes,
         });
     }
-    Ok(RouteTable {
-        name: rc.name.clone(),
-        virtual_hosts,
-    })
+    Ok(RouteTable::new(rc.name.clone(), virtual_hosts))
 }
 
 fn route(

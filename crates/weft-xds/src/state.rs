@@ -88,7 +88,7 @@ impl XdsState {
 
         let resolve = |table: &RouteTable| {
             let mut table = table.clone();
-            for route in table.virtual_hosts.iter_mut().flat_map(|v| v.routes.iter_mut()) {
+            for route in table.routes_mut() {
                 for wc in &mut route.action.clusters {
                     wc.cluster = mesh.clusters.get(&wc.name).cloned();
                 }
@@ -122,10 +122,9 @@ impl XdsState {
                         Some(RouteRef::Inline(table)) => resolve(table),
                         None => match &cluster {
                             Some(c) => Arc::new(RouteTable::to_cluster(c)),
-                            None => Arc::new(RouteTable {
-                                name: tcp_cluster.clone().unwrap_or_default(),
-                                virtual_hosts: vec![],
-                            }),
+                            None => {
+                                Arc::new(RouteTable::new(tcp_cluster.clone().unwrap_or_default(), vec![]))
+                            }
                         },
                     };
                     services.push((

@@ -244,7 +244,7 @@ fn routes_with_weights_headers_and_timeouts() {
         ..Default::default()
     };
     let table = route_configuration(&rc).unwrap();
-    let vhost = &table.virtual_hosts[0];
+    let vhost = &table.virtual_hosts()[0];
     assert_eq!(vhost.domains, ["orders"]);
     assert_eq!(vhost.routes[0].matcher.headers[0].name, "x-canary");
     assert_eq!(
@@ -370,7 +370,7 @@ fn state_builds_a_mesh_once_references_resolve() {
         .service_for("10.1.1.1:80".parse().unwrap())
         .unwrap();
     assert!(
-        target.route.virtual_hosts[0].routes[0].action.clusters[0]
+        target.route.virtual_hosts()[0].routes[0].action.clusters[0]
             .cluster
             .is_none(),
         "v1 is warming: NC until its endpoints arrive"
@@ -388,7 +388,7 @@ fn state_builds_a_mesh_once_references_resolve() {
         .unwrap()
         .service_for("10.1.1.1:80".parse().unwrap())
         .unwrap();
-    let v1 = target.route.virtual_hosts[0].routes[0].action.clusters[0]
+    let v1 = target.route.virtual_hosts()[0].routes[0].action.clusters[0]
         .cluster
         .as_ref()
         .unwrap();
@@ -508,13 +508,13 @@ fn retry_policies_are_parsed_and_bad_conditions_named() {
         ..Default::default()
     };
     let table = route_configuration(&config(route.clone())).unwrap();
-    let retry = table.virtual_hosts[0].routes[0].action.retry.clone().unwrap();
+    let retry = table.virtual_hosts()[0].routes[0].action.retry.clone().unwrap();
     assert_eq!(retry.retry_on.to_string(), "5xx,retriable-status-codes");
     assert_eq!(retry.num_retries, 3);
     assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(2)));
     assert_eq!(retry.retriable_status_codes, vec![409]);
     // Unset: the connection manager's stream idle timeout applies.
-    assert_eq!(table.virtual_hosts[0].routes[0].action.idle_timeout, None);
+    assert_eq!(table.virtual_hosts()[0].routes[0].action.idle_timeout, None);
 
     let Some(Action::Route(action)) = &mut route.action else {
         unreachable!()
