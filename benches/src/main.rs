@@ -57,6 +57,13 @@ struct Args {
     /// (Istio's per-port table, each service with its eight domains), the requests' service last.
     #[arg(long)]
     compare_services: Option<usize>,
+    /// Instead of the usual table: a Weft sidecar pair with mutual TLS between them against an HAProxy
+    /// pair doing the same job (installs nothing: `apt-get install haproxy` first), ratios to HAProxy.
+    #[arg(long)]
+    pair: bool,
+    /// Worker threads of each proxy in `--pair` (weft `--concurrency`, HAProxy `nbthread`).
+    #[arg(long, default_value_t = 2)]
+    proxy_threads: u16,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -79,6 +86,7 @@ struct Figures {
     rps: f64,
     p50_us: u64,
     p99_us: u64,
+    p999_us: u64,
     errors: u64,
     max_send_lag_us: u64,
 }
@@ -104,6 +112,9 @@ fn main() -> anyhow::Result<()> {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if args.pair {
+        return pair::run(&args, &weft, backend_addr, &client_rt);
+    }
     if args.compare_authz {
         return compare_cpu(
             &args,
@@ -427,6 +438,7 @@ async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration) -> anyhow
         rps: histogram.len() as f64 / duration.as_secs_f64(),
         p50_us: histogram.value_at_quantile(0.50),
         p99_us: histogram.value_at_quantile(0.99),
+        p999_us: histogram.value_at_quantile(0.999),
         errors,
         max_send_lag_us: max_send_lag.as_micros() as u64,
     })
@@ -440,9 +452,20 @@ struct Proxy {
     dir: PathBuf,
 }
 
+mod pair;
+
 impl Proxy {
     /// A proxy whose listeners, clusters and routes are `proxied(listener address)` (YAML).
     fn start(weft: &std::path::Path, proxied: impl FnOnce(SocketAddr) -> String) -> anyhow::Result<Self> {
+        Self::start_with(weft, 1, proxied)
+    }
+
+    /// The same with `threads` workers.
+    fn start_with(
+        weft: &std::path::Path,
+        threads: u16,
+        proxied: impl FnOnce(SocketAddr) -> String,
+    ) -> anyhow::Result<Self> {
         let admin = free_addr()?;
         let listener = free_addr()?;
         let readiness = free_addr()?;
@@ -455,7 +478,7 @@ impl Proxy {
         let proxied = proxied(listener);
         std::fs::write(&config, common + &proxied)?;
         let child = Command::new(weft)
-            .args(["proxy", "--config"])
+            .args(["proxy", "--concurrency", &threads.to_string(), "--config"])
             .arg(&config)
             .env("WEFT_LOG", "warn")
             .stdout(Stdio::null())
@@ -486,25 +509,11 @@ impl Proxy {
 
     /// User + system CPU time of the proxy process so far.
     fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let after = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .context("malformed /proc stat")?;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let utime: f64 = fields.get(11).context("utime")?.parse()?;
-        let stime: f64 = fields.get(12).context("stime")?.parse()?;
-        Ok((utime + stime) / clock_ticks_per_second())
+        cpu_seconds(self.child.id())
     }
 
     fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .context("no VmHWM")?;
-        Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+        status_kib(self.child.id(), "VmHWM:")
     }
 
     fn stop(&mut self) {
@@ -512,6 +521,30 @@ impl Proxy {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// User + system CPU time of process `pid` (all its threads) so far.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    Ok((utime + stime) / clock_ticks_per_second())
+}
+
+/// A `/proc/PID/status` figure in KiB: `VmRSS:` (now) or `VmHWM:` (peak).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("no {field}"))?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
 }
 
 /// USER_HZ: 100 on every Linux architecture the proxy targets.

@@ -138,6 +138,70 @@ async fn sidecars_talk_mutual_tls_and_the_server_knows_the_caller() {
     );
 }
 
+/// HTTP/1 from the app travels between the sidecars as HTTP/2 over one multiplexed mutual TLS
+/// connection, and the server's app sees the HTTP/1.1 request it would have seen: its Host, no mark of
+/// the hop. A WebSocket-style upgrade and a plaintext client's forged mark change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_between_sidecars_is_multiplexed_http2_and_the_app_sees_http1() {
+    let cp = control_plane().await;
+    let app = HttpServer::start("reviews-app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    let client = client_side(&cp, server.listener("inbound"), REVIEWS, "1h").await;
+    let front = client.listener("front");
+
+    // 24 requests at once, each on its own HTTP/1 client connection.
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        calls.push(tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(front).await.unwrap();
+            let request = format!(
+                "GET /delay/200?call={i} HTTP/1.1\r\nHost: reviews.default:9080\r\nconnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.unwrap();
+            response
+        }));
+    }
+    for call in calls {
+        let response = call.await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    }
+    let seen = app.requests();
+    assert_eq!(seen.len(), 24);
+    for request in &seen {
+        assert_eq!(request.version, http::Version::HTTP_11, "the app speaks HTTP/1.1");
+        assert_eq!(request.headers["host"], "reviews.default:9080");
+        assert!(
+            request.headers.get("weft-orig-proto").is_none(),
+            "{:?}",
+            request.headers
+        );
+    }
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric(&metrics, "weft_protocol_detections_total", &[("protocol", "tls")]),
+        1.0,
+        "one mutual TLS connection carried all 24 requests: {metrics}"
+    );
+
+    // An HTTP/2 client keeps HTTP/2 to the app; a plaintext client's forged mark is not believed.
+    let response = plain_client(true)
+        .request(
+            Request::get(format!("http://{front}/h2"))
+                .header("weft-orig-proto", "HTTP/1.1")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drain_body(response.into_body()).await.unwrap();
+    let seen = app.last_request();
+    assert_eq!(seen.version, http::Version::HTTP_2);
+    assert!(seen.headers.get("weft-orig-proto").is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_the_wrong_identity_is_a_connect_failure() {
     let cp = control_plane().await;

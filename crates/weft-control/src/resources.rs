@@ -759,6 +759,33 @@ fn validate(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
         }
         true
     });
+    // HTTP/1 between sidecars always travels as HTTP/2 (the proxies tell each other apart by ALPN), so
+    // a rule that asks for HTTP/1 on the hop cannot be honoured.
+    catalog.destination_rules.retain(|dr| {
+        let policy = dr
+            .spec
+            .traffic_policy
+            .as_ref()
+            .and_then(|t| t.connection_pool.as_ref())
+            .and_then(|c| c.http.as_ref())
+            .and_then(|h| h.h2_upgrade_policy.as_deref());
+        match policy {
+            None | Some("DEFAULT" | "UPGRADE") => true,
+            Some(other) => {
+                let resource = format!("DestinationRule {}/{}", dr.metadata.namespace(), dr.metadata.name);
+                report(
+                    problems,
+                    &dr.file,
+                    resource,
+                    "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy".into(),
+                    format!(
+                        "\"{other}\" is not supported: HTTP/1 requests between sidecars always travel as HTTP/2 (DEFAULT and UPGRADE are accepted)"
+                    ),
+                );
+                false
+            }
+        }
+    });
     let hosts: Vec<String> = catalog
         .services
         .iter()

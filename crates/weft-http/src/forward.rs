@@ -18,6 +18,7 @@ use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, Resp
 use crate::body::{BodyTimer, Completion, InFlight};
 use crate::cluster::{ClusterStates, Outcome};
 use crate::headers::{set_upgrade, strip_hop_by_hop};
+use crate::hop::{Hop, set_authority};
 use crate::retry::{ClientBody, ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
 use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 
@@ -304,6 +305,20 @@ impl Forwarder {
             Ok(decision) => decision,
             Err(err) => return error_response(err, grpc, ResponseFlags::NONE, completion),
         };
+        let hop = Hop {
+            downstream: ctx.version,
+            from_peer: Hop::from_peer(ctx.peers.connection_security_policy),
+            to_peer: match &decision.target {
+                DecidedTarget::Cluster(cluster) => cluster.tls.is_some(),
+                DecidedTarget::Direct(_, settings) => settings.tls.is_some(),
+            },
+            upgrade: upgrade.is_some(),
+            version: parts.version,
+        };
+        let upstream_version = hop.upstream(&mut parts.headers);
+        if let Err(err) = set_authority(&mut parts.headers, &authority, upstream_version) {
+            return error_response(err, grpc, ResponseFlags::NONE, completion);
+        }
         let path = parts
             .uri
             .path_and_query()
@@ -318,7 +333,7 @@ impl Forwarder {
             Ok(uri) => uri,
             Err(_) => return bad_request(completion),
         };
-        parts.version = match ctx.version {
+        parts.version = match upstream_version {
             HttpVersion::Http1 => Version::HTTP_11,
             HttpVersion::Http2 => Version::HTTP_2,
         };
@@ -334,7 +349,7 @@ impl Forwarder {
 
         let mut exchange = Exchange {
             parts,
-            version: ctx.version,
+            version: upstream_version,
             timeout: timeout.unwrap_or_default(),
             deadline,
             idle_timeout: decision.idle_timeout,
@@ -733,9 +748,9 @@ fn client_fault(result: Try, broken: &AtomicBool) -> Try {
 
 /// The one authority of a request, which routing, authorization and the app all see: the URI's
 /// (absolute-form, which replaces Host by RFC 9112 §3.2.2, or HTTP/2's `:authority`), then Host, then the
-/// address the client dialled (HTTP/1.0 clients may send no Host). Leaves the request carrying exactly
-/// that authority: as Host for HTTP/1, as `:authority` alone for HTTP/2. Two Host headers, a Host that
-/// is not an authority, or one that contradicts `:authority` are the client's error.
+/// address the client dialled (HTTP/1.0 clients may send no Host); [`set_authority`] then leaves the
+/// request carrying exactly that authority. Two Host headers, a Host that is not an authority, or one
+/// that contradicts `:authority` are the client's error.
 fn request_authority(
     parts: &mut http::request::Parts,
     version: HttpVersion,
@@ -762,16 +777,6 @@ fn request_authority(
         .unwrap_or_else(|| Authority::from_static("localhost"));
     if authority.as_str().contains('@') {
         return Err(UpstreamError::BadRequest("an authority with user information"));
-    }
-    match version {
-        HttpVersion::Http1 => {
-            let host = HeaderValue::from_str(authority.as_str())
-                .map_err(|_| UpstreamError::BadRequest("the authority is not a valid header value"))?;
-            parts.headers.insert(header::HOST, host);
-        }
-        HttpVersion::Http2 => {
-            parts.headers.remove(header::HOST);
-        }
     }
     Ok(authority)
 }

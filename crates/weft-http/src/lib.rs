@@ -11,6 +11,7 @@ mod error;
 mod forward;
 mod head_timeout;
 mod headers;
+mod hop;
 mod pool;
 mod retry;
 mod server;

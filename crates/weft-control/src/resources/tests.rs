@@ -169,3 +169,32 @@ fn translation_follows_istio_names() {
         "its inbound listener does"
     );
 }
+
+#[test]
+fn a_rule_that_keeps_http1_between_sidecars_is_refused_by_name() {
+    let rule = |policy: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: web }}\nspec:\n  host: web\n  trafficPolicy:\n    connectionPool:\n      http: {{ h2UpgradePolicy: {policy} }}\n"
+        )
+    };
+    for accepted in ["UPGRADE", "DEFAULT"] {
+        let (catalog, problems) = load(&rule(accepted));
+        assert!(problems.is_empty(), "{accepted}: {problems:#?}");
+        assert_eq!(catalog.destination_rules.len(), 1);
+    }
+    let (catalog, problems) = load(&rule("DO_NOT_UPGRADE"));
+    assert!(catalog.destination_rules.is_empty());
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].resource, "DestinationRule default/web");
+    assert_eq!(
+        problems[0].field,
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy"
+    );
+    assert!(
+        problems[0]
+            .problem
+            .contains("\"DO_NOT_UPGRADE\" is not supported"),
+        "{}",
+        problems[0]
+    );
+}
