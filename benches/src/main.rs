@@ -64,6 +64,10 @@ struct Args {
     /// Worker threads of each proxy in `--pair` (weft `--concurrency`, HAProxy `nbthread`).
     #[arg(long, default_value_t = 2)]
     proxy_threads: u16,
+    /// In `--pair`: HTTP/1 between the Weft sidecars travels as HTTP/2 (`http2_upgrade`, Istio's
+    /// `h2UpgradePolicy: UPGRADE`).
+    #[arg(long)]
+    http2_upgrade: bool,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).

@@ -216,6 +216,7 @@ fn start_weft(
     cp: &weft_control::ControlPlane,
     backend: SocketAddr,
     threads: u16,
+    args_upgrade: bool,
 ) -> anyhow::Result<WeftPair> {
     let identity = |sa: &str| -> anyhow::Result<String> {
         let token = cp
@@ -237,10 +238,11 @@ fn start_weft(
         )
     })?;
     let server_addr = server.listener;
+    let upgrade = args_upgrade;
     let client = Proxy::start_with(weft, threads, |listener| {
         format!(
             "{client_identity}listeners:\n  - name: client-out\n    address: {listener}\n    cluster: server\n    protocol: http\n\
-             clusters:\n  - name: server\n    endpoints: [{server_addr}]\n    tls: {{ identities: [\"spiffe://{TRUST_DOMAIN}/ns/default/sa/server\"] }}\n"
+             clusters:\n  - name: server\n    endpoints: [{server_addr}]\n    tls: {{ identities: [\"spiffe://{TRUST_DOMAIN}/ns/default/sa/server\"], http2_upgrade: {upgrade} }}\n"
         )
     })?;
     Ok(WeftPair { client, server })
@@ -277,7 +279,7 @@ pub(crate) fn run(
     std::thread::spawn(move || cp_rt.block_on(std::future::pending::<()>()));
 
     let threads = args.proxy_threads;
-    let mut weft_pair = start_weft(weft, &cp, backend, threads)?;
+    let mut weft_pair = start_weft(weft, &cp, backend, threads, args.http2_upgrade)?;
     let haproxy = start_haproxy(cp.ca(), backend, threads, &dir)?;
     client_rt.block_on(weft_pair.client.wait_ready())?;
     client_rt.block_on(weft_pair.server.wait_ready())?;
@@ -297,8 +299,15 @@ pub(crate) fn run(
 
 fn report(args: &Args, direct: &PairFigures, peer: &PairFigures, ours: &PairFigures) {
     println!(
-        "sidecar pair, mutual TLS between them, HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads",
-        args.seconds, args.connections, args.proxy_threads
+        "sidecar pair, mutual TLS between them, HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}",
+        args.seconds,
+        args.connections,
+        args.proxy_threads,
+        if args.http2_upgrade {
+            "HTTP/2 (upgraded)"
+        } else {
+            "HTTP/1.1"
+        }
     );
     println!(
         "{:<34}{:>12}{:>12}{:>12}{:>14}",

@@ -138,18 +138,8 @@ async fn sidecars_talk_mutual_tls_and_the_server_knows_the_caller() {
     );
 }
 
-/// HTTP/1 from the app travels between the sidecars as HTTP/2 over one multiplexed mutual TLS
-/// connection, and the server's app sees the HTTP/1.1 request it would have seen: its Host, no mark of
-/// the hop. A WebSocket-style upgrade and a plaintext client's forged mark change nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http1_between_sidecars_is_multiplexed_http2_and_the_app_sees_http1() {
-    let cp = control_plane().await;
-    let app = HttpServer::start("reviews-app").await;
-    let server = server_side(&cp, &app, "strict").await;
-    let client = client_side(&cp, server.listener("inbound"), REVIEWS, "1h").await;
-    let front = client.listener("front");
-
-    // 24 requests at once, each on its own HTTP/1 client connection.
+/// 24 concurrent HTTP/1 requests through `front`, each on its own client connection; all answered.
+async fn concurrent_http1(front: SocketAddr) {
     let mut calls = Vec::new();
     for i in 0..24 {
         calls.push(tokio::spawn(async move {
@@ -167,9 +157,50 @@ async fn http1_between_sidecars_is_multiplexed_http2_and_the_app_sees_http1() {
         let response = call.await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     }
+}
+
+/// With `http2_upgrade` (Istio's `h2UpgradePolicy: UPGRADE`), HTTP/1 from the app travels between the
+/// sidecars as HTTP/2 over one multiplexed mutual TLS connection, and the server's app sees the
+/// HTTP/1.1 request it would have seen: its Host, no mark of the hop. Without it each request in
+/// flight has its own connection. A plaintext client's forged mark changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_between_sidecars_is_multiplexed_http2_when_upgraded_and_the_app_sees_http1() {
+    let cp = control_plane().await;
+    let app = HttpServer::start("reviews-app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    let connections =
+        |metrics: &str| metric(metrics, "weft_protocol_detections_total", &[("protocol", "tls")]);
+
+    let plain = client_side(&cp, server.listener("inbound"), REVIEWS, "1h").await;
+    concurrent_http1(plain.listener("front")).await;
+    let before = connections(&server.metrics().await);
+    assert!(
+        before > 1.0,
+        "without the upgrade, requests in flight need connections: {before}"
+    );
+
+    let upgraded = TestProxy::start(&format!(
+        "{}listeners: [{{ name: front, address: 127.0.0.1:0, cluster: reviews }}]\n\
+         clusters: [{{ name: reviews, endpoints: [\"{}\"], tls: {{ identities: [\"{REVIEWS}\"], http2_upgrade: true }} }}]",
+        identity(&cp, "productpage", "1h"),
+        server.listener("inbound")
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(upgraded.admin(), "/ready").await.0 == 200,
+        "client side not ready"
+    );
+    let seen_before = app.requests().len();
+    concurrent_http1(upgraded.listener("front")).await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        connections(&metrics) - before,
+        1.0,
+        "one mutual TLS connection carried all 24 requests: {metrics}"
+    );
     let seen = app.requests();
-    assert_eq!(seen.len(), 24);
-    for request in &seen {
+    assert_eq!(seen.len() - seen_before, 24);
+    for request in &seen[seen_before..] {
         assert_eq!(request.version, http::Version::HTTP_11, "the app speaks HTTP/1.1");
         assert_eq!(request.headers["host"], "reviews.default:9080");
         assert!(
@@ -178,17 +209,11 @@ async fn http1_between_sidecars_is_multiplexed_http2_and_the_app_sees_http1() {
             request.headers
         );
     }
-    let metrics = server.metrics().await;
-    assert_eq!(
-        metric(&metrics, "weft_protocol_detections_total", &[("protocol", "tls")]),
-        1.0,
-        "one mutual TLS connection carried all 24 requests: {metrics}"
-    );
 
     // An HTTP/2 client keeps HTTP/2 to the app; a plaintext client's forged mark is not believed.
     let response = plain_client(true)
         .request(
-            Request::get(format!("http://{front}/h2"))
+            Request::get(format!("http://{}/h2", upgraded.listener("front")))
                 .header("weft-orig-proto", "HTTP/1.1")
                 .body(empty())
                 .unwrap(),

@@ -270,20 +270,32 @@ impl Builder {
                 }),
                 ..Default::default()
             });
-        let idle_timeout = pool.and_then(|p| p.http.as_ref()).and_then(|h| h.idle_timeout);
-        let typed_extension_protocol_options = idle_timeout
-            .map(|idle| {
+        let http = pool.and_then(|p| p.http.as_ref());
+        let idle_timeout = http.and_then(|h| h.idle_timeout);
+        let upgrade = http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
+        let typed_extension_protocol_options = (idle_timeout.is_some() || upgrade)
+            .then(|| {
+                // UPGRADE, as Istio states it: HTTP/2 to the endpoints. Otherwise the client's protocol
+                // is kept upstream; Envoy requires the choice be stated.
+                let protocol = if upgrade {
+                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(
+                                http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                    Default::default(),
+                                ),
+                            ),
+                        },
+                    )
+                } else {
+                    http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(Default::default())
+                };
                 let options = HttpProtocolOptions {
-                    common_http_protocol_options: Some(HttpProtocolOptionsCommon {
+                    common_http_protocol_options: idle_timeout.map(|idle| HttpProtocolOptionsCommon {
                         idle_timeout: Some(duration(idle)),
                         ..Default::default()
                     }),
-                    // Weft keeps the client's protocol upstream; Envoy requires the choice be stated.
-                    upstream_protocol_options: Some(
-                        http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
-                            Default::default(),
-                        ),
-                    ),
+                    upstream_protocol_options: Some(protocol),
                     ..Default::default()
                 };
                 (HttpProtocolOptions::full_name(), pack_any(options))

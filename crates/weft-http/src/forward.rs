@@ -309,8 +309,8 @@ impl Forwarder {
             downstream: ctx.version,
             from_peer: Hop::from_peer(ctx.peers.connection_security_policy),
             to_peer: match &decision.target {
-                DecidedTarget::Cluster(cluster) => cluster.tls.is_some(),
-                DecidedTarget::Direct(_, settings) => settings.tls.is_some(),
+                DecidedTarget::Cluster(cluster) => cluster.tls.as_ref().is_some_and(|t| t.http2_upgrade),
+                DecidedTarget::Direct(..) => false,
             },
             upgrade: upgrade.is_some(),
             version: parts.version,

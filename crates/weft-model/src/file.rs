@@ -263,6 +263,9 @@ pub struct ClusterFile {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsFile {
     pub identities: Vec<String>,
+    /// HTTP/1 requests travel to these peers as HTTP/2 (Istio's `h2UpgradePolicy: UPGRADE`).
+    #[serde(default)]
+    pub http2_upgrade: bool,
 }
 
 /// `127.0.0.1:8080`, or `{ address: 127.0.0.1:8080, weight: 3 }`.
@@ -704,6 +707,7 @@ fn validate_clusters(clusters: Vec<ClusterFile>) -> Result<HashMap<String, Arc<C
                 }
                 Some(crate::UpstreamTls {
                     identities: identities.into(),
+                    http2_upgrade: t.http2_upgrade,
                 })
             }
             None => None,

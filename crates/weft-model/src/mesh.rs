@@ -120,6 +120,9 @@ pub struct UpstreamTls {
     /// SPIFFE IDs the endpoints may present; parsed once, shared by every connection.
     #[serde(serialize_with = "display_all")]
     pub identities: Arc<[weft_identity::SpiffeId]>,
+    /// HTTP/1 requests travel to the endpoints as HTTP/2 over multiplexed connections, restored to
+    /// HTTP/1 by the peer's sidecar (Istio's `h2UpgradePolicy: UPGRADE`). Upgrades stay HTTP/1.
+    pub http2_upgrade: bool,
 }
 
 fn display_all<S: serde::Serializer>(ids: &Arc<[weft_identity::SpiffeId]>, s: S) -> Result<S::Ok, S::Error> {

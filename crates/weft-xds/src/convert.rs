@@ -38,6 +38,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamT
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::common_tls_context::ValidationContextType;
 use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetryPolicy;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig;
 use weft_model::{
     Backoff, CircuitBreakers, Egress, Endpoint, HttpSettings, LbPolicy, ListenerAuthorization, OutlierDetection, PeerAuthentication,
     Protocol, RetryBudget, RetryOn, UpstreamTls,
@@ -797,8 +799,20 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
     if connect_timeout.is_zero() {
         return Err(ctx.err("connect_timeout", "must be greater than 0"));
     }
+    let options = http_protocol_options(&ctx, c)?;
     let tls = match &c.transport_socket {
-        Some(socket) => Some(upstream_tls(&ctx, socket)?),
+        Some(socket) => {
+            let mut tls = upstream_tls(&ctx, socket)?;
+            // Istio's h2UpgradePolicy UPGRADE: the cluster states HTTP/2 explicitly.
+            tls.http2_upgrade = options.as_ref().is_some_and(|o| {
+                matches!(
+                    &o.upstream_protocol_options,
+                    Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit))
+                        if matches!(explicit.protocol_config, Some(ProtocolConfig::Http2ProtocolOptions(_)))
+                )
+            });
+            Some(tls)
+        }
         None => None,
     };
     let panic_threshold_percent = match c
@@ -821,7 +835,7 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
         static_endpoints,
         lb_policy,
         connect_timeout,
-        idle_timeout: upstream_idle_timeout(&ctx, c)?,
+        idle_timeout: upstream_idle_timeout(options.as_ref()),
         tls,
         circuit_breakers: circuit_breakers(&ctx, c)?,
         outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
@@ -831,21 +845,23 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-/// The idle timeout of pooled connections: `common_http_protocol_options.idle_timeout` in the cluster's
-/// `HttpProtocolOptions` (where Istio puts a DestinationRule's `connectionPool.http.idleTimeout`).
-fn upstream_idle_timeout(ctx: &Ctx<'_>, c: &XCluster) -> Result<Duration, ResourceError> {
-    let default = weft_model::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT;
+/// The cluster's `HttpProtocolOptions`, where Istio puts a DestinationRule's `connectionPool.http`.
+fn http_protocol_options(ctx: &Ctx<'_>, c: &XCluster) -> Result<Option<HttpProtocolOptions>, ResourceError> {
     let Some(any) = c.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS) else {
-        return Ok(default);
+        return Ok(None);
     };
     let field = format!("typed_extension_protocol_options[\"{HTTP_PROTOCOL_OPTIONS}\"]");
-    let options: HttpProtocolOptions = decode(any).map_err(|e| ctx.err(&field, e.problem))?;
-    Ok(options
-        .common_http_protocol_options
-        .and_then(|o| o.idle_timeout)
-        .map(|d| duration(&d))
+    decode(any).map(Some).map_err(|e| ctx.err(&field, e.problem))
+}
+
+/// The idle timeout of pooled connections: `common_http_protocol_options.idle_timeout`.
+fn upstream_idle_timeout(options: Option<&HttpProtocolOptions>) -> Duration {
+    options
+        .and_then(|o| o.common_http_protocol_options.as_ref())
+        .and_then(|o| o.idle_timeout.as_ref())
+        .map(duration)
         .filter(|d| !d.is_zero())
-        .unwrap_or(default))
+        .unwrap_or(weft_model::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT)
 }
 
 /// The default-priority thresholds (Weft has one priority). The retry budget always counts requests over
@@ -1001,6 +1017,7 @@ fn upstream_tls(ctx: &Ctx<'_>, socket: &TransportSocket) -> Result<UpstreamTls, 
         .collect::<Result<Vec<_>, _>>()?;
     Ok(UpstreamTls {
         identities: identities.into(),
+        http2_upgrade: false,
     })
 }
 

@@ -151,6 +151,26 @@ fn translation_follows_istio_names() {
         assert!(!l.name.is_empty());
     }
 
+    // The seed's h2UpgradePolicy: UPGRADE reaches the proxy as Istio states it, HTTP/2 to the
+    // cluster (the proxy acts on it for mesh clusters, mutual TLS); a service without it does not.
+    let upgrades = |name: &str| {
+        use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+        use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions;
+        let any = &snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"].resources[name];
+        let c: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+            prost::Message::decode(any.value.as_slice()).unwrap();
+        c.typed_extension_protocol_options.values().any(|o| {
+            let o: HttpProtocolOptions = prost::Message::decode(o.value.as_slice()).unwrap();
+            matches!(
+                o.upstream_protocol_options,
+                Some(UpstreamProtocolOptions::ExplicitHttpConfig(_))
+            )
+        })
+    };
+    assert!(upgrades("outbound|8080||order-svc.default.svc.cluster.local"));
+    assert!(upgrades("outbound|8080|v2|order-svc.default.svc.cluster.local"));
+    assert!(!upgrades("outbound|80|v1|payment.default.svc.cluster.local"));
+
     // Versions are content hashes: the same input gives the same versions; other input, others.
     assert_eq!(snapshot(&catalog, &node), snap);
     let other = NodeInfo {
@@ -197,4 +217,32 @@ fn a_rule_that_keeps_http1_between_sidecars_is_refused_by_name() {
         "{}",
         problems[0]
     );
+}
+
+#[test]
+fn upgrade_reaches_a_mesh_cluster_over_xds() {
+    let text = |policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: web }}\nspec: {{ selector: {{ app: web }}, ports: [{{ name: http, port: 80 }}] }}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: web-1 }}\nspec:\n  address: 127.0.0.1\n  serviceAccount: web\n  labels: {{ app: web, security.istio.io/tlsMode: istio }}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: web }}\nspec:\n  host: web\n  trafficPolicy:\n    connectionPool:\n      http: {{ h2UpgradePolicy: {policy} }}\n"
+        )
+    };
+    let node = NodeInfo {
+        workload: "client".into(),
+        namespace: "default".into(),
+    };
+    for (policy, upgraded) in [("UPGRADE", true), ("DEFAULT", false)] {
+        let (catalog, problems) = load(&text(policy));
+        assert!(problems.is_empty(), "{problems:#?}");
+        let snap = snapshot(&catalog, &node);
+        let any = &snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"].resources["outbound|80||web.default.svc.cluster.local"];
+        let c: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+            prost::Message::decode(any.value.as_slice()).unwrap();
+        let tls = weft_xds::convert::cluster(&c)
+            .unwrap()
+            .tls
+            .expect("a mesh cluster");
+        assert_eq!(tls.http2_upgrade, upgraded, "{policy}");
+    }
 }
