@@ -31,6 +31,10 @@ impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if !this.prefix.has_remaining() {
+                // An empty view still holds the detection buffer; a long-lived connection should not.
+                *this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         this.inner.poll_read(cx, buf)
