@@ -854,9 +854,6 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
     use envoy_types::pb::envoy::config::rbac::v3::{
         Permission, Policy, Principal, Rbac, permission, principal, rbac,
     };
-    use envoy_types::pb::envoy::config::route::v3::{
-        Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action, route_match,
-    };
     use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
         HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
@@ -880,28 +877,7 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
         let hcm = HttpConnectionManager {
             stat_prefix: "inbound".into(),
             route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
-                RouteConfiguration {
-                    name: "inbound".into(),
-                    virtual_hosts: vec![VirtualHost {
-                        name: "inbound".into(),
-                        domains: vec!["*".into()],
-                        routes: vec![Route {
-                            r#match: Some(RouteMatch {
-                                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                                ..Default::default()
-                            }),
-                            action: Some(route::Action::Route(RouteAction {
-                                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                    "inbound|8080||".into(),
-                                )),
-                                ..Default::default()
-                            })),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
+                weft_test_support::envoy::route_configuration("inbound", "inbound|8080||"),
             )),
             http_filters: vec![
                 HttpFilter {

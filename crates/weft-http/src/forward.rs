@@ -18,7 +18,7 @@ use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, Resp
 use crate::body::{BodyTimer, Completion, InFlight};
 use crate::cluster::{ClusterStates, Outcome};
 use crate::headers::{set_upgrade, strip_hop_by_hop};
-use crate::hop::{Hop, set_authority};
+use crate::hop::{Hop, request_authority, set_authority};
 use crate::retry::{ClientBody, ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
 use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
 
@@ -746,40 +746,6 @@ fn client_fault(result: Try, broken: &AtomicBool) -> Try {
     }
 }
 
-/// The one authority of a request, which routing, authorization and the app all see: the URI's
-/// (absolute-form, which replaces Host by RFC 9112 §3.2.2, or HTTP/2's `:authority`), then Host, then the
-/// address the client dialled (HTTP/1.0 clients may send no Host); [`set_authority`] then leaves the
-/// request carrying exactly that authority. Two Host headers, a Host that is not an authority, or one
-/// that contradicts `:authority` are the client's error.
-fn request_authority(
-    parts: &mut http::request::Parts,
-    version: HttpVersion,
-    orig_dst: SocketAddr,
-) -> Result<Authority, UpstreamError> {
-    let mut hosts = parts.headers.get_all(header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
-        return Err(UpstreamError::BadRequest("more than one Host header"));
-    }
-    let host = host
-        .map(|h| Authority::try_from(h.as_bytes()))
-        .transpose()
-        .map_err(|_| UpstreamError::BadRequest("the Host header is not a valid authority"))?;
-    let uri_authority = parts.uri.authority().cloned();
-    if let (HttpVersion::Http2, Some(uri), Some(host)) = (version, &uri_authority, &host)
-        && !uri.as_str().eq_ignore_ascii_case(host.as_str())
-    {
-        return Err(UpstreamError::BadRequest("Host and :authority differ"));
-    }
-    let authority = uri_authority
-        .or(host)
-        .or_else(|| Authority::try_from(orig_dst.to_string()).ok())
-        .unwrap_or_else(|| Authority::from_static("localhost"));
-    if authority.as_str().contains('@') {
-        return Err(UpstreamError::BadRequest("an authority with user information"));
-    }
-    Ok(authority)
-}
 
 /// Istio's clusters are named `outbound|<port>|<subset>|<host>`: the host is the service. Other names
 /// stand for themselves.

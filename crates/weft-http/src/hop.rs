@@ -1,8 +1,10 @@
-//! The protocol of the upstream hop. Towards a mesh peer (mutual TLS to another sidecar) an HTTP/1
-//! request travels as HTTP/2 over the pool's multiplexed connection, marked with the version it came in
-//! with, and the peer's sidecar gives its app the HTTP/1 request it would have seen (Linkerd's
-//! transparent upgrade; Istio's `h2UpgradePolicy: UPGRADE`). Upgrades (WebSocket) stay HTTP/1 end to
-//! end, and nothing is upgraded towards a destination outside the mesh.
+//! The upstream hop of a request: its one authority, and its protocol. Towards a mesh cluster that
+//! upgrades (`tls.http2_upgrade`, Istio's `h2UpgradePolicy: UPGRADE`) an HTTP/1 request travels as
+//! HTTP/2 over the pool's multiplexed connection, marked with the version it came in with, and the
+//! peer's sidecar gives its app the HTTP/1 request it would have seen (Linkerd's transparent upgrade).
+//! Upgrades (WebSocket) stay HTTP/1 end to end, and nothing is upgraded outside the mesh.
+
+use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Authority;
@@ -71,6 +73,41 @@ fn original(mark: &HeaderValue) -> Option<&'static str> {
         b"HTTP/1.0" => Some("HTTP/1.0"),
         _ => None,
     }
+}
+
+/// The one authority of a request, which routing, authorization and the app all see: the URI's
+/// (absolute-form, which replaces Host by RFC 9112 §3.2.2, or HTTP/2's `:authority`), then Host, then the
+/// address the client dialled (HTTP/1.0 clients may send no Host); [`set_authority`] then leaves the
+/// request carrying exactly that authority. Two Host headers, a Host that is not an authority, or one
+/// that contradicts `:authority` are the client's error.
+pub(crate) fn request_authority(
+    parts: &mut http::request::Parts,
+    version: HttpVersion,
+    orig_dst: SocketAddr,
+) -> Result<Authority, UpstreamError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(UpstreamError::BadRequest("more than one Host header"));
+    }
+    let host = host
+        .map(|h| Authority::try_from(h.as_bytes()))
+        .transpose()
+        .map_err(|_| UpstreamError::BadRequest("the Host header is not a valid authority"))?;
+    let uri_authority = parts.uri.authority().cloned();
+    if let (HttpVersion::Http2, Some(uri), Some(host)) = (version, &uri_authority, &host)
+        && !uri.as_str().eq_ignore_ascii_case(host.as_str())
+    {
+        return Err(UpstreamError::BadRequest("Host and :authority differ"));
+    }
+    let authority = uri_authority
+        .or(host)
+        .or_else(|| Authority::try_from(orig_dst.to_string()).ok())
+        .unwrap_or_else(|| Authority::from_static("localhost"));
+    if authority.as_str().contains('@') {
+        return Err(UpstreamError::BadRequest("an authority with user information"));
+    }
+    Ok(authority)
 }
 
 /// Leaves the request carrying exactly its authority for the upstream protocol: as Host for HTTP/1,

@@ -67,7 +67,12 @@ pub fn listener_with(port: u16, hcm: HttpConnectionManager) -> Any {
 }
 
 pub fn routes(name: &str, cluster: &str) -> Any {
-    pack_any(RouteConfiguration {
+    pack_any(route_configuration(name, cluster))
+}
+
+/// One virtual host for every domain, sending everything to `cluster`.
+pub fn route_configuration(name: &str, cluster: &str) -> RouteConfiguration {
+    RouteConfiguration {
         name: name.into(),
         virtual_hosts: vec![VirtualHost {
             name: "web".into(),
@@ -86,7 +91,7 @@ pub fn routes(name: &str, cluster: &str) -> Any {
             ..Default::default()
         }],
         ..Default::default()
-    })
+    }
 }
 
 pub fn eds_cluster(name: &str) -> Cluster {
