@@ -746,7 +746,6 @@ fn client_fault(result: Try, broken: &AtomicBool) -> Try {
     }
 }
 
-
 /// Istio's clusters are named `outbound|<port>|<subset>|<host>`: the host is the service. Other names
 /// stand for themselves.
 fn service_of(cluster: &str) -> Label {
