@@ -24,6 +24,10 @@ const IDLE_CONNECTIONS: usize = 1000;
 trait Pair {
     fn entry(&self) -> SocketAddr;
     fn pids(&self) -> Vec<u32>;
+    /// The server side's admin address, where it counts the mutual TLS connections it accepted.
+    fn server_admin(&self) -> Option<SocketAddr> {
+        None
+    }
 }
 
 struct WeftPair {
@@ -37,6 +41,9 @@ impl Pair for WeftPair {
     }
     fn pids(&self) -> Vec<u32> {
         vec![self.client.child.id(), self.server.child.id()]
+    }
+    fn server_admin(&self) -> Option<SocketAddr> {
+        Some(self.server.admin)
     }
 }
 
@@ -73,6 +80,33 @@ struct PairFigures {
     peak_rss_kib: u64,
     /// RSS with `IDLE_CONNECTIONS` idle keep-alive client connections open.
     connections_rss_kib: u64,
+    /// Mutual TLS connections the server side had accepted after each phase (Weft only).
+    peer_connections: Vec<(&'static str, u64)>,
+}
+
+/// The server sidecar's count of accepted mutual TLS connections.
+async fn tls_accepted(admin: SocketAddr) -> anyhow::Result<u64> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(admin).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::get("/metrics")
+        .header("host", "admin")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let body = sender
+        .send_request(request)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("weft_protocol_detections_total{") && l.contains("protocol=\"tls\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
 }
 
 fn total(pids: &[u32], f: impl Fn(u32) -> anyhow::Result<f64>) -> anyhow::Result<f64> {
@@ -91,15 +125,33 @@ async fn measure(pair: Option<&dyn Pair>, direct: SocketAddr, args: &Args) -> an
         idle_rss_kib: rss(&pids, "VmRSS:")?,
         ..PairFigures::default()
     };
+    let admin = pair.and_then(|p| p.server_admin());
+    let count = async |figures: &mut PairFigures, phase: &'static str| -> anyhow::Result<()> {
+        if let Some(admin) = admin {
+            figures.peer_connections.push((phase, tls_accepted(admin).await?));
+        }
+        Ok(())
+    };
+    count(&mut figures, "start").await?;
     let before = total(&pids, cpu_seconds)?;
     figures.saturation = saturate(target, args.connections, phase).await?;
     let cpu = total(&pids, cpu_seconds)? - before;
     figures.cpu_us_per_request = cpu * 1e6 / (figures.saturation.rps * phase.as_secs_f64()).max(1.0);
+    count(&mut figures, "saturation").await?;
     for rate in RATES {
         let before = total(&pids, cpu_seconds)?;
         let latency = fixed_rate(target, rate, phase).await?;
         let cores = (total(&pids, cpu_seconds)? - before) / phase.as_secs_f64();
         figures.at_rate.push((latency, cores));
+        count(
+            &mut figures,
+            if rate == RATES[0] {
+                "500 req/s"
+            } else {
+                "2000 req/s"
+            },
+        )
+        .await?;
     }
     figures.peak_rss_kib = rss(&pids, "VmHWM:")?;
     let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
@@ -108,6 +160,7 @@ async fn measure(pair: Option<&dyn Pair>, direct: SocketAddr, args: &Args) -> an
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     figures.connections_rss_kib = rss(&pids, "VmRSS:")?;
+    count(&mut figures, "idle connections").await?;
     drop(idle);
     Ok(figures)
 }
@@ -374,6 +427,15 @@ fn report(args: &Args, direct: &PairFigures, peer: &PairFigures, ours: &PairFigu
         0.0,
         mib(peer.connections_rss_kib),
         mib(ours.connections_rss_kib),
+    );
+    let counts: Vec<String> = ours
+        .peer_connections
+        .iter()
+        .map(|(phase, n)| format!("{phase} {n}"))
+        .collect();
+    println!(
+        "mutual TLS connections the Weft server side had accepted, after each phase: {}",
+        counts.join(", ")
     );
     let errors = |f: &PairFigures| f.saturation.errors + f.at_rate.iter().map(|(l, _)| l.errors).sum::<u64>();
     println!(
