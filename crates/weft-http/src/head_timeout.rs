@@ -13,17 +13,17 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use weft_transport::Activity;
 
-/// When the request whose header block is being read began.
+/// When the request whose header block is being read began. Starting and stopping it are two atomic
+/// stores: no timer and no wakeup per request. The watcher ([`HeadClock::expired`]) looks at it once
+/// per timeout period while nothing is pending, and sleeps to the exact deadline once something is.
 #[derive(Debug)]
 pub(crate) struct HeadClock {
     origin: Instant,
     /// Milliseconds since `origin` plus one at the request's first byte; 0 while no header is pending.
     started: AtomicU64,
-    armed: Notify,
 }
 
 impl HeadClock {
@@ -31,7 +31,6 @@ impl HeadClock {
         Arc::new(Self {
             origin: Instant::now(),
             started: AtomicU64::new(0),
-            armed: Notify::new(),
         })
     }
 
@@ -39,13 +38,10 @@ impl HeadClock {
         let now = u64::try_from(self.origin.elapsed().as_millis())
             .unwrap_or(u64::MAX - 1)
             .saturating_add(1);
-        if self
+        // Only the first byte of a header block sets it.
+        let _ = self
             .started
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.armed.notify_one();
-        }
+            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The request's header block is complete.
@@ -57,13 +53,14 @@ impl HeadClock {
     pub(crate) async fn expired(&self, timeout: Duration) {
         loop {
             let started = self.started.load(Ordering::Acquire);
-            if started == 0 {
-                self.armed.notified().await;
-                continue;
-            }
-            let at = self.origin + Duration::from_millis(started - 1) + timeout;
+            // Nothing pending: look again one period from now; a header block that begins meanwhile
+            // has its deadline after that look, so it is never missed.
+            let at = match started {
+                0 => Instant::now() + timeout,
+                _ => self.origin + Duration::from_millis(started - 1) + timeout,
+            };
             tokio::time::sleep_until(at).await;
-            if self.started.load(Ordering::Acquire) == started {
+            if started != 0 && self.started.load(Ordering::Acquire) == started {
                 return;
             }
         }
