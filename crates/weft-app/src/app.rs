@@ -199,14 +199,19 @@ impl App {
             None => watch::channel(None).1,
         };
         let xds_base = bootstrap.xds.as_ref().map(|_| mesh.clone());
+        let forwarder = Forwarder::new(Arc::new(Pools::new(tls.clone())), metrics.clone());
+        forwarder.clusters().apply(mesh.clusters.values());
         let (config, mesh_rx) = watch::channel(Arc::new(mesh));
-        let config = Arc::new(config);
+        let config = Arc::new(Publisher {
+            mesh: config,
+            clusters: forwarder.clusters().clone(),
+        });
         let inputs = Arc::new(Inputs {
             bootstrap: bootstrap.clone(),
             mesh: mesh_rx.clone(),
             binder,
             metrics: metrics.clone(),
-            forwarder: Forwarder::new(Arc::new(Pools::new(tls.clone())), metrics.clone()),
+            forwarder,
             drain: CancellationToken::new(),
             force_close: CancellationToken::new(),
             tls: tls.clone(),
@@ -252,10 +257,6 @@ impl App {
             )),
             _ => None,
         };
-        tokio::spawn(prune_clusters(
-            mesh_rx.clone(),
-            inputs.forwarder.clusters().clone(),
-        ));
         let cluster_states = inputs.forwarder.clusters().clone();
         let dump_bootstrap = bootstrap.clone();
         let admin_state = AdminState {
@@ -321,7 +322,7 @@ struct Addresses {
 pub struct Running {
     addresses: Addresses,
     shutdown: CancellationToken,
-    config: Arc<watch::Sender<Arc<Mesh>>>,
+    config: Arc<Publisher>,
     done: JoinHandle<()>,
 }
 
@@ -354,7 +355,7 @@ impl Running {
     /// Replaces the routing configuration. New connections use it; open ones finish on the snapshot they
     /// started with. Listener addresses are fixed at build time.
     pub fn update(&self, mesh: Mesh) {
-        self.config.send_replace(Arc::new(mesh));
+        self.config.publish(mesh);
     }
 
     /// A token that starts the drain when cancelled (signal handlers hold one).
@@ -465,7 +466,7 @@ fn start_xds(
     bootstrap: &Bootstrap,
     source: &XdsSource,
     base: Mesh,
-    config: &Arc<watch::Sender<Arc<Mesh>>>,
+    config: &Arc<Publisher>,
     readiness: &Readiness,
     metrics: &Arc<Metrics>,
     stop: CancellationToken,
@@ -480,7 +481,7 @@ fn start_xds(
     let (counted, connected) = (metrics.clone(), metrics.clone());
     let hooks = weft_xds::Hooks {
         update: Box::new(move |mesh| {
-            config.send_replace(Arc::new(mesh));
+            config.publish(mesh);
         }),
         ready: Box::new(move || readiness.mark_done(CONFIG)),
         counted: Box::new(move |ty, accepted| {
@@ -553,13 +554,17 @@ async fn lifecycle(
     tracing::info!("drained");
 }
 
-/// Forgets the running state of clusters a new configuration no longer has.
-async fn prune_clusters(
-    mut mesh: watch::Receiver<Arc<Mesh>>,
-    states: Arc<weft_http::cluster::ClusterStates>,
-) {
-    while mesh.changed().await.is_ok() {
-        let current = mesh.borrow_and_update().clone();
-        states.retain(|name| current.clusters.contains_key(name));
+/// Where a new configuration is published. The cluster states adopt it first, so that no request
+/// finds a cluster, or an endpoint, before its running state exists.
+#[derive(Debug)]
+struct Publisher {
+    mesh: watch::Sender<Arc<Mesh>>,
+    clusters: Arc<weft_balance::ClusterStates>,
+}
+
+impl Publisher {
+    fn publish(&self, mesh: Mesh) {
+        self.clusters.apply(mesh.clusters.values());
+        self.mesh.send_replace(Arc::new(mesh));
     }
 }

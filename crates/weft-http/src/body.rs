@@ -32,10 +32,10 @@ pub struct ProxyBody {
 /// What a response in progress holds in its cluster.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    pub(crate) admission: Option<crate::cluster::Admission>,
-    pub(crate) endpoint: Option<crate::cluster::EndpointGuard>,
+    pub(crate) admission: Option<weft_balance::Admission>,
+    pub(crate) endpoint: Option<weft_balance::EndpointGuard>,
     pub(crate) connection: Option<tokio::sync::OwnedSemaphorePermit>,
-    pub(crate) retry: Option<crate::cluster::RetryPermit>,
+    pub(crate) retry: Option<weft_balance::RetryPermit>,
 }
 
 /// The route timeout (covering the whole response, as Envoy's does) and the stream idle timeout (no

@@ -11,12 +11,12 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use weft_balance::{ClusterStates, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
 
 use crate::body::{BodyTimer, Completion, InFlight};
-use crate::cluster::{ClusterStates, Outcome};
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
 use crate::retry::{ClientBody, ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};

@@ -2,11 +2,10 @@
 //! streaming, to an upstream endpoint over a pooled connection of the same protocol.
 //!
 //! Request-level policy lives here too: routing, retries with a budget, timeouts, circuit breakers,
-//! least-request balancing and outlier detection ([`cluster`]).
+//! least-request balancing and outlier detection (their state is `weft_balance`'s).
 
 pub mod authz;
 mod body;
-pub mod cluster;
 mod error;
 mod forward;
 mod head_timeout;

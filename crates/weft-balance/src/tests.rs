@@ -1,8 +1,12 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use weft_model::{CircuitBreakers, Endpoint, RetryBudget};
+use weft_model::{CircuitBreakers, Cluster, Endpoint, LbPolicy, OutlierDetection, RetryBudget};
+use weft_telemetry::Metrics;
 
-use super::*;
+use crate::{ClusterState, ClusterStates, EndpointState, Outcome, Overflow};
 
 fn addr(i: u8) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, i], 80))
@@ -35,14 +39,7 @@ fn counts(s: &ClusterState, n: usize) -> HashMap<SocketAddr, usize> {
 }
 
 fn endpoint(s: &ClusterState, i: u8) -> Arc<EndpointState> {
-    let inner = lock(&s.inner);
-    inner
-        .members
-        .iter()
-        .find(|m| m.endpoint.address == addr(i))
-        .unwrap()
-        .state
-        .clone()
+    s.endpoint(addr(i)).unwrap()
 }
 
 fn fail(s: &ClusterState, i: u8, times: usize) {
@@ -151,8 +148,8 @@ fn consecutive_5xx_ejects_and_max_ejection_percent_limits() {
     assert_eq!(ejected(&s), vec![addr(1)]);
 }
 
-#[test]
-fn ejected_endpoints_return_after_their_time_which_grows_with_each_ejection() {
+#[tokio::test(start_paused = true)]
+async fn ejected_endpoints_return_after_their_time_which_grows_with_each_ejection() {
     let d = OutlierDetection {
         consecutive_5xx: 2,
         interval: Duration::from_millis(10),
@@ -166,7 +163,7 @@ fn ejected_endpoints_return_after_their_time_which_grows_with_each_ejection() {
     ));
     fail(&s, 1, 2);
     assert_eq!(ejected(&s), vec![addr(1)]);
-    std::thread::sleep(Duration::from_millis(300));
+    tokio::time::advance(Duration::from_millis(300)).await;
     assert!(ejected(&s).is_empty(), "back after 200 ms (+ one interval)");
     assert!(counts(&s, 10).contains_key(&addr(1)));
     fail(&s, 1, 2);
@@ -174,9 +171,9 @@ fn ejected_endpoints_return_after_their_time_which_grows_with_each_ejection() {
     assert_eq!(status.endpoints[0].ejections, 2);
     assert!(status.endpoints[0].ejected_until.is_some());
     // Twice the base now: still out after 250 ms.
-    std::thread::sleep(Duration::from_millis(250));
+    tokio::time::advance(Duration::from_millis(250)).await;
     assert_eq!(ejected(&s), vec![addr(1)]);
-    std::thread::sleep(Duration::from_millis(250));
+    tokio::time::advance(Duration::from_millis(250)).await;
     assert!(ejected(&s).is_empty());
 }
 
@@ -255,6 +252,7 @@ fn endpoint_updates_keep_load_and_outlier_state() {
         ),
         d,
     ));
+    states.apply([&second]);
     let s = states.get(&second);
     let status = s.status();
     assert_eq!(status.endpoints.len(), 3);
@@ -265,7 +263,7 @@ fn endpoint_updates_keep_load_and_outlier_state() {
     );
     drop(held);
     assert_eq!(s.status().endpoints[1].active_requests, 0);
-    states.retain(|name| name != "c");
+    states.apply([]);
     assert!(states.status().is_empty());
 }
 
@@ -313,7 +311,7 @@ fn max_requests_and_max_retries_overflow() {
     assert!(s.retry().is_some());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pending_requests_wait_for_a_connection_and_overflow_fails_fast() {
     let mut c = cluster(LbPolicy::RoundRobin, &[(1, 1, true)]);
     c.circuit_breakers = CircuitBreakers {
@@ -327,7 +325,7 @@ async fn pending_requests_wait_for_a_connection_and_overflow_fails_fast() {
         let s = s.clone();
         async move { s.connection_slot().await.map(drop) }
     });
-    crate::cluster::tests::wait_for(|| s.pending_requests.load(Ordering::Acquire) == 1).await;
+    wait_for(|| s.pending_requests() == 1).await;
     assert_eq!(
         s.connection_slot().await.unwrap_err(),
         Overflow::MaxPendingRequests
@@ -344,4 +342,111 @@ async fn wait_for(condition: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     panic!("condition not reached");
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_interval_spent_healthy_lowers_the_ejection_multiplier() {
+    let d = OutlierDetection {
+        consecutive_5xx: 1,
+        interval: Duration::from_secs(10),
+        base_ejection_time: Duration::from_secs(30),
+        max_ejection_time: Duration::from_secs(300),
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    let s = state(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]),
+        d,
+    ));
+    fail(&s, 1, 1);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!(ejected(&s).is_empty());
+    fail(&s, 1, 1);
+    assert_eq!(s.status().endpoints[0].ejections, 2, "ejected twice");
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(ejected(&s).is_empty(), "60 s the second time");
+    // Three intervals in balancing: the multiplier is back to 0, so the next ejection is 30 s again.
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(10)).await;
+        s.pick(&[]);
+    }
+    assert_eq!(s.status().endpoints[0].ejections, 0);
+    fail(&s, 1, 1);
+    tokio::time::advance(Duration::from_secs(41)).await;
+    assert!(ejected(&s).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_ejection_time_applies_to_endpoints_already_ejected() {
+    let long = OutlierDetection {
+        consecutive_5xx: 1,
+        interval: Duration::from_secs(1),
+        base_ejection_time: Duration::from_secs(600),
+        max_ejection_percent: 100,
+        ..OutlierDetection::default()
+    };
+    let states = ClusterStates::new(Metrics::new());
+    let first = Arc::new(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]),
+        long,
+    ));
+    states.apply([&first]);
+    let s = states.get(&first);
+    fail(&s, 1, 1);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(ejected(&s), vec![addr(1)]);
+    let short = OutlierDetection {
+        base_ejection_time: Duration::from_secs(2),
+        ..long
+    };
+    let second = Arc::new(with_outlier(
+        cluster(LbPolicy::RoundRobin, &[(1, 1, true), (2, 1, true)]),
+        short,
+    ));
+    states.apply([&second]);
+    assert!(ejected(&s).is_empty(), "5 s out is past the new 2 s");
+}
+
+#[test]
+fn picks_and_reports_from_many_threads_while_the_endpoint_set_changes() {
+    let d = OutlierDetection {
+        consecutive_5xx: 3,
+        max_ejection_percent: 50,
+        ..OutlierDetection::default()
+    };
+    let states = ClusterStates::new(Metrics::new());
+    let sets: Vec<Arc<Cluster>> = (0..4)
+        .map(|n| {
+            let endpoints: Vec<_> = (1..=4 + n).map(|i| (i, 1, true)).collect();
+            Arc::new(with_outlier(cluster(LbPolicy::LeastRequest, &endpoints), d))
+        })
+        .collect();
+    states.apply([&sets[0]]);
+    let s = states.get(&sets[0]);
+    std::thread::scope(|scope| {
+        for worker in 0..4u16 {
+            let s = &s;
+            scope.spawn(move || {
+                for i in 0..5_000u16 {
+                    let Some(guard) = s.pick(&[]) else { continue };
+                    let status = if (i + worker) % 7 == 0 { 503 } else { 200 };
+                    s.report(guard.state(), Outcome::Status(status));
+                }
+            });
+        }
+        for round in 0..200 {
+            states.apply([&sets[round % sets.len()]]);
+        }
+    });
+    states.apply([&sets[3]]);
+    let status = s.status();
+    assert_eq!(status.endpoints.len(), 7);
+    assert!(
+        status.endpoints.iter().all(|e| e.active_requests == 0),
+        "every guard was counted back: {status:?}"
+    );
+    let ejected = status.endpoints.iter().filter(|e| e.ejected).count();
+    assert!(ejected <= 3, "max_ejection_percent holds: {ejected} of 7");
+    let answered: u64 = status.endpoints.iter().map(|e| e.successes + e.failures).sum();
+    assert!(answered > 0 && answered <= 20_000, "{answered}");
 }
