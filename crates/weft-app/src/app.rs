@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_admin::{AdminState, Readiness};
-use weft_http::{Forwarder, PoolSettings, Pools};
+use weft_http::{Forwarder, Pools};
+use weft_transport::DialSettings;
 use weft_model::file::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
 use weft_model::{Bootstrap, Mesh, XdsSource};
 use weft_telemetry::{LogControl, Metrics, XdsLabels};
@@ -107,7 +108,7 @@ impl Inputs {
 
     /// Straight to the address the client was going to (egress passthrough).
     pub(crate) fn passthrough(&self, addr: SocketAddr) -> Destination {
-        let settings = PoolSettings {
+        let settings = DialSettings {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             tls: None,
@@ -125,7 +126,7 @@ impl Inputs {
     ) -> Destination {
         Destination::Direct(
             addr,
-            PoolSettings {
+            DialSettings {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout,
                 tls: None,

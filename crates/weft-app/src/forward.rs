@@ -7,7 +7,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use weft_http::HttpVersion;
-use weft_http::{HttpContext, PoolSettings, TcpConnectError, Upstream};
+use weft_http::{HttpContext, Upstream};
+use weft_transport::DialSettings;
+
+use crate::tcp::TcpConnectError;
 use weft_model::{HttpSettings, PeerAuthentication, Protocol, Target};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
@@ -22,7 +25,7 @@ pub(crate) enum Destination {
     /// bytes to its cluster.
     Target(Target, TargetKey),
     /// One address: the original destination (passthrough) or the app (inbound).
-    Direct(SocketAddr, PoolSettings),
+    Direct(SocketAddr, DialSettings),
 }
 
 impl Destination {
@@ -80,7 +83,7 @@ struct LivePolicy {
     http: bool,
 }
 
-impl weft_http::authz::PolicySource for LivePolicy {
+impl weft_authz::connection::PolicySource for LivePolicy {
     fn current(&self) -> Arc<weft_authz::Authorization> {
         let mesh = self.mesh.borrow().clone();
         let authorization = match &self.key {
@@ -286,9 +289,9 @@ struct Connection {
 }
 
 impl Connection {
-    fn authorization(&self, inputs: &Inputs, http: bool) -> Option<weft_http::authz::ConnectionAuthz> {
+    fn authorization(&self, inputs: &Inputs, http: bool) -> Option<weft_authz::connection::ConnectionAuthz> {
         let (authz, principal) = self.authz.as_ref()?;
-        Some(weft_http::authz::ConnectionAuthz {
+        Some(weft_authz::connection::ConnectionAuthz {
             policy: Arc::new(LivePolicy {
                 mesh: inputs.mesh_changes(),
                 key: authz.key.clone(),
@@ -354,7 +357,7 @@ async fn forward_tcp<S>(
     destination: Destination,
     peers: Peers,
     dst: SocketAddr,
-    authz: Option<weft_http::authz::ConnectionAuthz>,
+    authz: Option<weft_authz::connection::ConnectionAuthz>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -371,9 +374,7 @@ async fn forward_tcp<S>(
         return;
     }
     let connected = match &destination {
-        Destination::Direct(addr, settings) => inputs
-            .forwarder
-            .connect_direct(*addr, settings)
+        Destination::Direct(addr, settings) => weft_transport::dial(*addr, settings, &inputs.tls, &[])
             .await
             .map(|io| (io, *addr, None))
             .map_err(TcpConnectError::Connect),
@@ -383,9 +384,7 @@ async fn forward_tcp<S>(
                 ..
             },
             _,
-        ) => inputs
-            .forwarder
-            .connect_cluster(cluster)
+        ) => crate::tcp::connect_cluster(inputs.forwarder.clusters(), &inputs.tls, cluster)
             .await
             .map(|c| (c.io, c.endpoint, Some(c.held))),
         Destination::Target(Target { cluster: None, .. }, _) => {
@@ -451,7 +450,7 @@ async fn forward_tcp<S>(
 
 /// Resolves when a configuration change leaves the connection no longer allowed (Envoy's network RBAC
 /// closes such connections); never without a policy.
-async fn revoked(inputs: &Inputs, authz: Option<&weft_http::authz::ConnectionAuthz>) {
+async fn revoked(inputs: &Inputs, authz: Option<&weft_authz::connection::ConnectionAuthz>) {
     let Some(authz) = authz else {
         return std::future::pending().await;
     };

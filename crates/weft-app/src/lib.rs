@@ -9,6 +9,7 @@ mod detect;
 mod forward;
 mod inbound;
 mod outbound;
+mod tcp;
 
 pub use app::{App, AppError, Running};
 pub use weft_transport::{Binder, OsBinder};

@@ -3,8 +3,11 @@
 //! [`model`] is Envoy's RBAC filter model (ordered filters of ALLOW, DENY or LOG rules, with shadow rules
 //! that only observe), which is what xDS carries; [`Authorization::evaluate`] decides for one connection
 //! or request; [`path`] normalizes a request path before anything matches on it; [`istio`] translates
-//! Istio's AuthorizationPolicy into the model with Istio's semantics. Nothing here does I/O.
+//! Istio's AuthorizationPolicy into the model with Istio's semantics. [`connection`] holds a connection
+//! and its requests to the policy in force, counting decisions and logging denials; apart from that,
+//! nothing here has side effects.
 
+pub mod connection;
 mod eval;
 pub mod istio;
 mod model;

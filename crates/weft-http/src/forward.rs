@@ -14,13 +14,14 @@ use hyper_util::rt::TokioIo;
 use weft_balance::{ClusterStates, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
+use weft_transport::DialSettings;
 use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
 
 use crate::body::{BodyTimer, Completion, InFlight};
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
 use crate::retry::{ClientBody, ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
-use crate::{HttpVersion, PoolSettings, Pools, ProxyBody, UpstreamError};
+use crate::{HttpVersion, Pools, ProxyBody, UpstreamError};
 
 /// The route table in force for a connection's requests. Looked up for every request, so a configuration
 /// change applies to the next request on an open connection.
@@ -39,7 +40,7 @@ pub enum Upstream {
     /// The address the client was going to (egress passthrough, inbound to the app).
     Direct {
         addr: SocketAddr,
-        settings: PoolSettings,
+        settings: DialSettings,
     },
 }
 
@@ -55,7 +56,7 @@ struct Decision {
 
 enum DecidedTarget {
     Cluster(Arc<Cluster>),
-    Direct(SocketAddr, PoolSettings),
+    Direct(SocketAddr, DialSettings),
 }
 
 /// Per-connection facts every request on it shares.
@@ -69,7 +70,7 @@ pub struct HttpContext {
     /// Set as `x-forwarded-client-cert` (the caller's proven identity); any the client sent is removed.
     pub client_cert: Option<HeaderValue>,
     /// Where peers' traffic arrives: paths are normalized and every request is authorized.
-    pub authorization: Option<crate::authz::ConnectionAuthz>,
+    pub authorization: Option<weft_authz::connection::ConnectionAuthz>,
     /// The stream idle timeout of requests whose route sets none; `None`: disabled.
     pub stream_idle_timeout: Option<Duration>,
 }
@@ -80,55 +81,8 @@ pub struct Forwarder {
     pools: Arc<Pools>,
     metrics: Arc<Metrics>,
     clusters: Arc<ClusterStates>,
-    decisions: Arc<crate::authz::Decisions>,
+    decisions: Arc<weft_authz::connection::Decisions>,
 }
-
-/// How an opaque TCP connection to a cluster was made.
-#[derive(Debug)]
-pub struct TcpUpstream {
-    pub io: crate::UpstreamIo,
-    pub endpoint: SocketAddr,
-    /// Counts the connection as the endpoint's active request and a connection of the cluster until
-    /// dropped.
-    pub held: TcpHeld,
-}
-
-/// What an opaque TCP connection holds in its cluster.
-#[derive(Debug)]
-pub struct TcpHeld {
-    _inner: InFlight,
-}
-
-/// Why no TCP connection to a cluster could be made.
-#[derive(Debug)]
-pub enum TcpConnectError {
-    NoHealthyUpstream,
-    Overflow,
-    Connect(crate::ConnectError),
-}
-
-impl TcpConnectError {
-    pub fn flags(&self) -> ResponseFlags {
-        match self {
-            TcpConnectError::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
-            TcpConnectError::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
-            TcpConnectError::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
-        }
-    }
-}
-
-impl std::fmt::Display for TcpConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TcpConnectError::NoHealthyUpstream => f.write_str("no healthy upstream"),
-            TcpConnectError::Overflow => f.write_str("max_connections reached"),
-            TcpConnectError::Connect(err) => err.fmt(f),
-        }
-    }
-}
-
-/// Connect attempts for an opaque TCP connection, each to a different endpoint when there is one.
-const TCP_CONNECT_ATTEMPTS: usize = 3;
 
 /// The outcome of one try.
 enum Try {
@@ -141,70 +95,19 @@ impl Forwarder {
         Self {
             pools,
             clusters: Arc::new(ClusterStates::new(metrics.clone())),
-            decisions: Arc::new(crate::authz::Decisions::new(metrics.clone())),
+            decisions: Arc::new(weft_authz::connection::Decisions::new(metrics.clone())),
             metrics,
         }
     }
 
     /// Counts authorization decisions and logs denials, for connections authorized outside HTTP.
-    pub fn decisions(&self) -> &crate::authz::Decisions {
+    pub fn decisions(&self) -> &weft_authz::connection::Decisions {
         &self.decisions
     }
 
     /// The running state of every cluster (admin `GET /clusters`).
     pub fn clusters(&self) -> &Arc<ClusterStates> {
         &self.clusters
-    }
-
-    /// A plain or mutual-TLS connection for opaque TCP to one address.
-    pub async fn connect_direct(
-        &self,
-        endpoint: SocketAddr,
-        settings: &PoolSettings,
-    ) -> Result<crate::UpstreamIo, crate::ConnectError> {
-        self.pools.connect_tcp(endpoint, settings).await
-    }
-
-    /// A connection for opaque TCP to an endpoint of `cluster`: balanced, limited by `max_connections`,
-    /// reported to outlier detection, and tried again on another endpoint when the connect fails.
-    pub async fn connect_cluster(&self, cluster: &Arc<Cluster>) -> Result<TcpUpstream, TcpConnectError> {
-        let state = self.clusters.get(cluster);
-        let connection = state.try_connection_slot().ok_or(TcpConnectError::Overflow)?;
-        let settings = pool_settings(cluster);
-        let mut tried = Vec::new();
-        let mut last = None;
-        for _ in 0..TCP_CONNECT_ATTEMPTS {
-            let Some(endpoint) = state.pick(&tried) else {
-                break;
-            };
-            let address = endpoint.address();
-            if tried.contains(&address) {
-                break; // nothing new left to try
-            }
-            match self.pools.connect_tcp(address, &settings).await {
-                Ok(io) => {
-                    state.report(endpoint.state(), Outcome::Connected);
-                    return Ok(TcpUpstream {
-                        io,
-                        endpoint: address,
-                        held: TcpHeld {
-                            _inner: InFlight {
-                                endpoint: Some(endpoint),
-                                connection: Some(connection),
-                                ..InFlight::default()
-                            },
-                        },
-                    });
-                }
-                Err(err) => {
-                    tracing::debug!(cluster = %cluster.name, endpoint = %address, error = %err, "TCP connect failed");
-                    state.report(endpoint.state(), Outcome::LocalFailure { as_status: 503 });
-                    tried.push(address);
-                    last = Some(err);
-                }
-            }
-        }
-        Err(last.map_or(TcpConnectError::NoHealthyUpstream, TcpConnectError::Connect))
     }
 
     fn decide(
@@ -436,7 +339,7 @@ impl Forwarder {
         &self,
         parts: &mut http::request::Parts,
         authority: &Authority,
-        authz: &crate::authz::ConnectionAuthz,
+        authz: &weft_authz::connection::ConnectionAuthz,
     ) -> Result<(), UpstreamError> {
         let original = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let normalized =
@@ -478,7 +381,7 @@ impl Forwarder {
             Ok(admission) => held.admission = Some(admission),
             Err(_) => return (Try::Failed(UpstreamError::Overflow), held, ResponseFlags::NONE),
         }
-        let settings = pool_settings(cluster);
+        let settings = DialSettings::for_cluster(cluster);
         // A body is kept for replay only when a retry could need it.
         let mut body = match policy {
             Some(p) if p.num_retries > 0 => RequestBody::Replay(ReplayBody::new(body)),
@@ -593,7 +496,7 @@ impl Forwarder {
         exchange: &Exchange,
         head: http::request::Parts,
         endpoint: SocketAddr,
-        settings: PoolSettings,
+        settings: DialSettings,
         body: RequestBody,
         per_try: Option<Duration>,
     ) -> Try {
@@ -633,7 +536,7 @@ impl Forwarder {
         &self,
         exchange: &mut Exchange,
         endpoint: SocketAddr,
-        settings: PoolSettings,
+        settings: DialSettings,
         body: RequestBody,
     ) -> Try {
         let head = exchange.head(false);
@@ -680,15 +583,6 @@ fn try_outcome(result: &Try) -> TryOutcome<'_> {
         Try::Failed(UpstreamError::Timeout(_)) => TryOutcome::PerTryTimeout,
         Try::Failed(err) if err.is_refused_stream() => TryOutcome::RefusedStream,
         Try::Failed(_) => TryOutcome::Reset,
-    }
-}
-
-fn pool_settings(cluster: &Cluster) -> PoolSettings {
-    PoolSettings {
-        connect_timeout: cluster.connect_timeout,
-        idle_timeout: cluster.idle_timeout,
-        tls: cluster.tls.as_ref().map(|t| t.identities.clone()),
-        source: None,
     }
 }
 

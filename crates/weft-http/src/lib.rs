@@ -4,7 +4,6 @@
 //! Request-level policy lives here too: routing, retries with a budget, timeouts, circuit breakers,
 //! least-request balancing and outlier detection (their state is `weft_balance`'s).
 
-pub mod authz;
 mod body;
 mod error;
 mod forward;
@@ -17,7 +16,7 @@ mod server;
 
 pub use body::ProxyBody;
 pub use error::UpstreamError;
-pub use forward::{Forwarder, HttpContext, RouteSource, TcpConnectError, TcpUpstream, Upstream};
-pub use pool::{ConnectError, PoolSettings, Pools, UpstreamIo};
+pub use forward::{Forwarder, HttpContext, RouteSource, Upstream};
+pub use pool::Pools;
 pub use retry::MAX_REPLAY_BYTES;
 pub use server::{HttpVersion, ServeTimeouts, serve};

@@ -2,15 +2,14 @@
 //!
 //! Each pool is a hyper-util client whose connector always dials its one endpoint, so connections are
 //! reused per endpoint (what load balancing needs) while requests keep the authority the app sent. The
-//! connect step is [`connect`]: plain TCP, or mutual TLS to a mesh peer that must prove one of the
-//! identities the configuration expects.
+//! connect step is [`weft_transport::dial`].
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -18,11 +17,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
-use weft_identity::SpiffeId;
 use weft_identity::tls::TlsMaterial;
+use weft_transport::{DialError, DialSettings, UpstreamIo};
 
 use crate::HttpVersion;
 use crate::retry::RequestBody;
@@ -33,26 +30,12 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
 /// passthrough destinations does not keep a client for each forever.
 const POOL_EXPIRY_GRACE: Duration = Duration::from_secs(60);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
-/// The server name sent in mesh handshakes. Peers are verified by SPIFFE identity, not by name.
-const MESH_SNI: &str = "outbound.weft.mesh";
-
-/// How connections to an endpoint are made; part of the pool key, so a configuration change gets a
-/// fresh pool.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolSettings {
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
-    /// Mutual TLS: the identities the endpoint may present. `None`: plaintext.
-    pub tls: Option<Arc<[SpiffeId]>>,
-    /// The local address to connect from; `None`: the kernel's choice.
-    pub source: Option<std::net::IpAddr>,
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
     endpoint: SocketAddr,
     version: HttpVersion,
-    settings: PoolSettings,
+    settings: DialSettings,
 }
 
 pub(crate) type UpstreamClient = Client<EndpointConnector, RequestBody>;
@@ -77,17 +60,6 @@ struct Inner {
     last_sweep: Instant,
 }
 
-/// Why an upstream connection could not be made; all are connect failures (`UF`).
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error(transparent)]
-    Tcp(#[from] weft_transport::ConnectError),
-    #[error("no workload certificate yet for mutual TLS to {0}")]
-    NoCertificate(SocketAddr),
-    #[error("mutual TLS to {endpoint} failed: {reason}")]
-    Tls { endpoint: SocketAddr, reason: String },
-}
-
 impl Pools {
     pub fn new(tls: watch::Receiver<Option<TlsMaterial>>) -> Self {
         Self {
@@ -103,7 +75,7 @@ impl Pools {
         &self,
         endpoint: SocketAddr,
         version: HttpVersion,
-        settings: PoolSettings,
+        settings: DialSettings,
     ) -> UpstreamClient {
         let key = PoolKey {
             endpoint,
@@ -134,15 +106,6 @@ impl Pools {
         );
         client
     }
-
-    /// A connection for opaque TCP to `endpoint`, with mutual TLS when the settings ask for it.
-    pub async fn connect_tcp(
-        &self,
-        endpoint: SocketAddr,
-        settings: &PoolSettings,
-    ) -> Result<UpstreamIo, ConnectError> {
-        connect(endpoint, settings, &self.tls, &[]).await
-    }
 }
 
 fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamClient {
@@ -166,100 +129,6 @@ fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamCl
         builder.http2_only(true);
     }
     builder.build(connector)
-}
-
-/// Connects to `endpoint`: plain TCP, or mutual TLS offering `alpn`.
-pub(crate) async fn connect(
-    endpoint: SocketAddr,
-    settings: &PoolSettings,
-    tls: &watch::Receiver<Option<TlsMaterial>>,
-    alpn: &[&[u8]],
-) -> Result<UpstreamIo, ConnectError> {
-    let stream = weft_transport::connect(endpoint, settings.source, settings.connect_timeout).await?;
-    let Some(expected) = &settings.tls else {
-        return Ok(UpstreamIo::Plain { stream });
-    };
-    let material = tls
-        .borrow()
-        .clone()
-        .ok_or(ConnectError::NoCertificate(endpoint))?;
-    let config = material
-        .client_config(expected, alpn)
-        .map_err(|e| ConnectError::Tls {
-            endpoint,
-            reason: e.to_string(),
-        })?;
-    let name = rustls::pki_types::ServerName::try_from(MESH_SNI).map_err(|e| ConnectError::Tls {
-        endpoint,
-        reason: e.to_string(),
-    })?;
-    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, stream);
-    let tls = tokio::time::timeout(settings.connect_timeout, handshake)
-        .await
-        .map_err(|_| ConnectError::Tls {
-            endpoint,
-            reason: "handshake timed out".into(),
-        })?
-        .map_err(|e| {
-            let reason = e.to_string();
-            // Names the identities expected and presented when they differ.
-            tracing::warn!(%endpoint, %reason, "mutual TLS handshake failed");
-            ConnectError::Tls { endpoint, reason }
-        })?;
-    Ok(UpstreamIo::Tls {
-        stream: Box::new(tls),
-    })
-}
-
-pin_project! {
-    /// An upstream connection: plain, or mutual TLS.
-    #[project = UpstreamIoProj]
-    #[derive(Debug)]
-    pub enum UpstreamIo {
-        Plain { #[pin] stream: TcpStream },
-        Tls { #[pin] stream: Box<tokio_rustls::client::TlsStream<TcpStream>> },
-    }
-}
-
-impl UpstreamIo {
-    fn negotiated_h2(&self) -> bool {
-        match self {
-            UpstreamIo::Plain { .. } => false,
-            UpstreamIo::Tls { stream } => stream.get_ref().1.alpn_protocol() == Some(b"h2"),
-        }
-    }
-}
-
-impl AsyncRead for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.project() {
-            UpstreamIoProj::Plain { stream } => stream.poll_read(cx, buf),
-            UpstreamIoProj::Tls { stream } => stream.poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.project() {
-            UpstreamIoProj::Plain { stream } => stream.poll_write(cx, buf),
-            UpstreamIoProj::Tls { stream } => stream.poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.project() {
-            UpstreamIoProj::Plain { stream } => stream.poll_flush(cx),
-            UpstreamIoProj::Tls { stream } => stream.poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.project() {
-            UpstreamIoProj::Plain { stream } => stream.poll_shutdown(cx),
-            UpstreamIoProj::Tls { stream } => stream.poll_shutdown(cx),
-        }
-    }
 }
 
 pin_project! {
@@ -310,14 +179,14 @@ impl hyper::rt::Write for PoolIo {
 #[derive(Debug, Clone)]
 pub(crate) struct EndpointConnector {
     endpoint: SocketAddr,
-    settings: PoolSettings,
+    settings: DialSettings,
     version: HttpVersion,
     tls: watch::Receiver<Option<TlsMaterial>>,
 }
 
 impl tower_service::Service<http::Uri> for EndpointConnector {
     type Response = PoolIo;
-    type Error = ConnectError;
+    type Error = DialError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -331,7 +200,7 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
                 HttpVersion::Http1 => &[b"http/1.1"],
                 HttpVersion::Http2 => &[b"h2"],
             };
-            let io = connect(this.endpoint, &this.settings, &this.tls, alpn).await?;
+            let io = weft_transport::dial(this.endpoint, &this.settings, &this.tls, alpn).await?;
             Ok(PoolIo {
                 inner: TokioIo::new(io),
             })

@@ -6,10 +6,12 @@
 
 mod binder;
 mod connect;
+mod dial;
 mod idle;
 mod prefixed;
 
 pub use binder::{Accepted, Binder, OsBinder, accept, bind_listener};
 pub use connect::{ConnectError, connect};
+pub use dial::{DialError, DialSettings, UpstreamIo, dial};
 pub use idle::{Activity, IdleIo, InFlight};
 pub use prefixed::PrefixedIo;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use weft_authz::{Authorization, Decision, Event, Peer, Request};
+use crate::{Authorization, Decision, Event, Peer, Request};
 use weft_telemetry::{AuthzLabels, Label, Metrics};
 
 /// The policy in force now, for one layer of one listener.
