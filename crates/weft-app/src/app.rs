@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_admin::{AdminState, Readiness};
 use weft_http::{Forwarder, Pools};
-use weft_transport::DialSettings;
 use weft_model::file::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
 use weft_model::{Bootstrap, Mesh, XdsSource};
 use weft_telemetry::{LogControl, Metrics, XdsLabels};
+use weft_transport::DialSettings;
 use weft_transport::{Accepted, Binder};
 
 use crate::forward::{Destination, LiveRoutes, TargetKey};

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 use weft_telemetry::{Metrics, RequestLabels, ResponseFlags};
 
-use crate::retry::BoxError;
+use crate::replay::BoxError;
 
 #[derive(Debug)]
 pub struct ProxyBody {

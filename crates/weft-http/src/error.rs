@@ -6,6 +6,18 @@ use std::error::Error as _;
 use http::StatusCode;
 use weft_telemetry::ResponseFlags;
 
+use crate::retry::TryOutcome;
+
+/// Envoy's words for a request that failed before the response began.
+macro_rules! reset {
+    ($reason:literal) => {
+        concat!(
+            "upstream connect error or disconnect/reset before headers. reset reason: ",
+            $reason
+        )
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("no healthy upstream")]
@@ -51,68 +63,77 @@ impl UpstreamError {
         }
     }
 
-    pub fn status(&self) -> StatusCode {
+    /// Where the failure came from: what outlier detection may hold against an endpoint, and what
+    /// the access log blames.
+    pub fn origin(&self) -> Origin {
         match self {
-            Self::Protocol(_) => StatusCode::BAD_GATEWAY,
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::Timeout(_) | Self::StreamIdle => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadRequest(_) => Origin::Downstream,
+            Self::NoRoute
+            | Self::NoCluster(_)
+            | Self::Forbidden
+            | Self::Overflow
+            | Self::NoHealthyUpstream => Origin::Proxy,
+            Self::Timeout(_)
+            | Self::StreamIdle
+            | Self::Connect(_)
+            | Self::Protocol(_)
+            | Self::Terminated(_) => Origin::Upstream,
         }
     }
 
-    pub fn flags(&self) -> ResponseFlags {
+    /// How a retry policy sees this failure of a try.
+    pub(crate) fn try_outcome(&self) -> TryOutcome<'static> {
         match self {
-            Self::NoHealthyUpstream => ResponseFlags::NO_HEALTHY_UPSTREAM,
-            Self::NoRoute => ResponseFlags::NO_ROUTE,
-            Self::NoCluster(_) => ResponseFlags::NO_CLUSTER,
-            Self::Timeout(_) => ResponseFlags::UPSTREAM_TIMEOUT,
-            Self::StreamIdle => ResponseFlags::STREAM_IDLE_TIMEOUT,
-            Self::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
-            Self::Connect(_) => ResponseFlags::UPSTREAM_CONNECT_FAILURE,
-            Self::Protocol(_) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
-            Self::Terminated(_) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
-            Self::BadRequest(_) => ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
-            Self::Forbidden => ResponseFlags::RBAC_DENIED,
+            Self::Connect(_) => TryOutcome::ConnectFailure,
+            Self::Timeout(_) => TryOutcome::PerTryTimeout,
+            _ if self.is_refused_stream() => TryOutcome::RefusedStream,
+            _ => TryOutcome::Reset,
         }
     }
 
-    /// The response body, worded as Envoy words it so that users' searches find the right answers.
-    pub fn body(&self) -> &'static str {
-        match self {
-            Self::NoHealthyUpstream => "no healthy upstream",
-            Self::NoRoute => "no route",
-            Self::NoCluster(_) => "cluster not found",
-            Self::Timeout(_) => "upstream request timeout",
-            Self::StreamIdle => "stream timeout",
-            Self::Overflow => {
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
-            }
-            Self::Connect(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
-            }
-            Self::Protocol(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
-            }
-            Self::Terminated(_) => {
-                "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
-            }
-            Self::BadRequest(_) => "bad request",
+    /// What the client is told: the one mapping from a cause to Envoy's status, response flag and body
+    /// text (worded as Envoy words them, so that users' searches find the right answers) and the gRPC
+    /// status a gRPC client gets instead (Envoy's mapping; a timeout is the client's deadline passing).
+    pub fn reply(&self) -> LocalReply {
+        let (status, flags, body, grpc_status) = match self {
+            Self::NoHealthyUpstream => (503, ResponseFlags::NO_HEALTHY_UPSTREAM, "no healthy upstream", 14),
+            Self::NoRoute => (404, ResponseFlags::NO_ROUTE, "no route", 12),
+            Self::NoCluster(_) => (503, ResponseFlags::NO_CLUSTER, "cluster not found", 14),
+            Self::Timeout(_) => (
+                504,
+                ResponseFlags::UPSTREAM_TIMEOUT,
+                "upstream request timeout",
+                4,
+            ),
+            Self::StreamIdle => (504, ResponseFlags::STREAM_IDLE_TIMEOUT, "stream timeout", 4),
+            Self::Overflow => (503, ResponseFlags::UPSTREAM_OVERFLOW, reset!("overflow"), 14),
+            Self::Connect(_) => (
+                503,
+                ResponseFlags::UPSTREAM_CONNECT_FAILURE,
+                reset!("connection failure"),
+                14,
+            ),
+            Self::Protocol(_) => (
+                502,
+                ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
+                reset!("protocol error"),
+                13,
+            ),
+            Self::Terminated(_) => (
+                503,
+                ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+                reset!("connection termination"),
+                14,
+            ),
+            Self::BadRequest(_) => (400, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "bad request", 13),
             // Envoy's RBAC filter's words, which users search for.
-            Self::Forbidden => "RBAC: access denied",
-        }
-    }
-
-    /// The gRPC status a gRPC client is told (Envoy's mapping from the HTTP status; a timeout is the
-    /// client's deadline passing).
-    pub fn grpc_status(&self) -> u16 {
-        match self {
-            Self::Timeout(_) | Self::StreamIdle => 4,      // DEADLINE_EXCEEDED
-            Self::NoRoute => 12,                           // UNIMPLEMENTED
-            Self::Protocol(_) | Self::BadRequest(_) => 13, // INTERNAL
-            Self::Forbidden => 7,                          // PERMISSION_DENIED
-            _ => 14,                                       // UNAVAILABLE
+            Self::Forbidden => (403, ResponseFlags::RBAC_DENIED, "RBAC: access denied", 7),
+        };
+        LocalReply {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            flags,
+            body,
+            grpc_status,
         }
     }
 
@@ -129,5 +150,102 @@ impl UpstreamError {
             source = cause.source();
         }
         false
+    }
+}
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The client's request was at fault; never held against an endpoint.
+    Downstream,
+    /// The endpoint, or the way to it, failed.
+    Upstream,
+    /// The proxy decided not to forward (no route, policy, breakers, no endpoint).
+    Proxy,
+}
+
+/// A reply the proxy writes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: StatusCode,
+    pub flags: ResponseFlags,
+    pub body: &'static str,
+    /// `grpc-status` for a gRPC client (answered as a trailers-only response).
+    pub grpc_status: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_has_envoys_status_flag_words_and_grpc_status() {
+        let cases = [
+            (
+                UpstreamError::NoHealthyUpstream,
+                503,
+                "UH",
+                "no healthy upstream",
+                14,
+                Origin::Proxy,
+            ),
+            (UpstreamError::NoRoute, 404, "NR", "no route", 12, Origin::Proxy),
+            (
+                UpstreamError::NoCluster("c".into()),
+                503,
+                "NC",
+                "cluster not found",
+                14,
+                Origin::Proxy,
+            ),
+            (
+                UpstreamError::Timeout(std::time::Duration::from_secs(1)),
+                504,
+                "UT",
+                "upstream request timeout",
+                4,
+                Origin::Upstream,
+            ),
+            (
+                UpstreamError::StreamIdle,
+                504,
+                "SI",
+                "stream timeout",
+                4,
+                Origin::Upstream,
+            ),
+            (
+                UpstreamError::Overflow,
+                503,
+                "UO",
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                14,
+                Origin::Proxy,
+            ),
+            (
+                UpstreamError::BadRequest("x"),
+                400,
+                "DPE",
+                "bad request",
+                13,
+                Origin::Downstream,
+            ),
+            (
+                UpstreamError::Forbidden,
+                403,
+                "RBAC",
+                "RBAC: access denied",
+                7,
+                Origin::Proxy,
+            ),
+        ];
+        for (err, status, flag, body, grpc, origin) in cases {
+            let reply = err.reply();
+            assert_eq!(reply.status.as_u16(), status, "{err}");
+            assert_eq!(reply.flags.to_string(), flag, "{err}");
+            assert_eq!(reply.body, body, "{err}");
+            assert_eq!(reply.grpc_status, grpc, "{err}");
+            assert_eq!(err.origin(), origin, "{err}");
+        }
     }
 }

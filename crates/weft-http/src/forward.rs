@@ -11,16 +11,19 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use weft_balance::{ClusterStates, Outcome};
+use tokio::sync::OwnedSemaphorePermit;
+use weft_balance::{ClusterState, ClusterStates, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
-use weft_transport::DialSettings;
 use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
+use weft_transport::DialSettings;
 
 use crate::body::{BodyTimer, Completion, InFlight};
+use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
-use crate::retry::{ClientBody, ReplayBody, RequestBody, TryOutcome, backoff, grpc_timeout, retriable};
+use crate::replay::{ClientBody, ReplayBody, RequestBody};
+use crate::retry::{Next, RetryState, TryOutcome, grpc_timeout};
 use crate::{HttpVersion, Pools, ProxyBody, UpstreamError};
 
 /// The route table in force for a connection's requests. Looked up for every request, so a configuration
@@ -382,41 +385,19 @@ impl Forwarder {
             Err(_) => return (Try::Failed(UpstreamError::Overflow), held, ResponseFlags::NONE),
         }
         let settings = DialSettings::for_cluster(cluster);
+        let mut retry = RetryState::new(policy);
         // A body is kept for replay only when a retry could need it.
-        let mut body = match policy {
-            Some(p) if p.num_retries > 0 => RequestBody::Replay(ReplayBody::new(body)),
-            _ => RequestBody::Streamed(body),
+        let mut body = match retry.keeps_body() {
+            true => RequestBody::Replay(ReplayBody::new(body)),
+            false => RequestBody::Streamed(body),
         };
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut retries = 0u32;
         loop {
-            // HTTP/1 needs a connection per request in flight: over max_connections the request waits as
-            // pending, over max_pending_requests it fails fast.
-            let connection = if exchange.version == HttpVersion::Http1 {
-                let slot = match exchange.deadline {
-                    Some(deadline) => {
-                        match tokio::time::timeout_at(deadline.into(), state.connection_slot()).await {
-                            Ok(slot) => slot,
-                            Err(_) => {
-                                return (
-                                    Try::Failed(UpstreamError::Timeout(exchange.timeout)),
-                                    held,
-                                    ResponseFlags::NONE,
-                                );
-                            }
-                        }
-                    }
-                    None => state.connection_slot().await,
-                };
-                match slot {
-                    Ok(slot) => Some(slot),
-                    Err(_) => return (Try::Failed(UpstreamError::Overflow), held, ResponseFlags::NONE),
-                }
-            } else {
-                None
+            let connection = match connection_slot(&state, exchange).await {
+                Ok(connection) => connection,
+                Err(err) => return (Try::Failed(err), held, ResponseFlags::NONE),
             };
             // Chosen once a connection is free, on the load as it is then.
-            let Some(endpoint) = state.pick(&tried) else {
+            let Some(endpoint) = state.pick(retry.tried()) else {
                 return (
                     Try::Failed(UpstreamError::NoHealthyUpstream),
                     held,
@@ -425,63 +406,53 @@ impl Forwarder {
             };
             let address = endpoint.address();
             let next_body = match &body {
-                RequestBody::Replay(replay) if policy.is_some() => replay.replay().map(RequestBody::Replay),
-                _ => None,
+                RequestBody::Replay(replay) => replay.replay().map(RequestBody::Replay),
+                RequestBody::Streamed(_) => None,
             };
-            let per_try = policy.and_then(|p| p.per_try_timeout);
-            let head = exchange.head(policy.is_some_and(|p| retries < p.num_retries));
+            let head = exchange.head(retry.may_retry());
+            let per_try = retry.per_try_timeout();
             let result = client_fault(
                 self.try_endpoint(exchange, head, address, settings.clone(), body, per_try)
                     .await,
                 broken,
             );
             let outcome = match &result {
-                // The client broke its own request: not the endpoint's failure, and not retried.
-                Try::Failed(UpstreamError::BadRequest(_)) => return (result, held, ResponseFlags::NONE),
                 Try::Response(r) => Outcome::Status(r.status().as_u16()),
-                Try::Failed(UpstreamError::Timeout(_)) if exchange.past_deadline() => {
-                    // The route's deadline, not this endpoint's fault alone: no retry.
-                    state.report(endpoint.state(), Outcome::LocalFailure { as_status: 504 });
-                    held.endpoint = Some(endpoint);
-                    held.connection = connection;
+                // The client broke its own request: not the endpoint's failure, and not retried.
+                Try::Failed(err) if err.origin() == Origin::Downstream => {
                     return (result, held, ResponseFlags::NONE);
                 }
                 Try::Failed(err) => Outcome::LocalFailure {
-                    as_status: err.status().as_u16(),
+                    as_status: err.reply().status.as_u16(),
                 },
             };
             state.report(endpoint.state(), outcome);
-            let retriable = policy.is_some_and(|p| retriable(p, try_outcome(&result)));
-            let Some(policy) = policy.filter(|_| retriable) else {
-                held.endpoint = Some(endpoint);
-                held.connection = connection;
-                return (result, held, ResponseFlags::NONE);
+            let next = match &result {
+                // The route's deadline, not this endpoint's fault alone: no retry.
+                Try::Failed(UpstreamError::Timeout(_)) if exchange.past_deadline() => Next::Answer {
+                    limit_exceeded: false,
+                },
+                _ => retry.after(
+                    try_outcome(&result),
+                    address,
+                    next_body,
+                    exchange.deadline,
+                    &state,
+                ),
             };
-            let wait = backoff(policy, retries + 1);
-            let permit = if retries >= policy.num_retries {
-                None
-            } else if next_body.is_none() {
-                tracing::debug!(cluster = %cluster.name, "not retrying: the request body was too large to keep");
-                None
-            } else if exchange.deadline.is_some_and(|d| Instant::now() + wait >= d) {
-                None
-            } else {
-                state.retry()
+            let (wait, permit, next_body) = match next {
+                Next::Retry { wait, permit, body } => (wait, permit, body),
+                Next::Answer { limit_exceeded } => {
+                    held.endpoint = Some(endpoint);
+                    held.connection = connection;
+                    let flags = match limit_exceeded {
+                        true => ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED,
+                        false => ResponseFlags::NONE,
+                    };
+                    return (result, held, flags);
+                }
             };
-            let (Some(permit), Some(next_body)) = (permit, next_body) else {
-                held.endpoint = Some(endpoint);
-                held.connection = connection;
-                let flags = if retries > 0 {
-                    ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED
-                } else {
-                    ResponseFlags::NONE
-                };
-                return (result, held, flags);
-            };
-            retries += 1;
             held.retry = Some(permit);
-            tried.push(address);
-            tracing::debug!(cluster = %cluster.name, endpoint = %address, retry = retries, ?wait, "retrying");
             drop(result);
             drop(endpoint);
             drop(connection);
@@ -545,6 +516,25 @@ impl Forwarder {
     }
 }
 
+/// A connection slot for a try. HTTP/1 needs a connection per request in flight: over
+/// `max_connections` the request waits as pending (until its deadline), over `max_pending_requests` it
+/// fails fast. HTTP/2 multiplexes and takes none.
+async fn connection_slot(
+    state: &ClusterState,
+    exchange: &Exchange,
+) -> Result<Option<OwnedSemaphorePermit>, UpstreamError> {
+    if exchange.version != HttpVersion::Http1 {
+        return Ok(None);
+    }
+    let slot = match exchange.deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), state.connection_slot())
+            .await
+            .map_err(|_| UpstreamError::Timeout(exchange.timeout))?,
+        None => state.connection_slot().await,
+    };
+    slot.map(Some).map_err(|_| UpstreamError::Overflow)
+}
+
 /// What each try of a request shares.
 struct Exchange {
     parts: http::request::Parts,
@@ -579,10 +569,7 @@ impl Exchange {
 fn try_outcome(result: &Try) -> TryOutcome<'_> {
     match result {
         Try::Response(r) => TryOutcome::Response(r.status(), r.headers()),
-        Try::Failed(UpstreamError::Connect(_)) => TryOutcome::ConnectFailure,
-        Try::Failed(UpstreamError::Timeout(_)) => TryOutcome::PerTryTimeout,
-        Try::Failed(err) if err.is_refused_stream() => TryOutcome::RefusedStream,
-        Try::Failed(_) => TryOutcome::Reset,
+        Try::Failed(err) => err.try_outcome(),
     }
 }
 
@@ -594,22 +581,18 @@ fn error_response(
     extra: ResponseFlags,
     completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
 ) -> Response<ProxyBody> {
-    let status = err.status();
+    let reply = err.reply();
+    let flags = reply.flags | extra;
     if grpc {
-        let mut response = Response::new(ProxyBody::local(
-            "",
-            Some(completion(StatusCode::OK, err.flags() | extra)),
-        ));
+        let mut response = Response::new(ProxyBody::local("", Some(completion(StatusCode::OK, flags))));
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(err.grpc_status()));
-        if let Ok(message) = HeaderValue::from_str(err.body()) {
-            headers.insert("grpc-message", message);
-        }
+        headers.insert("grpc-status", HeaderValue::from(reply.grpc_status));
+        headers.insert("grpc-message", HeaderValue::from_static(reply.body));
         return response;
     }
-    let body = ProxyBody::local(err.body(), Some(completion(status, err.flags() | extra)));
-    local_response(status, body)
+    let body = ProxyBody::local(reply.body, Some(completion(reply.status, flags)));
+    local_response(reply.status, body)
 }
 
 fn bad_request(completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion) -> Response<ProxyBody> {

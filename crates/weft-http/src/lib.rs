@@ -11,12 +11,13 @@ mod head_timeout;
 mod headers;
 mod hop;
 mod pool;
+mod replay;
 mod retry;
 mod server;
 
 pub use body::ProxyBody;
-pub use error::UpstreamError;
+pub use error::{LocalReply, Origin, UpstreamError};
 pub use forward::{Forwarder, HttpContext, RouteSource, Upstream};
 pub use pool::Pools;
-pub use retry::MAX_REPLAY_BYTES;
+pub use replay::MAX_REPLAY_BYTES;
 pub use server::{HttpVersion, ServeTimeouts, serve};

@@ -22,7 +22,7 @@ use weft_identity::tls::TlsMaterial;
 use weft_transport::{DialError, DialSettings, UpstreamIo};
 
 use crate::HttpVersion;
-use crate::retry::RequestBody;
+use crate::replay::RequestBody;
 
 /// Larger than any header block we accept downstream, so what we accept we can forward.
 pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;

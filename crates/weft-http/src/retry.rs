@@ -1,24 +1,104 @@
-//! What retrying needs: which outcomes a policy retries ([`retriable`]), how long to wait before the
-//! next try ([`backoff`]), and a request body that can be sent again ([`RequestBody`]).
+//! Envoy's `RetryState` for one request: which outcomes the route's policy retries ([`retriable`]),
+//! what the request has left (retries, the endpoints already tried), and after each try the decision
+//! to answer or to go again after a jittered [`backoff`], within the cluster's budget.
 
-use std::error::Error as StdError;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use weft_balance::{ClusterState, RetryPermit};
 use weft_model::{RetryOn, RetryPolicy};
 
-/// Request bodies up to this size are kept for a retry; a larger one is streamed and not retried
-/// (Linkerd's bound: enough for typical API calls, small enough to keep a sidecar's memory flat).
-pub const MAX_REPLAY_BYTES: usize = 64 * 1024;
+/// What a request's retries have left.
+#[derive(Debug)]
+pub(crate) struct RetryState<'p> {
+    policy: Option<&'p RetryPolicy>,
+    retries: u32,
+    /// Endpoints tried so far; a retry goes elsewhere when it can.
+    tried: Vec<SocketAddr>,
+}
 
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+/// What to do after a try.
+#[derive(Debug)]
+pub(crate) enum Next<B> {
+    /// Answer with this try's result. `limit_exceeded`: retries were made and the policy or the
+    /// budget allows no more (Envoy's `URX`).
+    Answer { limit_exceeded: bool },
+    /// Try again after `wait` with `body` (the request body read again), holding `permit` (the
+    /// cluster's `max_retries`).
+    Retry {
+        wait: Duration,
+        permit: RetryPermit,
+        body: B,
+    },
+}
+
+impl<'p> RetryState<'p> {
+    pub(crate) fn new(policy: Option<&'p RetryPolicy>) -> Self {
+        Self {
+            policy,
+            retries: 0,
+            tried: Vec::new(),
+        }
+    }
+
+    /// Whether the request body must be kept for a retry.
+    pub(crate) fn keeps_body(&self) -> bool {
+        self.policy.is_some_and(|p| p.num_retries > 0)
+    }
+
+    /// Whether a later try may still need the request (so this try gets a copy of its head).
+    pub(crate) fn may_retry(&self) -> bool {
+        self.policy.is_some_and(|p| self.retries < p.num_retries)
+    }
+
+    pub(crate) fn per_try_timeout(&self) -> Option<Duration> {
+        self.policy.and_then(|p| p.per_try_timeout)
+    }
+
+    pub(crate) fn tried(&self) -> &[SocketAddr] {
+        &self.tried
+    }
+
+    /// The decision after a try at `endpoint` ended as `outcome`: retried when the policy retries the
+    /// outcome, retries are left, the body can be sent again (`body`: the next reading of it), the
+    /// backoff ends before `deadline`, and the cluster's budget and `max_retries` agree.
+    pub(crate) fn after<B>(
+        &mut self,
+        outcome: TryOutcome<'_>,
+        endpoint: SocketAddr,
+        body: Option<B>,
+        deadline: Option<Instant>,
+        cluster: &Arc<ClusterState>,
+    ) -> Next<B> {
+        let Some(policy) = self.policy.filter(|p| retriable(p, outcome)) else {
+            return Next::Answer {
+                limit_exceeded: false,
+            };
+        };
+        let wait = backoff(policy, self.retries + 1);
+        let permit = if self.retries >= policy.num_retries {
+            None
+        } else if body.is_none() {
+            tracing::debug!(%endpoint, "not retrying: the request body was too large to keep");
+            None
+        } else if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+            None
+        } else {
+            cluster.retry()
+        };
+        let (Some(permit), Some(body)) = (permit, body) else {
+            return Next::Answer {
+                limit_exceeded: self.retries > 0,
+            };
+        };
+        self.retries += 1;
+        self.tried.push(endpoint);
+        tracing::debug!(%endpoint, retry = self.retries, ?wait, "retrying");
+        Next::Retry { wait, permit, body }
+    }
+}
 
 /// How a try ended, for deciding on a retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +112,7 @@ pub(crate) enum TryOutcome<'a> {
 }
 
 /// Whether `policy` retries `outcome` (Envoy's `retry_on` semantics).
-pub(crate) fn retriable(policy: &RetryPolicy, outcome: TryOutcome<'_>) -> bool {
+fn retriable(policy: &RetryPolicy, outcome: TryOutcome<'_>) -> bool {
     let on = policy.retry_on;
     let any_failure = RetryOn::SERVER_ERROR
         .union(RetryOn::GATEWAY_ERROR)
@@ -72,7 +152,7 @@ fn grpc_retriable(on: RetryOn, headers: &HeaderMap) -> bool {
 }
 
 /// The wait before retry `n` (from 1): fully jittered, up to the policy's ceiling for that retry.
-pub(crate) fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
+fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     let ceiling = policy.backoff.ceiling(retry);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(rand::random_range(0..=nanos))
@@ -95,230 +175,6 @@ pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
-}
-
-/// The client's request body. It remembers when the client broke it (bad chunked framing, a reset
-/// stream), so that the failed try is the client's fault, never the endpoint's.
-#[derive(Debug)]
-pub(crate) struct ClientBody {
-    inner: Incoming,
-    broken: Arc<AtomicBool>,
-}
-
-impl ClientBody {
-    /// The body, and a flag that turns true if reading it from the client fails.
-    pub(crate) fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
-        let broken = Arc::new(AtomicBool::new(false));
-        (
-            Self {
-                inner,
-                broken: broken.clone(),
-            },
-            broken,
-        )
-    }
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.broken.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request body as sent upstream: the client's, passed through, or one that keeps what it has sent
-/// (up to [`MAX_REPLAY_BYTES`]) so that a retry can send it again.
-#[derive(Debug)]
-pub(crate) enum RequestBody {
-    Streamed(ClientBody),
-    Replay(ReplayBody),
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RequestBody::Streamed(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            RequestBody::Replay(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Streamed(body) => body.is_end_stream(),
-            RequestBody::Replay(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Streamed(body) => body.size_hint(),
-            RequestBody::Replay(body) => body.hint,
-        }
-    }
-}
-
-/// One reading of a replayable body. Every reading sees the same frames in the same order: a frame
-/// pulled from the client by any reading is logged, and later readings replay the log before reading on.
-#[derive(Debug)]
-pub(crate) struct ReplayBody {
-    shared: Arc<Mutex<Shared>>,
-    /// Index of the next data frame this reading returns.
-    next: usize,
-    trailers_sent: bool,
-    hint: SizeHint,
-    empty: bool,
-}
-
-#[derive(Debug)]
-struct Shared {
-    source: ClientBody,
-    log: Vec<Bytes>,
-    logged_bytes: usize,
-    /// Data frames pulled from the client so far.
-    pulled: usize,
-    trailers: Option<HeaderMap>,
-    ended: bool,
-    /// Too large to keep, or the client's body failed: no more readings.
-    unreplayable: bool,
-}
-
-impl ReplayBody {
-    pub(crate) fn new(source: ClientBody) -> Self {
-        let hint = source.size_hint();
-        let empty = source.is_end_stream();
-        let unreplayable = hint.lower() > MAX_REPLAY_BYTES as u64;
-        Self {
-            shared: Arc::new(Mutex::new(Shared {
-                source,
-                log: Vec::new(),
-                logged_bytes: 0,
-                pulled: 0,
-                trailers: None,
-                ended: empty,
-                unreplayable,
-            })),
-            next: 0,
-            trailers_sent: false,
-            hint,
-            empty,
-        }
-    }
-
-    /// A new reading from the start, or `None` when the body cannot be sent again.
-    pub(crate) fn replay(&self) -> Option<Self> {
-        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if shared.unreplayable {
-            return None;
-        }
-        Some(Self {
-            shared: self.shared.clone(),
-            next: 0,
-            trailers_sent: false,
-            hint: self.hint,
-            empty: self.empty,
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the request body was too large to keep for a retry")]
-struct ReplayOverflow;
-
-impl Body for ReplayBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let mut shared = this.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if this.next < shared.pulled {
-            let Some(chunk) = shared.log.get(this.next).cloned() else {
-                return Poll::Ready(Some(Err(ReplayOverflow.into())));
-            };
-            this.next += 1;
-            return Poll::Ready(Some(Ok(Frame::data(chunk))));
-        }
-        if shared.ended {
-            if !this.trailers_sent
-                && let Some(trailers) = shared.trailers.clone()
-            {
-                this.trailers_sent = true;
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-            }
-            return Poll::Ready(None);
-        }
-        let frame = match Pin::new(&mut shared.source).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => {
-                shared.ended = true;
-                return Poll::Ready(None);
-            }
-            Poll::Ready(Some(Err(err))) => {
-                shared.unreplayable = true;
-                return Poll::Ready(Some(Err(err.into())));
-            }
-            Poll::Ready(Some(Ok(frame))) => frame,
-        };
-        let frame = match frame.into_data() {
-            Ok(data) => {
-                shared.pulled += 1;
-                this.next += 1;
-                if !shared.unreplayable {
-                    shared.logged_bytes += data.len();
-                    if shared.logged_bytes > MAX_REPLAY_BYTES {
-                        shared.unreplayable = true;
-                        shared.log = Vec::new();
-                    } else {
-                        shared.log.push(data.clone());
-                    }
-                }
-                Frame::data(data)
-            }
-            Err(frame) => {
-                if let Some(trailers) = frame.trailers_ref() {
-                    shared.trailers = Some(trailers.clone());
-                    shared.ended = true;
-                    this.trailers_sent = true;
-                }
-                frame
-            }
-        };
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.empty
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.hint
-    }
 }
 
 #[cfg(test)]
@@ -388,6 +244,106 @@ mod tests {
             &policy("deadline-exceeded", &[]),
             TryOutcome::Response(StatusCode::OK, &grpc)
         ));
+    }
+
+    fn cluster(max_retries: u32) -> Arc<ClusterState> {
+        let mut c = weft_model::Cluster::new("c");
+        c.circuit_breakers.max_retries = max_retries;
+        weft_balance::ClusterStates::new(weft_telemetry::Metrics::new()).get(&Arc::new(c))
+    }
+
+    fn endpoint(i: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, i], 80))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_until_the_policy_says_no_more_and_then_reports_the_limit() {
+        let p = policy("5xx", &[]);
+        let cluster = cluster(u32::MAX);
+        let mut state = RetryState::new(Some(&p));
+        assert!(state.keeps_body() && state.may_retry());
+        let none = HeaderMap::new();
+        let failed = TryOutcome::Response(status(503), &none);
+        let mut permits = Vec::new();
+        for i in 1..=2 {
+            match state.after(failed, endpoint(i), Some(()), None, &cluster) {
+                Next::Retry { wait, permit, .. } => {
+                    assert!(wait <= p.backoff.ceiling(u32::from(i)));
+                    permits.push(permit);
+                }
+                other => panic!("retry {i}: {other:?}"),
+            }
+        }
+        assert_eq!(state.tried(), &[endpoint(1), endpoint(2)]);
+        assert!(!state.may_retry(), "two of two made");
+        assert!(matches!(
+            state.after(failed, endpoint(3), Some(()), None, &cluster),
+            Next::Answer { limit_exceeded: true }
+        ));
+        let mut fresh = RetryState::new(Some(&p));
+        assert!(
+            matches!(
+                fresh.after(
+                    TryOutcome::Response(status(404), &none),
+                    endpoint(1),
+                    Some(()),
+                    None,
+                    &cluster
+                ),
+                Next::Answer {
+                    limit_exceeded: false
+                }
+            ),
+            "a 404 is an answer"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_past_the_deadline_without_the_body_or_over_max_retries() {
+        let p = policy("connect-failure", &[]);
+        let outcome = TryOutcome::ConnectFailure;
+        let cluster = cluster(1);
+        let soon = Some(Instant::now() + Duration::from_micros(1));
+        let mut state = RetryState::new(Some(&p));
+        assert!(matches!(
+            state.after(outcome, endpoint(1), Some(()), soon, &cluster),
+            Next::Answer {
+                limit_exceeded: false
+            }
+        ));
+        assert!(matches!(
+            state.after(outcome, endpoint(1), None::<()>, None, &cluster),
+            Next::Answer { .. }
+        ));
+        let held = match state.after(outcome, endpoint(1), Some(()), None, &cluster) {
+            Next::Retry { permit, .. } => permit,
+            other => panic!("{other:?}"),
+        };
+        let mut other = RetryState::new(Some(&p));
+        assert!(
+            matches!(
+                other.after(outcome, endpoint(2), Some(()), None, &cluster),
+                Next::Answer { .. }
+            ),
+            "max_retries 1 is in use"
+        );
+        drop(held);
+        assert!(matches!(
+            other.after(outcome, endpoint(2), Some(()), None, &cluster),
+            Next::Retry { .. }
+        ));
+        let zero = RetryPolicy {
+            num_retries: 0,
+            per_try_timeout: Some(Duration::from_secs(1)),
+            ..p
+        };
+        let state = RetryState::new(Some(&zero));
+        assert!(!state.keeps_body() && !state.may_retry());
+        assert_eq!(
+            state.per_try_timeout(),
+            Some(Duration::from_secs(1)),
+            "applies without retries"
+        );
     }
 
     #[test]

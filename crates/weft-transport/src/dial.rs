@@ -64,10 +64,7 @@ pub async fn dial(
     let Some(expected) = &settings.tls else {
         return Ok(UpstreamIo::Plain { stream });
     };
-    let material = tls
-        .borrow()
-        .clone()
-        .ok_or(DialError::NoCertificate(endpoint))?;
+    let material = tls.borrow().clone().ok_or(DialError::NoCertificate(endpoint))?;
     let config = material
         .client_config(expected, alpn)
         .map_err(|e| DialError::Tls {
@@ -147,4 +144,3 @@ impl AsyncWrite for UpstreamIo {
         }
     }
 }
-
