@@ -717,3 +717,25 @@ routes:
         String::from_utf8_lossy(&seen)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_retires_upstream_connections_after_their_share() {
+    let servers = servers(1).await;
+    let mesh = Mesh::start(&ports(&servers), &seed_policies("10s", "30s")).await;
+    assert_eq!(
+        mesh.cluster_config().await["max_requests_per_connection"],
+        10,
+        "the seed's maxRequestsPerConnection reaches the proxy"
+    );
+    for _ in 0..40 {
+        assert_eq!(mesh.get("/").await, StatusCode::OK);
+    }
+    assert_eq!(servers[0].request_count(), 40);
+    // Ten requests each: four connections (a request right behind a response may open one more before
+    // the previous connection is back in the pool); without the limit, one or two.
+    let connections = servers[0].connections();
+    assert!(
+        (4..=8).contains(&connections),
+        "40 sequential requests used {connections} upstream connections"
+    );
+}

@@ -1,7 +1,7 @@
 //! Building and running the proxy: bind, accept, drain.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_admin::{AdminState, Readiness};
 use weft_http::{Forwarder, Pools};
-use weft_model::file::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
 use weft_model::{Bootstrap, Mesh, XdsSource};
 use weft_telemetry::{LogControl, Metrics, XdsLabels};
-use weft_transport::DialSettings;
 use weft_transport::{Accepted, Binder};
 
-use crate::forward::{Destination, LiveRoutes, TargetKey};
+use crate::inputs::Inputs;
 use crate::{inbound, outbound};
 
 /// After an accept error such as running out of file descriptors, wait this long before accepting again
@@ -41,99 +39,6 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// What every connection reads. The configuration snapshot is read once per connection.
-pub(crate) struct Inputs {
-    pub(crate) bootstrap: Bootstrap,
-    mesh: watch::Receiver<Arc<Mesh>>,
-    binder: Arc<dyn Binder>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) forwarder: Forwarder,
-    /// Cancelled when draining starts: stop accepting, finish in-flight requests, close gracefully.
-    pub(crate) drain: CancellationToken,
-    /// Cancelled when the drain timeout ends: whatever is still open is closed.
-    pub(crate) force_close: CancellationToken,
-    /// Ports of the transparent listeners: a connection redirected to one of them is a loop.
-    transparent_ports: Vec<u16>,
-    /// The TLS material of the current workload certificate (`None` before the first, or without an
-    /// identity).
-    pub(crate) tls: watch::Receiver<Option<weft_identity::tls::TlsMaterial>>,
-}
-
-impl std::fmt::Debug for Inputs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Inputs")
-            .field("node", &self.bootstrap.node.id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Inputs {
-    pub(crate) fn mesh(&self) -> Arc<Mesh> {
-        self.mesh.borrow().clone()
-    }
-
-    /// A receiver of configuration snapshots, for what must follow changes.
-    pub(crate) fn mesh_changes(&self) -> watch::Receiver<Arc<Mesh>> {
-        self.mesh.clone()
-    }
-
-    /// Where a redirected connection was going, or `None` (logged) when that is unknown or is this proxy
-    /// itself: forwarding a connection to our own listener would loop forever.
-    pub(crate) fn original_dst(&self, conn: &Accepted) -> Option<SocketAddr> {
-        let dst = match self.binder.original_dst(&conn.stream) {
-            Ok(dst) => dst,
-            Err(err) => {
-                tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
-                return None;
-            }
-        };
-        let is_self = self.transparent_ports.contains(&dst.port())
-            && (dst.ip() == conn.local.ip() || dst.ip().is_loopback() || dst.ip().is_unspecified());
-        if is_self {
-            tracing::warn!(orig_dst = %dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
-            return None;
-        }
-        Some(dst)
-    }
-
-    /// The routes for `key`, as of each request.
-    pub(crate) fn live_routes(&self, key: TargetKey) -> Arc<dyn weft_http::RouteSource> {
-        Arc::new(LiveRoutes {
-            mesh: self.mesh.clone(),
-            key,
-        })
-    }
-
-    /// Straight to the address the client was going to (egress passthrough).
-    pub(crate) fn passthrough(&self, addr: SocketAddr) -> Destination {
-        let settings = DialSettings {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
-            tls: None,
-            source: None,
-        };
-        Destination::Direct(addr, settings)
-    }
-
-    /// To the app beside us, from `source` when given.
-    pub(crate) fn app(
-        &self,
-        addr: SocketAddr,
-        idle_timeout: Duration,
-        source: Option<IpAddr>,
-    ) -> Destination {
-        Destination::Direct(
-            addr,
-            DialSettings {
-                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                idle_timeout,
-                tls: None,
-                source,
-            },
-        )
-    }
 }
 
 /// Builds proxies.

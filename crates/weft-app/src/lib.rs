@@ -5,9 +5,11 @@
 //! decide where it goes, detect the protocol, then forward as HTTP or as opaque TCP ([`forward`]).
 
 mod app;
+mod destination;
 mod detect;
 mod forward;
 mod inbound;
+mod inputs;
 mod outbound;
 mod tcp;
 

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use weft_model::{Egress, ExplicitListener, HttpSettings, PeerAuthentication, Target};
-use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, TcpLabels};
+use weft_telemetry::{Label, ResponseFlags, TcpLabels};
 use weft_transport::Accepted;
 
-use crate::app::Inputs;
-use crate::forward::{AuthzKey, Destination, Routed, TargetKey, serve};
+use crate::destination::{AuthzKey, Destination, Routed, TargetKey};
+use crate::forward::serve;
+use crate::inputs::Inputs;
 
 /// A connection the app made to some `ip:port`, captured by iptables.
 pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
@@ -30,7 +31,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
                 HttpSettings::default(),
             ),
             Egress::RegistryOnly => {
-                let peers = source_peers(&inputs, Label::from(orig_dst.to_string()));
+                let peers = inputs.source_peers(Label::from(orig_dst.to_string()));
                 let labels = TcpLabels {
                     peers,
                     response_flags: ResponseFlags::NO_ROUTE,
@@ -41,7 +42,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
             }
         },
     };
-    let peers = source_peers(&inputs, service);
+    let peers = inputs.source_peers(service);
     let routed = Routed {
         stream: conn.stream,
         source: conn.peer,
@@ -64,9 +65,9 @@ pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, co
     let entry = listener.peer_authentication != PeerAuthentication::Disable;
     let service = service_label(&listener.target);
     let peers = if entry {
-        crate::inbound::destination_peers(&inputs, service)
+        inputs.destination_peers(service)
     } else {
-        source_peers(&inputs, service)
+        inputs.source_peers(service)
     };
     // An entry point, or a listener with policies, authorizes what arrives.
     let authz =
@@ -92,21 +93,5 @@ fn service_label(target: &Target) -> Label {
     match &target.cluster {
         Some(cluster) if target.route.name == cluster.name => cluster.name.as_str().into(),
         _ => target.route.name.as_str().into(),
-    }
-}
-
-fn source_peers(inputs: &Inputs, destination_service: Label) -> Peers {
-    let node = &inputs.bootstrap.node;
-    Peers {
-        reporter: Reporter::source,
-        source_workload: node.workload.as_str().into(),
-        source_workload_namespace: node.namespace.as_str().into(),
-        source_principal: Label::unknown(),
-        destination_workload: Label::unknown(),
-        destination_workload_namespace: Label::unknown(),
-        destination_principal: Label::unknown(),
-        destination_service,
-        // Istio's client side reports `unknown`: it cannot see how the server authenticated it.
-        connection_security_policy: ConnectionSecurity::unknown,
     }
 }

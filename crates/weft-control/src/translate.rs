@@ -272,8 +272,17 @@ impl Builder {
             });
         let http = pool.and_then(|p| p.http.as_ref());
         let idle_timeout = http.and_then(|h| h.idle_timeout);
+        // Istio: 0 means no limit.
+        let max_requests = http
+            .and_then(|h| h.max_requests_per_connection)
+            .filter(|n| *n > 0);
         let upgrade = http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE");
-        let typed_extension_protocol_options = (idle_timeout.is_some() || upgrade)
+        let common = (idle_timeout.is_some() || max_requests.is_some()).then(|| HttpProtocolOptionsCommon {
+            idle_timeout: idle_timeout.map(duration),
+            max_requests_per_connection: max_requests.map(|value| UInt32Value { value }),
+            ..Default::default()
+        });
+        let typed_extension_protocol_options = (common.is_some() || upgrade)
             .then(|| {
                 // UPGRADE, as Istio states it: HTTP/2 to the endpoints. Otherwise the client's protocol
                 // is kept upstream; Envoy requires the choice be stated.
@@ -291,10 +300,7 @@ impl Builder {
                     http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(Default::default())
                 };
                 let options = HttpProtocolOptions {
-                    common_http_protocol_options: idle_timeout.map(|idle| HttpProtocolOptionsCommon {
-                        idle_timeout: Some(duration(idle)),
-                        ..Default::default()
-                    }),
+                    common_http_protocol_options: common,
                     upstream_protocol_options: Some(protocol),
                     ..Default::default()
                 };

@@ -10,6 +10,7 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use weft_balance::{ClusterState, ClusterStates, Outcome};
@@ -22,6 +23,7 @@ use crate::body::{BodyTimer, Completion, InFlight};
 use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
+use crate::pool::ConnectionUses;
 use crate::replay::{ClientBody, ReplayBody, RequestBody};
 use crate::retry::{Next, RetryState, TryOutcome, grpc_timeout};
 use crate::{HttpVersion, Pools, ProxyBody, UpstreamError};
@@ -259,6 +261,10 @@ impl Forwarder {
             timeout: timeout.unwrap_or_default(),
             deadline,
             idle_timeout: decision.idle_timeout,
+            max_requests_per_connection: match &decision.target {
+                DecidedTarget::Cluster(cluster) => cluster.max_requests_per_connection,
+                DecidedTarget::Direct(..) => None,
+            },
         };
         let (body, broken) = ClientBody::new(body);
         let (result, held, flags) = match decision.target {
@@ -472,7 +478,11 @@ impl Forwarder {
         per_try: Option<Duration>,
     ) -> Try {
         let client = self.pools.client(endpoint, exchange.version, settings);
-        let request = client.request(Request::from_parts(head, body));
+        let mut request = Request::from_parts(head, body);
+        let connection = exchange
+            .max_requests_per_connection
+            .map(|_| capture_connection(&mut request));
+        let request = client.request(request);
         let now = Instant::now();
         let try_deadline = per_try.map(|t| now + t);
         let bound = match (exchange.deadline, try_deadline) {
@@ -495,7 +505,12 @@ impl Forwarder {
             },
         };
         match result {
-            Ok(response) => Try::Response(response),
+            Ok(response) => {
+                if let (Some(limit), Some(connection)) = (exchange.max_requests_per_connection, connection) {
+                    retire_when_used_up(&response, limit, &connection);
+                }
+                Try::Response(response)
+            }
             Err(err) => {
                 tracing::debug!(%endpoint, error = %err, "upstream try failed");
                 Try::Failed(err)
@@ -535,6 +550,19 @@ async fn connection_slot(
     slot.map(Some).map_err(|_| UpstreamError::Overflow)
 }
 
+/// The cluster's `max_requests_per_connection`: a connection that has served its share is not used for
+/// another request (those in flight on it finish).
+fn retire_when_used_up(response: &Response<Incoming>, limit: u32, connection: &CaptureConnection) {
+    let Some(uses) = response.extensions().get::<ConnectionUses>() else {
+        return;
+    };
+    if uses.count() >= limit
+        && let Some(connected) = connection.connection_metadata().as_ref()
+    {
+        connected.poison();
+    }
+}
+
 /// What each try of a request shares.
 struct Exchange {
     parts: http::request::Parts,
@@ -543,6 +571,8 @@ struct Exchange {
     timeout: Duration,
     deadline: Option<Instant>,
     idle_timeout: Option<Duration>,
+    /// Requests an upstream connection serves before it is retired; `None`: no limit.
+    max_requests_per_connection: Option<u32>,
 }
 
 impl Exchange {

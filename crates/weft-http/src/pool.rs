@@ -9,7 +9,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -142,7 +143,7 @@ pin_project! {
 
 impl Connection for PoolIo {
     fn connected(&self) -> Connected {
-        let connected = Connected::new();
+        let connected = Connected::new().extra(ConnectionUses::default());
         if self.inner.inner().negotiated_h2() {
             connected.negotiated_h2()
         } else {
@@ -172,6 +173,18 @@ impl hyper::rt::Write for PoolIo {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+/// Responses received on one upstream connection, carried on each response's extensions so that a
+/// cluster's `max_requests_per_connection` can retire the connection once it has served its share.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectionUses(Arc<AtomicU32>);
+
+impl ConnectionUses {
+    /// Counts one more response; the count after it.
+    pub(crate) fn count(&self) -> u32 {
+        self.0.fetch_add(1, Ordering::Relaxed).saturating_add(1)
     }
 }
 

@@ -4,6 +4,7 @@
 //!
 //! A [`Mesh`] is immutable once built; a change is a new `Arc<Mesh>` swapped in whole.
 
+pub mod defaults;
 mod domains;
 pub mod file;
 mod mesh;

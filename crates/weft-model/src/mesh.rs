@@ -208,8 +208,8 @@ pub struct HttpSettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            request_headers_timeout: Some(crate::file::DEFAULT_REQUEST_HEADERS_TIMEOUT),
-            stream_idle_timeout: Some(crate::route::DEFAULT_STREAM_IDLE_TIMEOUT),
+            request_headers_timeout: Some(crate::defaults::DEFAULT_REQUEST_HEADERS_TIMEOUT),
+            stream_idle_timeout: Some(crate::defaults::DEFAULT_STREAM_IDLE_TIMEOUT),
         }
     }
 }
@@ -282,6 +282,9 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// Below this percentage of available endpoints the cluster balances over all of them (0 disables).
     pub panic_threshold_percent: f64,
+    /// Requests an upstream connection serves before it is retired (Envoy's
+    /// `max_requests_per_connection`, Istio's `maxRequestsPerConnection`); `None`: no limit.
+    pub max_requests_per_connection: Option<u32>,
 }
 
 impl Cluster {
@@ -292,11 +295,12 @@ impl Cluster {
             endpoints: Vec::new(),
             tls: None,
             lb_policy: LbPolicy::default(),
-            connect_timeout: crate::file::DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout: crate::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            connect_timeout: crate::defaults::DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: crate::defaults::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
             circuit_breakers: CircuitBreakers::default(),
             outlier_detection: None,
-            panic_threshold_percent: crate::policy::DEFAULT_PANIC_THRESHOLD_PERCENT,
+            panic_threshold_percent: crate::defaults::DEFAULT_PANIC_THRESHOLD_PERCENT,
+            max_requests_per_connection: None,
         }
     }
 

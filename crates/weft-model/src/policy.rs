@@ -275,9 +275,7 @@ impl Default for OutlierDetection {
     }
 }
 
-/// Envoy's default `healthy_panic_threshold`: below this share of available endpoints, the cluster
-/// balances over all of them, as if none were ejected, so that traffic still goes somewhere.
-pub const DEFAULT_PANIC_THRESHOLD_PERCENT: f64 = 50.0;
+pub use crate::defaults::DEFAULT_PANIC_THRESHOLD_PERCENT;
 
 #[cfg(test)]
 mod tests {

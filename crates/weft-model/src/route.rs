@@ -11,10 +11,7 @@ use crate::Cluster;
 use crate::domains::DomainIndex;
 pub use crate::policy::RetryPolicy;
 
-/// Envoy's default route timeout (it covers all retries).
-pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Envoy's default stream idle timeout: a request or response with no frame for this long is reset.
-pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub use crate::defaults::{DEFAULT_ROUTE_TIMEOUT, DEFAULT_STREAM_IDLE_TIMEOUT};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteTable {

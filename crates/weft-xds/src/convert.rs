@@ -157,6 +157,7 @@ pub struct ClusterSpec {
     pub circuit_breakers: CircuitBreakers,
     pub outlier_detection: Option<OutlierDetection>,
     pub panic_threshold_percent: f64,
+    pub max_requests_per_connection: Option<u32>,
 }
 
 pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
@@ -449,7 +450,7 @@ fn hcm_settings(hcm: &HttpConnectionManager) -> HttpSettings {
     HttpSettings {
         request_headers_timeout: setting(
             hcm.request_headers_timeout.as_ref(),
-            weft_model::file::DEFAULT_REQUEST_HEADERS_TIMEOUT,
+            weft_model::defaults::DEFAULT_REQUEST_HEADERS_TIMEOUT,
         ),
         stream_idle_timeout: setting(hcm.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE_TIMEOUT),
     }
@@ -795,7 +796,7 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
         .connect_timeout
         .as_ref()
         .map(duration)
-        .unwrap_or(weft_model::file::DEFAULT_CONNECT_TIMEOUT);
+        .unwrap_or(weft_model::defaults::DEFAULT_CONNECT_TIMEOUT);
     if connect_timeout.is_zero() {
         return Err(ctx.err("connect_timeout", "must be greater than 0"));
     }
@@ -840,7 +841,20 @@ pub fn cluster(c: &XCluster) -> Result<ClusterSpec, ResourceError> {
         circuit_breakers: circuit_breakers(&ctx, c)?,
         outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
         panic_threshold_percent,
+        max_requests_per_connection: max_requests_per_connection(c, options.as_ref()),
     })
+}
+
+/// `common_http_protocol_options.max_requests_per_connection`, or the cluster's deprecated field of
+/// the same name; unset or 0: no limit (Envoy's reading).
+#[allow(deprecated)]
+fn max_requests_per_connection(c: &XCluster, options: Option<&HttpProtocolOptions>) -> Option<u32> {
+    options
+        .and_then(|o| o.common_http_protocol_options.as_ref())
+        .and_then(|o| o.max_requests_per_connection.as_ref())
+        .or(c.max_requests_per_connection.as_ref())
+        .map(|v| v.value)
+        .filter(|n| *n > 0)
 }
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -861,7 +875,7 @@ fn upstream_idle_timeout(options: Option<&HttpProtocolOptions>) -> Duration {
         .and_then(|o| o.idle_timeout.as_ref())
         .map(duration)
         .filter(|d| !d.is_zero())
-        .unwrap_or(weft_model::file::DEFAULT_UPSTREAM_IDLE_TIMEOUT)
+        .unwrap_or(weft_model::defaults::DEFAULT_UPSTREAM_IDLE_TIMEOUT)
 }
 
 /// The default-priority thresholds (Weft has one priority). The retry budget always counts requests over

@@ -83,6 +83,7 @@ impl XdsState {
             cluster.circuit_breakers = spec.circuit_breakers;
             cluster.outlier_detection = spec.outlier_detection;
             cluster.panic_threshold_percent = spec.panic_threshold_percent;
+            cluster.max_requests_per_connection = spec.max_requests_per_connection;
             mesh.clusters.insert(spec.name.clone(), Arc::new(cluster));
         }
 

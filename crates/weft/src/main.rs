@@ -161,7 +161,7 @@ async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogCon
             let initial_fetch_timeout = bootstrap
                 .xds
                 .as_ref()
-                .map_or(weft_model::file::DEFAULT_INITIAL_FETCH_TIMEOUT, |x| {
+                .map_or(weft_model::defaults::DEFAULT_INITIAL_FETCH_TIMEOUT, |x| {
                     x.initial_fetch_timeout
                 });
             let root_pem = bootstrap.xds.as_ref().and_then(|x| x.root_pem.clone());

@@ -559,3 +559,34 @@ fn connection_manager_timeouts_follow_envoy_unset_default_and_zero_disables() {
         }
     );
 }
+
+#[test]
+#[allow(deprecated)]
+fn max_requests_per_connection_from_protocol_options_or_the_deprecated_field() {
+    use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as Common;
+
+    assert_eq!(
+        cluster(&eds_cluster("plain"))
+            .unwrap()
+            .max_requests_per_connection,
+        None
+    );
+    let with = |n: u32| {
+        let mut c = eds_cluster("limited");
+        let options = HttpProtocolOptions {
+            common_http_protocol_options: Some(Common {
+                max_requests_per_connection: Some(UInt32Value { value: n }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options
+            .insert(HTTP_PROTOCOL_OPTIONS.to_owned(), pack_any(options));
+        cluster(&c).unwrap().max_requests_per_connection
+    };
+    assert_eq!(with(10), Some(10));
+    assert_eq!(with(0), None, "0 is no limit, as in Envoy");
+    let mut old = eds_cluster("old");
+    old.max_requests_per_connection = Some(UInt32Value { value: 3 });
+    assert_eq!(cluster(&old).unwrap().max_requests_per_connection, Some(3));
+}

@@ -1,0 +1,146 @@
+//! What every connection reads: the bootstrap, the configuration snapshot in force, the forwarder, the
+//! workload certificate, drain signals, and the labels a hop's metrics carry.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use weft_http::Forwarder;
+use weft_model::defaults::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
+use weft_model::{Bootstrap, Mesh};
+use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter};
+use weft_transport::{Accepted, Binder, DialSettings};
+
+use crate::destination::{Destination, LiveRoutes, TargetKey};
+
+/// What every connection reads. The configuration snapshot is read once per connection.
+pub(crate) struct Inputs {
+    pub(crate) bootstrap: Bootstrap,
+    pub(crate) mesh: watch::Receiver<Arc<Mesh>>,
+    pub(crate) binder: Arc<dyn Binder>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) forwarder: Forwarder,
+    /// Cancelled when draining starts: stop accepting, finish in-flight requests, close gracefully.
+    pub(crate) drain: CancellationToken,
+    /// Cancelled when the drain timeout ends: whatever is still open is closed.
+    pub(crate) force_close: CancellationToken,
+    /// Ports of the transparent listeners: a connection redirected to one of them is a loop.
+    pub(crate) transparent_ports: Vec<u16>,
+    /// The TLS material of the current workload certificate (`None` before the first, or without an
+    /// identity).
+    pub(crate) tls: watch::Receiver<Option<weft_identity::tls::TlsMaterial>>,
+}
+
+impl std::fmt::Debug for Inputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inputs")
+            .field("node", &self.bootstrap.node.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inputs {
+    pub(crate) fn mesh(&self) -> Arc<Mesh> {
+        self.mesh.borrow().clone()
+    }
+
+    /// A receiver of configuration snapshots, for what must follow changes.
+    pub(crate) fn mesh_changes(&self) -> watch::Receiver<Arc<Mesh>> {
+        self.mesh.clone()
+    }
+
+    /// Where a redirected connection was going, or `None` (logged) when that is unknown or is this proxy
+    /// itself: forwarding a connection to our own listener would loop forever.
+    pub(crate) fn original_dst(&self, conn: &Accepted) -> Option<SocketAddr> {
+        let dst = match self.binder.original_dst(&conn.stream) {
+            Ok(dst) => dst,
+            Err(err) => {
+                tracing::warn!(peer = %conn.peer, error = %err, "no original destination; was this connection redirected by iptables?");
+                return None;
+            }
+        };
+        let is_self = self.transparent_ports.contains(&dst.port())
+            && (dst.ip() == conn.local.ip() || dst.ip().is_loopback() || dst.ip().is_unspecified());
+        if is_self {
+            tracing::warn!(orig_dst = %dst, peer = %conn.peer, "refusing a connection addressed to the proxy itself (redirect loop)");
+            return None;
+        }
+        Some(dst)
+    }
+
+    /// The routes for `key`, as of each request.
+    pub(crate) fn live_routes(&self, key: TargetKey) -> Arc<dyn weft_http::RouteSource> {
+        Arc::new(LiveRoutes {
+            mesh: self.mesh.clone(),
+            key,
+        })
+    }
+
+    /// Straight to the address the client was going to (egress passthrough).
+    pub(crate) fn passthrough(&self, addr: SocketAddr) -> Destination {
+        let settings = DialSettings {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            tls: None,
+            source: None,
+        };
+        Destination::Direct(addr, settings)
+    }
+
+    /// To the app beside us, from `source` when given.
+    pub(crate) fn app(
+        &self,
+        addr: SocketAddr,
+        idle_timeout: Duration,
+        source: Option<IpAddr>,
+    ) -> Destination {
+        Destination::Direct(
+            addr,
+            DialSettings {
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                idle_timeout,
+                tls: None,
+                source,
+            },
+        )
+    }
+
+    /// Labels for the server side of a hop; the caller is unknown until mutual TLS names it.
+    pub(crate) fn destination_peers(&self, destination_service: Label) -> Peers {
+        let node = &self.bootstrap.node;
+        Peers {
+            reporter: Reporter::destination,
+            source_workload: Label::unknown(),
+            source_workload_namespace: Label::unknown(),
+            source_principal: Label::unknown(),
+            destination_workload: node.workload.as_str().into(),
+            destination_workload_namespace: node.namespace.as_str().into(),
+            destination_principal: self
+                .bootstrap
+                .identity
+                .as_ref()
+                .map_or_else(Label::unknown, |i| Label::from(i.id.as_str())),
+            destination_service,
+            connection_security_policy: ConnectionSecurity::none,
+        }
+    }
+
+    /// Labels for the client side of a hop.
+    pub(crate) fn source_peers(&self, destination_service: Label) -> Peers {
+        let node = &self.bootstrap.node;
+        Peers {
+            reporter: Reporter::source,
+            source_workload: node.workload.as_str().into(),
+            source_workload_namespace: node.namespace.as_str().into(),
+            source_principal: Label::unknown(),
+            destination_workload: Label::unknown(),
+            destination_workload_namespace: Label::unknown(),
+            destination_principal: Label::unknown(),
+            destination_service,
+            // Istio's client side reports `unknown`: it cannot see how the server authenticated it.
+            connection_security_policy: ConnectionSecurity::unknown,
+        }
+    }
+}

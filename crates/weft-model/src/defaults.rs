@@ -1,0 +1,41 @@
+//! What the configuration is when it says nothing: Envoy's and Istio's defaults, and Weft's own where
+//! it differs from them (each says why).
+
+use std::time::Duration;
+
+/// Envoy's default cluster connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle upstream connections are closed after this long. Kept under the 5 s keep-alive that common app
+/// servers (Node.js, Go's default is longer) use, so the proxy closes an idle connection before the app
+/// does, rather than racing the app's close with a new request.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long to wait for a client's first bytes before calling the connection opaque TCP. Long enough for
+/// a client on a busy machine to send its request, short enough that a server-speaks-first protocol
+/// (MySQL, SMTP) only sees a small delay before its greeting.
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// Envoy's default idle timeout for client connections (HTTP connection manager and TCP proxy).
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A client has this long from a request's first byte to send its whole header block (Envoy's
+/// `request_headers_timeout`, which Envoy leaves off; the proxy keeps slowloris out by default).
+pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
+pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Istio's trust domain and certificate lifetime defaults.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);
+/// How long in-flight requests get to finish on shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const ADMIN_PORT: u16 = 15000;
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
+pub const READINESS_PORT: u16 = 15021;
+
+/// Envoy's default route timeout (it covers all retries).
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's default stream idle timeout: a request or response with no frame for this long is reset.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Envoy's default `healthy_panic_threshold`: below this share of available endpoints, the cluster
+/// balances over all of them, as if none were ejected, so that traffic still goes somewhere.
+pub const DEFAULT_PANIC_THRESHOLD_PERCENT: f64 = 50.0;
