@@ -527,6 +527,13 @@ impl Proxy {
     }
 }
 
+/// A run that ends early (an error) stops its proxies too.
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// User + system CPU time of process `pid` (all its threads) so far.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;

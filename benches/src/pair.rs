@@ -208,6 +208,7 @@ fn start_haproxy(
     backend: SocketAddr,
     threads: u16,
     dir: &Path,
+    policies: bool,
 ) -> anyhow::Result<HaproxyPair> {
     let haproxy = which("haproxy")
         .context("haproxy not found: apt-get install haproxy (the peer this benchmark compares against)")?;
@@ -231,13 +232,25 @@ frontend client_out
   bind {entry}
   default_backend peer
 backend peer
-  server server {server} ssl crt {client_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn http/1.1
+{peer_policies}  server server {server} ssl crt {client_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn http/1.1{server_policies}
 frontend server_in
   bind {server} ssl crt {server_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn http/1.1
   default_backend app
 backend app
   server app {backend}
 ",
+        // The same policies in HAProxy's words: least connections, three retries that may go to
+        // another server, and a server marked down after five consecutive 5xx.
+        peer_policies = if policies {
+            "  balance leastconn\n  retries 3\n  option redispatch\n  retry-on conn-failure 500 502 503 504\n"
+        } else {
+            ""
+        },
+        server_policies = if policies {
+            " check observe layer7 error-limit 5 on-error mark-down"
+        } else {
+            ""
+        },
         client_pem = client_pem.display(),
         server_pem = server_pem.display(),
         root = root.display(),
@@ -251,7 +264,15 @@ backend app
         .stdout(Stdio::null())
         .spawn()
         .context("starting haproxy")?;
-    Ok(HaproxyPair { child, entry })
+    let mut pair = HaproxyPair { child, entry };
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(status) = pair.child.try_wait()? {
+        anyhow::bail!(
+            "haproxy exited at start ({status}): it refused {}",
+            path.display()
+        );
+    }
+    Ok(pair)
 }
 
 fn which(binary: &str) -> Option<PathBuf> {
@@ -270,6 +291,7 @@ fn start_weft(
     backend: SocketAddr,
     threads: u16,
     args_upgrade: bool,
+    policies: bool,
 ) -> anyhow::Result<WeftPair> {
     let identity = |sa: &str| -> anyhow::Result<String> {
         let token = cp
@@ -293,9 +315,24 @@ fn start_weft(
     let server_addr = server.listener;
     let upgrade = args_upgrade;
     let client = Proxy::start_with(weft, threads, |listener| {
+        let tls = format!(
+            "    tls: {{ identities: [\"spiffe://{TRUST_DOMAIN}/ns/default/sa/server\"], http2_upgrade: {upgrade} }}\n"
+        );
+        if policies {
+            // Retries, outlier detection and least-request on the client sidecar, as the seed's
+            // VirtualService and DestinationRule put them.
+            return format!(
+                "{client_identity}listeners:\n  - name: client-out\n    address: {listener}\n    route: out\n    protocol: http\n\
+                 clusters:\n  - name: server\n    endpoints: [{server_addr}]\n    lb_policy: LEAST_REQUEST\n    outlier_detection: {{}}\n{tls}\
+                 routes:\n  - name: out\n    virtual_hosts:\n      - name: out\n        routes:\n\
+                 \x20         - match: {{ prefix: / }}\n\
+                 \x20           cluster: server\n\
+                 \x20           retry: {{ retry_on: \"5xx,connect-failure\", num_retries: 3, per_try_timeout: 2s }}\n"
+            );
+        }
         format!(
             "{client_identity}listeners:\n  - name: client-out\n    address: {listener}\n    cluster: server\n    protocol: http\n\
-             clusters:\n  - name: server\n    endpoints: [{server_addr}]\n    tls: {{ identities: [\"spiffe://{TRUST_DOMAIN}/ns/default/sa/server\"], http2_upgrade: {upgrade} }}\n"
+             clusters:\n  - name: server\n    endpoints: [{server_addr}]\n{tls}"
         )
     })?;
     Ok(WeftPair { client, server })
@@ -332,8 +369,8 @@ pub(crate) fn run(
     std::thread::spawn(move || cp_rt.block_on(std::future::pending::<()>()));
 
     let threads = args.proxy_threads;
-    let mut weft_pair = start_weft(weft, &cp, backend, threads, args.http2_upgrade)?;
-    let haproxy = start_haproxy(cp.ca(), backend, threads, &dir)?;
+    let mut weft_pair = start_weft(weft, &cp, backend, threads, args.http2_upgrade, args.policies)?;
+    let haproxy = start_haproxy(cp.ca(), backend, threads, &dir, args.policies)?;
     client_rt.block_on(weft_pair.client.wait_ready())?;
     client_rt.block_on(weft_pair.server.wait_ready())?;
     client_rt.block_on(wait_serving(weft_pair.entry()))?;
@@ -352,7 +389,7 @@ pub(crate) fn run(
 
 fn report(args: &Args, direct: &PairFigures, peer: &PairFigures, ours: &PairFigures) {
     println!(
-        "sidecar pair, mutual TLS between them, HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}",
+        "sidecar pair, mutual TLS between them, HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}; policies: {}",
         args.seconds,
         args.connections,
         args.proxy_threads,
@@ -360,6 +397,11 @@ fn report(args: &Args, direct: &PairFigures, peer: &PairFigures, ours: &PairFigu
             "HTTP/2 (upgraded)"
         } else {
             "HTTP/1.1"
+        },
+        if args.policies {
+            "on (retries, outlier detection, least-request on both pairs)"
+        } else {
+            "off"
         }
     );
     println!(

@@ -9,11 +9,12 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -32,11 +33,21 @@ pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
 const POOL_EXPIRY_GRACE: Duration = Duration::from_secs(60);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A pool's key. Hashed by endpoint and version only: pools of one endpoint with different settings
+/// (a configuration change) are rare, and equality still compares everything, so finding a pool never
+/// hashes an identity list.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PoolKey {
     endpoint: SocketAddr,
     version: HttpVersion,
     settings: DialSettings,
+}
+
+impl std::hash::Hash for PoolKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.endpoint.hash(state);
+        self.version.hash(state);
+    }
 }
 
 pub(crate) type UpstreamClient = Client<EndpointConnector, RequestBody>;
@@ -44,30 +55,32 @@ pub(crate) type UpstreamClient = Client<EndpointConnector, RequestBody>;
 #[derive(Debug)]
 struct Entry {
     client: UpstreamClient,
-    last_used: Instant,
+    /// Milliseconds since the pools were made, at the last use.
+    last_used: AtomicU64,
 }
 
-/// Every upstream pool of the proxy.
+type PoolMap = HashMap<PoolKey, Arc<Entry>>;
+
+/// Every upstream pool of the proxy. Requests find their pool through an atomically swapped map,
+/// without a lock; adding a pool or sweeping unused ones takes the writers' lock.
 #[derive(Debug)]
 pub struct Pools {
-    inner: Mutex<Inner>,
+    pools: ArcSwap<PoolMap>,
+    write: Mutex<()>,
+    started: Instant,
+    /// Milliseconds since `started` when unused pools are next swept.
+    next_sweep: AtomicU64,
     /// The current workload certificate, for mutual TLS.
     tls: watch::Receiver<Option<TlsMaterial>>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    pools: HashMap<PoolKey, Entry>,
-    last_sweep: Instant,
 }
 
 impl Pools {
     pub fn new(tls: watch::Receiver<Option<TlsMaterial>>) -> Self {
         Self {
-            inner: Mutex::new(Inner {
-                pools: HashMap::new(),
-                last_sweep: Instant::now(),
-            }),
+            pools: ArcSwap::default(),
+            write: Mutex::new(()),
+            started: Instant::now(),
+            next_sweep: AtomicU64::new(millis(SWEEP_INTERVAL)),
             tls,
         }
     }
@@ -83,30 +96,57 @@ impl Pools {
             version,
             settings,
         };
-        let now = Instant::now();
-        // The lock is never held across an await; a poisoned lock only means another thread panicked
-        // mid-update of a cache, which is still usable.
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if now.duration_since(inner.last_sweep) > SWEEP_INTERVAL {
-            inner.last_sweep = now;
-            inner
-                .pools
-                .retain(|k, e| now.duration_since(e.last_used) < k.settings.idle_timeout + POOL_EXPIRY_GRACE);
+        let now = millis(self.started.elapsed());
+        if now >= self.next_sweep.load(Ordering::Relaxed) {
+            self.sweep(now);
         }
-        if let Some(entry) = inner.pools.get_mut(&key) {
-            entry.last_used = now;
+        if let Some(entry) = self.pools.load().get(&key) {
+            entry.last_used.store(now, Ordering::Relaxed);
+            return entry.client.clone();
+        }
+        // A poisoned lock only means another thread panicked mid-update of a cache, still usable.
+        let _write = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.pools.load_full();
+        if let Some(entry) = current.get(&key) {
             return entry.client.clone();
         }
         let client = build(&key, self.tls.clone());
-        inner.pools.insert(
+        let mut next = PoolMap::clone(&current);
+        next.insert(
             key,
-            Entry {
+            Arc::new(Entry {
                 client: client.clone(),
-                last_used: now,
-            },
+                last_used: AtomicU64::new(now),
+            }),
         );
+        self.pools.store(Arc::new(next));
         client
     }
+
+    /// Drops pools unused for longer than their idle timeout and a grace period.
+    fn sweep(&self, now: u64) {
+        let Ok(_write) = self.write.try_lock() else {
+            return; // another request is sweeping or adding a pool
+        };
+        self.next_sweep
+            .store(now + millis(SWEEP_INTERVAL), Ordering::Relaxed);
+        let current = self.pools.load_full();
+        let kept: PoolMap = current
+            .iter()
+            .filter(|(key, entry)| {
+                let unused = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
+                unused < millis(key.settings.idle_timeout + POOL_EXPIRY_GRACE)
+            })
+            .map(|(key, entry)| (key.clone(), entry.clone()))
+            .collect();
+        if kept.len() != current.len() {
+            self.pools.store(Arc::new(kept));
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamClient {
