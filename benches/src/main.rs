@@ -68,6 +68,10 @@ struct Args {
     /// `h2UpgradePolicy: UPGRADE`).
     #[arg(long)]
     http2_upgrade: bool,
+    /// In `--pair`: the client speaks HTTP/2 with prior knowledge (h2c), and both pairs keep HTTP/2 on
+    /// every hop (HAProxy: `proto h2` / `alpn h2`; the backend serves HTTP/1.1 and h2c).
+    #[arg(long)]
+    h2c: bool,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -162,13 +166,13 @@ fn main() -> anyhow::Result<()> {
     client_rt.block_on(proxy.wait_ready())?;
 
     let phase = Duration::from_secs(args.seconds);
-    let direct_sat = client_rt.block_on(saturate(backend_addr, args.connections, phase))?;
+    let direct_sat = client_rt.block_on(saturate(backend_addr, args.connections, phase, false))?;
     let cpu_before = proxy.cpu_seconds()?;
-    let proxied_sat = client_rt.block_on(saturate(proxy.listener, args.connections, phase))?;
+    let proxied_sat = client_rt.block_on(saturate(proxy.listener, args.connections, phase, false))?;
     let cpu_saturation = proxy.cpu_seconds()? - cpu_before;
-    let direct_lat = client_rt.block_on(fixed_rate(backend_addr, args.rate, phase))?;
+    let direct_lat = client_rt.block_on(fixed_rate(backend_addr, args.rate, phase, false))?;
     let cpu_before = proxy.cpu_seconds()?;
-    let proxied_lat = client_rt.block_on(fixed_rate(proxy.listener, args.rate, phase))?;
+    let proxied_lat = client_rt.block_on(fixed_rate(proxy.listener, args.rate, phase, false))?;
     let cpu_fixed = proxy.cpu_seconds()? - cpu_before;
     let peak_rss_mib = proxy.peak_rss_kib()? as f64 / 1024.0;
 
@@ -251,7 +255,7 @@ fn compare_cpu(
     for _ in 0..3 {
         for (i, proxy) in [&base, &other].into_iter().enumerate() {
             let before = proxy.cpu_seconds()?;
-            let figures = client_rt.block_on(saturate(proxy.listener, args.connections, phase))?;
+            let figures = client_rt.block_on(saturate(proxy.listener, args.connections, phase, false))?;
             let cpu = proxy.cpu_seconds()? - before;
             errors += figures.errors;
             samples[i].push(cpu * 1e6 / (figures.rps * phase.as_secs_f64()).max(1.0));
@@ -327,7 +331,7 @@ fn default_weft_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release/weft"))
 }
 
-/// The backend: the smallest useful HTTP/1.1 server, answering every request with 13 bytes.
+/// The backend: the smallest useful HTTP/1.1 and h2c server, answering every request with 13 bytes.
 async fn serve_backend(listener: tokio::net::TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
         let _ = stream.set_nodelay(true);
@@ -337,32 +341,71 @@ async fn serve_backend(listener: tokio::net::TcpListener) {
                     b"hello, world\n",
                 ))))
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
 }
 
+/// One client connection of the closed loop: HTTP/1.1, or HTTP/2 with prior knowledge (one stream at a
+/// time, so that both keep the same number of requests in flight).
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn connect(target: SocketAddr, h2: bool) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(target).await?;
+        stream.set_nodelay(true)?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            return Ok(Sender::Http2(sender));
+        }
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Ok(Sender::Http1(sender))
+    }
+
+    async fn send(&mut self) -> hyper::Result<hyper::Response<Incoming>> {
+        match self {
+            Sender::Http1(sender) => {
+                let request = hyper::Request::get(REQUEST_PATH)
+                    .header("host", "backend")
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                sender.send_request(request).await
+            }
+            Sender::Http2(sender) => {
+                let request = hyper::Request::get(format!("http://backend{REQUEST_PATH}"))
+                    .body(Empty::<Bytes>::new())
+                    .expect("request");
+                sender.send_request(request).await
+            }
+        }
+    }
+}
+
 /// Closed loop: each connection sends its next request as soon as the previous response ends.
-async fn saturate(target: SocketAddr, connections: usize, duration: Duration) -> anyhow::Result<Figures> {
+async fn saturate(
+    target: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    h2: bool,
+) -> anyhow::Result<Figures> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let stream = tokio::net::TcpStream::connect(target).await?;
-        stream.set_nodelay(true)?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
+        let mut sender = Sender::connect(target, h2).await?;
         let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let request = hyper::Request::get(REQUEST_PATH)
-                    .header("host", "backend")
-                    .body(Empty::<Bytes>::new())
-                    .expect("request");
-                let ok = match sender.send_request(request).await {
+                let ok = match sender.send().await {
                     Ok(response) => {
                         response.status().is_success() && response.into_body().collect().await.is_ok()
                     }
@@ -394,11 +437,13 @@ async fn saturate(target: SocketAddr, connections: usize, duration: Duration) ->
 /// never delays later sends (no coordinated omission). Latency runs from the send to the end of the
 /// response. The timer that paces sends ticks every millisecond; how late sends left is reported as
 /// `send_lag`, so a generator that fell behind shows.
-async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration) -> anyhow::Result<Figures> {
+async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration, h2: bool) -> anyhow::Result<Figures> {
     let client: Client<HttpConnector, Empty<Bytes>> = {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new()).build(connector)
+        Client::builder(TokioExecutor::new())
+            .http2_only(h2)
+            .build(connector)
     };
     let uri: hyper::Uri = format!("http://{target}/").parse()?;
     // Warm the pool so connection setup is not measured.

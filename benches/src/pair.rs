@@ -134,13 +134,13 @@ async fn measure(pair: Option<&dyn Pair>, direct: SocketAddr, args: &Args) -> an
     };
     count(&mut figures, "start").await?;
     let before = total(&pids, cpu_seconds)?;
-    figures.saturation = saturate(target, args.connections, phase).await?;
+    figures.saturation = saturate(target, args.connections, phase, args.h2c).await?;
     let cpu = total(&pids, cpu_seconds)? - before;
     figures.cpu_us_per_request = cpu * 1e6 / (figures.saturation.rps * phase.as_secs_f64()).max(1.0);
     count(&mut figures, "saturation").await?;
     for rate in RATES {
         let before = total(&pids, cpu_seconds)?;
-        let latency = fixed_rate(target, rate, phase).await?;
+        let latency = fixed_rate(target, rate, phase, args.h2c).await?;
         let cores = (total(&pids, cpu_seconds)? - before) / phase.as_secs_f64();
         figures.at_rate.push((latency, cores));
         count(
@@ -209,6 +209,7 @@ fn start_haproxy(
     threads: u16,
     dir: &Path,
     policies: bool,
+    h2: bool,
 ) -> anyhow::Result<HaproxyPair> {
     let haproxy = which("haproxy")
         .context("haproxy not found: apt-get install haproxy (the peer this benchmark compares against)")?;
@@ -232,12 +233,12 @@ frontend client_out
   bind {entry}
   default_backend peer
 backend peer
-{peer_policies}  server server {server} ssl crt {client_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn http/1.1{server_policies}
+{peer_policies}  server server {server} ssl crt {client_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn {alpn}{server_policies}
 frontend server_in
-  bind {server} ssl crt {server_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn http/1.1
+  bind {server} ssl crt {server_pem} ca-file {root} verify required ssl-min-ver TLSv1.3 alpn {alpn}
   default_backend app
 backend app
-  server app {backend}
+  server app {backend}{app_proto}
 ",
         // The same policies in HAProxy's words: least connections, three retries that may go to
         // another server, and a server marked down after five consecutive 5xx.
@@ -251,6 +252,8 @@ backend app
         } else {
             ""
         },
+        app_proto = if h2 { " proto h2" } else { "" },
+        alpn = if h2 { "h2" } else { "http/1.1" },
         client_pem = client_pem.display(),
         server_pem = server_pem.display(),
         root = root.display(),
@@ -370,7 +373,7 @@ pub(crate) fn run(
 
     let threads = args.proxy_threads;
     let mut weft_pair = start_weft(weft, &cp, backend, threads, args.http2_upgrade, args.policies)?;
-    let haproxy = start_haproxy(cp.ca(), backend, threads, &dir, args.policies)?;
+    let haproxy = start_haproxy(cp.ca(), backend, threads, &dir, args.policies, args.h2c)?;
     client_rt.block_on(weft_pair.client.wait_ready())?;
     client_rt.block_on(weft_pair.server.wait_ready())?;
     client_rt.block_on(wait_serving(weft_pair.entry()))?;
@@ -389,11 +392,18 @@ pub(crate) fn run(
 
 fn report(args: &Args, direct: &PairFigures, peer: &PairFigures, ours: &PairFigures) {
     println!(
-        "sidecar pair, mutual TLS between them, HTTP/1.1 GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}; policies: {}",
+        "sidecar pair, mutual TLS between them, {} GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}; policies: {}",
+        if args.h2c {
+            "h2c (HTTP/2 on every hop)"
+        } else {
+            "HTTP/1.1"
+        },
         args.seconds,
         args.connections,
         args.proxy_threads,
-        if args.http2_upgrade {
+        if args.h2c {
+            "HTTP/2"
+        } else if args.http2_upgrade {
             "HTTP/2 (upgraded)"
         } else {
             "HTTP/1.1"
