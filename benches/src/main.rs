@@ -72,6 +72,11 @@ struct Args {
     /// every hop (HAProxy: `proto h2` / `alpn h2`; the backend serves HTTP/1.1 and h2c).
     #[arg(long)]
     h2c: bool,
+    /// Instead of the usual table: the memory one idle keep-alive client connection costs a proxy
+    /// (VmRSS before and after N connections that each made one request and stay open), alone, so
+    /// that memory kept from earlier phases does not count.
+    #[arg(long)]
+    idle_memory: Option<usize>,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -122,6 +127,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     if args.pair {
         return pair::run(&args, &weft, backend_addr, &client_rt);
+    }
+    if let Some(connections) = args.idle_memory {
+        return client_rt.block_on(idle_memory(&weft, backend_addr, connections));
     }
     if args.compare_authz {
         return compare_cpu(
@@ -329,6 +337,30 @@ fn default_weft_path() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("weft")))
         .unwrap_or_else(|| PathBuf::from("target/release/weft"))
+}
+
+/// VmRSS of a proxy before and after `connections` idle keep-alive client connections, each of which made
+/// one request (so its HTTP state is what a kept-alive connection holds).
+async fn idle_memory(weft: &std::path::Path, backend: SocketAddr, connections: usize) -> anyhow::Result<()> {
+    let proxy = Proxy::start_with(weft, 2, |l| plain_yaml(l, backend, ""))?;
+    proxy.wait_ready().await?;
+    let mut warm = Vec::new();
+    for _ in 0..10 {
+        warm.push(pair::one_request_kept_open(proxy.listener).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = status_kib(proxy.child.id(), "VmRSS:")?;
+    let mut idle = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        idle.push(pair::one_request_kept_open(proxy.listener).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = status_kib(proxy.child.id(), "VmRSS:")?;
+    println!(
+        "one proxy, {connections} idle HTTP/1.1 keep-alive client connections: VmRSS {before} KiB before, {after} KiB after, {:.1} KiB per connection",
+        after.saturating_sub(before) as f64 / connections.max(1) as f64
+    );
+    Ok(())
 }
 
 /// The backend: the smallest useful HTTP/1.1 and h2c server, answering every request with 13 bytes.

@@ -166,7 +166,7 @@ async fn measure(pair: Option<&dyn Pair>, direct: SocketAddr, args: &Args) -> an
 }
 
 /// A client connection that made one request and stays open, idle.
-async fn one_request_kept_open(
+pub(crate) async fn one_request_kept_open(
     target: SocketAddr,
 ) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
     use http_body_util::BodyExt;

@@ -17,6 +17,13 @@ use crate::destination::{AuthzKey, Destination, LivePolicy, Routed};
 use crate::detect::{Handling, detect};
 use crate::inputs::Inputs;
 
+/// One connection, from its first bytes to its end: detect, terminate mutual TLS where peers arrive,
+/// then forward.
+///
+/// Every stage that lasts (the HTTP server, the TCP copy) and every large one (the TLS handshake,
+/// detection) is boxed, so that a connection's task is as big as the stage it is in, not as the largest
+/// stage any connection could reach: an idle keep-alive connection costs its HTTP server's state, not
+/// a TLS handshake's.
 pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
     let declared = conn.protocol.unwrap_or_else(|| conn.destination.protocol());
     // Mesh peers speak TLS first, so where mutual TLS is possible the first bytes are read whatever the
@@ -28,7 +35,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         Protocol::Detect
     };
     let (io, handling, hello) = tokio::select! {
-        detected = detect(conn.stream, sniffed, detect_timeout) => detected,
+        detected = Box::pin(detect(conn.stream, sniffed, detect_timeout)) => detected,
         () = inputs.drain.cancelled() => return,
     };
     let Routed {
@@ -68,7 +75,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 return;
             }
         };
-        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(io);
+        let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(io));
         let accepted = tokio::select! {
             accepted = handshake => accepted,
             () = inputs.drain.cancelled() => return,
@@ -100,11 +107,11 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         let (io, handling) = match handling {
             Some(handling) => (PrefixedIo::new(Default::default(), tls), handling),
             None => {
-                let (io, handling, _) = detect(tls, declared, detect_timeout).await;
+                let (io, handling, _) = Box::pin(detect(tls, declared, detect_timeout)).await;
                 (io, handling)
             }
         };
-        return forward(
+        return Box::pin(forward(
             inputs,
             io,
             handling,
@@ -116,7 +123,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 authz: authz.map(|a| (a, principal)),
                 http,
             },
-        )
+        ))
         .await;
     }
     if peer_authentication == PeerAuthentication::Strict {
@@ -138,7 +145,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         (Protocol::Http, Handling::Opaque) => Handling::Http(HttpVersion::Http1),
         (_, handling) => handling,
     };
-    forward(
+    Box::pin(forward(
         inputs,
         io,
         handling,
@@ -150,7 +157,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
             authz: authz.map(|a| (a, None)),
             http,
         },
-    )
+    ))
     .await
 }
 
@@ -230,7 +237,15 @@ where
         }
         Handling::Opaque => {
             let authz = conn.authorization(&inputs, false);
-            forward_tcp(&inputs, io, conn.destination, conn.peers, conn.orig_dst, authz).await
+            Box::pin(forward_tcp(
+                &inputs,
+                io,
+                conn.destination,
+                conn.peers,
+                conn.orig_dst,
+                authz,
+            ))
+            .await
         }
     }
 }
