@@ -72,6 +72,10 @@ struct Args {
     /// every hop (HAProxy: `proto h2` / `alpn h2`; the backend serves HTTP/1.1 and h2c).
     #[arg(long)]
     h2c: bool,
+    /// In `--pair`: gRPC unary calls (h2c, `application/grpc`, a 13-byte message each way, answered
+    /// with `grpc-status: 0` in trailers; a call counts only when that status arrives).
+    #[arg(long)]
+    grpc: bool,
     /// Instead of the usual table: the memory one idle keep-alive client connection costs a proxy
     /// (VmRSS before and after N connections that each made one request and stay open), alone, so
     /// that memory kept from earlier phases does not count.
@@ -174,13 +178,13 @@ fn main() -> anyhow::Result<()> {
     client_rt.block_on(proxy.wait_ready())?;
 
     let phase = Duration::from_secs(args.seconds);
-    let direct_sat = client_rt.block_on(saturate(backend_addr, args.connections, phase, false))?;
+    let direct_sat = client_rt.block_on(saturate(backend_addr, args.connections, phase, Wire::Http1))?;
     let cpu_before = proxy.cpu_seconds()?;
-    let proxied_sat = client_rt.block_on(saturate(proxy.listener, args.connections, phase, false))?;
+    let proxied_sat = client_rt.block_on(saturate(proxy.listener, args.connections, phase, Wire::Http1))?;
     let cpu_saturation = proxy.cpu_seconds()? - cpu_before;
-    let direct_lat = client_rt.block_on(fixed_rate(backend_addr, args.rate, phase, false))?;
+    let direct_lat = client_rt.block_on(fixed_rate(backend_addr, args.rate, phase, Wire::Http1))?;
     let cpu_before = proxy.cpu_seconds()?;
-    let proxied_lat = client_rt.block_on(fixed_rate(proxy.listener, args.rate, phase, false))?;
+    let proxied_lat = client_rt.block_on(fixed_rate(proxy.listener, args.rate, phase, Wire::Http1))?;
     let cpu_fixed = proxy.cpu_seconds()? - cpu_before;
     let peak_rss_mib = proxy.peak_rss_kib()? as f64 / 1024.0;
 
@@ -263,7 +267,8 @@ fn compare_cpu(
     for _ in 0..3 {
         for (i, proxy) in [&base, &other].into_iter().enumerate() {
             let before = proxy.cpu_seconds()?;
-            let figures = client_rt.block_on(saturate(proxy.listener, args.connections, phase, false))?;
+            let figures =
+                client_rt.block_on(saturate(proxy.listener, args.connections, phase, Wire::Http1))?;
             let cpu = proxy.cpu_seconds()? - before;
             errors += figures.errors;
             samples[i].push(cpu * 1e6 / (figures.rps * phase.as_secs_f64()).max(1.0));
@@ -363,15 +368,39 @@ async fn idle_memory(weft: &std::path::Path, backend: SocketAddr, connections: u
     Ok(())
 }
 
-/// The backend: the smallest useful HTTP/1.1 and h2c server, answering every request with 13 bytes.
+type BackendBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// 13 bytes; for gRPC, the call's message back, then `grpc-status: 0` in trailers.
+async fn backend_response(req: hyper::Request<Incoming>, grpc: bool) -> hyper::Response<BackendBody> {
+    if !grpc {
+        let body = Full::new(Bytes::from_static(b"hello, world\n")).map_err(|never| match never {});
+        return hyper::Response::new(body.boxed());
+    }
+    let _ = req.into_body().collect().await;
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+    let body = Full::new(grpc_message())
+        .map_err(|never| match never {})
+        .with_trailers(async move { Some(Ok(trailers)) });
+    let mut response = hyper::Response::new(body.boxed());
+    response.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The backend: the smallest useful HTTP/1.1, h2c and gRPC server, answering every request with 13 bytes.
 async fn serve_backend(listener: tokio::net::TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|_req: hyper::Request<Incoming>| async {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                    b"hello, world\n",
-                ))))
+            let service = hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                let grpc = req
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                Ok::<_, std::convert::Infallible>(backend_response(req, grpc).await)
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -380,19 +409,84 @@ async fn serve_backend(listener: tokio::net::TcpListener) {
     }
 }
 
+/// What the load generator speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Http1,
+    /// HTTP/2 with prior knowledge.
+    H2c,
+    /// gRPC unary over h2c.
+    Grpc,
+}
+
+impl Wire {
+    fn of(args: &Args) -> Self {
+        match (args.grpc, args.h2c) {
+            (true, _) => Wire::Grpc,
+            (false, true) => Wire::H2c,
+            (false, false) => Wire::Http1,
+        }
+    }
+
+    fn h2(self) -> bool {
+        self != Wire::Http1
+    }
+
+    /// The request, addressed to `authority`. `pooled`: for hyper-util's client, which wants the URI
+    /// absolute and writes Host from it.
+    fn request(self, authority: &str, pooled: bool) -> hyper::Request<Full<Bytes>> {
+        let request = match self {
+            Wire::Http1 if pooled => hyper::Request::get(format!("http://{authority}{REQUEST_PATH}")),
+            // HTTP/1.1 names the authority in Host; HTTP/2 in the URI.
+            Wire::Http1 => hyper::Request::get(REQUEST_PATH).header("host", authority),
+            Wire::H2c => hyper::Request::get(format!("http://{authority}{REQUEST_PATH}")),
+            Wire::Grpc => {
+                return hyper::Request::post(format!("http://{authority}/bench.Echo/Unary"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(Full::new(grpc_message()))
+                    .expect("request");
+            }
+        };
+        request.body(Full::new(Bytes::new())).expect("request")
+    }
+
+    /// Whether the response is a success, read to its end.
+    async fn succeeded(self, response: hyper::Response<Incoming>) -> bool {
+        if !response.status().is_success() {
+            return false;
+        }
+        match response.into_body().collect().await {
+            Ok(collected) if self == Wire::Grpc => collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .is_some_and(|s| s == "0"),
+            Ok(_) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+/// A gRPC message: uncompressed, 13 bytes.
+fn grpc_message() -> Bytes {
+    let mut message = vec![0, 0, 0, 0, 13];
+    message.extend_from_slice(b"hello, world\n");
+    Bytes::from(message)
+}
+
 /// One client connection of the closed loop: HTTP/1.1, or HTTP/2 with prior knowledge (one stream at a
 /// time, so that both keep the same number of requests in flight).
 enum Sender {
-    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
-    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Sender {
-    async fn connect(target: SocketAddr, h2: bool) -> anyhow::Result<Self> {
+    async fn connect(target: SocketAddr, wire: Wire) -> anyhow::Result<Self> {
         let stream = tokio::net::TcpStream::connect(target).await?;
         stream.set_nodelay(true)?;
         let io = TokioIo::new(stream);
-        if h2 {
+        if wire.h2() {
             let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
             tokio::spawn(conn);
             return Ok(Sender::Http2(sender));
@@ -402,21 +496,11 @@ impl Sender {
         Ok(Sender::Http1(sender))
     }
 
-    async fn send(&mut self) -> hyper::Result<hyper::Response<Incoming>> {
+    async fn send(&mut self, wire: Wire) -> hyper::Result<hyper::Response<Incoming>> {
+        let request = wire.request("backend", false);
         match self {
-            Sender::Http1(sender) => {
-                let request = hyper::Request::get(REQUEST_PATH)
-                    .header("host", "backend")
-                    .body(Empty::<Bytes>::new())
-                    .expect("request");
-                sender.send_request(request).await
-            }
-            Sender::Http2(sender) => {
-                let request = hyper::Request::get(format!("http://backend{REQUEST_PATH}"))
-                    .body(Empty::<Bytes>::new())
-                    .expect("request");
-                sender.send_request(request).await
-            }
+            Sender::Http1(sender) => sender.send_request(request).await,
+            Sender::Http2(sender) => sender.send_request(request).await,
         }
     }
 }
@@ -426,21 +510,19 @@ async fn saturate(
     target: SocketAddr,
     connections: usize,
     duration: Duration,
-    h2: bool,
+    wire: Wire,
 ) -> anyhow::Result<Figures> {
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..connections {
-        let mut sender = Sender::connect(target, h2).await?;
+        let mut sender = Sender::connect(target, wire).await?;
         let (done, errors, stop) = (done.clone(), errors.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let ok = match sender.send().await {
-                    Ok(response) => {
-                        response.status().is_success() && response.into_body().collect().await.is_ok()
-                    }
+                let ok = match sender.send(wire).await {
+                    Ok(response) => wire.succeeded(response).await,
                     Err(_) => false,
                 };
                 if !ok {
@@ -469,18 +551,23 @@ async fn saturate(
 /// never delays later sends (no coordinated omission). Latency runs from the send to the end of the
 /// response. The timer that paces sends ticks every millisecond; how late sends left is reported as
 /// `send_lag`, so a generator that fell behind shows.
-async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration, h2: bool) -> anyhow::Result<Figures> {
-    let client: Client<HttpConnector, Empty<Bytes>> = {
+async fn fixed_rate(
+    target: SocketAddr,
+    rate: u64,
+    duration: Duration,
+    wire: Wire,
+) -> anyhow::Result<Figures> {
+    let client: Client<HttpConnector, Full<Bytes>> = {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         Client::builder(TokioExecutor::new())
-            .http2_only(h2)
+            .http2_only(wire.h2())
             .build(connector)
     };
-    let uri: hyper::Uri = format!("http://{target}/").parse()?;
+    let authority = target.to_string();
     // Warm the pool so connection setup is not measured.
     for _ in 0..4 {
-        let response = client.get(uri.clone()).await?;
+        let response = client.request(wire.request(&authority, true)).await?;
         response.into_body().collect().await?;
     }
     let total = rate * duration.as_secs();
@@ -491,13 +578,11 @@ async fn fixed_rate(target: SocketAddr, rate: u64, duration: Duration, h2: bool)
         let due = start + interval * i as u32;
         tokio::time::sleep_until(due).await;
         let client = client.clone();
-        let uri = uri.clone();
+        let request = wire.request(&authority, true);
         tasks.push(tokio::spawn(async move {
             let sent = tokio::time::Instant::now();
-            let ok = match client.get(uri).await {
-                Ok(response) => {
-                    response.status().is_success() && response.into_body().collect().await.is_ok()
-                }
+            let ok = match client.request(request).await {
+                Ok(response) => wire.succeeded(response).await,
                 Err(_) => false,
             };
             (ok, sent.elapsed(), sent - due)

@@ -134,13 +134,13 @@ async fn measure(pair: Option<&dyn Pair>, direct: SocketAddr, args: &Args) -> an
     };
     count(&mut figures, "start").await?;
     let before = total(&pids, cpu_seconds)?;
-    figures.saturation = saturate(target, args.connections, phase, args.h2c).await?;
+    figures.saturation = saturate(target, args.connections, phase, crate::Wire::of(args)).await?;
     let cpu = total(&pids, cpu_seconds)? - before;
     figures.cpu_us_per_request = cpu * 1e6 / (figures.saturation.rps * phase.as_secs_f64()).max(1.0);
     count(&mut figures, "saturation").await?;
     for rate in RATES {
         let before = total(&pids, cpu_seconds)?;
-        let latency = fixed_rate(target, rate, phase, args.h2c).await?;
+        let latency = fixed_rate(target, rate, phase, crate::Wire::of(args)).await?;
         let cores = (total(&pids, cpu_seconds)? - before) / phase.as_secs_f64();
         figures.at_rate.push((latency, cores));
         count(
@@ -373,7 +373,14 @@ pub(crate) fn run(
 
     let threads = args.proxy_threads;
     let mut weft_pair = start_weft(weft, &cp, backend, threads, args.http2_upgrade, args.policies)?;
-    let haproxy = start_haproxy(cp.ca(), backend, threads, &dir, args.policies, args.h2c)?;
+    let haproxy = start_haproxy(
+        cp.ca(),
+        backend,
+        threads,
+        &dir,
+        args.policies,
+        crate::Wire::of(args).h2(),
+    )?;
     client_rt.block_on(weft_pair.client.wait_ready())?;
     client_rt.block_on(weft_pair.server.wait_ready())?;
     client_rt.block_on(wait_serving(weft_pair.entry()))?;
@@ -392,16 +399,16 @@ pub(crate) fn run(
 
 fn report(args: &Args, direct: &PairFigures, peer: &PairFigures, ours: &PairFigures) {
     println!(
-        "sidecar pair, mutual TLS between them, {} GET, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}; policies: {}",
-        if args.h2c {
-            "h2c (HTTP/2 on every hop)"
-        } else {
-            "HTTP/1.1"
+        "sidecar pair, mutual TLS between them, {}, 13-byte responses; {} s per phase, {} connections at saturation, {} proxy threads; weft hop: {}; policies: {}",
+        match crate::Wire::of(args) {
+            crate::Wire::Http1 => "HTTP/1.1 GET",
+            crate::Wire::H2c => "h2c (HTTP/2 on every hop) GET",
+            crate::Wire::Grpc => "gRPC unary (h2c on every hop)",
         },
         args.seconds,
         args.connections,
         args.proxy_threads,
-        if args.h2c {
+        if crate::Wire::of(args).h2() {
             "HTTP/2"
         } else if args.http2_upgrade {
             "HTTP/2 (upgraded)"
