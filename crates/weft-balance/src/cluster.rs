@@ -97,11 +97,6 @@ impl ClusterState {
         }
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> Arc<Cluster> {
-        self.set.load().config.clone()
-    }
-
     /// Adopts a newer configuration of the cluster, keeping the state of the endpoints that remain.
     pub(crate) fn sync(&self, config: &Arc<Cluster>) {
         let _outlier = lock(&self.outlier);

@@ -50,10 +50,6 @@ impl EndpointState {
         }
     }
 
-    pub fn address(&self) -> SocketAddr {
-        self.address
-    }
-
     pub(crate) fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }
