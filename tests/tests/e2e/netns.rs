@@ -228,7 +228,7 @@ async fn seed_canary_splits_90_10_and_the_header_routes_to_v2() {
     let client = network.pod("client").unwrap();
     let v1 = network.pod("order-v1").unwrap();
     let v2 = network.pod("order-v2").unwrap();
-    let example = include_str!("../../examples/mesh/order-service.yaml");
+    let example = include_str!("../../../examples/mesh/order-service.yaml");
     let policies: Vec<&str> = example
         .split("\n---\n")
         .filter(|doc| doc.contains("kind: VirtualService") || doc.contains("kind: DestinationRule"))
@@ -295,7 +295,7 @@ async fn the_seed_authorization_policy_holds_between_pods() {
     let intruder = network.pod("intruder").unwrap();
     let outsider = network.pod("outsider").unwrap();
     let order = network.pod("order-v1").unwrap();
-    let policy = include_str!("../../examples/mesh/order-service.yaml")
+    let policy = include_str!("../../../examples/mesh/order-service.yaml")
         .split("\n---\n")
         .find(|doc| doc.contains("kind: AuthorizationPolicy"))
         .unwrap();

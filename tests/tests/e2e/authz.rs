@@ -27,7 +27,7 @@ const CALLERS: [&str; 3] = ["api-gateway", "payment-service", "other"];
 
 /// The seed's AuthorizationPolicy, as `examples/mesh/order-service.yaml` has it.
 fn seed_policy() -> String {
-    include_str!("../../examples/mesh/order-service.yaml")
+    include_str!("../../../examples/mesh/order-service.yaml")
         .split("\n---\n")
         .find(|doc| doc.contains("kind: AuthorizationPolicy"))
         .expect("the example has the seed's policy")

@@ -1,0 +1,16 @@
+//! The end-to-end suites, linked into one test binary (one link of the whole proxy instead of one per
+//! suite keeps builds small and fast). Each module is one suite: `cargo nextest run -E 'test(/^mtls::/)'`
+//! runs one of them.
+
+mod authz;
+mod http;
+mod identity;
+mod lifecycle;
+mod mtls;
+mod netns;
+mod resilience;
+mod routing;
+mod streams;
+mod timeouts;
+mod trust;
+mod xds;
