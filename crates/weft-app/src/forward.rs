@@ -219,13 +219,15 @@ where
                     .client_cert
                     .and_then(|v| http::HeaderValue::from_str(&v).ok()),
                 stream_idle_timeout: conn.http.stream_idle_timeout,
+                request_timeout: conn.http.request_timeout,
             });
             let forwarder = inputs.forwarder.clone();
-            let timeouts = weft_http::ServeTimeouts {
+            let settings = weft_http::ServeSettings {
                 idle: inputs.mesh().idle_timeout,
                 request_headers: conn.http.request_headers_timeout,
+                limits: conn.http.limits,
             };
-            let result = weft_http::serve(io, version, inputs.drain.clone(), timeouts, move |req| {
+            let result = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
                 let forwarder = forwarder.clone();
                 let ctx = ctx.clone();
                 async move { forwarder.forward(req, &ctx).await }

@@ -42,6 +42,9 @@ pub enum UpstreamError {
     /// duplicate or conflicting Host): answered 400 and never held against an endpoint.
     #[error("malformed request from the client: {0}")]
     BadRequest(&'static str),
+    /// The client had not sent its whole request when the listener's request timeout passed.
+    #[error("the request did not arrive within the request timeout")]
+    RequestTimeout,
     /// An authorization policy denied the request.
     #[error("denied by authorization policy")]
     Forbidden,
@@ -67,7 +70,7 @@ impl UpstreamError {
     /// the access log blames.
     pub fn origin(&self) -> Origin {
         match self {
-            Self::BadRequest(_) => Origin::Downstream,
+            Self::BadRequest(_) | Self::RequestTimeout => Origin::Downstream,
             Self::NoRoute
             | Self::NoCluster(_)
             | Self::Forbidden
@@ -126,6 +129,7 @@ impl UpstreamError {
                 14,
             ),
             Self::BadRequest(_) => (400, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "bad request", 13),
+            Self::RequestTimeout => (408, ResponseFlags::NONE, "request timeout", 4),
             // Envoy's RBAC filter's words, which users search for.
             Self::Forbidden => (403, ResponseFlags::RBAC_DENIED, "RBAC: access denied", 7),
         };
@@ -228,6 +232,14 @@ mod tests {
                 "DPE",
                 "bad request",
                 13,
+                Origin::Downstream,
+            ),
+            (
+                UpstreamError::RequestTimeout,
+                408,
+                "-",
+                "request timeout",
+                4,
                 Origin::Downstream,
             ),
             (

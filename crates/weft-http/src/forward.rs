@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
@@ -24,7 +23,7 @@ use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
 use crate::pool::ConnectionUses;
-use crate::replay::{ClientBody, ReplayBody, RequestBody};
+use crate::replay::{BodyReading, ClientBody, ReplayBody, RequestBody};
 use crate::retry::{Next, RetryState, TryOutcome, grpc_timeout};
 use crate::{HttpVersion, Pools, ProxyBody, UpstreamError};
 
@@ -78,6 +77,8 @@ pub struct HttpContext {
     pub authorization: Option<weft_authz::connection::ConnectionAuthz>,
     /// The stream idle timeout of requests whose route sets none; `None`: disabled.
     pub stream_idle_timeout: Option<Duration>,
+    /// Until a request's body has arrived or its response begun (Envoy's `request_timeout`).
+    pub request_timeout: Option<Duration>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -266,22 +267,42 @@ impl Forwarder {
                 DecidedTarget::Direct(..) => None,
             },
         };
-        let (body, broken) = ClientBody::new(body);
-        let (result, held, flags) = match decision.target {
-            DecidedTarget::Direct(endpoint, settings) => {
-                let result = self
-                    .try_once(&mut exchange, endpoint, settings, RequestBody::Streamed(body))
-                    .await;
-                (
-                    client_fault(result, &broken),
-                    InFlight::default(),
-                    ResponseFlags::NONE,
-                )
+        let (body, reading) = ClientBody::new(body);
+        let attempt = async {
+            match decision.target {
+                DecidedTarget::Direct(endpoint, settings) => {
+                    let result = self
+                        .try_once(&mut exchange, endpoint, settings, RequestBody::Streamed(body))
+                        .await;
+                    (
+                        client_fault(result, &reading),
+                        InFlight::default(),
+                        ResponseFlags::NONE,
+                    )
+                }
+                DecidedTarget::Cluster(cluster) => {
+                    self.to_cluster(&cluster, body, &reading, decision.retry.as_ref(), &mut exchange)
+                        .await
+                }
             }
-            DecidedTarget::Cluster(cluster) => {
-                self.to_cluster(&cluster, body, &broken, decision.retry.as_ref(), &mut exchange)
-                    .await
+        };
+        // Envoy's request timeout: until the body has arrived or the response begun.
+        let request_late = async {
+            let Some(timeout) = ctx.request_timeout else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until((start + timeout).into()).await;
+            if reading.complete() {
+                std::future::pending::<()>().await;
             }
+        };
+        let (result, held, flags) = tokio::select! {
+            outcome = attempt => outcome,
+            () = request_late => (
+                Try::Failed(UpstreamError::RequestTimeout),
+                InFlight::default(),
+                ResponseFlags::NONE,
+            ),
         };
         let mut response = match result {
             Try::Response(response) => response,
@@ -380,7 +401,7 @@ impl Forwarder {
         &self,
         cluster: &Arc<Cluster>,
         body: ClientBody,
-        broken: &AtomicBool,
+        reading: &BodyReading,
         policy: Option<&RetryPolicy>,
         exchange: &mut Exchange,
     ) -> (Try, InFlight, ResponseFlags) {
@@ -420,7 +441,7 @@ impl Forwarder {
             let result = client_fault(
                 self.try_endpoint(exchange, head, address, settings.clone(), body, per_try)
                     .await,
-                broken,
+                reading,
             );
             let outcome = match &result {
                 Try::Response(r) => Outcome::Status(r.status().as_u16()),
@@ -644,9 +665,9 @@ fn local_response(status: StatusCode, body: ProxyBody) -> Response<ProxyBody> {
 }
 
 /// A failed try whose request body the client broke is the client's fault.
-fn client_fault(result: Try, broken: &AtomicBool) -> Try {
+fn client_fault(result: Try, reading: &BodyReading) -> Try {
     match result {
-        Try::Failed(_) if broken.load(Ordering::Relaxed) => {
+        Try::Failed(_) if reading.broken() => {
             Try::Failed(UpstreamError::BadRequest("the request body could not be read"))
         }
         result => result,

@@ -23,19 +23,41 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 #[derive(Debug)]
 pub(crate) struct ClientBody {
     inner: Incoming,
-    broken: Arc<AtomicBool>,
+    reading: Arc<BodyReading>,
+}
+
+/// How reading a client's request body went, as the forwarder sees it after the body has moved on.
+#[derive(Debug)]
+pub(crate) struct BodyReading {
+    /// Reading it from the client failed.
+    broken: AtomicBool,
+    /// It has all arrived.
+    complete: AtomicBool,
+}
+
+impl BodyReading {
+    pub(crate) fn broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn complete(&self) -> bool {
+        self.complete.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientBody {
-    /// The body, and a flag that turns true if reading it from the client fails.
-    pub(crate) fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
-        let broken = Arc::new(AtomicBool::new(false));
+    /// The body, and what becomes known of reading it.
+    pub(crate) fn new(inner: Incoming) -> (Self, Arc<BodyReading>) {
+        let reading = Arc::new(BodyReading {
+            broken: AtomicBool::new(false),
+            complete: AtomicBool::new(inner.is_end_stream()),
+        });
         (
             Self {
                 inner,
-                broken: broken.clone(),
+                reading: reading.clone(),
             },
-            broken,
+            reading,
         )
     }
 }
@@ -49,8 +71,13 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.broken.store(true, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.reading.broken.store(true, Ordering::Relaxed),
+            Poll::Ready(None) => self.reading.complete.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
+                self.reading.complete.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
         polled
     }

@@ -3,6 +3,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -10,20 +12,23 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use weft_model::HttpLimits;
 use weft_transport::Activity;
 
 use crate::ProxyBody;
 use crate::head_timeout::{HeadClock, HeadTimedIo};
-use crate::pool::MAX_HEADER_LIST_BYTES;
 
-/// HTTP/1 header lines accepted per request; with hyper's buffer this admits well over 64 KiB of headers.
-const MAX_HTTP1_HEADERS: usize = 256;
-/// Concurrent streams per HTTP/2 connection.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// Keep-alive PINGs keep long-lived gRPC streams from being cut by idle timeouts in between.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// hyper's smallest read buffer; a smaller header limit is enforced on the parsed head instead.
+const MIN_HTTP1_BUFFER: usize = 8192;
+/// Streams a client may reset before the proxy has accepted them, and streams the proxy may reset
+/// because of the client's errors, before the connection is closed (h2's rapid-reset guards).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HttpVersion {
@@ -31,13 +36,14 @@ pub enum HttpVersion {
     Http2,
 }
 
-/// How long a client connection may wait, and for what.
+/// How long a client connection may wait, and for what, and what it may make the proxy hold.
 #[derive(Debug, Clone, Copy)]
-pub struct ServeTimeouts {
+pub struct ServeSettings {
     /// No request in flight for this long closes the connection gracefully.
     pub idle: Option<Duration>,
     /// From a request's first byte to the end of its headers (HTTP/1).
     pub request_headers: Option<Duration>,
+    pub limits: HttpLimits,
 }
 
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
@@ -46,7 +52,7 @@ pub async fn serve<I, F, Fut>(
     io: I,
     version: HttpVersion,
     drain: CancellationToken,
-    timeouts: ServeTimeouts,
+    settings: ServeSettings,
     handle: F,
 ) -> Result<(), hyper::Error>
 where
@@ -61,19 +67,29 @@ where
     let counted = activity.clone();
     let head_clock = HeadClock::new();
     let heads = head_clock.clone();
-    let service = service_fn(move |req| {
+    let resets = PrematureResets::default();
+    let streams = resets.clone();
+    let max_headers = usize::try_from(settings.limits.max_headers_count).unwrap_or(usize::MAX);
+    let max_header_bytes = settings.limits.max_request_headers_bytes();
+    let service = service_fn(move |req: Request<Incoming>| {
         heads.headers_done();
         let in_flight = counted.request();
-        let fut = handle(req);
+        let too_large = req.headers().len() > max_headers || header_bytes(&req) > max_header_bytes;
+        let fut = (!too_large).then(|| handle(req));
+        let stream = streams.opened();
         async move {
-            let mut response = fut.await;
+            let mut response = match fut {
+                Some(fut) => fut.await,
+                None => headers_too_large(),
+            };
+            stream.answered();
             response.body_mut().hold_request(in_flight);
             Ok::<_, Infallible>(response)
         }
     });
     let watched = activity.clone();
     let idle = async move {
-        match timeouts.idle {
+        match settings.idle {
             Some(timeout) => watched.idle(timeout).await,
             None => std::future::pending().await,
         }
@@ -84,11 +100,18 @@ where
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(None)
-                .max_headers(MAX_HTTP1_HEADERS)
+                // A header line over the limit fails the parse (431); the buffer bounds both the
+                // head and what a slow reader's responses queue.
+                .max_headers(max_headers)
+                .max_buf_size(
+                    usize::try_from(max_header_bytes)
+                        .unwrap_or(usize::MAX)
+                        .max(MIN_HTTP1_BUFFER),
+                )
                 .serve_connection(io, service)
                 .with_upgrades();
             let headers_late = async {
-                match timeouts.request_headers {
+                match settings.request_headers {
                     Some(timeout) => head_clock.expired(timeout).await,
                     None => std::future::pending().await,
                 }
@@ -113,14 +136,30 @@ where
             let io = TokioIo::new(io);
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEADER_LIST_BYTES)
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .max_header_list_size(max_header_bytes)
+                .max_concurrent_streams(settings.limits.max_concurrent_streams)
+                .initial_stream_window_size(settings.limits.initial_stream_window_size)
+                .initial_connection_window_size(settings.limits.initial_connection_window_size)
+                // What a slow reader's responses may queue per stream: its window.
+                .max_send_buf_size(
+                    usize::try_from(settings.limits.initial_stream_window_size).unwrap_or(usize::MAX),
+                )
+                .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+                .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
                 .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                 .serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => return res,
+                () = resets.abusive() => {
+                    tracing::warn!(
+                        streams = resets.opened.load(Ordering::Relaxed),
+                        reset = resets.reset.load(Ordering::Relaxed),
+                        "closing an HTTP/2 client connection that resets most of its streams before their response (rapid reset)"
+                    );
+                    return Ok(());
+                }
                 () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
                 () = idle => {
                     tracing::debug!("closing an idle client connection");
@@ -128,6 +167,82 @@ where
                 }
             }
             conn.await
+        }
+    }
+}
+
+/// Bytes of a request's header block as HTTP/2 counts them (name, value and 32 per field).
+fn header_bytes<B>(req: &Request<B>) -> u32 {
+    let total: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+fn headers_too_large() -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::local("request header fields too large", None));
+    *response.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    response
+}
+
+/// Envoy's premature-reset guard: a client that opens streams only to reset them before their response
+/// makes the proxy start (and abandon) upstream requests at no cost to itself. Once it has opened
+/// [`PrematureResets::MIN_STREAMS`] streams and reset at least half of them unanswered, its connection
+/// is closed.
+#[derive(Debug, Clone, Default)]
+struct PrematureResets(Arc<ResetCounts>);
+
+#[derive(Debug, Default)]
+struct ResetCounts {
+    opened: AtomicU64,
+    reset: AtomicU64,
+    abusive: Notify,
+}
+
+impl std::ops::Deref for PrematureResets {
+    type Target = ResetCounts;
+    fn deref(&self) -> &ResetCounts {
+        &self.0
+    }
+}
+
+impl PrematureResets {
+    const MIN_STREAMS: u64 = 500;
+
+    fn opened(&self) -> StreamGuard {
+        self.0.opened.fetch_add(1, Ordering::Relaxed);
+        StreamGuard {
+            counts: Some(self.0.clone()),
+        }
+    }
+
+    async fn abusive(&self) {
+        self.0.abusive.notified().await;
+    }
+}
+
+/// Counts its stream as reset unless the stream was answered.
+#[derive(Debug)]
+struct StreamGuard {
+    counts: Option<Arc<ResetCounts>>,
+}
+
+impl StreamGuard {
+    fn answered(mut self) {
+        self.counts = None;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(counts) = self.counts.take() {
+            let reset = counts.reset.fetch_add(1, Ordering::Relaxed) + 1;
+            let opened = counts.opened.load(Ordering::Relaxed);
+            if opened >= PrematureResets::MIN_STREAMS && reset * 2 >= opened {
+                counts.abusive.notify_one();
+            }
         }
     }
 }

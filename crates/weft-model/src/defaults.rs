@@ -18,6 +18,13 @@ pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// A client has this long from a request's first byte to send its whole header block (Envoy's
 /// `request_headers_timeout`, which Envoy leaves off; the proxy keeps slowloris out by default).
 pub const DEFAULT_REQUEST_HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Envoy's edge recommendations (and, for headers, Envoy's own defaults) for what one client may make
+/// the proxy hold.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
+pub const DEFAULT_MAX_HEADERS_COUNT: u32 = 100;
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+pub const DEFAULT_INITIAL_STREAM_WINDOW_SIZE: u32 = 64 * 1024;
+pub const DEFAULT_INITIAL_CONNECTION_WINDOW_SIZE: u32 = 1024 * 1024;
 /// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Istio's trust domain and certificate lifetime defaults.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::defaults::*;
 use crate::mesh::{
-    Bootstrap, Cluster, Egress, ExplicitListener, HttpSettings, InboundPolicy, Mesh, Mode, Node,
+    Bootstrap, Cluster, Egress, ExplicitListener, HttpLimits, HttpSettings, InboundPolicy, Mesh, Mode, Node,
     OutboundPolicy, Protocol,
 };
 use crate::route::{
@@ -44,6 +44,12 @@ pub struct ProxyFile {
     /// HTTP listener of this file (default 5 min; `0s` disables).
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Option<Duration>,
+    /// From a request's first byte until its body has arrived or its response begun, on every HTTP
+    /// listener of this file (default: none, Envoy's; `0s` disables).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// What one client may make the proxy hold, on every HTTP listener of this file.
+    pub http_limits: HttpLimits,
     pub outbound: OutboundFile,
     pub inbound: InboundFile,
     pub listeners: Vec<ListenerFile>,

@@ -192,7 +192,7 @@ pub struct InboundPolicy {
     pub http: HttpSettings,
 }
 
-/// How a listener serves HTTP: Envoy's HTTP connection manager timeouts.
+/// How a listener serves HTTP: Envoy's HTTP connection manager timeouts and limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct HttpSettings {
     /// From a request's first byte to the end of its header block (slowloris protection); an idle
@@ -203,6 +203,12 @@ pub struct HttpSettings {
     /// `None` disables it.
     #[serde(with = "humantime_serde")]
     pub stream_idle_timeout: Option<Duration>,
+    /// From a request's first byte until its whole body has arrived or its response has begun (Envoy's
+    /// `request_timeout`); a request whose body is still coming then gets 408. `None` (Envoy's default,
+    /// so that long client-streaming calls keep working) disables it.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    pub limits: HttpLimits,
 }
 
 impl Default for HttpSettings {
@@ -210,6 +216,81 @@ impl Default for HttpSettings {
         Self {
             request_headers_timeout: Some(crate::defaults::DEFAULT_REQUEST_HEADERS_TIMEOUT),
             stream_idle_timeout: Some(crate::defaults::DEFAULT_STREAM_IDLE_TIMEOUT),
+            request_timeout: None,
+            limits: HttpLimits::default(),
+        }
+    }
+}
+
+/// What one client may make the proxy hold: the limits Envoy recommends at an edge, under Envoy's
+/// field names (the same in the proxy file and, over xDS, in the HTTP connection manager).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// Size of a request's header block, in KiB (HTTP/1 head or HTTP/2 header list); larger: 431.
+    pub max_request_headers_kb: u32,
+    /// Header fields in a request; more: 431.
+    pub max_headers_count: u32,
+    /// Streams an HTTP/2 client may have open at once on one connection; more are refused
+    /// (`REFUSED_STREAM`).
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 flow-control window of each client stream, in bytes: how much of a request body the
+    /// proxy buffers before the client must wait, and how much of a response it queues for it.
+    pub initial_stream_window_size: u32,
+    /// HTTP/2 flow-control window of a client connection, in bytes.
+    pub initial_connection_window_size: u32,
+}
+
+impl HttpLimits {
+    /// The bounds Envoy puts on the same fields.
+    pub const STREAM_WINDOW_RANGE: std::ops::RangeInclusive<u32> = 65_535..=2_147_483_647;
+    pub const HEADERS_KB_RANGE: std::ops::RangeInclusive<u32> = 1..=8192;
+
+    /// The header block limit in bytes.
+    pub fn max_request_headers_bytes(&self) -> u32 {
+        self.max_request_headers_kb.saturating_mul(1024)
+    }
+
+    /// Every field in range, or the first that is not, with why.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        let window = Self::STREAM_WINDOW_RANGE;
+        let headers_kb = Self::HEADERS_KB_RANGE;
+        if !headers_kb.contains(&self.max_request_headers_kb) {
+            return Err((
+                "max_request_headers_kb",
+                format!("{} is outside {headers_kb:?}", self.max_request_headers_kb),
+            ));
+        }
+        if self.max_headers_count == 0 {
+            return Err(("max_headers_count", "must be at least 1".into()));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(("max_concurrent_streams", "must be at least 1".into()));
+        }
+        for (field, value) in [
+            ("initial_stream_window_size", self.initial_stream_window_size),
+            (
+                "initial_connection_window_size",
+                self.initial_connection_window_size,
+            ),
+        ] {
+            if !window.contains(&value) {
+                return Err((field, format!("{value} is outside {window:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        use crate::defaults::*;
+        Self {
+            max_request_headers_kb: DEFAULT_MAX_REQUEST_HEADERS_KB,
+            max_headers_count: DEFAULT_MAX_HEADERS_COUNT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            initial_stream_window_size: DEFAULT_INITIAL_STREAM_WINDOW_SIZE,
+            initial_connection_window_size: DEFAULT_INITIAL_CONNECTION_WINDOW_SIZE,
         }
     }
 }

@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetryPolicy;
 use weft_model::{
-    Backoff, Egress, HttpSettings, ListenerAuthorization, PeerAuthentication,
+    Backoff, Egress, HttpLimits, HttpSettings, ListenerAuthorization, PeerAuthentication,
     Protocol, RetryOn,
 };
 
@@ -136,7 +136,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                     return Err(ctx.err(
                         format!("{field}.filters"),
                         format!(
-                            "HTTP connection manager timeouts differ from those of {first}; the inbound listener has one setting"
+                            "HTTP connection manager timeouts or limits differ from those of {first}; the inbound listener has one setting"
                         ),
                     ));
                 }
@@ -321,7 +321,7 @@ fn chain_targets(
                 }
                 targets.http_rbac =
                     http_filters(ctx, &format!("{f}.typed_config.http_filters"), &hcm, &rbac_here)?;
-                targets.http_settings = Some(hcm_settings(&hcm));
+                targets.http_settings = Some(hcm_settings(ctx, &format!("{f}.typed_config"), &hcm)?);
                 targets.http = Some(match hcm.route_specifier {
                     Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
                         RouteRef::Rds(rds.route_config_name)
@@ -369,20 +369,62 @@ fn chain_targets(
     Ok(targets)
 }
 
-/// The connection manager's timeouts, with Envoy's meaning of unset (the default) and zero (disabled),
-/// except that an unset `request_headers_timeout` keeps the proxy's slowloris default.
-fn hcm_settings(hcm: &HttpConnectionManager) -> HttpSettings {
-    let setting = |d: Option<&XDuration>, default: Duration| match d {
-        None => Some(default),
+/// The connection manager's timeouts and limits, with Envoy's meaning of unset (the default) and zero
+/// (disabled), except that an unset `request_headers_timeout` keeps the proxy's slowloris default and
+/// unset limits keep the proxy's edge defaults (Envoy's own allow 2^31 streams and 256 MiB windows).
+fn hcm_settings(
+    ctx: &Ctx<'_>,
+    field: &str,
+    hcm: &HttpConnectionManager,
+) -> Result<HttpSettings, ResourceError> {
+    let setting = |d: Option<&XDuration>, default: Option<Duration>| match d {
+        None => default,
         Some(d) => Some(duration(d)).filter(|d| !d.is_zero()),
     };
-    HttpSettings {
+    let mut limits = HttpLimits::default();
+    let mut limits_field = "";
+    if let Some(kb) = &hcm.max_request_headers_kb {
+        limits.max_request_headers_kb = kb.value;
+    }
+    if let Some(count) = hcm
+        .common_http_protocol_options
+        .as_ref()
+        .and_then(|o| o.max_headers_count.as_ref())
+    {
+        limits.max_headers_count = count.value;
+        limits_field = "common_http_protocol_options.";
+    }
+    if let Some(h2) = &hcm.http2_protocol_options {
+        if let Some(streams) = &h2.max_concurrent_streams {
+            limits.max_concurrent_streams = streams.value;
+        }
+        if let Some(window) = &h2.initial_stream_window_size {
+            limits.initial_stream_window_size = window.value;
+        }
+        if let Some(window) = &h2.initial_connection_window_size {
+            limits.initial_connection_window_size = window.value;
+        }
+    }
+    if let Err((name, why)) = limits.check() {
+        let prefix = match name {
+            "max_request_headers_kb" => "",
+            "max_headers_count" => limits_field,
+            _ => "http2_protocol_options.",
+        };
+        return Err(ctx.err(format!("{field}.{prefix}{name}"), why));
+    }
+    Ok(HttpSettings {
         request_headers_timeout: setting(
             hcm.request_headers_timeout.as_ref(),
-            weft_model::defaults::DEFAULT_REQUEST_HEADERS_TIMEOUT,
+            Some(weft_model::defaults::DEFAULT_REQUEST_HEADERS_TIMEOUT),
         ),
-        stream_idle_timeout: setting(hcm.stream_idle_timeout.as_ref(), DEFAULT_STREAM_IDLE_TIMEOUT),
-    }
+        stream_idle_timeout: setting(
+            hcm.stream_idle_timeout.as_ref(),
+            Some(DEFAULT_STREAM_IDLE_TIMEOUT),
+        ),
+        request_timeout: setting(hcm.request_timeout.as_ref(), None),
+        limits,
+    })
 }
 
 /// The HTTP filters of a connection manager: RBAC filters are enforced, the router ends the chain, and

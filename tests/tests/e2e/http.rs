@@ -414,11 +414,12 @@ async fn malformed_request_gets_400_and_the_proxy_keeps_serving() {
 }
 
 #[tokio::test]
-async fn large_header_blocks_are_accepted() {
+async fn large_header_blocks_are_accepted_up_to_the_60_kib_limit() {
     let app = HttpServer::start("app").await;
     let proxy = TestProxy::start("").await;
     let mut request = b"GET /big HTTP/1.1\r\nhost: app\r\nconnection: close\r\n".to_vec();
-    for i in 0..64 {
+    // 56 KiB of headers (58 KiB as HTTP/2 counts them); the hostile-client suite sends more.
+    for i in 0..56 {
         request.extend_from_slice(format!("x-big-{i}: {}\r\n", "v".repeat(1000)).as_bytes());
     }
     request.extend_from_slice(b"\r\n");
@@ -428,7 +429,7 @@ async fn large_header_blocks_are_accepted() {
         "{}",
         &response[..response.len().min(200)]
     );
-    assert_eq!(app.last_request().headers.len(), 64 + 1);
+    assert_eq!(app.last_request().headers.len(), 56 + 1);
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! runs one of them.
 
 mod authz;
+mod hostile;
 mod http;
 mod identity;
 mod lifecycle;

@@ -44,9 +44,14 @@ impl ProxyFile {
         let routes = validate_routes(self.routes, &clusters)?;
         let enabled =
             |t: Option<Duration>, default: Duration| Some(t.unwrap_or(default)).filter(|t| !t.is_zero());
+        if let Err((field, why)) = self.http_limits.check() {
+            return Err(invalid(format!("http_limits.{field}"), why));
+        }
         let http = HttpSettings {
             request_headers_timeout: enabled(self.request_headers_timeout, DEFAULT_REQUEST_HEADERS_TIMEOUT),
             stream_idle_timeout: enabled(self.stream_idle_timeout, DEFAULT_STREAM_IDLE_TIMEOUT),
+            request_timeout: self.request_timeout.filter(|t| !t.is_zero()),
+            limits: self.http_limits,
         };
         let target = |field: String, t: &TargetFile| resolve_target(&field, t, &clusters, &routes, http);
 

@@ -569,7 +569,89 @@ fn connection_manager_timeouts_follow_envoy_unset_default_and_zero_disables() {
         HttpSettings {
             request_headers_timeout: Some(Duration::from_secs(10)),
             stream_idle_timeout: None,
+            ..HttpSettings::default()
         }
+    );
+}
+
+fn manager_settings(manager: HttpConnectionManager) -> Result<HttpSettings, ResourceError> {
+    let manager = HttpConnectionManager {
+        stat_prefix: "x".into(),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            route_config_name: "r".into(),
+            config_source: None,
+        })),
+        ..manager
+    };
+    match listener(&service_listener(
+        "0.0.0.0_80",
+        80,
+        vec![chain(pack_any(manager))],
+    ))? {
+        ListenerSpec::Service { http_settings, .. } => Ok(http_settings),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn connection_manager_limits_and_request_timeout_are_taken_and_checked() {
+    use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, HttpProtocolOptions as Common};
+    let u32v = |value| Some(UInt32Value { value });
+    let settings = manager_settings(HttpConnectionManager {
+        max_request_headers_kb: u32v(32),
+        request_timeout: Some(XDuration { seconds: 7, nanos: 0 }),
+        common_http_protocol_options: Some(Common {
+            max_headers_count: u32v(50),
+            ..Default::default()
+        }),
+        http2_protocol_options: Some(Http2ProtocolOptions {
+            max_concurrent_streams: u32v(10),
+            initial_stream_window_size: u32v(128 * 1024),
+            initial_connection_window_size: u32v(4 << 20),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(settings.request_timeout, Some(Duration::from_secs(7)));
+    assert_eq!(
+        settings.limits,
+        weft_model::HttpLimits {
+            max_request_headers_kb: 32,
+            max_headers_count: 50,
+            max_concurrent_streams: 10,
+            initial_stream_window_size: 128 * 1024,
+            initial_connection_window_size: 4 << 20,
+        }
+    );
+    // Unset: the proxy's edge defaults, not Envoy's unbounded ones.
+    let unset = manager_settings(HttpConnectionManager::default()).unwrap();
+    assert_eq!(unset.limits, weft_model::HttpLimits::default());
+    assert_eq!(unset.limits.max_concurrent_streams, 100);
+    assert_eq!(unset.request_timeout, None);
+
+    let err = manager_settings(HttpConnectionManager {
+        http2_protocol_options: Some(Http2ProtocolOptions {
+            initial_stream_window_size: u32v(1000),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.field
+            .ends_with("typed_config.http2_protocol_options.initial_stream_window_size"),
+        "{err}"
+    );
+    assert!(err.problem.contains("1000"), "{err}");
+    let err = manager_settings(HttpConnectionManager {
+        max_request_headers_kb: u32v(9000),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(
+        err.field.ends_with("typed_config.max_request_headers_kb"),
+        "{err}"
     );
 }
 

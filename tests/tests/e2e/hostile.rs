@@ -1,0 +1,303 @@
+//! Clients that misbehave on purpose, met with the limits Envoy recommends at an edge: oversized and
+//! overcounted header blocks get 431 on HTTP/1 and HTTP/2, an HTTP/2 client is told it may open 100
+//! streams, a client that resets its streams as soon as the proxy has started them (rapid reset) loses
+//! its connection while others keep theirs, and a request body that does not arrive within the request
+//! timeout gets 408. Each limit comes from the proxy file (and over xDS from the HTTP connection manager,
+//! which the conversion tests cover).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_test_support::TestProxy;
+use weft_test_support::http::{Fault, HttpServer};
+
+const DST: &str = "127.0.97.10:8080";
+
+async fn mesh(extra: &str) -> (HttpServer, TestProxy) {
+    let server = HttpServer::start("web").await;
+    let proxy = TestProxy::start(&format!(
+        "{extra}
+outbound: {{ services: [{{ address: 0.0.0.0:8080, cluster: web }}] }}
+clusters: [{{ name: web, endpoints: [\"{}\"] }}]",
+        server.addr
+    ))
+    .await;
+    (server, proxy)
+}
+
+async fn connect(proxy: &TestProxy) -> TcpStream {
+    let dst: SocketAddr = DST.parse().unwrap();
+    proxy.orig_dst.connect(proxy.outbound(), dst).await.unwrap()
+}
+
+/// Sends one HTTP/1 request with `headers` extra header lines and returns the status line.
+async fn http1_status(proxy: &TestProxy, headers: &[(String, String)]) -> String {
+    let mut stream = connect(proxy).await;
+    let mut request = String::from("GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("a response within 10 s")
+        .ok();
+    let text = String::from_utf8_lossy(&response);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+fn numbered(n: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (format!("x-h{i}"), "v".to_owned())).collect()
+}
+
+fn one_large(bytes: usize) -> Vec<(String, String)> {
+    vec![("x-large".to_owned(), "a".repeat(bytes))]
+}
+
+type H2Driver = tokio::task::JoinHandle<Result<(), h2::Error>>;
+
+fn h2_request(headers: &[(String, String)]) -> Request<()> {
+    let mut request = Request::builder().uri("http://web/");
+    for (name, value) in headers {
+        request = request.header(name.as_str(), value.as_str());
+    }
+    request.body(()).unwrap()
+}
+
+/// An HTTP/2 connection through the proxy, the task driving it (it ends when the proxy closes the
+/// connection), and how many streams the proxy said the client may open.
+async fn h2_connect(proxy: &TestProxy) -> (h2::client::SendRequest<Bytes>, H2Driver, usize) {
+    let (client, mut connection) = h2::client::handshake(connect(proxy).await).await.unwrap();
+    // The proxy's SETTINGS have arrived once a first exchange is done.
+    let (response, _) = client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(h2_request(&[]), true)
+        .unwrap();
+    tokio::pin!(response);
+    let response = tokio::select! {
+        r = &mut response => r.unwrap(),
+        c = &mut connection => panic!("the connection ended during the first request: {c:?}"),
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    let streams = connection.max_concurrent_send_streams();
+    (client, tokio::spawn(connection), streams)
+}
+
+async fn h2_status(client: &h2::client::SendRequest<Bytes>, headers: &[(String, String)]) -> StatusCode {
+    let (response, _) = client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(h2_request(headers), true)
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("a response within 10 s")
+        .expect("a response, not a reset")
+        .status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_overcounted_headers_get_431_and_http2_clients_get_100_streams() {
+    let (server, proxy) = mesh("").await;
+
+    // HTTP/1: Envoy's 100 headers and 60 KiB.
+    assert!(
+        http1_status(&proxy, &numbered(90))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        http1_status(&proxy, &numbered(101))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    assert!(
+        http1_status(&proxy, &one_large(40 * 1024))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        http1_status(&proxy, &one_large(61 * 1024))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+
+    // HTTP/2: the same limits, and 100 concurrent streams advertised.
+    let (client, _driver, streams) = h2_connect(&proxy).await;
+    assert_eq!(streams, 100);
+    assert_eq!(h2_status(&client, &numbered(90)).await, StatusCode::OK);
+    assert_eq!(
+        h2_status(&client, &numbered(101)).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    // (12 KiB: the app's own HTTP/2 server, hyper's, takes 16 KiB.)
+    assert_eq!(h2_status(&client, &one_large(12 * 1024)).await, StatusCode::OK);
+    assert_eq!(
+        h2_status(&client, &one_large(61 * 1024)).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    // The connection survives a refused request: one more goes through on it.
+    assert_eq!(h2_status(&client, &[]).await, StatusCode::OK);
+    // Only what was within the limits reached the app: 2 HTTP/1 + 4 HTTP/2 requests.
+    assert_eq!(server.request_count(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_come_from_the_proxy_file_and_bad_ones_are_refused_by_name() {
+    let (_server, proxy) =
+        mesh("http_limits: { max_headers_count: 10, max_request_headers_kb: 4, max_concurrent_streams: 5 }")
+            .await;
+    assert!(
+        http1_status(&proxy, &numbered(5))
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        http1_status(&proxy, &numbered(11))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    assert!(
+        http1_status(&proxy, &one_large(5 * 1024))
+            .await
+            .starts_with("HTTP/1.1 431")
+    );
+    let (client, _driver, streams) = h2_connect(&proxy).await;
+    assert_eq!(streams, 5);
+    assert_eq!(
+        h2_status(&client, &numbered(11)).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    assert_eq!(
+        h2_status(&client, &one_large(5 * 1024)).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+
+    for (yaml, field) in [
+        (
+            "http_limits: { initial_stream_window_size: 1000 }",
+            "http_limits.initial_stream_window_size",
+        ),
+        (
+            "http_limits: { max_concurrent_streams: 0 }",
+            "http_limits.max_concurrent_streams",
+        ),
+        (
+            "http_limits: { max_request_headers_kb: 9000 }",
+            "http_limits.max_request_headers_kb",
+        ),
+        ("http_limits: { max_header_count: 10 }", "max_header_count"),
+    ] {
+        let err = weft_model::parse(yaml).unwrap_err().to_string();
+        assert!(err.contains(field), "{yaml}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resetting_its_streams_once_started_loses_its_connection_and_others_keep_theirs() {
+    let (server, proxy) = mesh("").await;
+    let (bystander, bystander_driver, _) = h2_connect(&proxy).await;
+    let (attacker, attacker_driver, _) = h2_connect(&proxy).await;
+    server.set_fault(Fault::Hang);
+
+    // Batches of 50 streams: each reaches the app (the proxy has started its upstream request) and is
+    // then reset by the client. Envoy's rule: after 500 streams, half of them reset unanswered.
+    let mut started = 0;
+    let mut closed_after = None;
+    'batches: for _ in 0..20 {
+        let before = server.request_count();
+        let mut streams = Vec::new();
+        for _ in 0..50 {
+            let Ok(mut ready) = attacker.clone().ready().await else {
+                closed_after = Some(started);
+                break 'batches;
+            };
+            let Ok((_response, send)) = ready.send_request(h2_request(&[]), true) else {
+                closed_after = Some(started);
+                break 'batches;
+            };
+            streams.push(send);
+            started += 1;
+        }
+        let arrived = tokio::time::timeout(Duration::from_secs(10), async {
+            while server.request_count() < before + streams.len() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        if arrived.is_err() || attacker_driver.is_finished() {
+            closed_after = Some(started);
+            break;
+        }
+        for mut send in streams {
+            send.send_reset(h2::Reason::CANCEL);
+        }
+    }
+    let closed_after = closed_after.expect("the attacker kept its connection through 1,000 reset streams");
+    assert!(
+        (500..=600).contains(&closed_after),
+        "closed after {closed_after} streams"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), attacker_driver).await;
+    assert!(ended.is_ok(), "the attacker's connection ends");
+
+    // The bystander's connection is untouched.
+    server.set_fault(Fault::None);
+    assert_eq!(h2_status(&bystander, &[]).await, StatusCode::OK);
+    assert!(!bystander_driver.is_finished());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_does_not_arrive_within_the_request_timeout_gets_408() {
+    let (server, proxy) = mesh("request_timeout: 1s").await;
+    let mut stream = connect(&proxy).await;
+    // Ten of the hundred bytes the request announces, and then nothing.
+    stream
+        .write_all(b"POST /sink HTTP/1.1\r\nhost: web\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut response = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut response))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response[..n]).into_owned();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.ends_with("request timeout"), "{response}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A body that arrives in time is not cut, however long the app then takes to answer.
+    server.set_fault(Fault::Delay(Duration::from_millis(1500)));
+    let mut stream = connect(&proxy).await;
+    stream
+        .write_all(
+            b"POST /sink HTTP/1.1\r\nhost: web\r\ncontent-length: 10\r\nconnection: close\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("10"), "{response}");
+}
