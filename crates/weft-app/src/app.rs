@@ -121,6 +121,7 @@ impl App {
             drain: CancellationToken::new(),
             force_close: CancellationToken::new(),
             tls: tls.clone(),
+            silent: Default::default(),
             transparent_ports: addresses
                 .outbound
                 .iter()

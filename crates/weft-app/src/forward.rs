@@ -14,7 +14,7 @@ use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels}
 use weft_transport::PrefixedIo;
 
 use crate::destination::{AuthzKey, Destination, LivePolicy, Routed};
-use crate::detect::{Handling, detect};
+use crate::detect::{Handling, Patience, Sniffed, detect};
 use crate::inputs::Inputs;
 
 /// One connection, from its first bytes to its end: detect, terminate mutual TLS where peers arrive,
@@ -34,8 +34,19 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
     } else {
         Protocol::Detect
     };
-    let (io, handling, hello) = tokio::select! {
-        detected = Box::pin(detect(conn.stream, sniffed, detect_timeout)) => detected,
+    let patience = Patience {
+        detect_timeout,
+        silent: inputs.silent.clone(),
+        idle_timeout: inputs.mesh().idle_timeout,
+        metrics: inputs.metrics.clone(),
+    };
+    let Sniffed {
+        io,
+        handling,
+        hello,
+        silent: _silent,
+    } = tokio::select! {
+        detected = Box::pin(detect(conn.stream, sniffed, &patience)) => detected,
         () = inputs.drain.cancelled() => return,
     };
     let Routed {
@@ -107,8 +118,8 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         let (io, handling) = match handling {
             Some(handling) => (PrefixedIo::new(Default::default(), tls), handling),
             None => {
-                let (io, handling, _) = Box::pin(detect(tls, declared, detect_timeout)).await;
-                (io, handling)
+                let sniffed = Box::pin(detect(tls, declared, &patience)).await;
+                (sniffed.io, sniffed.handling)
             }
         };
         return Box::pin(forward(
@@ -203,6 +214,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match handling {
+        Handling::Close => {
+            tracing::debug!(dst = %conn.orig_dst, "closing a connection whose client never spoke");
+        }
         Handling::Http(version) => {
             let authorization = conn.authorization(&inputs, true);
             let upstream = match conn.destination {

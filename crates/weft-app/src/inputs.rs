@@ -31,6 +31,8 @@ pub(crate) struct Inputs {
     /// The TLS material of the current workload certificate (`None` before the first, or without an
     /// identity).
     pub(crate) tls: watch::Receiver<Option<weft_identity::tls::TlsMaterial>>,
+    /// Connections that began silent and may still be forwarded as opaque TCP.
+    pub(crate) silent: crate::detect::SilentBudget,
 }
 
 impl std::fmt::Debug for Inputs {

@@ -170,6 +170,7 @@ pub struct Metrics {
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub detected: Family<ProtocolLabels, Counter>,
     pub downstream_connections_active: Gauge,
+    pub silent_connections_waiting: Gauge,
     pub xds_updates: Family<XdsLabels, Counter>,
     pub xds_connected: Gauge,
     pub certificate_renewals: Counter,
@@ -194,6 +195,7 @@ impl Metrics {
         let tcp_received_bytes = Family::default();
         let detected = Family::default();
         let downstream_connections_active = Gauge::default();
+        let silent_connections_waiting = Gauge::default();
         let xds_updates = Family::default();
         let xds_connected = Gauge::default();
         let certificate_renewals = Counter::default();
@@ -246,6 +248,12 @@ impl Metrics {
             "downstream_connections_active",
             "Client connections currently open",
             downstream_connections_active.clone(),
+        );
+        weft.register(
+            "silent_connections_waiting",
+            "Connections on detect ports that sent nothing by the detect timeout and wait for their client, \
+             because as many silent connections as allowed are already forwarded as opaque TCP",
+            silent_connections_waiting.clone(),
         );
 
         weft.register(
@@ -312,6 +320,7 @@ impl Metrics {
             tcp_received_bytes,
             detected,
             downstream_connections_active,
+            silent_connections_waiting,
             xds_updates,
             xds_connected,
             certificate_renewals,

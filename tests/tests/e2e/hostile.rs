@@ -1,8 +1,9 @@
 //! Clients that misbehave on purpose, met with the limits Envoy recommends at an edge: oversized and
 //! overcounted header blocks get 431 on HTTP/1 and HTTP/2, an HTTP/2 client is told it may open 100
 //! streams, a client that resets its streams as soon as the proxy has started them (rapid reset) loses
-//! its connection while others keep theirs, and a request body that does not arrive within the request
-//! timeout gets 408. Each limit comes from the proxy file (and over xDS from the HTTP connection manager,
+//! its connection while others keep theirs, a request body that does not arrive within the request
+//! timeout gets 408, and silent connections on a detect port past the silent budget open nothing
+//! upstream. Each limit comes from the proxy file (and over xDS from the HTTP connection manager,
 //! which the conversion tests cover).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -300,4 +301,63 @@ async fn a_request_body_that_does_not_arrive_within_the_request_timeout_gets_408
     let response = String::from_utf8_lossy(&response).into_owned();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("10"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_past_the_budget_wait_for_their_client_and_take_no_upstream_connection() {
+    weft_test_support::raise_fd_limit();
+    let server = weft_test_support::tcp::TcpServer::greeter(b"220 ready\r\n").await;
+    let proxy = TestProxy::start("detect_timeout: 100ms").await;
+    let silent = || proxy.orig_dst.connect(proxy.outbound(), server.addr);
+
+    // 256 silent clients are forwarded as opaque TCP (a server-speaks-first protocol works)...
+    let mut forwarded = Vec::new();
+    for _ in 0..256 {
+        forwarded.push(silent().await.unwrap());
+    }
+    let mut greeting = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(10), forwarded[0].read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
+    weft_test_support::assert_eventually!(server.connections() == 256, "{}", server.connections());
+
+    // ...and the next 100 wait for their client, holding nothing upstream.
+    let mut waiting = Vec::new();
+    for _ in 0..100 {
+        waiting.push(silent().await.unwrap());
+    }
+    weft_test_support::assert_eventually!(
+        weft_test_support::metric(&proxy.metrics().await, "weft_silent_connections_waiting", &[]) == 100.0,
+        "{}",
+        proxy.metrics().await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.connections(),
+        256,
+        "a waiting silent connection opened an upstream connection"
+    );
+
+    // A waiting client that speaks is detected and forwarded as usual.
+    let mut speaker = waiting.pop().unwrap();
+    speaker.write_all(b"\x00\x01binary hello").await.unwrap();
+    let mut reply = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(10), speaker.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&reply, b"220 ready\r\n");
+    weft_test_support::assert_eventually!(server.connections() == 257, "{}", server.connections());
+
+    // Forwarded silent connections that close give their place back.
+    drop(forwarded);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut late = silent().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), late.read_exact(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&greeting, b"220 ready\r\n");
 }
