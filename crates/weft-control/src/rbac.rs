@@ -201,7 +201,7 @@ mod tests {
     use prost::{Message, Name};
     use weft_authz::istio::{Applicable, Layer, authorization};
 
-    use crate::resources::{Catalog, load_text};
+    use crate::resources::load_files;
     use crate::translate::{NodeInfo, snapshot};
 
     /// What `weft control` sends is what the proxy enforces: the seed's policy, translated, written as
@@ -213,14 +213,7 @@ mod tests {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mesh/order-service.yaml"),
         )
         .expect("the example");
-        let mut catalog = Catalog::default();
-        let mut problems = Vec::new();
-        load_text(
-            Path::new("order-service.yaml"),
-            &yaml,
-            &mut catalog,
-            &mut problems,
-        );
+        let (catalog, problems) = load_files([(Path::new("order-service.yaml"), yaml.as_str())]);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(catalog.authorization_policies.len(), 1);
         let node = NodeInfo {

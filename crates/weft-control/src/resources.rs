@@ -503,14 +503,14 @@ struct Envelope {
 
 /// Reads every `.yaml`/`.yml` file under `dir` (sorted, so reports and versions are stable).
 pub fn load_dir(dir: &Path) -> (Catalog, Vec<Problem>) {
-    let mut catalog = Catalog::default();
     let mut problems = Vec::new();
     let mut files = Vec::new();
     collect_files(dir, &mut files, &mut problems);
     files.sort();
+    let mut texts = Vec::new();
     for file in files {
         match std::fs::read_to_string(&file) {
-            Ok(text) => load_text(&file, &text, &mut catalog, &mut problems),
+            Ok(text) => texts.push((file, text)),
             Err(e) => problems.push(Problem {
                 file,
                 resource: "-".into(),
@@ -518,6 +518,19 @@ pub fn load_dir(dir: &Path) -> (Catalog, Vec<Problem>) {
                 problem: format!("cannot read: {e}"),
             }),
         }
+    }
+    let (catalog, mut found) = load_files(texts.iter().map(|(f, t)| (f.as_path(), t.as_str())));
+    problems.append(&mut found);
+    (catalog, problems)
+}
+
+/// Parses files of resources (each multi-document YAML) and checks them across each other: what is
+/// wrong is reported, naming the resource and field, and left out of the catalog.
+pub fn load_files<'a>(files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> (Catalog, Vec<Problem>) {
+    let mut catalog = Catalog::default();
+    let mut problems = Vec::new();
+    for (file, text) in files {
+        load_text(file, text, &mut catalog, &mut problems);
     }
     validate(&mut catalog, &mut problems);
     (catalog, problems)
@@ -546,8 +559,8 @@ fn collect_files(dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Proble
     }
 }
 
-/// Parses one multi-document file into the catalog.
-pub fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut Vec<Problem>) {
+/// Parses one multi-document file into the catalog (unchecked: [`load_files`] checks).
+fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut Vec<Problem>) {
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let position = format!("document {}", index + 1);
         let problem = |resource: &str, field: &str, problem: String| Problem {

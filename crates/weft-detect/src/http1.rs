@@ -59,8 +59,24 @@ pub(crate) fn match_request(buf: &[u8], complete: bool) -> Option<Detection> {
     match request_line(line) {
         Line::Valid => Some(Detection::Known(Protocol::Http1)),
         Line::Prefix if line_end.is_none() => Some(more_or_http(complete)),
-        Line::Prefix | Line::Invalid => looks_like_http(line).then_some(Detection::Known(Protocol::Http1)),
+        Line::Prefix | Line::Invalid => {
+            // Only what comes before a control byte could be read as a request by a lenient server, so
+            // the answer is final once one is seen; a line of text still open may yet name HTTP.
+            let readable = &line[..line.iter().position(|b| is_control(*b)).unwrap_or(line.len())];
+            if looks_like_http(readable) {
+                Some(Detection::Known(Protocol::Http1))
+            } else if readable.len() == line.len() && line_end.is_none() && !complete {
+                Some(Detection::NeedMore)
+            } else {
+                None
+            }
+        }
     }
+}
+
+/// A byte no HTTP/1 request line holds (line ends and tabs excepted).
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f
 }
 
 fn more_or_http(complete: bool) -> Detection {
@@ -115,8 +131,8 @@ fn request_line(line: &[u8]) -> Line {
     }
 }
 
-/// A line that a lenient HTTP server could take for a request: it starts with a known method followed
-/// by whitespace (or nothing yet), or names an HTTP version anywhere.
+/// A line (up to its first control byte) that a lenient HTTP server could take for a request: it starts
+/// with a known method followed by whitespace (or nothing yet), or names an HTTP version anywhere.
 fn looks_like_http(line: &[u8]) -> bool {
     let token_len = line.iter().take_while(|b| is_tchar(**b)).count();
     let token = &line[..token_len];

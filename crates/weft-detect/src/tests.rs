@@ -192,3 +192,19 @@ fn arbitrary_bytes_never_panic() {
         }
     }
 }
+
+/// However a client splits its first bytes into segments, the answer is the same: a control byte
+/// settles it (no request line holds one), and a line of text that is still open may yet name HTTP.
+/// (Found by the `first_bytes` fuzz target: `\0` alone was opaque, `\0…ST /x HTTP/` HTTP.)
+#[test]
+fn the_answer_does_not_depend_on_how_the_bytes_were_split() {
+    let binary = b"\0\0\0\x01bi\x0e\0\x01bi\x0eST /x HTTP/ST /x HTTP/";
+    for cut in 1..=binary.len() {
+        assert_eq!(detect(&binary[..cut]), known(Protocol::Opaque), "{cut} bytes");
+    }
+    let text = b"{\"op\": 1} HTTP/1.1\r\n";
+    assert_eq!(detect(&text[..9]), Detection::NeedMore);
+    assert_eq!(detect(text), known(Protocol::Http1));
+    assert_eq!(detect_final(&text[..9]), Protocol::Opaque);
+    assert_eq!(detect(b"{\"op\": 1}\n"), known(Protocol::Opaque));
+}

@@ -8,11 +8,7 @@ fn examples() -> PathBuf {
 }
 
 fn load(text: &str) -> (Catalog, Vec<Problem>) {
-    let mut catalog = Catalog::default();
-    let mut problems = Vec::new();
-    load_text(Path::new("test.yaml"), text, &mut catalog, &mut problems);
-    validate(&mut catalog, &mut problems);
-    (catalog, problems)
+    load_files([(Path::new("test.yaml"), text)])
 }
 
 #[test]
