@@ -122,12 +122,23 @@ impl App {
             force_close: CancellationToken::new(),
             tls: tls.clone(),
             silent: Default::default(),
+            overload: overload(&bootstrap.overload),
             transparent_ports: addresses
                 .outbound
                 .iter()
                 .chain(&addresses.inbound)
                 .map(|a| a.port())
                 .collect(),
+        });
+
+        tokio::spawn(inputs.overload.clone().watch_memory(admin_stop.clone()));
+        let mut pressure = inputs.overload.subscribe();
+        let gauge = metrics.clone();
+        tokio::spawn(async move {
+            while pressure.changed().await.is_ok() {
+                let level = *pressure.borrow_and_update() as i64;
+                gauge.overload_pressure.set(level);
+            }
         });
 
         let tracker = TaskTracker::new();
@@ -405,6 +416,27 @@ fn start_xds(
     weft_xds::spawn(xds, base, hooks, stop)
 }
 
+/// The overload manager's limits: the file's, else half the open-file limit and the container's memory
+/// limit.
+fn overload(settings: &weft_model::OverloadSettings) -> weft_transport::Overload {
+    let limits = weft_transport::OverloadLimits {
+        max_active_downstream_connections: settings
+            .max_active_downstream_connections
+            .unwrap_or_else(weft_transport::default_max_connections),
+        max_memory_bytes: match settings.max_memory_bytes {
+            Some(0) => None,
+            Some(bytes) => Some(bytes),
+            None => weft_transport::cgroup_memory_limit(),
+        },
+    };
+    tracing::info!(
+        max_active_downstream_connections = limits.max_active_downstream_connections,
+        max_memory_mib = limits.max_memory_bytes.map(|b| b >> 20),
+        "overload manager limits"
+    );
+    weft_transport::Overload::new(limits)
+}
+
 async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<Inputs>, tracker: TaskTracker, serve: F)
 where
     F: Fn(Arc<Inputs>, Accepted) -> Fut,
@@ -417,9 +449,22 @@ where
         };
         match accepted {
             Ok(conn) => {
+                let permit = match inputs.overload.admit() {
+                    Ok(permit) => permit,
+                    Err(refusal) => {
+                        // Closed at once: the client sees a reset or EOF and retries elsewhere.
+                        tracing::debug!(peer = %conn.peer, reason = refusal.as_str(), "overloaded: refusing a connection");
+                        let labels = weft_telemetry::OverloadLabels {
+                            reason: refusal.as_str(),
+                        };
+                        inputs.metrics.overload_refused.get_or_create(&labels).inc();
+                        continue;
+                    }
+                };
                 let connection = serve(inputs.clone(), conn);
                 let inputs = inputs.clone();
                 tracker.spawn(async move {
+                    let _permit = permit;
                     inputs.metrics.downstream_connections_active.inc();
                     tokio::select! {
                         () = connection => {}

@@ -240,6 +240,7 @@ where
                 idle: inputs.mesh().idle_timeout,
                 request_headers: conn.http.request_headers_timeout,
                 limits: conn.http.limits,
+                overload: inputs.overload.clone(),
             };
             let result = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
                 let forwarder = forwarder.clone();

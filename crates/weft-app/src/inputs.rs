@@ -33,6 +33,8 @@ pub(crate) struct Inputs {
     pub(crate) tls: watch::Receiver<Option<weft_identity::tls::TlsMaterial>>,
     /// Connections that began silent and may still be forwarded as opaque TCP.
     pub(crate) silent: crate::detect::SilentBudget,
+    /// The overload manager: the global connection limit and memory pressure.
+    pub(crate) overload: weft_transport::Overload,
 }
 
 impl std::fmt::Debug for Inputs {

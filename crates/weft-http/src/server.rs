@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use weft_model::HttpLimits;
-use weft_transport::Activity;
+use weft_transport::{Activity, Overload, Pressure};
 
 use crate::ProxyBody;
 use crate::head_timeout::{HeadClock, HeadTimedIo};
@@ -37,13 +37,15 @@ pub enum HttpVersion {
 }
 
 /// How long a client connection may wait, and for what, and what it may make the proxy hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeSettings {
     /// No request in flight for this long closes the connection gracefully.
     pub idle: Option<Duration>,
     /// From a request's first byte to the end of its headers (HTTP/1).
     pub request_headers: Option<Duration>,
     pub limits: HttpLimits,
+    /// Under memory pressure keep-alive is disabled: the connection closes after its current request.
+    pub overload: Overload,
 }
 
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
@@ -87,6 +89,16 @@ where
             Ok::<_, Infallible>(response)
         }
     });
+    // A connection accepted under pressure serves one request (HTTP/1); one accepted before is closed
+    // gracefully when the pressure comes.
+    let keepalive = settings.overload.pressure() < Pressure::NoKeepAlive;
+    let overload = settings.overload.clone();
+    let pressed = async move {
+        match keepalive {
+            true => overload.keepalive_disabled().await,
+            false => std::future::pending().await,
+        }
+    };
     let watched = activity.clone();
     let idle = async move {
         match settings.idle {
@@ -100,6 +112,7 @@ where
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(None)
+                .keep_alive(keepalive)
                 // A header line over the limit fails the parse (431); the buffer bounds both the
                 // head and what a slow reader's responses queue.
                 .max_headers(max_headers)
@@ -120,6 +133,10 @@ where
             tokio::select! {
                 res = conn.as_mut() => return res,
                 () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
+                () = pressed => {
+                    tracing::debug!("memory pressure: closing a client connection after its current request");
+                    conn.as_mut().graceful_shutdown();
+                }
                 () = idle => {
                     tracing::debug!("closing an idle client connection");
                     conn.as_mut().graceful_shutdown();
@@ -152,6 +169,10 @@ where
             tokio::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => return res,
+                () = pressed => {
+                    tracing::debug!("memory pressure: closing a client connection gracefully (GOAWAY)");
+                    conn.as_mut().graceful_shutdown();
+                }
                 () = resets.abusive() => {
                     tracing::warn!(
                         streams = resets.opened.load(Ordering::Relaxed),
@@ -244,5 +265,77 @@ impl Drop for StreamGuard {
                 counts.abusive.notify_one();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_transport::OverloadLimits;
+
+    use super::*;
+
+    fn settings(overload: &Overload) -> ServeSettings {
+        ServeSettings {
+            idle: None,
+            request_headers: None,
+            limits: HttpLimits::default(),
+            overload: overload.clone(),
+        }
+    }
+
+    fn serve_one(overload: &Overload) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(
+            server,
+            HttpVersion::Http1,
+            CancellationToken::new(),
+            settings(overload),
+            |_req| async { Response::new(ProxyBody::local("ok", None)) },
+        ));
+        client
+    }
+
+    async fn exchange(client: &mut tokio::io::DuplexStream) -> String {
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = client.read(&mut buf).await.expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn memory_pressure_closes_kept_alive_connections_and_serves_new_ones_once() {
+        let overload = Overload::new(OverloadLimits {
+            max_active_downstream_connections: 100,
+            max_memory_bytes: Some(1000),
+        });
+        let mut before = serve_one(&overload);
+        let first = exchange(&mut before).await;
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        assert!(
+            !first.to_ascii_lowercase().contains("connection: close"),
+            "{first}"
+        );
+
+        overload.observe_memory(920);
+        // The idle kept-alive connection is closed.
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), before.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "a kept-alive connection stayed open under pressure"
+        );
+
+        // A connection accepted now is served once, then closed.
+        let mut after = serve_one(&overload);
+        let answer = exchange(&mut after).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
     }
 }

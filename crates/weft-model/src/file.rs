@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::defaults::*;
 use crate::mesh::{
     Bootstrap, Cluster, Egress, ExplicitListener, HttpLimits, HttpSettings, InboundPolicy, Mesh, Mode, Node,
-    OutboundPolicy, Protocol,
+    OutboundPolicy, OverloadSettings, Protocol,
 };
 use crate::route::{
     HeaderMatch, PathMatch, Route, RouteAction, RouteMatch, RouteTable, ValueMatch, VirtualHost,
@@ -57,6 +57,7 @@ pub struct ProxyFile {
     pub routes: Vec<RouteTableFile>,
     pub xds: Option<XdsFile>,
     pub identity: Option<IdentityFile>,
+    pub overload: OverloadSettings,
 }
 
 /// Where the proxy gets its workload certificate: a CA speaking Istio's CreateCertificate.

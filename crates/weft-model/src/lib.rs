@@ -14,8 +14,8 @@ pub mod route;
 pub use file::{LoadError, load_file, parse};
 pub use mesh::{
     Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, HttpLimits, HttpSettings, IdentitySource,
-    InboundPolicy, LbPolicy, ListenerAuthorization, Mesh, Mode, Node, OutboundPolicy, PeerAuthentication,
-    Protocol, Target, UpstreamTls, XdsSource,
+    InboundPolicy, LbPolicy, ListenerAuthorization, Mesh, Mode, Node, OutboundPolicy, OverloadSettings,
+    PeerAuthentication, Protocol, Target, UpstreamTls, XdsSource,
 };
 pub use policy::{Backoff, CircuitBreakers, OutlierDetection, RetryBudget, RetryOn, RetryPolicy};
 pub use route::RouteTable;

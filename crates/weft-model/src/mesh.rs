@@ -83,6 +83,20 @@ pub struct Bootstrap {
     pub xds: Option<XdsSource>,
     /// Where the workload certificate comes from; `None`: no mutual TLS.
     pub identity: Option<IdentitySource>,
+    pub overload: OverloadSettings,
+}
+
+/// When the proxy sheds load (its overload manager). `None` takes the default, worked out where the
+/// proxy runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OverloadSettings {
+    /// Client connections open at once over all listeners; past it new ones are closed at once
+    /// (default: half the open-file limit, two descriptors per proxied connection).
+    pub max_active_downstream_connections: Option<u64>,
+    /// Resident memory the proxy may use, in bytes: at 90 % of it keep-alive is disabled, at 95 % new
+    /// connections are refused (default: the container's cgroup memory limit; `0` disables).
+    pub max_memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

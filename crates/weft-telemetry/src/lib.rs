@@ -8,6 +8,6 @@ mod metrics;
 pub use flags::ResponseFlags;
 pub use logging::{LogControl, LogError};
 pub use metrics::{
-    AuthzLabels, ClusterEventLabels, ClusterLabels, ConnectionSecurity, Label, Metrics, Peers, Reporter,
-    RequestLabels, RequestProtocol, TcpLabels, XdsLabels,
+    AuthzLabels, ClusterEventLabels, ClusterLabels, ConnectionSecurity, Label, Metrics, OverloadLabels,
+    Peers, Reporter, RequestLabels, RequestProtocol, TcpLabels, XdsLabels,
 };

@@ -97,6 +97,11 @@ pub struct Peers {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OverloadLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]
     pub peers: Peers,
@@ -171,6 +176,8 @@ pub struct Metrics {
     pub detected: Family<ProtocolLabels, Counter>,
     pub downstream_connections_active: Gauge,
     pub silent_connections_waiting: Gauge,
+    pub overload_refused: Family<OverloadLabels, Counter>,
+    pub overload_pressure: Gauge,
     pub xds_updates: Family<XdsLabels, Counter>,
     pub xds_connected: Gauge,
     pub certificate_renewals: Counter,
@@ -196,6 +203,8 @@ impl Metrics {
         let detected = Family::default();
         let downstream_connections_active = Gauge::default();
         let silent_connections_waiting = Gauge::default();
+        let overload_refused = Family::default();
+        let overload_pressure = Gauge::default();
         let xds_updates = Family::default();
         let xds_connected = Gauge::default();
         let certificate_renewals = Counter::default();
@@ -254,6 +263,16 @@ impl Metrics {
             "Connections on detect ports that sent nothing by the detect timeout and wait for their client, \
              because as many silent connections as allowed are already forwarded as opaque TCP",
             silent_connections_waiting.clone(),
+        );
+        weft.register(
+            "overload_refused_connections",
+            "Client connections closed on accept by the overload manager, by the limit that was reached",
+            overload_refused.clone(),
+        );
+        weft.register(
+            "overload_pressure",
+            "The overload manager's state: 0 normal, 1 keep-alive disabled, 2 new connections refused",
+            overload_pressure.clone(),
         );
 
         weft.register(
@@ -321,6 +340,8 @@ impl Metrics {
             detected,
             downstream_connections_active,
             silent_connections_waiting,
+            overload_refused,
+            overload_pressure,
             xds_updates,
             xds_connected,
             certificate_renewals,

@@ -8,10 +8,15 @@ mod binder;
 mod connect;
 mod dial;
 mod idle;
+mod overload;
 mod prefixed;
 
 pub use binder::{Accepted, Binder, OsBinder, accept, bind_listener};
 pub use connect::{ConnectError, connect};
 pub use dial::{DialError, DialSettings, UpstreamIo, dial};
 pub use idle::{Activity, IdleIo, InFlight};
+pub use overload::{
+    ConnectionPermit, Overload, OverloadLimits, Pressure, Refusal, cgroup_memory_limit,
+    default_max_connections, raise_open_file_limit, resident_bytes,
+};
 pub use prefixed::PrefixedIo;

@@ -147,6 +147,8 @@ fn main() -> ExitCode {
 }
 
 async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogControl) -> ExitCode {
+    let open_files = weft_transport::raise_open_file_limit();
+    tracing::debug!(open_files, "open-file limit");
     let loaded = match &config {
         Some(path) => weft_model::load_file(path).map_err(|e| e.to_string()),
         None => weft_model::parse("").map_err(|e| e.to_string()),

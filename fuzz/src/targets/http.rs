@@ -24,6 +24,7 @@ struct Harness {
     runtime: Runtime,
     forwarder: Forwarder,
     ctx: Arc<HttpContext>,
+    overload: weft_transport::Overload,
     /// What the upstream found wrong with requests that reached it.
     violations: Arc<Mutex<Vec<String>>>,
 }
@@ -73,6 +74,10 @@ fn harness() -> &'static Harness {
             runtime,
             forwarder,
             ctx,
+            overload: weft_transport::Overload::new(weft_transport::OverloadLimits {
+                max_active_downstream_connections: 1,
+                max_memory_bytes: None,
+            }),
             violations,
         }
     })
@@ -146,6 +151,7 @@ fn exchange(data: &[u8], version: HttpVersion) -> Vec<u8> {
             idle: Some(Duration::from_secs(5)),
             request_headers: Some(Duration::from_secs(5)),
             limits: weft_model::HttpLimits::default(),
+            overload: harness.overload.clone(),
         };
         let served = tokio::spawn(weft_http::serve(
             server,

@@ -361,3 +361,83 @@ async fn silent_connections_past_the_budget_wait_for_their_client_and_take_no_up
         .unwrap();
     assert_eq!(&greeting, b"220 ready\r\n");
 }
+
+/// True once the proxy has closed `stream` without answering (EOF or reset).
+async fn closed_unanswered(stream: &mut TcpStream) -> bool {
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_global_connection_limit_new_connections_are_refused_and_counted() {
+    let (_server, proxy) = mesh("overload: { max_active_downstream_connections: 3 }").await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect(&proxy).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        open.push(stream);
+    }
+    let mut fourth = connect(&proxy).await;
+    assert!(
+        closed_unanswered(&mut fourth).await,
+        "a fourth connection was served"
+    );
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        weft_test_support::metric(
+            &metrics,
+            "weft_overload_refused_connections_total",
+            &[("reason", "connections")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // A closed connection gives its place back.
+    drop(open.pop());
+    weft_test_support::assert_eventually!(
+        {
+            let mut stream = connect(&proxy).await;
+            !closed_unanswered(&mut stream).await
+        },
+        "no place was given back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_memory_past_the_limit_new_connections_are_refused() {
+    // A limit far below what the process already uses: the first sample puts the proxy at the top
+    // watermark.
+    let (server, proxy) = mesh("overload: { max_memory_bytes: 1048576 }").await;
+    weft_test_support::assert_eventually!(
+        weft_test_support::metric(&proxy.metrics().await, "weft_overload_pressure", &[]) == 2.0,
+        "{}",
+        proxy.metrics().await
+    );
+    let mut stream = connect(&proxy).await;
+    assert!(
+        closed_unanswered(&mut stream).await,
+        "a connection was served past the memory limit"
+    );
+    assert_eq!(server.request_count(), 0);
+    let metrics = proxy.metrics().await;
+    assert!(
+        weft_test_support::metric(
+            &metrics,
+            "weft_overload_refused_connections_total",
+            &[("reason", "memory")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    // The admin port still answers: an operator can see why.
+    assert!(metrics.contains("weft_overload_pressure 2"), "{metrics}");
+}

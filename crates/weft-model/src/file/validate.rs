@@ -38,7 +38,14 @@ impl ProxyFile {
                 Some(i) => Some(resolve_identity(i, &node)?),
                 None => None,
             },
+            overload: self.overload,
         };
+        if self.overload.max_active_downstream_connections == Some(0) {
+            return Err(invalid(
+                "overload.max_active_downstream_connections",
+                "0 would refuse every connection",
+            ));
+        }
 
         let clusters = validate_clusters(self.clusters)?;
         let routes = validate_routes(self.routes, &clusters)?;
