@@ -36,6 +36,8 @@ pub(crate) struct InFlight {
     pub(crate) endpoint: Option<weft_balance::EndpointGuard>,
     pub(crate) connection: Option<tokio::sync::OwnedSemaphorePermit>,
     pub(crate) retry: Option<weft_balance::RetryPermit>,
+    /// The stream's place on its upstream HTTP/2 connection.
+    pub(crate) stream: Option<Arc<crate::pool::StreamSlot>>,
 }
 
 /// The route timeout (covering the whole response, as Envoy's does) and the stream idle timeout (no

@@ -23,6 +23,7 @@ use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
 use crate::pool::ConnectionUses;
+use crate::pool::StreamSlot;
 use crate::replay::{BodyReading, ClientBody, ReplayBody, RequestBody};
 use crate::retry::{Next, RetryState, TryOutcome, grpc_timeout};
 use crate::{HttpVersion, Pools, ProxyBody, UpstreamError};
@@ -296,7 +297,7 @@ impl Forwarder {
                 std::future::pending::<()>().await;
             }
         };
-        let (result, held, flags) = tokio::select! {
+        let (result, mut held, flags) = tokio::select! {
             outcome = attempt => outcome,
             () = request_late => (
                 Try::Failed(UpstreamError::RequestTimeout),
@@ -305,7 +306,10 @@ impl Forwarder {
             ),
         };
         let mut response = match result {
-            Try::Response(response) => response,
+            Try::Response(mut response) => {
+                held.stream = response.extensions_mut().remove::<Arc<StreamSlot>>();
+                response
+            }
             Try::Failed(err) => {
                 tracing::debug!(error = %err, "upstream request failed");
                 return error_response(err, grpc, flags, completion);
@@ -498,7 +502,7 @@ impl Forwarder {
         body: RequestBody,
         per_try: Option<Duration>,
     ) -> Try {
-        let client = self.pools.client(endpoint, exchange.version, settings);
+        let (client, stream) = self.pools.client(endpoint, exchange.version, settings);
         let mut request = Request::from_parts(head, body);
         let connection = exchange
             .max_requests_per_connection
@@ -526,9 +530,13 @@ impl Forwarder {
             },
         };
         match result {
-            Ok(response) => {
+            Ok(mut response) => {
                 if let (Some(limit), Some(connection)) = (exchange.max_requests_per_connection, connection) {
                     retire_when_used_up(&response, limit, &connection);
+                }
+                // The stream stays counted until the response body is done with.
+                if let Some(stream) = stream {
+                    response.extensions_mut().insert(Arc::new(stream));
                 }
                 Try::Response(response)
             }

@@ -43,12 +43,32 @@ struct PoolKey {
     endpoint: SocketAddr,
     version: HttpVersion,
     settings: DialSettings,
+    /// HTTP/2: which of the endpoint's connections (each pool holds one).
+    lane: u16,
 }
 
 impl std::hash::Hash for PoolKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.endpoint.hash(state);
         self.version.hash(state);
+        self.lane.hash(state);
+    }
+}
+
+/// Streams the proxy opens at once on one upstream HTTP/2 connection before it opens another: what
+/// Weft's own listeners (and Envoy's edge) allow, below nginx's 128 and Go's 250. Requests past a
+/// connection's limit would otherwise wait behind other clients' streams.
+pub(crate) const STREAMS_PER_CONNECTION: u32 = 100;
+/// Upstream HTTP/2 connections to one endpoint, at most.
+const MAX_LANES: u16 = 64;
+
+/// A stream counted against its upstream HTTP/2 connection while the request and its response last.
+#[derive(Debug)]
+pub(crate) struct StreamSlot(Arc<AtomicU32>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -57,6 +77,8 @@ pub(crate) type UpstreamClient = Client<EndpointConnector, RequestBody>;
 #[derive(Debug)]
 struct Entry {
     client: UpstreamClient,
+    /// HTTP/2 streams open on this pool's connection.
+    streams: Arc<AtomicU32>,
     /// Milliseconds since the pools were made, at the last use.
     last_used: AtomicU64,
 }
@@ -87,42 +109,61 @@ impl Pools {
         }
     }
 
+    /// The pool for `endpoint`: for HTTP/2, the first of its connections with a stream to spare (a
+    /// new one when all are full), and the stream, counted while the returned slot lives.
     pub(crate) fn client(
         &self,
         endpoint: SocketAddr,
         version: HttpVersion,
         settings: DialSettings,
-    ) -> UpstreamClient {
-        let key = PoolKey {
-            endpoint,
-            version,
-            settings,
-        };
+    ) -> (UpstreamClient, Option<StreamSlot>) {
         let now = millis(self.started.elapsed());
         if now >= self.next_sweep.load(Ordering::Relaxed) {
             self.sweep(now);
         }
-        if let Some(entry) = self.pools.load().get(&key) {
+        let mut key = PoolKey {
+            endpoint,
+            version,
+            settings,
+            lane: 0,
+        };
+        loop {
+            let entry = self.entry(&key, now);
+            if version == HttpVersion::Http1 {
+                return (entry.client.clone(), None);
+            }
+            let taken = entry
+                .streams
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    (n < STREAMS_PER_CONNECTION || key.lane + 1 >= MAX_LANES).then_some(n + 1)
+                });
+            if taken.is_ok() {
+                return (entry.client.clone(), Some(StreamSlot(entry.streams.clone())));
+            }
+            key.lane += 1;
+        }
+    }
+
+    fn entry(&self, key: &PoolKey, now: u64) -> Arc<Entry> {
+        if let Some(entry) = self.pools.load().get(key) {
             entry.last_used.store(now, Ordering::Relaxed);
-            return entry.client.clone();
+            return entry.clone();
         }
         // A poisoned lock only means another thread panicked mid-update of a cache, still usable.
         let _write = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.pools.load_full();
-        if let Some(entry) = current.get(&key) {
-            return entry.client.clone();
+        if let Some(entry) = current.get(key) {
+            return entry.clone();
         }
-        let client = build(&key, self.tls.clone());
+        let entry = Arc::new(Entry {
+            client: build(key, self.tls.clone()),
+            streams: Arc::default(),
+            last_used: AtomicU64::new(now),
+        });
         let mut next = PoolMap::clone(&current);
-        next.insert(
-            key,
-            Arc::new(Entry {
-                client: client.clone(),
-                last_used: AtomicU64::new(now),
-            }),
-        );
+        next.insert(key.clone(), entry.clone());
         self.pools.store(Arc::new(next));
-        client
+        entry
     }
 
     /// Drops pools unused for longer than their idle timeout and a grace period.
@@ -137,7 +178,8 @@ impl Pools {
             .iter()
             .filter(|(key, entry)| {
                 let unused = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
-                unused < millis(key.settings.idle_timeout + POOL_EXPIRY_GRACE)
+                entry.streams.load(Ordering::Relaxed) > 0
+                    || unused < millis(key.settings.idle_timeout + POOL_EXPIRY_GRACE)
             })
             .map(|(key, entry)| (key.clone(), entry.clone()))
             .collect();

@@ -441,3 +441,42 @@ async fn with_memory_past_the_limit_new_connections_are_refused() {
     // The admin port still answers: an operator can see why.
     assert!(metrics.contains("weft_overload_pressure 2"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_100_streams_on_an_upstream_http2_connection_another_connection_is_opened() {
+    // Clients may open 200 streams here; the app (hyper) allows 200 per connection, so a proxy that kept
+    // one upstream connection would carry them all on it.
+    let (server, proxy) = mesh("http_limits: { max_concurrent_streams: 200 }").await;
+    let (client, _driver, streams) = h2_connect(&proxy).await;
+    assert_eq!(streams, 200);
+    assert_eq!(server.connections(), 1, "the first request's connection");
+    server.set_fault(Fault::Delay(Duration::from_millis(1500)));
+    let requests: Vec<_> = (0..150)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { h2_status(&client, &[]).await })
+        })
+        .collect();
+    weft_test_support::assert_eventually!(
+        server.request_count() >= 151,
+        "{} requests reached the app",
+        server.request_count()
+    );
+    // All 150 are at the app at once (none waits for a stream), over two upstream connections.
+    assert_eq!(server.connections(), 2);
+    for request in requests {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    // Streams are given back: 100 more fit on the connections already open.
+    server.set_fault(Fault::None);
+    let again: Vec<_> = (0..100)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { h2_status(&client, &[]).await })
+        })
+        .collect();
+    for request in again {
+        assert_eq!(request.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(server.connections(), 2);
+}
