@@ -3,6 +3,7 @@
 //! runs one of them.
 
 mod authz;
+mod h2_conformance;
 mod hostile;
 mod http;
 mod identity;

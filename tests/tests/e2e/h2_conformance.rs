@@ -1,0 +1,415 @@
+//! The proxy's HTTP/2 server against RFC 9113's requirements, frame by frame, in the spirit of h2spec:
+//! each case writes raw frames on a connection to the proxy and checks the connection error (GOAWAY
+//! with its code), the stream error (RST_STREAM with its code) or the answer the RFC requires. A
+//! request with a malformed header block never reaches the app.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_test_support::TestProxy;
+use weft_test_support::http::HttpServer;
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const PRIORITY: u8 = 0x2;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+const PROTOCOL_ERROR: u32 = 0x1;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const STREAM_CLOSED: u32 = 0x5;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const COMPRESSION_ERROR: u32 = 0x9;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut out = vec![len[1], len[2], len[3], kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// HPACK for `GET /` to `web` (indexed :method, :scheme, :path; literal :authority), then `extra`
+/// header fields as literals without indexing.
+fn request_block(extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+    for (name, value) in extra {
+        block.push(0x00);
+        block.push(u8::try_from(name.len()).unwrap());
+        block.extend_from_slice(name.as_bytes());
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+struct Conn {
+    stream: TcpStream,
+}
+
+/// What the proxy answered.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    GoAway(u32),
+    Reset(u32, u32),
+    /// Response headers on this stream.
+    Response(u32),
+    /// Closed without a GOAWAY.
+    Closed,
+}
+
+impl Conn {
+    /// A connection past the preface and the SETTINGS exchange.
+    async fn open(proxy: &TestProxy) -> Self {
+        let dst: SocketAddr = "127.0.97.20:8080".parse().unwrap();
+        let mut stream = proxy.orig_dst.connect(proxy.outbound(), dst).await.unwrap();
+        stream.write_all(PREFACE).await.unwrap();
+        stream.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        let mut conn = Self { stream };
+        // The server's SETTINGS, then our ACK of them.
+        loop {
+            let (kind, flags, _, _) = conn.read().await.expect("the server's SETTINGS");
+            if kind == SETTINGS && flags & ACK == 0 {
+                break;
+            }
+        }
+        conn.send(&frame(SETTINGS, ACK, 0, &[])).await;
+        conn
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        // The proxy may already have closed the connection; what it answered is read next.
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    async fn read(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), self.stream.read_exact(&mut head))
+            .await
+            .expect("the proxy answers within 5 s")
+            .ok()?;
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        self.stream.read_exact(&mut payload).await.ok()?;
+        Some((head[3], head[4], stream, payload))
+    }
+
+    /// Reads until the proxy answers the case: a GOAWAY, a RST_STREAM, or EOF; response headers
+    /// count when no error follows them within half a second (a streamed request's error comes after
+    /// the app has begun to answer).
+    async fn outcome(&mut self) -> Outcome {
+        let mut answered = None;
+        loop {
+            let next = match answered {
+                None => self.read().await,
+                Some(stream) => match tokio::time::timeout(Duration::from_millis(500), self.read()).await {
+                    Ok(next) => next,
+                    Err(_) => return Outcome::Response(stream),
+                },
+            };
+            let Some((kind, flags, stream, payload)) = next else {
+                return answered.map_or(Outcome::Closed, Outcome::Response);
+            };
+            match kind {
+                GOAWAY => return Outcome::GoAway(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+                RST_STREAM => {
+                    return Outcome::Reset(stream, u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                }
+                HEADERS if stream != 0 && answered.is_none() => answered = Some(stream),
+                PING if flags & ACK == 0 => self.send(&frame(PING, ACK, 0, &payload)).await,
+                _ => {}
+            }
+        }
+    }
+}
+
+async fn proxy() -> (HttpServer, TestProxy) {
+    let server = HttpServer::start("web").await;
+    let proxy = TestProxy::start(&format!(
+        "outbound: {{ services: [{{ address: 0.0.0.0:8080, cluster: web }}] }}
+clusters: [{{ name: web, endpoints: [\"{}\"] }}]",
+        server.addr
+    ))
+    .await;
+    (server, proxy)
+}
+
+/// Where the RFC requires the connection error `rfc` and the h2 crate, which the proxy's HTTP/2 is,
+/// closes the connection with PROTOCOL_ERROR instead: the connection still ends (nothing is accepted
+/// that should not be), only the code differs. Kept exact, so that a change in h2 shows here.
+fn h2_deviation(rfc: u32) -> Outcome {
+    let _ = rfc;
+    Outcome::GoAway(PROTOCOL_ERROR)
+}
+
+/// Runs one case on a fresh connection.
+async fn case(proxy: &TestProxy, frames: &[Vec<u8>]) -> Outcome {
+    let mut conn = Conn::open(proxy).await;
+    for f in frames {
+        conn.send(f).await;
+    }
+    conn.outcome().await
+}
+
+fn get(stream: u32, extra: &[(&str, &str)]) -> Vec<u8> {
+    frame(HEADERS, END_HEADERS | END_STREAM, stream, &request_block(extra))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_level_requirements() {
+    let (server, proxy) = proxy().await;
+    let cases: Vec<(&str, Vec<Vec<u8>>, Outcome)> = vec![
+        (
+            "a well-formed request is answered",
+            vec![get(1, &[])],
+            Outcome::Response(1),
+        ),
+        (
+            "§4.1 unknown frame types are ignored",
+            vec![frame(0x42, 0, 0, b"xx"), get(1, &[])],
+            Outcome::Response(1),
+        ),
+        (
+            "§4.2 a frame larger than SETTINGS_MAX_FRAME_SIZE",
+            vec![frame(DATA, 0, 1, &vec![0; 16_385])],
+            Outcome::GoAway(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§5.1.1 a client stream with an even identifier",
+            vec![get(2, &[])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§5.1.1 a stream identifier lower than one already used",
+            vec![get(5, &[]), get(3, &[])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.1 DATA on stream 0",
+            vec![frame(DATA, 0, 0, b"x")],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.2 HEADERS on stream 0",
+            vec![frame(HEADERS, END_HEADERS, 0, &request_block(&[]))],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.4 RST_STREAM on stream 0",
+            vec![frame(RST_STREAM, 0, 0, &[0, 0, 0, 8])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.4 RST_STREAM on an idle stream",
+            vec![frame(RST_STREAM, 0, 7, &[0, 0, 0, 8])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.4 RST_STREAM of the wrong length",
+            vec![get(1, &[]), frame(RST_STREAM, 0, 1, &[0, 0, 8])],
+            h2_deviation(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§6.5 SETTINGS on a stream",
+            vec![frame(SETTINGS, 0, 1, &[])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.5 SETTINGS of a length not a multiple of 6",
+            vec![frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0])],
+            h2_deviation(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§6.5 a SETTINGS ACK with a payload",
+            vec![frame(SETTINGS, ACK, 0, &[0, 3, 0, 0, 0, 1])],
+            h2_deviation(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§6.5.2 SETTINGS_ENABLE_PUSH other than 0 or 1",
+            vec![frame(SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 2])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.5.2 SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1",
+            vec![frame(SETTINGS, 0, 0, &[0, 4, 0x80, 0, 0, 0])],
+            h2_deviation(FLOW_CONTROL_ERROR),
+        ),
+        (
+            "§6.5.2 SETTINGS_MAX_FRAME_SIZE below 16,384",
+            vec![frame(SETTINGS, 0, 0, &[0, 5, 0, 0, 0x3f, 0xff])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.7 PING on a stream",
+            vec![frame(PING, 0, 1, &[0; 8])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.7 PING of the wrong length",
+            vec![frame(PING, 0, 0, &[0; 7])],
+            h2_deviation(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§6.9 a connection WINDOW_UPDATE of 0",
+            vec![frame(WINDOW_UPDATE, 0, 0, &[0, 0, 0, 0])],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.9.1 a connection window above 2^31-1",
+            vec![frame(WINDOW_UPDATE, 0, 0, &[0x7f, 0xff, 0xff, 0xff])],
+            Outcome::GoAway(FLOW_CONTROL_ERROR),
+        ),
+        (
+            "§6.9 WINDOW_UPDATE of the wrong length",
+            vec![frame(WINDOW_UPDATE, 0, 0, &[0, 0, 1])],
+            h2_deviation(FRAME_SIZE_ERROR),
+        ),
+        (
+            "§6.10 CONTINUATION without HEADERS before it",
+            vec![frame(CONTINUATION, END_HEADERS, 1, &request_block(&[]))],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§6.10 another frame between HEADERS and its CONTINUATION",
+            vec![
+                frame(HEADERS, END_STREAM, 1, &request_block(&[])),
+                frame(PING, 0, 0, &[0; 8]),
+            ],
+            Outcome::GoAway(PROTOCOL_ERROR),
+        ),
+        (
+            "§4.3 a header block that does not decode (HPACK index 0)",
+            vec![frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x80])],
+            h2_deviation(COMPRESSION_ERROR),
+        ),
+        (
+            "§4.3 a header block naming an index past the dynamic table",
+            vec![frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0xff, 0x7f])],
+            h2_deviation(COMPRESSION_ERROR),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, frames, expected) in cases {
+        let got = case(&proxy, &frames).await;
+        if got != expected {
+            failures.push(format!("{name}: expected {expected:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Only the well-formed requests reached the app (the one on stream 5 may be cut by the GOAWAY for
+    // stream 3).
+    assert!(
+        (2..=3).contains(&server.request_count()),
+        "{}",
+        server.request_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_stream_errors_and_never_reach_the_app() {
+    let (server, proxy) = proxy().await;
+    let data_on_closed = vec![get(1, &[]), frame(DATA, END_STREAM, 1, b"late")];
+    let cases: Vec<(&str, Vec<Vec<u8>>, Outcome)> = vec![
+        (
+            "§8.2.1 an upper-case field name",
+            vec![get(1, &[("X-Upper", "1")])],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§8.2.2 a connection-specific field",
+            vec![get(1, &[("connection", "keep-alive")])],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§8.2.2 TE other than trailers",
+            vec![get(1, &[("te", "gzip")])],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§8.3 a pseudo-header after a regular field",
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[
+                    &request_block(&[("x-a", "1")])[..],
+                    &[0x00, 5, b':', b'p', b'a', b't', b'h', 1, b'/'],
+                ]
+                .concat(),
+            )],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§8.3.1 a request without :method",
+            vec![frame(
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                1,
+                &[0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'],
+            )],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§8.3.1 an undefined pseudo-header",
+            vec![get(1, &[(":bogus", "1")])],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§8.1.1 content-length that the DATA does not match",
+            vec![
+                frame(
+                    HEADERS,
+                    END_HEADERS,
+                    1,
+                    &[
+                        &[0x83, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'][..],
+                        &request_block(&[("content-length", "10")])[8..],
+                    ]
+                    .concat(),
+                ),
+                frame(DATA, END_STREAM, 1, b"four"),
+            ],
+            Outcome::Reset(1, PROTOCOL_ERROR),
+        ),
+        (
+            "§5.1 DATA on a stream the client already closed",
+            data_on_closed,
+            Outcome::Reset(1, STREAM_CLOSED),
+        ),
+        (
+            "§5.3.1 a stream that depends on itself",
+            vec![frame(PRIORITY, 0, 3, &[0, 0, 0, 3, 16])],
+            Outcome::Reset(3, PROTOCOL_ERROR),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, frames, expected) in cases {
+        let got = case(&proxy, &frames).await;
+        // A stream reset is what the RFC requires; a connection error is also allowed for these.
+        let acceptable = got == expected
+            || (matches!(expected, Outcome::Reset(..)) && got == Outcome::GoAway(PROTOCOL_ERROR));
+        if !acceptable {
+            failures.push(format!("{name}: expected {expected:?}, got {got:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Requests whose header blocks are malformed never reach the app; the two whose bodies turn out
+    // wrong were well formed when they arrived, and their upstream requests are aborted.
+    assert!(
+        server.request_count() <= 2,
+        "{} malformed requests reached the app",
+        server.request_count()
+    );
+}
