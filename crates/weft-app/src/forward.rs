@@ -130,6 +130,10 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 orig_dst,
                 destination,
                 peers,
+                client: match &principal {
+                    Some(id) => client_key(id.as_bytes()),
+                    None => client_key(source.ip().to_string().as_bytes()),
+                },
                 client_cert,
                 authz: authz.map(|a| (a, principal)),
                 http,
@@ -164,6 +168,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
             orig_dst,
             destination,
             peers,
+            client: client_key(source.ip().to_string().as_bytes()),
             client_cert: None,
             authz: authz.map(|a| (a, None)),
             http,
@@ -185,6 +190,8 @@ struct Connection {
     orig_dst: SocketAddr,
     destination: Destination,
     peers: Peers,
+    /// Who the client is, hashed: its verified identity, else its address.
+    client: u64,
     /// `x-forwarded-client-cert` for the app, when the client proved an identity.
     client_cert: Option<String>,
     /// Where peers arrive: the policy, and the principal the connection proved.
@@ -234,6 +241,7 @@ where
                     .and_then(|v| http::HeaderValue::from_str(&v).ok()),
                 stream_idle_timeout: conn.http.stream_idle_timeout,
                 request_timeout: conn.http.request_timeout,
+                client: conn.client,
             });
             let forwarder = inputs.forwarder.clone();
             let settings = weft_http::ServeSettings {
@@ -379,4 +387,11 @@ async fn revoked(inputs: &Inputs, authz: Option<&weft_authz::connection::Connect
         }
     }
     std::future::pending().await
+}
+
+fn client_key(who: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    who.hash(&mut hasher);
+    hasher.finish()
 }

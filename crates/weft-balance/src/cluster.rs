@@ -17,6 +17,7 @@ use weft_telemetry::{ClusterEventLabels, ClusterLabels, Label, Metrics};
 use crate::budget::BudgetWindow;
 use crate::endpoints::{EndpointSet, EndpointState};
 use crate::outlier::{Clock, Outcome, ejection_time};
+use crate::shares::ConnectionSlot;
 use crate::status::{ClusterStatus, EndpointStatus};
 
 #[derive(Debug)]
@@ -30,6 +31,7 @@ pub struct ClusterState {
     active_requests: AtomicU32,
     active_retries: AtomicU32,
     pending_requests: AtomicU32,
+    shares: Arc<crate::shares::ClientShares>,
     /// When ejections are next revisited ([`Clock`] ticks; 0: not scheduled).
     next_evaluation: AtomicU64,
     /// Held to eject an endpoint or revisit ejections, so that `max_ejection_percent` holds.
@@ -51,6 +53,8 @@ pub enum Overflow {
     MaxConnections,
     MaxRequests,
     MaxPendingRequests,
+    /// The client already holds its share of the connection slots.
+    ClientShare,
 }
 
 impl Overflow {
@@ -59,6 +63,7 @@ impl Overflow {
             Overflow::MaxConnections => "max_connections",
             Overflow::MaxRequests => "max_requests",
             Overflow::MaxPendingRequests => "max_pending_requests",
+            Overflow::ClientShare => "client_share",
         }
     }
 }
@@ -89,6 +94,7 @@ impl ClusterState {
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
             pending_requests: AtomicU32::new(0),
+            shares: Arc::default(),
             next_evaluation: AtomicU64::new(0),
             outlier: Mutex::new(()),
             retries,
@@ -133,32 +139,41 @@ impl ClusterState {
         })
     }
 
-    /// A connection slot for an HTTP/1 request (`max_connections`), waiting as a pending request when
-    /// all are in use, or refused when `max_pending_requests` are already waiting.
-    pub async fn connection_slot(&self) -> Result<OwnedSemaphorePermit, Overflow> {
-        let (connections, max_pending) = {
+    /// A connection slot for an HTTP/1 request of `client` (a hash of who is asking)
+    /// (`max_connections`), waiting as a pending request when all are in use, or refused when
+    /// `max_pending_requests` are already waiting or the client holds its share (`shares.rs`).
+    pub async fn connection_slot(&self, client: u64) -> Result<ConnectionSlot, Overflow> {
+        let (connections, max_connections, max_pending) = {
             let set = self.set.load();
+            let breakers = &set.config.circuit_breakers;
             (
                 set.connections.clone(),
-                set.config.circuit_breakers.max_pending_requests,
+                breakers.max_connections,
+                breakers.max_pending_requests,
             )
         };
+        if self
+            .shares
+            .over_share(client, connections.available_permits(), max_connections)
+        {
+            return Err(self.overflow(Overflow::ClientShare));
+        }
         if let Ok(permit) = connections.clone().try_acquire_owned() {
-            return Ok(permit);
+            return Ok(self.shares.take(client, permit));
         }
         if self.pending_requests.fetch_add(1, Ordering::AcqRel) >= max_pending {
             self.pending_requests.fetch_sub(1, Ordering::AcqRel);
             return Err(self.overflow(Overflow::MaxPendingRequests));
         }
         let _pending = Decrement(&self.pending_requests);
-        connections
+        let permit = connections
             .acquire_owned()
             .await
-            .map_err(|_| Overflow::MaxPendingRequests)
+            .map_err(|_| Overflow::MaxPendingRequests)?;
+        Ok(self.shares.take(client, permit))
     }
 
-    /// A connection slot for opaque TCP, which does not wait: over `max_connections` the connection is
-    /// refused.
+    /// A connection slot for an opaque TCP connection, or `None` (counted) at `max_connections`.
     pub fn try_connection_slot(&self) -> Option<OwnedSemaphorePermit> {
         let connections = self.set.load().connections.clone();
         let slot = connections.try_acquire_owned().ok();

@@ -8,12 +8,14 @@ mod cluster;
 mod clusters;
 mod endpoints;
 mod outlier;
+mod shares;
 mod status;
 
 pub use cluster::{Admission, ClusterState, EndpointGuard, Overflow, RetryPermit};
 pub use clusters::ClusterStates;
 pub use endpoints::EndpointState;
 pub use outlier::Outcome;
+pub use shares::ConnectionSlot;
 pub use status::{ClusterStatus, EndpointStatus};
 
 #[cfg(test)]

@@ -320,18 +320,57 @@ async fn pending_requests_wait_for_a_connection_and_overflow_fails_fast() {
         ..CircuitBreakers::default()
     };
     let s = state(c);
-    let first = s.connection_slot().await.unwrap();
+    let first = s.connection_slot(1).await.unwrap();
     let waiting = tokio::spawn({
         let s = s.clone();
-        async move { s.connection_slot().await.map(drop) }
+        async move { s.connection_slot(1).await.map(drop) }
     });
     wait_for(|| s.pending_requests() == 1).await;
     assert_eq!(
-        s.connection_slot().await.unwrap_err(),
+        s.connection_slot(1).await.unwrap_err(),
         Overflow::MaxPendingRequests
     );
     drop(first);
     waiting.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_holding_its_share_of_busy_slots_is_refused_and_others_are_not() {
+    let mut c = cluster(LbPolicy::RoundRobin, &[(1, 1, true)]);
+    c.circuit_breakers = CircuitBreakers {
+        max_connections: 10,
+        max_pending_requests: 10,
+        ..CircuitBreakers::default()
+    };
+    let s = state(c);
+    let (greedy, other) = (7, 8);
+    // Alone, a client may take every slot.
+    let mut alone = Vec::new();
+    for _ in 0..10 {
+        alone.push(s.connection_slot(greedy).await.unwrap());
+    }
+    drop(alone);
+    // With half the slots held by one client, another still gets in, and the first, holding its
+    // half, is refused while fewer than half are free.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(s.connection_slot(greedy).await.unwrap());
+    }
+    let first = s.connection_slot(other).await.unwrap();
+    assert_eq!(
+        s.connection_slot(greedy).await.unwrap_err(),
+        Overflow::ClientShare
+    );
+    let mut others = vec![first];
+    for _ in 0..4 {
+        others.push(s.connection_slot(other).await.unwrap());
+    }
+    // Slots given back count: once the other client is gone, the first may take them again.
+    drop(others);
+    for _ in 0..5 {
+        held.push(s.connection_slot(greedy).await.unwrap());
+    }
+    assert_eq!(held.len(), 10);
 }
 
 async fn wait_for(condition: impl Fn() -> bool) {

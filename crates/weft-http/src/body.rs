@@ -34,7 +34,7 @@ pub struct ProxyBody {
 pub(crate) struct InFlight {
     pub(crate) admission: Option<weft_balance::Admission>,
     pub(crate) endpoint: Option<weft_balance::EndpointGuard>,
-    pub(crate) connection: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) connection: Option<weft_balance::ConnectionSlot>,
     pub(crate) retry: Option<weft_balance::RetryPermit>,
     /// The stream's place on its upstream HTTP/2 connection.
     pub(crate) stream: Option<Arc<crate::pool::StreamSlot>>,

@@ -11,8 +11,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
-use weft_balance::{ClusterState, ClusterStates, Outcome};
+use weft_balance::{ClusterState, ClusterStates, ConnectionSlot, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
@@ -80,6 +79,9 @@ pub struct HttpContext {
     pub stream_idle_timeout: Option<Duration>,
     /// Until a request's body has arrived or its response begun (Envoy's `request_timeout`).
     pub request_timeout: Option<Duration>,
+    /// Who is asking, hashed: the caller's verified identity, else its address. Each client gets its
+    /// share of a cluster's connection slots.
+    pub client: u64,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -282,8 +284,15 @@ impl Forwarder {
                     )
                 }
                 DecidedTarget::Cluster(cluster) => {
-                    self.to_cluster(&cluster, body, &reading, decision.retry.as_ref(), &mut exchange)
-                        .await
+                    self.to_cluster(
+                        &cluster,
+                        body,
+                        &reading,
+                        decision.retry.as_ref(),
+                        &mut exchange,
+                        ctx.client,
+                    )
+                    .await
                 }
             }
         };
@@ -408,6 +417,7 @@ impl Forwarder {
         reading: &BodyReading,
         policy: Option<&RetryPolicy>,
         exchange: &mut Exchange,
+        client: u64,
     ) -> (Try, InFlight, ResponseFlags) {
         let state = self.clusters.get(cluster);
         let mut held = InFlight::default();
@@ -423,7 +433,7 @@ impl Forwarder {
             false => RequestBody::Streamed(body),
         };
         loop {
-            let connection = match connection_slot(&state, exchange).await {
+            let connection = match connection_slot(&state, exchange, client).await {
                 Ok(connection) => connection,
                 Err(err) => return (Try::Failed(err), held, ResponseFlags::NONE),
             };
@@ -566,15 +576,16 @@ impl Forwarder {
 async fn connection_slot(
     state: &ClusterState,
     exchange: &Exchange,
-) -> Result<Option<OwnedSemaphorePermit>, UpstreamError> {
+    client: u64,
+) -> Result<Option<ConnectionSlot>, UpstreamError> {
     if exchange.version != HttpVersion::Http1 {
         return Ok(None);
     }
     let slot = match exchange.deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline.into(), state.connection_slot())
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), state.connection_slot(client))
             .await
             .map_err(|_| UpstreamError::Timeout(exchange.timeout))?,
-        None => state.connection_slot().await,
+        None => state.connection_slot(client).await,
     };
     slot.map(Some).map_err(|_| UpstreamError::Overflow)
 }

@@ -29,15 +29,25 @@ impl MockOrigDst {
     /// Connects to the proxy's transparent listener `proxy` as if iptables had redirected a connection
     /// the client made to `dst`.
     pub async fn connect(&self, proxy: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+        let source = if proxy.is_ipv4() { "127.0.0.1" } else { "::1" }
+            .parse()
+            .expect("literal");
+        self.connect_from(source, proxy, dst).await
+    }
+
+    /// [`MockOrigDst::connect`] from `source` (another loopback address: another client).
+    pub async fn connect_from(
+        &self,
+        source: std::net::IpAddr,
+        proxy: SocketAddr,
+        dst: SocketAddr,
+    ) -> io::Result<TcpStream> {
         let socket = if proxy.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
-        let any: SocketAddr = if proxy.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }
-            .parse()
-            .expect("literal");
-        socket.bind(any)?;
+        socket.bind(SocketAddr::new(source, 0))?;
         let local = socket.local_addr()?;
         self.table.lock().expect("orig dst table").insert(local, dst);
         let stream = socket.connect(proxy).await?;

@@ -69,6 +69,7 @@ fn harness() -> &'static Harness {
             authorization: None,
             stream_idle_timeout: Some(Duration::from_secs(5)),
             request_timeout: Some(Duration::from_secs(5)),
+            client: 0,
         });
         Harness {
             runtime,

@@ -480,3 +480,80 @@ async fn past_100_streams_on_an_upstream_http2_connection_another_connection_is_
     }
     assert_eq!(server.connections(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_request_bodies_cannot_take_every_connection_slot() {
+    let server = HttpServer::start("web").await;
+    let proxy = TestProxy::start(&format!(
+        "outbound: {{ services: [{{ address: 0.0.0.0:8080, cluster: web }}] }}
+clusters: [{{ name: web, endpoints: [\"{}\"], circuit_breakers: {{ max_connections: 20, max_pending_requests: 20 }} }}]",
+        server.addr
+    ))
+    .await;
+    let dst: SocketAddr = DST.parse().unwrap();
+    let attacker: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let bystander: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+
+    // Thirty slow uploads from one client: each announces 1,000 bytes and sends one. A bystander
+    // holds one request of its own, so that two clients share the cluster.
+    let mut held = connect_from(&proxy, bystander, dst).await;
+    held.write_all(b"POST /sink HTTP/1.1\r\nhost: web\r\ncontent-length: 1000\r\n\r\nx")
+        .await
+        .unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..30 {
+        let mut stream = connect_from(&proxy, attacker, dst).await;
+        stream
+            .write_all(b"POST /sink HTTP/1.1\r\nhost: web\r\ncontent-length: 1000\r\n\r\nx")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    // The slow client is held to its share: its uploads past it are refused at once (503, `UO`).
+    let mut refused = 0;
+    for stream in &mut slow {
+        let mut buf = [0u8; 12];
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), stream.read_exact(&mut buf)).await
+        {
+            assert_eq!(&buf, b"HTTP/1.1 503");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 10,
+        "only {refused} of the slow client's uploads were refused"
+    );
+    // The bystander still gets through.
+    let mut stream = connect_from(&proxy, bystander, dst).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .expect("the bystander is answered")
+        .unwrap();
+    assert!(
+        response.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    let metrics = proxy.metrics().await;
+    assert!(
+        weft_test_support::metric(
+            &metrics,
+            "weft_upstream_overflows_total",
+            &[("cluster", "web"), ("reason", "client_share")]
+        ) >= 10.0,
+        "{metrics}"
+    );
+}
+
+async fn connect_from(proxy: &TestProxy, source: std::net::IpAddr, dst: SocketAddr) -> TcpStream {
+    proxy
+        .orig_dst
+        .connect_from(source, proxy.outbound(), dst)
+        .await
+        .unwrap()
+}
