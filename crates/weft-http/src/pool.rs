@@ -29,6 +29,7 @@ use crate::replay::RequestBody;
 /// Larger than any header block we accept downstream, so what we accept we can forward.
 pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
 const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
+const UPSTREAM_HTTP1_BUFFER: usize = 32 * 1024;
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// A pool unused for this long (beyond its idle timeout) is dropped, so a proxy that has talked to many
 /// passthrough destinations does not keep a client for each forever.
@@ -208,6 +209,8 @@ fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamCl
         // The request carries the app's Host header; never replace it with the endpoint address.
         .set_host(false)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        // What an HTTP/1 response may have read ahead while its client reads slowly.
+        .http1_max_buf_size(UPSTREAM_HTTP1_BUFFER)
         // What a stream's response may buffer while its client reads slowly is its window; the
         // connection's window is as large as HTTP/2 allows, so that slow readers (each holding at most
         // its stream window) never stall the other streams sharing the connection.

@@ -136,7 +136,11 @@ impl HttpServer {
                         let fault = *injected.lock().expect("fault");
                         async move { Ok::<_, Infallible>(handle(name, &log, peer, fault, req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    // An app that buffers little, so tests that measure the proxy's memory measure
+                    // the proxy's.
+                    builder.http1().max_buf_size(64 * 1024);
+                    let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
@@ -253,7 +257,7 @@ fn status(code: StatusCode) -> Response<TestBody> {
 
 /// `n` bytes produced chunk by chunk as the client reads, never all in memory.
 fn generated(n: u64) -> Response<TestBody> {
-    const CHUNK: u64 = 64 * 1024;
+    const CHUNK: u64 = 16 * 1024;
     let chunks = futures_util::stream::unfold(n, |left| async move {
         if left == 0 {
             return None;

