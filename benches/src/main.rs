@@ -81,6 +81,10 @@ struct Args {
     /// that memory kept from earlier phases does not count.
     #[arg(long)]
     idle_memory: Option<usize>,
+    /// Instead of the usual table: a bystander's latency and errors, and the proxy's memory, while
+    /// hostile clients attack (2,000 slowloris, 1,100 slow POST, 2,000 silent connections).
+    #[arg(long)]
+    attack: bool,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -131,6 +135,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     if args.pair {
         return pair::run(&args, &weft, backend_addr, &client_rt);
+    }
+    if args.attack {
+        return client_rt.block_on(attack::run(&weft, backend_addr, args.seconds));
     }
     if let Some(connections) = args.idle_memory {
         return client_rt.block_on(idle_memory(&weft, backend_addr, connections));
@@ -373,6 +380,10 @@ type BackendBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 /// 13 bytes; for gRPC, the call's message back, then `grpc-status: 0` in trailers.
 async fn backend_response(req: hyper::Request<Incoming>, grpc: bool) -> hyper::Response<BackendBody> {
     if !grpc {
+        // `/sink` reads the whole request body before it answers (what the slow-POST attack needs).
+        if req.uri().path() == "/sink" {
+            let _ = req.into_body().collect().await;
+        }
         let body = Full::new(Bytes::from_static(b"hello, world\n")).map_err(|never| match never {});
         return hyper::Response::new(body.boxed());
     }
@@ -618,6 +629,7 @@ struct Proxy {
     dir: PathBuf,
 }
 
+mod attack;
 mod pair;
 
 impl Proxy {

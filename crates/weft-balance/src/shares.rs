@@ -1,7 +1,8 @@
 //! Each client's share of a cluster's connection slots: once fewer than half the slots are free, a
 //! client (a caller's identity, or its address) that already holds its share (the slots divided among
 //! the clients holding any) is refused another instead of waiting, so one client holding slots with
-//! slow requests cannot take them all from the others. A lone client may use every slot.
+//! slow requests cannot take them all from the others. A lone client may take all but a tenth, kept
+//! for clients that arrive after it.
 //!
 //! Clients are counted in a fixed table of atomic counters indexed by a hash of the client, so
 //! counting costs no lock and no allocation; two clients that share a counter share a quota.
@@ -12,6 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::sync::OwnedSemaphorePermit;
 
 const BUCKETS: usize = 256;
+/// A lone client leaves a tenth of the slots free (once half are in use) for clients to come.
+const RESERVE_DIVISOR: u32 = 10;
 
 #[derive(Debug)]
 pub(crate) struct ClientShares {
@@ -43,7 +46,13 @@ impl ClientShares {
         let held = self.held[Self::bucket(client)].load(Ordering::Relaxed);
         // Counting the asking client, in case it holds nothing yet.
         let clients = self.clients.load(Ordering::Relaxed).max(1) + u32::from(held == 0);
-        clients > 1 && held >= (max / clients).max(1)
+        let share = match clients {
+            // Alone, a client may take all but a reserve, so that a client arriving later finds
+            // slots to take.
+            1 => max - max / RESERVE_DIVISOR,
+            n => max / n,
+        };
+        held >= share.max(1)
     }
 
     /// Counts a slot `client` took, for as long as the returned slot lives.

@@ -344,12 +344,17 @@ async fn a_client_holding_its_share_of_busy_slots_is_refused_and_others_are_not(
     };
     let s = state(c);
     let (greedy, other) = (7, 8);
-    // Alone, a client may take every slot.
+    // Alone, a client may take all but a tenth of the slots, kept for a client that comes later.
     let mut alone = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..9 {
         alone.push(s.connection_slot(greedy).await.unwrap());
     }
-    drop(alone);
+    assert_eq!(
+        s.connection_slot(greedy).await.unwrap_err(),
+        Overflow::ClientShare
+    );
+    let late = s.connection_slot(other).await.unwrap();
+    drop((alone, late));
     // With half the slots held by one client, another still gets in, and the first, holding its
     // half, is refused while fewer than half are free.
     let mut held = Vec::new();
@@ -365,12 +370,17 @@ async fn a_client_holding_its_share_of_busy_slots_is_refused_and_others_are_not(
     for _ in 0..4 {
         others.push(s.connection_slot(other).await.unwrap());
     }
-    // Slots given back count: once the other client is gone, the first may take them again.
+    // Slots given back count: once the other client is gone, the first may take them again (but
+    // the reserve).
     drop(others);
-    for _ in 0..5 {
+    for _ in 0..4 {
         held.push(s.connection_slot(greedy).await.unwrap());
     }
-    assert_eq!(held.len(), 10);
+    assert_eq!(held.len(), 9);
+    assert_eq!(
+        s.connection_slot(greedy).await.unwrap_err(),
+        Overflow::ClientShare
+    );
 }
 
 async fn wait_for(condition: impl Fn() -> bool) {
