@@ -52,7 +52,9 @@ impl ClientShares {
             1 => max - max / RESERVE_DIVISOR,
             n => max / n,
         };
-        held >= share.max(1)
+        // A share of every slot is no share: at `max_connections` the request waits as pending.
+        let share = share.max(1);
+        held >= share && share < max
     }
 
     /// Counts a slot `client` took, for as long as the returned slot lives.
