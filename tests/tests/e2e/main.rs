@@ -4,6 +4,7 @@
 
 mod authz;
 mod h2_conformance;
+mod h2_upstream;
 mod hostile;
 mod http;
 mod identity;
