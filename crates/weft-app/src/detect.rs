@@ -73,6 +73,9 @@ pub(crate) struct Patience {
     /// How long a silent connection past the budget may wait for its client (the connection idle
     /// timeout; `None`: as long as it stays open).
     pub(crate) idle_timeout: Option<Duration>,
+    /// The listener's request headers timeout and header limit, for the first request head.
+    pub(crate) request_headers_timeout: Option<Duration>,
+    pub(crate) max_head_bytes: usize,
     pub(crate) metrics: Arc<weft_telemetry::Metrics>,
 }
 
@@ -103,7 +106,15 @@ pub(crate) async fn detect<S: AsyncRead + Unpin>(
                 // Whatever else it is, the port is declared HTTP: the HTTP/1 server answers garbage with 400.
                 _ => HttpVersion::Http1,
             };
-            sniffed(read.buf, read.stream, Handling::Http(version), None)
+            finish(
+                read.buf,
+                read.stream,
+                Handling::Http(version),
+                None,
+                None,
+                patience,
+            )
+            .await
         }
         Protocol::Detect => {
             let mut read = sniff(stream, Some(patience.detect_timeout)).await;
@@ -130,12 +141,62 @@ pub(crate) async fn detect<S: AsyncRead + Unpin>(
                 Detected::Tls(hello) => (Handling::Opaque, Some(hello)),
                 Detected::Opaque => (Handling::Opaque, None),
             };
-            Sniffed {
-                silent,
-                ..sniffed(read.buf, read.stream, handling, hello)
+            finish(read.buf, read.stream, handling, hello, silent, patience).await
+        }
+    }
+}
+
+/// Hands a detected connection on. An HTTP/1 client's first request head is read here to its end
+/// first, into a buffer the size of what it sent: a client that trickles its headers (slowloris) then
+/// costs that buffer, not the HTTP server's (hyper allocates 16 KiB per connection up front). A head
+/// that does not end within the request headers timeout closes the connection with nothing sent, as
+/// the HTTP server would; one past the header limit goes to the server, which answers 431.
+async fn finish<S: AsyncRead + Unpin>(
+    mut buf: BytesMut,
+    mut stream: S,
+    handling: Handling,
+    hello: Option<weft_detect::ClientHelloInfo>,
+    silent: Option<OwnedSemaphorePermit>,
+    patience: &Patience,
+) -> Sniffed<S> {
+    let mut handling = handling;
+    if handling == Handling::Http(HttpVersion::Http1) {
+        let deadline = patience
+            .request_headers_timeout
+            .map(|t| tokio::time::Instant::now() + t);
+        while !head_complete(&buf) && buf.len() <= patience.max_head_bytes {
+            buf.reserve(READ_CHUNK);
+            let read = match deadline {
+                Some(deadline) => match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => {
+                        tracing::debug!(
+                            "closing a client connection whose request headers did not arrive in time"
+                        );
+                        handling = Handling::Close;
+                        break;
+                    }
+                },
+                None => stream.read_buf(&mut buf).await,
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                break; // the server sees the end too, and answers what it can
             }
         }
     }
+    Sniffed {
+        io: PrefixedIo::new(buf.freeze(), stream),
+        handling,
+        hello,
+        silent,
+    }
+}
+
+/// The bytes so far hold a whole request head (after any empty lines before it).
+fn head_complete(buf: &[u8]) -> bool {
+    let start = buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let rest = &buf[start..];
+    rest.windows(4).any(|w| w == b"\r\n\r\n") || rest.windows(2).any(|w| w == b"\n\n")
 }
 
 /// What [`sniff`] read.

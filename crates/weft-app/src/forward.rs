@@ -38,6 +38,8 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         detect_timeout,
         silent: inputs.silent.clone(),
         idle_timeout: inputs.mesh().idle_timeout,
+        request_headers_timeout: conn.http.request_headers_timeout,
+        max_head_bytes: usize::try_from(conn.http.limits.max_request_headers_bytes()).unwrap_or(usize::MAX),
         metrics: inputs.metrics.clone(),
     };
     let Sniffed {

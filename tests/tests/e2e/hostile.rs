@@ -583,10 +583,9 @@ async fn bystander_answered(proxy: &TestProxy) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-/// The rule is 64 MiB for 2,000; measured here 64-65 MiB in a release build and about 75 MiB
-/// in the test build (hyper alone allocates 16 KiB of buffers per HTTP/1 connection), so the bound
-/// is 40 KiB a connection, to catch any buffering that grows with what a client sends.
-async fn two_thousand_slowloris_connections_cost_under_40_kib_each_and_spare_a_bystander() {
+/// The rule: 2,000 of them cost under 64 MiB. A head still arriving is read into a buffer the
+/// size of what was sent, before the HTTP server (16 KiB of buffers) exists: about 15 KiB each.
+async fn two_thousand_slowloris_connections_cost_under_64_mib_and_spare_a_bystander() {
     if !alone_in_the_process("slowloris memory") {
         return;
     }
@@ -611,9 +610,10 @@ async fn two_thousand_slowloris_connections_cost_under_40_kib_each_and_spare_a_b
         proxy.metrics().await
     );
     let grown = resident_mib() - before;
+    println!("2,000 slowloris connections: +{grown:.1} MiB");
     bystander_answered(&proxy).await;
     assert!(
-        grown < 80.0,
+        grown < 64.0,
         "2,000 slowloris connections grew the process by {grown:.1} MiB"
     );
     assert_eq!(server.request_count(), 2, "no slowloris request reached the app");
