@@ -73,8 +73,11 @@ where
     let streams = resets.clone();
     let max_headers = usize::try_from(settings.limits.max_headers_count).unwrap_or(usize::MAX);
     let max_header_bytes = settings.limits.max_request_headers_bytes();
+    let first_request = Arc::new(Notify::new());
+    let arrived = first_request.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         heads.headers_done();
+        arrived.notify_one();
         let in_flight = counted.request();
         let too_large = req.headers().len() > max_headers || header_bytes(&req) > max_header_bytes;
         let fut = (!too_large).then(|| handle(req));
@@ -89,14 +92,16 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    // A connection accepted under pressure serves one request (HTTP/1); one accepted before is closed
-    // gracefully when the pressure comes.
+    // A connection accepted under pressure serves one request (HTTP/1 without keep-alive; HTTP/2 is
+    // sent GOAWAY once its first request has arrived); one accepted before is closed gracefully when
+    // the pressure comes.
     let keepalive = settings.overload.pressure() < Pressure::NoKeepAlive;
     let overload = settings.overload.clone();
     let pressed = async move {
-        match keepalive {
-            true => overload.keepalive_disabled().await,
-            false => std::future::pending().await,
+        match (keepalive, version) {
+            (true, _) => overload.keepalive_disabled().await,
+            (false, HttpVersion::Http2) => first_request.notified().await,
+            (false, HttpVersion::Http1) => std::future::pending().await,
         }
     };
     let watched = activity.clone();
@@ -304,6 +309,38 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let n = client.read(&mut buf).await.expect("read");
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_accepted_under_pressure_serves_its_request_then_goes_away() {
+        let overload = Overload::new(OverloadLimits {
+            max_active_downstream_connections: 100,
+            max_memory_bytes: Some(1000),
+        });
+        overload.observe_memory(920);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let served = tokio::spawn(serve(
+            server,
+            HttpVersion::Http2,
+            CancellationToken::new(),
+            settings(&overload),
+            |_req| async { Response::new(ProxyBody::local("ok", None)) },
+        ));
+        let (send, connection) = h2::client::handshake(client).await.expect("handshake");
+        let driver = tokio::spawn(connection);
+        let request = Request::builder().uri("http://a/").body(()).expect("request");
+        let (response, _) = send
+            .ready()
+            .await
+            .expect("ready")
+            .send_request(request, true)
+            .expect("send");
+        let response = response.await.expect("the first request is answered");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        // Then the connection ends (GOAWAY), on both sides.
+        let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
+        assert!(ended.is_ok(), "the connection stayed open under pressure");
+        let _ = tokio::time::timeout(Duration::from_secs(5), driver).await;
     }
 
     #[tokio::test]
