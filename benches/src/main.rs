@@ -82,7 +82,8 @@ struct Args {
     #[arg(long)]
     idle_memory: Option<usize>,
     /// Instead of the usual table: a bystander's latency and errors, and the proxy's memory, while
-    /// hostile clients attack (2,000 slowloris, 1,100 slow POST, 2,000 silent connections).
+    /// hostile clients attack (2,000 slowloris, 1,100 slow POST, 2,000 silent connections, 4 HTTP/2
+    /// rapid-reset flooders).
     #[arg(long)]
     attack: bool,
 }

@@ -69,9 +69,20 @@ impl LogControl {
     }
 }
 
+/// The HTTP/2 library warns once per misbehaving client connection (a rapid-reset flood would write
+/// thousands of lines a second): unless the filter names it, only its errors are logged. What it
+/// refuses is counted and logged by the proxy itself.
+const QUIET_LIBRARIES: &str = "h2=error";
+
 fn parse(filter: &str) -> Result<EnvFilter, LogError> {
+    let names_h2 = filter.split(',').any(|d| d.trim().starts_with("h2"));
+    let effective = if names_h2 || filter.trim().is_empty() {
+        filter.to_owned()
+    } else {
+        format!("{filter},{QUIET_LIBRARIES}")
+    };
     EnvFilter::builder()
-        .parse(filter)
+        .parse(&effective)
         .map_err(|e| LogError::InvalidFilter {
             filter: filter.to_owned(),
             reason: e.to_string(),
@@ -81,6 +92,12 @@ fn parse(filter: &str) -> Result<EnvFilter, LogError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_http2_library_logs_only_errors_unless_named() {
+        assert_eq!(parse("info").unwrap().to_string(), "h2=error,info");
+        assert_eq!(parse("h2=debug,info").unwrap().to_string(), "h2=debug,info");
+    }
 
     #[test]
     fn detached_control_validates() {
