@@ -79,15 +79,21 @@ where
         heads.headers_done();
         arrived.notify_one();
         let in_flight = counted.request();
-        let too_large = req.headers().len() > max_headers || header_bytes(&req) > max_header_bytes;
+        // HTTP/2 enforces the header list size itself (SETTINGS_MAX_HEADER_LIST_SIZE); HTTP/1's
+        // buffer is at least 8 KiB, so smaller limits are checked here.
+        let too_large = req.headers().len() > max_headers
+            || (version == HttpVersion::Http1 && header_bytes(&req) > max_header_bytes);
         let fut = (!too_large).then(|| handle(req));
-        let stream = streams.opened();
+        // Only HTTP/2 streams can be reset while the connection lives on.
+        let stream = (version == HttpVersion::Http2).then(|| streams.opened());
         async move {
             let mut response = match fut {
                 Some(fut) => fut.await,
                 None => headers_too_large(),
             };
-            stream.answered();
+            if let Some(stream) = stream {
+                stream.answered();
+            }
             response.body_mut().hold_request(in_flight);
             Ok::<_, Infallible>(response)
         }

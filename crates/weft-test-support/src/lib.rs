@@ -4,6 +4,7 @@
 
 pub mod envoy;
 pub mod grpc;
+pub mod h2_frames;
 pub mod http;
 pub mod netns;
 mod orig_dst;

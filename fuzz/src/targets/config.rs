@@ -69,26 +69,10 @@ pub(crate) fn istio_resources(data: &[u8]) {
     for (type_url, resources) in &served.types {
         for (name, any) in &resources.resources {
             let accepted = match type_url.as_str() {
-                t if t == Listener::type_url() => Listener::decode(&*any.value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|l| convert::listener(&l).map(drop).map_err(|e| e.to_string())),
-                t if t == Cluster::type_url() => Cluster::decode(&*any.value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| convert::cluster(&c).map(drop).map_err(|e| e.to_string())),
-                t if t == RouteConfiguration::type_url() => RouteConfiguration::decode(&*any.value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|rc| {
-                        convert::route_configuration(&rc)
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }),
-                t if t == ClusterLoadAssignment::type_url() => ClusterLoadAssignment::decode(&*any.value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|cla| {
-                        convert::load_assignment(&cla)
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }),
+                t if t == Listener::type_url() => accepts(&any.value, convert::listener),
+                t if t == Cluster::type_url() => accepts(&any.value, convert::cluster),
+                t if t == RouteConfiguration::type_url() => accepts(&any.value, convert::route_configuration),
+                t if t == ClusterLoadAssignment::type_url() => accepts(&any.value, convert::load_assignment),
                 _ => Ok(()),
             };
             if let Err(err) = accepted {
@@ -96,6 +80,15 @@ pub(crate) fn istio_resources(data: &[u8]) {
             }
         }
     }
+}
+
+/// Whether the proxy's conversion takes an encoded resource, or why not.
+fn accepts<M: Message + Default, T, E: std::fmt::Display>(
+    bytes: &[u8],
+    convert: impl Fn(&M) -> Result<T, E>,
+) -> Result<(), String> {
+    let resource = M::decode(bytes).map_err(|e| e.to_string())?;
+    convert(&resource).map(drop).map_err(|e| e.to_string())
 }
 
 /// The resources `weft control` serves for the examples, of one type, encoded.

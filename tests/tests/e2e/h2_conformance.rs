@@ -7,38 +7,20 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use weft_test_support::TestProxy;
+use weft_test_support::h2_frames::{
+    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PING, PREFACE, PRIORITY, RST_STREAM,
+    SETTINGS, WINDOW_UPDATE, frame, read_frame,
+};
 use weft_test_support::http::HttpServer;
-
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const PRIORITY: u8 = 0x2;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
 
 const PROTOCOL_ERROR: u32 = 0x1;
 const FLOW_CONTROL_ERROR: u32 = 0x3;
 const STREAM_CLOSED: u32 = 0x5;
 const FRAME_SIZE_ERROR: u32 = 0x6;
 const COMPRESSION_ERROR: u32 = 0x9;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut out = vec![len[1], len[2], len[3], kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
 
 /// HPACK for `GET /` to `web` (indexed :method, :scheme, :path; literal :authority), then `extra`
 /// header fields as literals without indexing.
@@ -94,16 +76,10 @@ impl Conn {
     }
 
     async fn read(&mut self) -> Option<(u8, u8, u32, Vec<u8>)> {
-        let mut head = [0u8; 9];
-        tokio::time::timeout(Duration::from_secs(5), self.stream.read_exact(&mut head))
+        let f = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut self.stream))
             .await
-            .expect("the proxy answers within 5 s")
-            .ok()?;
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        self.stream.read_exact(&mut payload).await.ok()?;
-        Some((head[3], head[4], stream, payload))
+            .expect("the proxy answers within 5 s")?;
+        Some((f.kind, f.flags, f.stream, f.payload))
     }
 
     /// Reads until the proxy answers the case: a GOAWAY, a RST_STREAM, or EOF; response headers

@@ -13,18 +13,8 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_test_support::TestProxy;
+use weft_test_support::h2_frames::{END_HEADERS, END_STREAM, HEADERS, frame, read_frame};
 
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut out = vec![len[1], len[2], len[3], kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-const HEADERS: u8 = 0x1;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
 /// HPACK: `:status: 200` (static table index 8).
 const STATUS_200: u8 = 0x88;
 
@@ -97,13 +87,9 @@ impl Fault {
 /// The stream of the next HEADERS frame the client sends, skipping other frames.
 async fn next_request(stream: &mut TcpStream) -> Option<u32> {
     loop {
-        let mut head = [0u8; 9];
-        stream.read_exact(&mut head).await.ok()?;
-        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await.ok()?;
-        if head[3] == HEADERS {
-            return Some(u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff);
+        let f = read_frame(stream).await?;
+        if f.kind == HEADERS {
+            return Some(f.stream);
         }
     }
 }
