@@ -367,7 +367,7 @@ async fn idle_memory(weft: &std::path::Path, backend: SocketAddr, connections: u
     for _ in 0..connections {
         idle.push(pair::one_request_kept_open(proxy.listener).await?);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(pair::IDLE_SETTLE).await;
     let after = status_kib(proxy.child.id(), "VmRSS:")?;
     println!(
         "one proxy, {connections} idle HTTP/1.1 keep-alive client connections: VmRSS {before} KiB before, {after} KiB after, {:.1} KiB per connection",

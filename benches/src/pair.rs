@@ -158,12 +158,18 @@ async fn measure(pair: Option<&dyn Pair>, direct: SocketAddr, args: &Args) -> an
     for _ in 0..IDLE_CONNECTIONS {
         idle.push(one_request_kept_open(target).await?);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(IDLE_SETTLE).await;
     figures.connections_rss_kib = rss(&pids, "VmRSS:")?;
     count(&mut figures, "idle connections").await?;
     drop(idle);
     Ok(figures)
 }
+
+/// How long idle connections are left before their memory is read: longer than a Weft sidecar waits
+/// before it frees an idle HTTP/1 connection's buffers (1 s) and hands the freed memory back to the
+/// kernel (at its next one-second sample), so that the figure is what a connection costs while it
+/// stays idle, not during its first seconds.
+pub(crate) const IDLE_SETTLE: Duration = Duration::from_secs(3);
 
 /// A client connection that made one request and stays open, idle.
 pub(crate) async fn one_request_kept_open(

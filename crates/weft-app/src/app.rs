@@ -16,6 +16,7 @@ use weft_model::{Bootstrap, Mesh, XdsSource};
 use weft_telemetry::{LogControl, Metrics, XdsLabels};
 use weft_transport::{Accepted, Binder};
 
+use crate::forward::Stage;
 use crate::inputs::Inputs;
 use crate::{inbound, outbound};
 
@@ -440,7 +441,7 @@ fn overload(settings: &weft_model::OverloadSettings) -> weft_transport::Overload
 async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<Inputs>, tracker: TaskTracker, serve: F)
 where
     F: Fn(Arc<Inputs>, Accepted) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
+    Fut: Future<Output = Option<Stage>> + Send + 'static,
 {
     loop {
         let accepted = tokio::select! {
@@ -461,11 +462,19 @@ where
                         continue;
                     }
                 };
-                let connection = serve(inputs.clone(), conn);
+                // Both steps boxed: the task stays small, and the first step's state is freed before
+                // the connection's lasting stage (an idle keep-alive connection) begins.
+                let first = Box::pin(serve(inputs.clone(), conn));
                 let inputs = inputs.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
                     inputs.metrics.downstream_connections_active.inc();
+                    let connection = async move {
+                        let stage = first.await;
+                        if let Some(stage) = stage {
+                            stage.await;
+                        }
+                    };
                     tokio::select! {
                         () = connection => {}
                         () = inputs.force_close.cancelled() => {}

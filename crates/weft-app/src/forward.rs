@@ -1,7 +1,9 @@
 //! What every connection does once its destination is decided: detect the protocol, then serve it as
 //! HTTP (request by request, through the pools) or forward it as opaque TCP.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -17,14 +19,21 @@ use crate::destination::{AuthzKey, Destination, LivePolicy, Routed};
 use crate::detect::{Handling, Patience, Sniffed, detect};
 use crate::inputs::Inputs;
 
-/// One connection, from its first bytes to its end: detect, terminate mutual TLS where peers arrive,
-/// then forward.
+/// What a connection does once its protocol and peer are known (the HTTP server, the TCP copy), for as
+/// long as it lasts.
+pub(crate) type Stage = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One connection's first steps: detect, terminate mutual TLS where peers arrive, and decide how to
+/// forward it; `None` when it is closed before that.
 ///
-/// Every stage that lasts (the HTTP server, the TCP copy) and every large one (the TLS handshake,
-/// detection) is boxed, so that a connection's task is as big as the stage it is in, not as the largest
-/// stage any connection could reach: an idle keep-alive connection costs its HTTP server's state, not
-/// a TLS handshake's.
-pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std::time::Duration) {
+/// The lasting stage is returned rather than awaited, and the large steps (the TLS handshake, detection)
+/// are boxed, so that once this future is dropped an idle keep-alive connection costs its HTTP server's
+/// state, not this function's nor a TLS handshake's.
+pub(crate) async fn serve(
+    inputs: Arc<Inputs>,
+    conn: Routed,
+    detect_timeout: std::time::Duration,
+) -> Option<Stage> {
     let declared = conn.protocol.unwrap_or_else(|| conn.destination.protocol());
     // Mesh peers speak TLS first, so where mutual TLS is possible the first bytes are read whatever the
     // port declares. A connection still waiting for its first bytes has nothing in flight: draining
@@ -46,10 +55,10 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         io,
         handling,
         hello,
-        silent: _silent,
+        silent,
     } = tokio::select! {
         detected = Box::pin(detect(conn.stream, sniffed, &patience)) => detected,
-        () = inputs.drain.cancelled() => return,
+        () = inputs.drain.cancelled() => return None,
     };
     let Routed {
         orig_dst,
@@ -79,25 +88,25 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
     if terminate {
         let Some(material) = inputs.tls.borrow().clone() else {
             tracing::warn!(dst = %orig_dst, "mutual TLS connection before the first certificate arrived; closing it");
-            return;
+            return None;
         };
         let config = match material.server_config() {
             Ok(config) => config,
             Err(err) => {
                 tracing::error!(error = %err, "cannot build the TLS server configuration");
-                return;
+                return None;
             }
         };
         let handshake = Box::pin(tokio_rustls::TlsAcceptor::from(config).accept(io));
         let accepted = tokio::select! {
             accepted = handshake => accepted,
-            () = inputs.drain.cancelled() => return,
+            () = inputs.drain.cancelled() => return None,
         };
         let tls = match accepted {
             Ok(tls) => tls,
             Err(err) => {
                 tracing::info!(dst = %orig_dst, error = %err, "mutual TLS handshake failed; closing");
-                return;
+                return None;
             }
         };
         let (_, session) = tls.get_ref();
@@ -124,7 +133,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 (sniffed.io, sniffed.handling)
             }
         };
-        return Box::pin(forward(
+        return Some(Box::pin(forward(
             inputs,
             io,
             handling,
@@ -139,9 +148,9 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
                 client_cert,
                 authz: authz.map(|a| (a, principal)),
                 http,
+                _silent: silent,
             },
-        ))
-        .await;
+        )));
     }
     if peer_authentication == PeerAuthentication::Strict {
         tracing::info!(dst = %orig_dst, "plaintext connection refused: mutual TLS is STRICT here");
@@ -150,7 +159,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
             response_flags: ResponseFlags::NONE,
         };
         inputs.metrics.tcp_closed.get_or_create(&labels).inc();
-        return;
+        return None;
     }
     if let Some(hello) = &hello {
         tracing::debug!(sni = ?hello.server_name, alpn = ?hello.alpn, dst = %orig_dst, "TLS from the client, forwarded as opaque");
@@ -162,7 +171,7 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
         (Protocol::Http, Handling::Opaque) => Handling::Http(HttpVersion::Http1),
         (_, handling) => handling,
     };
-    Box::pin(forward(
+    let stage: Stage = Box::pin(forward(
         inputs,
         io,
         handling,
@@ -174,9 +183,10 @@ pub(crate) async fn serve(inputs: Arc<Inputs>, conn: Routed, detect_timeout: std
             client_cert: None,
             authz: authz.map(|a| (a, None)),
             http,
+            _silent: silent,
         },
-    ))
-    .await
+    ));
+    Some(stage)
 }
 
 /// What authorizing a connection needs besides the caller's identity.
@@ -199,6 +209,8 @@ struct Connection {
     /// Where peers arrive: the policy, and the principal the connection proved.
     authz: Option<(Authz, Option<Arc<str>>)>,
     http: HttpSettings,
+    /// The silent budget's place, for a connection that began silent: held until it ends.
+    _silent: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -251,6 +263,7 @@ where
                 request_headers: conn.http.request_headers_timeout,
                 limits: conn.http.limits,
                 overload: inputs.overload.clone(),
+                parked: inputs.metrics.downstream_connections_parked.clone(),
             };
             let result = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
                 let forwarder = forwarder.clone();

@@ -6,15 +6,13 @@ use std::sync::Arc;
 use weft_transport::Accepted;
 
 use crate::destination::{AuthzKey, Routed};
-use crate::forward::serve;
+use crate::forward::{Stage, serve};
 use crate::inputs::Inputs;
 
-pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
-    let Some(orig_dst) = inputs.original_dst(&conn) else {
-        return;
-    };
+pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<Stage> {
+    let orig_dst = inputs.original_dst(&conn)?;
     let mesh = inputs.mesh();
-    let Some(policy) = &mesh.inbound else { return };
+    let policy = mesh.inbound.as_ref()?;
     let app = policy.app_for(orig_dst);
     // Istio's name for the inbound cluster of a port.
     let peers = inputs.destination_peers(format!("inbound|{}||", orig_dst.port()).into());
@@ -30,5 +28,5 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         peer_authentication: policy.peer_authentication,
         http: policy.http,
     };
-    serve(inputs, routed, mesh.detect_timeout).await;
+    serve(inputs, routed, mesh.detect_timeout).await
 }

@@ -7,16 +7,14 @@ use weft_telemetry::{Label, ResponseFlags, TcpLabels};
 use weft_transport::Accepted;
 
 use crate::destination::{AuthzKey, Destination, Routed, TargetKey};
-use crate::forward::serve;
+use crate::forward::{Stage, serve};
 use crate::inputs::Inputs;
 
 /// A connection the app made to some `ip:port`, captured by iptables.
-pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
-    let Some(orig_dst) = inputs.original_dst(&conn) else {
-        return;
-    };
+pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<Stage> {
+    let orig_dst = inputs.original_dst(&conn)?;
     let mesh = inputs.mesh();
-    let Some(policy) = &mesh.outbound else { return };
+    let policy = mesh.outbound.as_ref()?;
 
     let (destination, service, http) = match policy.service_for(orig_dst) {
         Some(target) => (
@@ -38,7 +36,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
                 };
                 inputs.metrics.tcp_closed.get_or_create(&labels).inc();
                 tracing::info!(%orig_dst, "refused: no service for this destination and egress is registry_only");
-                return;
+                return None;
             }
         },
     };
@@ -55,11 +53,15 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) {
         peer_authentication: PeerAuthentication::Disable,
         http,
     };
-    serve(inputs, routed, mesh.detect_timeout).await;
+    serve(inputs, routed, mesh.detect_timeout).await
 }
 
 /// A connection to a listener bound on a fixed address: it goes to the listener's target.
-pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, conn: Accepted) {
+pub(crate) async fn explicit(
+    inputs: Arc<Inputs>,
+    listener: ExplicitListener,
+    conn: Accepted,
+) -> Option<Stage> {
     let detect_timeout = inputs.mesh().detect_timeout;
     // A listener that authenticates peers is a workload's entry point (the server side of a hop).
     let entry = listener.peer_authentication != PeerAuthentication::Disable;
@@ -85,7 +87,7 @@ pub(crate) async fn explicit(inputs: Arc<Inputs>, listener: ExplicitListener, co
         inbound: entry,
         peer_authentication: listener.peer_authentication,
     };
-    serve(inputs, routed, detect_timeout).await;
+    serve(inputs, routed, detect_timeout).await
 }
 
 /// `destination_service`: the cluster a service sends everything to, else its route table's name.

@@ -4,17 +4,11 @@
 //! the connection idle timeout instead. (hyper's own `header_read_timeout` also runs while the
 //! connection is idle, which closed kept-alive connections under clients about to reuse them.)
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use weft_transport::Activity;
 
 /// When the request whose header block is being read began. Starting and stopping it are two atomic
 /// stores: no timer and no wakeup per request. The watcher ([`HeadClock::expired`]) looks at it once
@@ -34,7 +28,7 @@ impl HeadClock {
         })
     }
 
-    fn start(&self) {
+    pub(crate) fn start(&self) {
         let now = u64::try_from(self.origin.elapsed().as_millis())
             .unwrap_or(u64::MAX - 1)
             .saturating_add(1);
@@ -64,67 +58,6 @@ impl HeadClock {
                 return;
             }
         }
-    }
-}
-
-pin_project! {
-    /// A client connection that starts the clock when bytes arrive with no request in flight: they
-    /// are the beginning of the next request. Bytes that arrive during a request (its body, or a
-    /// pipelined request behind it) do not.
-    #[derive(Debug)]
-    pub(crate) struct HeadTimedIo<S> {
-        #[pin]
-        inner: S,
-        clock: Arc<HeadClock>,
-        activity: Arc<Activity>,
-    }
-}
-
-impl<S> HeadTimedIo<S> {
-    pub(crate) fn new(inner: S, clock: Arc<HeadClock>, activity: Arc<Activity>) -> Self {
-        Self {
-            inner,
-            clock,
-            activity,
-        }
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for HeadTimedIo<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before && !this.activity.busy() {
-            this.clock.start();
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for HeadTimedIo<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

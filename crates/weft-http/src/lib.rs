@@ -10,6 +10,7 @@ mod forward;
 mod head_timeout;
 mod headers;
 mod hop;
+mod http1;
 mod pool;
 mod replay;
 mod retry;

@@ -11,6 +11,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -18,13 +19,12 @@ use weft_model::HttpLimits;
 use weft_transport::{Activity, Overload, Pressure};
 
 use crate::ProxyBody;
-use crate::head_timeout::{HeadClock, HeadTimedIo};
+use crate::head_timeout::HeadClock;
+use crate::http1::{self, ClientIo, Lull};
 
 /// Keep-alive PINGs keep long-lived gRPC streams from being cut by idle timeouts in between.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-/// hyper's smallest read buffer; a smaller header limit is enforced on the parsed head instead.
-const MIN_HTTP1_BUFFER: usize = 8192;
 /// Streams a client may reset before the proxy has accepted them, and streams the proxy may reset
 /// because of the client's errors, before the connection is closed (h2's rapid-reset guards).
 const MAX_PENDING_ACCEPT_RESETS: usize = 20;
@@ -46,6 +46,8 @@ pub struct ServeSettings {
     pub limits: HttpLimits,
     /// Under memory pressure keep-alive is disabled: the connection closes after its current request.
     pub overload: Overload,
+    /// HTTP/1 connections parked between requests (see [`crate::http1`]).
+    pub parked: Gauge,
 }
 
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
@@ -59,7 +61,7 @@ pub async fn serve<I, F, Fut>(
 ) -> Result<(), hyper::Error>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     // A connection with no request in flight (up to the end of its response body) for the idle timeout
@@ -75,15 +77,19 @@ where
     let max_header_bytes = settings.limits.max_request_headers_bytes();
     let first_request = Arc::new(Notify::new());
     let arrived = first_request.clone();
+    let lull = Arc::new(Lull::default());
+    let between = lull.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         heads.headers_done();
         arrived.notify_one();
+        between.request(&req);
         let in_flight = counted.request();
         // HTTP/2 enforces the header list size itself (SETTINGS_MAX_HEADER_LIST_SIZE); HTTP/1's
         // buffer is at least 8 KiB, so smaller limits are checked here.
         let too_large = req.headers().len() > max_headers
             || (version == HttpVersion::Http1 && header_bytes(&req) > max_header_bytes);
-        let fut = (!too_large).then(|| handle(req));
+        // Boxed: a connection between requests keeps only hyper's slot for a request's future.
+        let fut = (!too_large).then(|| Box::pin(handle(req)));
         // Only HTTP/2 streams can be reset while the connection lives on.
         let stream = (version == HttpVersion::Http2).then(|| streams.opened());
         async move {
@@ -102,65 +108,14 @@ where
     // sent GOAWAY once its first request has arrived); one accepted before is closed gracefully when
     // the pressure comes.
     let keepalive = settings.overload.pressure() < Pressure::NoKeepAlive;
-    let overload = settings.overload.clone();
-    let pressed = async move {
-        match (keepalive, version) {
-            (true, _) => overload.keepalive_disabled().await,
-            (false, HttpVersion::Http2) => first_request.notified().await,
-            (false, HttpVersion::Http1) => std::future::pending().await,
-        }
-    };
-    let watched = activity.clone();
-    let idle = async move {
-        match settings.idle {
-            Some(timeout) => watched.idle(timeout).await,
-            None => std::future::pending().await,
-        }
-    };
     match version {
         HttpVersion::Http1 => {
-            let io = TokioIo::new(HeadTimedIo::new(io, head_clock.clone(), activity));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .keep_alive(keepalive)
-                // A header line over the limit fails the parse (431); the buffer bounds both the
-                // head and what a slow reader's responses queue.
-                .max_headers(max_headers)
-                .max_buf_size(
-                    usize::try_from(max_header_bytes)
-                        .unwrap_or(usize::MAX)
-                        .max(MIN_HTTP1_BUFFER),
-                )
-                .serve_connection(io, service)
-                .with_upgrades();
-            let headers_late = async {
-                match settings.request_headers {
-                    Some(timeout) => head_clock.expired(timeout).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => return res,
-                () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
-                () = pressed => {
-                    tracing::debug!("memory pressure: closing a client connection after its current request");
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = idle => {
-                    tracing::debug!("closing an idle client connection");
-                    conn.as_mut().graceful_shutdown();
-                }
-                () = headers_late => {
-                    // Closed with nothing sent, as for a header block that never completes.
-                    tracing::debug!("closing a client connection whose request headers did not arrive in time");
-                    return Ok(());
-                }
-            }
-            conn.await
+            let io = ClientIo::new(io, head_clock, activity, lull);
+            http1::serve(io, service, settings, keepalive, drain).await
         }
         HttpVersion::Http2 => {
+            let pressed = pressed(&settings.overload, keepalive, Some(&first_request));
+            let idle = idle(&activity, settings.idle);
             let io = TokioIo::new(io);
             let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -177,7 +132,8 @@ where
                 .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
                 .serve_connection(io, service);
-            tokio::pin!(conn);
+            // Boxed, so that an HTTP/1 connection's state is not as large as an HTTP/2 one's.
+            let mut conn = Box::pin(conn);
             tokio::select! {
                 res = conn.as_mut() => return res,
                 () = pressed => {
@@ -200,6 +156,25 @@ where
             }
             conn.await
         }
+    }
+}
+
+/// Resolves when memory pressure is to close a connection: one accepted before the pressure, when it
+/// comes; one accepted under it (served without keep-alive), once its first request has arrived
+/// (`first_request`; HTTP/1 has none to wait for, as it closes after that request by itself).
+pub(crate) async fn pressed(overload: &Overload, keepalive: bool, first_request: Option<&Notify>) {
+    match (keepalive, first_request) {
+        (true, _) => overload.keepalive_disabled().await,
+        (false, Some(first_request)) => first_request.notified().await,
+        (false, None) => std::future::pending().await,
+    }
+}
+
+/// Resolves when a connection has had no request in flight for the idle timeout.
+pub(crate) async fn idle(activity: &Activity, timeout: Option<Duration>) {
+    match timeout {
+        Some(timeout) => activity.idle(timeout).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -292,6 +267,7 @@ mod tests {
             request_headers: None,
             limits: HttpLimits::default(),
             overload: overload.clone(),
+            parked: Gauge::default(),
         }
     }
 

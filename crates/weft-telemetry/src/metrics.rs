@@ -176,6 +176,7 @@ pub struct Metrics {
     pub detected: Family<ProtocolLabels, Counter>,
     pub downstream_connections_active: Gauge,
     pub silent_connections_waiting: Gauge,
+    pub downstream_connections_parked: Gauge,
     pub overload_refused: Family<OverloadLabels, Counter>,
     pub overload_pressure: Gauge,
     pub xds_updates: Family<XdsLabels, Counter>,
@@ -203,6 +204,7 @@ impl Metrics {
         let detected = Family::default();
         let downstream_connections_active = Gauge::default();
         let silent_connections_waiting = Gauge::default();
+        let downstream_connections_parked = Gauge::default();
         let overload_refused = Family::default();
         let overload_pressure = Gauge::default();
         let xds_updates = Family::default();
@@ -257,6 +259,12 @@ impl Metrics {
             "downstream_connections_active",
             "Client connections currently open",
             downstream_connections_active.clone(),
+        );
+        weft.register(
+            "downstream_connections_parked",
+            "HTTP/1 client connections idle between requests that hold no HTTP buffers (taken back from the \
+             HTTP server after a second without a request, served again when their client sends one)",
+            downstream_connections_parked.clone(),
         );
         weft.register(
             "silent_connections_waiting",
@@ -340,6 +348,7 @@ impl Metrics {
             detected,
             downstream_connections_active,
             silent_connections_waiting,
+            downstream_connections_parked,
             overload_refused,
             overload_pressure,
             xds_updates,

@@ -27,6 +27,8 @@ pub(crate) const NO_KEEPALIVE_AT: f64 = 0.90;
 pub(crate) const REFUSE_CONNECTIONS_AT: f64 = 0.95;
 /// How often memory is measured.
 pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// Memory freed by idle connections past which the heap's free pages are handed back to the kernel.
+pub(crate) const SHRINK_AFTER_BYTES: u64 = 1 << 20;
 
 /// What the proxy may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,8 @@ struct Inner {
     limits: OverloadLimits,
     active: AtomicU64,
     memory: watch::Sender<Pressure>,
+    /// Bytes freed by connections going idle since the heap was last shrunk.
+    released: AtomicU64,
 }
 
 /// A client connection counted against the global limit while it lives.
@@ -87,6 +91,7 @@ impl Overload {
                 limits,
                 active: AtomicU64::new(0),
                 memory,
+                released: AtomicU64::new(0),
             }),
             pressure,
         }
@@ -162,19 +167,30 @@ impl Overload {
 
     /// Measures memory every [`SAMPLE_INTERVAL`] until `stop`.
     pub async fn watch_memory(self, stop: tokio_util::sync::CancellationToken) {
-        if self.inner.limits.max_memory_bytes.is_none() {
-            return;
-        }
         let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.cancelled() => return,
             }
-            if let Some(resident) = resident_bytes() {
+            if self.inner.released.load(Ordering::Relaxed) >= SHRINK_AFTER_BYTES {
+                self.inner.released.store(0, Ordering::Relaxed);
+                crate::heap::shrink();
+            }
+            if self.inner.limits.max_memory_bytes.is_some()
+                && let Some(resident) = resident_bytes()
+            {
                 self.observe_memory(resident);
             }
         }
+    }
+
+    /// Counts memory a connection freed as it went idle (buffers). The allocator keeps freed memory for
+    /// reuse; once a megabyte has been freed, the next sample hands the heap's free pages back to the
+    /// kernel, so that a burst of connections which then idle does not hold its peak (Envoy's
+    /// `shrink_heap` overload action does the same with its allocator).
+    pub fn released(&self, bytes: u64) {
+        self.inner.released.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 

@@ -153,6 +153,7 @@ fn exchange(data: &[u8], version: HttpVersion) -> Vec<u8> {
             request_headers: Some(Duration::from_secs(5)),
             limits: weft_model::HttpLimits::default(),
             overload: harness.overload.clone(),
+            parked: Default::default(),
         };
         let served = tokio::spawn(weft_http::serve(
             server,
