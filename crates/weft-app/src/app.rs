@@ -450,7 +450,7 @@ where
         };
         match accepted {
             Ok(conn) => {
-                let permit = match inputs.overload.admit() {
+                let permit = match inputs.overload.admit(conn.peer.ip()) {
                     Ok(permit) => permit,
                     Err(refusal) => {
                         // Closed at once: the client sees a reset or EOF and retries elsewhere.

@@ -138,6 +138,7 @@ pub(crate) async fn serve(
             io,
             handling,
             Connection {
+                source: source.ip(),
                 orig_dst,
                 destination,
                 peers,
@@ -176,6 +177,7 @@ pub(crate) async fn serve(
         io,
         handling,
         Connection {
+            source: source.ip(),
             orig_dst,
             destination,
             peers,
@@ -199,6 +201,8 @@ struct Authz {
 
 /// What forwarding a connection needs once its protocol and peer are known.
 struct Connection {
+    /// The client's address.
+    source: std::net::IpAddr,
     orig_dst: SocketAddr,
     destination: Destination,
     peers: Peers,
@@ -264,6 +268,7 @@ where
                 limits: conn.http.limits,
                 overload: inputs.overload.clone(),
                 parked: inputs.metrics.downstream_connections_parked.clone(),
+                source: Some(conn.source),
             };
             let result = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
                 let forwarder = forwarder.clone();

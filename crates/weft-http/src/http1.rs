@@ -334,6 +334,7 @@ mod tests {
                 max_memory_bytes: None,
             }),
             parked: parked.clone(),
+            source: None,
         };
         let served = tokio::spawn(serve_connection(
             server,

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -48,6 +49,8 @@ pub struct ServeSettings {
     pub overload: Overload,
     /// HTTP/1 connections parked between requests (see [`crate::http1`]).
     pub parked: Gauge,
+    /// The client's address: refused new connections for a while if it abuses this one.
+    pub source: Option<IpAddr>,
 }
 
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
@@ -144,8 +147,13 @@ where
                     tracing::warn!(
                         streams = resets.opened.load(Ordering::Relaxed),
                         reset = resets.reset.load(Ordering::Relaxed),
-                        "closing an HTTP/2 client connection that resets most of its streams before their response (rapid reset)"
+                        source = ?settings.source,
+                        penalty = ?weft_transport::ABUSE_PENALTY,
+                        "closing an HTTP/2 client connection that resets most of its streams before their response (rapid reset); its address may open no new connection for the penalty"
                     );
+                    if let Some(source) = settings.source {
+                        settings.overload.penalize(source);
+                    }
                     return Ok(());
                 }
                 () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
@@ -268,6 +276,7 @@ mod tests {
             limits: HttpLimits::default(),
             overload: overload.clone(),
             parked: Gauge::default(),
+            source: None,
         }
     }
 

@@ -17,7 +17,7 @@ pub use connect::{ConnectError, connect};
 pub use dial::{DialError, DialSettings, UpstreamIo, dial};
 pub use idle::{Activity, IdleIo, InFlight};
 pub use overload::{
-    ConnectionPermit, Overload, OverloadLimits, Pressure, Refusal, cgroup_memory_limit,
+    ABUSE_PENALTY, ConnectionPermit, Overload, OverloadLimits, Pressure, Refusal, cgroup_memory_limit,
     default_max_connections, raise_open_file_limit, resident_bytes,
 };
 pub use prefixed::PrefixedIo;

@@ -2,12 +2,18 @@
 //! limit the kernel will kill the process at, the proxy sheds load rather than dying. Keep-alive goes
 //! first (each client connection closes after its current request, so clients spread over other
 //! replicas and the connections' buffers are freed); then new connections are refused.
+//!
+//! A client caught abusing a connection (an HTTP/2 rapid reset) loses it, and its address may open no
+//! new connection for [`ABUSE_PENALTY`]: otherwise reconnecting costs it nothing and the flood goes on.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How hard the proxy is pressed, from least to most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -27,6 +33,11 @@ pub(crate) const NO_KEEPALIVE_AT: f64 = 0.90;
 pub(crate) const REFUSE_CONNECTIONS_AT: f64 = 0.95;
 /// How often memory is measured.
 pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an address caught abusing a connection may open no new one.
+pub const ABUSE_PENALTY: Duration = Duration::from_secs(10);
+/// Addresses penalized at once, at most (an attacker with many addresses cannot grow the table
+/// without bound; past it, abusers only lose their connections).
+const MAX_PENALIZED: usize = 10_000;
 /// Memory freed by idle connections past which the heap's free pages are handed back to the kernel.
 pub(crate) const SHRINK_AFTER_BYTES: u64 = 1 << 20;
 
@@ -53,6 +64,10 @@ struct Inner {
     memory: watch::Sender<Pressure>,
     /// Bytes freed by connections going idle since the heap was last shrunk.
     released: AtomicU64,
+    /// Addresses refused until the given instant; `penalized` counts them so that accepting a
+    /// connection takes no lock while there are none.
+    penalties: Mutex<HashMap<IpAddr, Instant>>,
+    penalized: AtomicUsize,
 }
 
 /// A client connection counted against the global limit while it lives.
@@ -72,6 +87,8 @@ impl Drop for ConnectionPermit {
 pub enum Refusal {
     Connections,
     Memory,
+    /// The client's address abused a connection a moment ago.
+    Abuse,
 }
 
 impl Refusal {
@@ -79,6 +96,7 @@ impl Refusal {
         match self {
             Refusal::Connections => "connections",
             Refusal::Memory => "memory",
+            Refusal::Abuse => "abuse",
         }
     }
 }
@@ -92,6 +110,8 @@ impl Overload {
                 active: AtomicU64::new(0),
                 memory,
                 released: AtomicU64::new(0),
+                penalties: Mutex::new(HashMap::new()),
+                penalized: AtomicUsize::new(0),
             }),
             pressure,
         }
@@ -101,10 +121,13 @@ impl Overload {
         self.inner.limits
     }
 
-    /// Counts a new client connection, or says why it must be refused.
-    pub fn admit(&self) -> Result<ConnectionPermit, Refusal> {
+    /// Counts a new client connection from `source`, or says why it must be refused.
+    pub fn admit(&self, source: IpAddr) -> Result<ConnectionPermit, Refusal> {
         if *self.pressure.borrow() == Pressure::RefuseConnections {
             return Err(Refusal::Memory);
+        }
+        if self.penalized(source) {
+            return Err(Refusal::Abuse);
         }
         let max = self.inner.limits.max_active_downstream_connections;
         let admitted = self
@@ -119,6 +142,45 @@ impl Overload {
             }),
             Err(_) => Err(Refusal::Connections),
         }
+    }
+
+    /// `source` abused a connection (which is closed): its new connections are refused for
+    /// [`ABUSE_PENALTY`].
+    pub fn penalize(&self, source: IpAddr) {
+        let now = Instant::now();
+        let mut penalties = self
+            .inner
+            .penalties
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if penalties.len() >= MAX_PENALIZED {
+            penalties.retain(|_, until| *until > now);
+        }
+        if penalties.len() < MAX_PENALIZED {
+            penalties.insert(source, now + ABUSE_PENALTY);
+        }
+        self.inner.penalized.store(penalties.len(), Ordering::Release);
+    }
+
+    fn penalized(&self, source: IpAddr) -> bool {
+        if self.inner.penalized.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut penalties = self
+            .inner
+            .penalties
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let refused = match penalties.get(&source) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                penalties.remove(&source);
+                false
+            }
+            None => false,
+        };
+        self.inner.penalized.store(penalties.len(), Ordering::Release);
+        refused
     }
 
     pub fn pressure(&self) -> Pressure {
@@ -239,17 +301,37 @@ pub fn default_max_connections() -> u64 {
 mod tests {
     use super::*;
 
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abusive_address_is_refused_for_the_penalty_and_others_are_not() {
+        let overload = Overload::new(OverloadLimits {
+            max_active_downstream_connections: 100,
+            max_memory_bytes: None,
+        });
+        let abuser: IpAddr = "10.0.0.9".parse().expect("literal");
+        assert!(overload.admit(abuser).is_ok());
+        overload.penalize(abuser);
+        assert_eq!(overload.admit(abuser).unwrap_err(), Refusal::Abuse);
+        assert!(overload.admit(CLIENT).is_ok(), "another address was refused");
+        tokio::time::advance(ABUSE_PENALTY - Duration::from_millis(1)).await;
+        assert_eq!(overload.admit(abuser).unwrap_err(), Refusal::Abuse);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        assert!(overload.admit(abuser).is_ok(), "still refused after the penalty");
+        assert_eq!(overload.inner.penalized.load(Ordering::Acquire), 0);
+    }
+
     #[test]
     fn connections_past_the_limit_are_refused_and_permits_give_places_back() {
         let overload = Overload::new(OverloadLimits {
             max_active_downstream_connections: 2,
             max_memory_bytes: None,
         });
-        let a = overload.admit().expect("first");
-        let _b = overload.admit().expect("second");
-        assert_eq!(overload.admit().unwrap_err(), Refusal::Connections);
+        let a = overload.admit(CLIENT).expect("first");
+        let _b = overload.admit(CLIENT).expect("second");
+        assert_eq!(overload.admit(CLIENT).unwrap_err(), Refusal::Connections);
         drop(a);
-        assert!(overload.admit().is_ok());
+        assert!(overload.admit(CLIENT).is_ok());
     }
 
     #[tokio::test]
@@ -265,11 +347,11 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), overload.keepalive_disabled())
             .await
             .expect("keep-alive is off");
-        assert!(overload.admit().is_ok());
+        assert!(overload.admit(CLIENT).is_ok());
         overload.observe_memory(960);
-        assert_eq!(overload.admit().unwrap_err(), Refusal::Memory);
+        assert_eq!(overload.admit(CLIENT).unwrap_err(), Refusal::Memory);
         overload.observe_memory(100);
         assert_eq!(overload.pressure(), Pressure::Normal);
-        assert!(overload.admit().is_ok());
+        assert!(overload.admit(CLIENT).is_ok());
     }
 }

@@ -154,6 +154,7 @@ fn exchange(data: &[u8], version: HttpVersion) -> Vec<u8> {
             limits: weft_model::HttpLimits::default(),
             overload: harness.overload.clone(),
             parked: Default::default(),
+            source: None,
         };
         let served = tokio::spawn(weft_http::serve(
             server,

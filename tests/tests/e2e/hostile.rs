@@ -75,7 +75,12 @@ fn h2_request(headers: &[(String, String)]) -> Request<()> {
 /// An HTTP/2 connection through the proxy, the task driving it (it ends when the proxy closes the
 /// connection), and how many streams the proxy said the client may open.
 async fn h2_connect(proxy: &TestProxy) -> (h2::client::SendRequest<Bytes>, H2Driver, usize) {
-    let (client, mut connection) = h2::client::handshake(connect(proxy).await).await.unwrap();
+    h2_over(connect(proxy).await).await
+}
+
+/// As [`h2_connect`], over a connection already made.
+async fn h2_over(stream: TcpStream) -> (h2::client::SendRequest<Bytes>, H2Driver, usize) {
+    let (client, mut connection) = h2::client::handshake(stream).await.unwrap();
     // The proxy's SETTINGS have arrived once a first exchange is done.
     let (response, _) = client
         .clone()
@@ -207,10 +212,13 @@ async fn the_limits_come_from_the_proxy_file_and_bad_ones_are_refused_by_name() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_resetting_its_streams_once_started_loses_its_connection_and_others_keep_theirs() {
+async fn a_client_resetting_its_streams_once_started_loses_its_connection_and_its_address_is_refused_while_others_keep_theirs()
+ {
     let (server, proxy) = mesh("").await;
     let (bystander, bystander_driver, _) = h2_connect(&proxy).await;
-    let (attacker, attacker_driver, _) = h2_connect(&proxy).await;
+    let attacker_address: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+    let dst: SocketAddr = DST.parse().unwrap();
+    let (attacker, attacker_driver, _) = h2_over(connect_from(&proxy, attacker_address, dst).await).await;
     server.set_fault(Fault::Hang);
 
     // Batches of 50 streams: each reaches the app (the proxy has started its upstream request) and is
@@ -258,6 +266,19 @@ async fn a_client_resetting_its_streams_once_started_loses_its_connection_and_ot
     server.set_fault(Fault::None);
     assert_eq!(h2_status(&bystander, &[]).await, StatusCode::OK);
     assert!(!bystander_driver.is_finished());
+
+    // Reconnecting does not resume the flood: the attacker's address is refused for the penalty,
+    // another address is not.
+    let mut again = connect_from(&proxy, attacker_address, dst).await;
+    assert!(closed_unanswered(&mut again).await, "the attacker reconnected");
+    let (other, _driver, _) = h2_connect(&proxy).await;
+    assert_eq!(h2_status(&other, &[]).await, StatusCode::OK);
+    let refused = weft_test_support::metric(
+        &proxy.metrics().await,
+        "weft_overload_refused_connections_total",
+        &[("reason", "abuse")],
+    );
+    assert_eq!(refused, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
