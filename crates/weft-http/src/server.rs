@@ -137,11 +137,12 @@ where
                 .serve_connection(io, service);
             // Boxed, so that an HTTP/1 connection's state is not as large as an HTTP/2 one's.
             let mut conn = Box::pin(conn);
-            tokio::select! {
-                res = conn.as_mut() => return res,
+            let result = tokio::select! {
+                res = conn.as_mut() => res,
                 () = pressed => {
                     tracing::debug!("memory pressure: closing a client connection gracefully (GOAWAY)");
                     conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
                 () = resets.abusive() => {
                     tracing::warn!(
@@ -156,15 +157,43 @@ where
                     }
                     return Ok(());
                 }
-                () = drain.cancelled() => conn.as_mut().graceful_shutdown(),
+                () = drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
                 () = idle => {
                     tracing::debug!("closing an idle client connection");
                     conn.as_mut().graceful_shutdown();
+                    conn.await
                 }
+            };
+            // h2's own rapid-reset guards (streams reset before they were accepted, or for the client's
+            // protocol errors) end the connection with ENHANCE_YOUR_CALM: the same abuse.
+            if let (Err(err), Some(source)) = (&result, settings.source)
+                && closed_for_abuse(err)
+            {
+                tracing::warn!(
+                    %source,
+                    penalty = ?weft_transport::ABUSE_PENALTY,
+                    "an HTTP/2 client connection was closed for resetting streams (ENHANCE_YOUR_CALM); its address may open no new connection for the penalty"
+                );
+                settings.overload.penalize(source);
             }
-            conn.await
+            result
         }
     }
+}
+
+/// Whether h2 ended the connection for the client's abuse: its guards send GOAWAY ENHANCE_YOUR_CALM.
+fn closed_for_abuse(err: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && !h2.is_remote() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Resolves when memory pressure is to close a connection: one accepted before the pressure, when it
@@ -300,6 +329,46 @@ mod tests {
         let mut buf = vec![0u8; 4096];
         let n = client.read(&mut buf).await.expect("read");
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_client_tripping_h2s_reset_guard_has_its_address_penalized() {
+        let overload = Overload::new(OverloadLimits {
+            max_active_downstream_connections: 100,
+            max_memory_bytes: None,
+        });
+        let source: IpAddr = "10.1.2.3".parse().expect("literal");
+        let mut settings = settings(&overload);
+        settings.source = Some(source);
+        let (client, server) = tokio::io::duplex(1024 * 1024);
+        let served = tokio::spawn(serve(
+            server,
+            HttpVersion::Http2,
+            CancellationToken::new(),
+            settings,
+            |_req| async { Response::new(ProxyBody::local("ok", None)) },
+        ));
+        let (send, connection) = h2::client::handshake(client).await.expect("handshake");
+        let driver = tokio::spawn(connection);
+        // Streams opened and reset before the server can accept them, as fast as the client can.
+        for _ in 0..200 {
+            let Ok(mut ready) = send.clone().ready().await else {
+                break;
+            };
+            let request = Request::builder().uri("http://a/").body(()).expect("request");
+            match ready.send_request(request, false) {
+                Ok((_, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+                Err(_) => break,
+            }
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), served).await;
+        assert!(ended.is_ok(), "the connection outlived h2's reset guard");
+        assert_eq!(
+            overload.admit(source).unwrap_err(),
+            weft_transport::Refusal::Abuse
+        );
+        assert!(overload.admit("10.1.2.4".parse().expect("literal")).is_ok());
+        driver.abort();
     }
 
     #[tokio::test]
