@@ -240,8 +240,10 @@ async fn a_client_resetting_its_streams_once_started_loses_its_connection_and_it
             streams.push(send);
             started += 1;
         }
+        // Until the batch has reached the app, or the proxy has closed the connection (then the
+        // address's penalty runs from now: the checks below must not wait it out).
         let arrived = tokio::time::timeout(Duration::from_secs(10), async {
-            while server.request_count() < before + streams.len() {
+            while server.request_count() < before + streams.len() && !attacker_driver.is_finished() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -483,8 +485,13 @@ async fn past_100_streams_on_an_upstream_http2_connection_another_connection_is_
         "{} requests reached the app",
         server.request_count()
     );
-    // All 150 are at the app at once (none waits for a stream), over two upstream connections.
-    assert_eq!(server.connections(), 2);
+    // All 150 are at the app at once (none waits for a stream), over a second upstream connection
+    // (a third when requests race hyper's dedup of a lane's first HTTP/2 connect, as seen once in CI).
+    let connections = server.connections();
+    assert!(
+        (2..=3).contains(&connections),
+        "{connections} upstream connections"
+    );
     for request in requests {
         assert_eq!(request.await.unwrap(), StatusCode::OK);
     }
@@ -499,7 +506,11 @@ async fn past_100_streams_on_an_upstream_http2_connection_another_connection_is_
     for request in again {
         assert_eq!(request.await.unwrap(), StatusCode::OK);
     }
-    assert_eq!(server.connections(), 2);
+    assert_eq!(
+        server.connections(),
+        connections,
+        "a connection was opened for streams that fit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
