@@ -7,6 +7,7 @@
 mod body;
 mod error;
 mod forward;
+mod frame_guard;
 mod head_timeout;
 mod headers;
 mod hop;

@@ -20,6 +20,7 @@ use weft_model::HttpLimits;
 use weft_transport::{Activity, Overload, Pressure};
 
 use crate::ProxyBody;
+use crate::frame_guard::{Flooded, FrameGuard};
 use crate::head_timeout::HeadClock;
 use crate::http1::{self, ClientIo, Lull};
 
@@ -117,6 +118,8 @@ where
             http1::serve(io, service, settings, keepalive, drain).await
         }
         HttpVersion::Http2 => {
+            let flooded = Arc::new(Flooded::default());
+            let io = FrameGuard::new(io, flooded.clone());
             let pressed = pressed(&settings.overload, keepalive, Some(&first_request));
             let idle = idle(&activity, settings.idle);
             let io = TokioIo::new(io);
@@ -168,16 +171,23 @@ where
                 }
             };
             // h2's own rapid-reset guards (streams reset before they were accepted, or for the client's
-            // protocol errors) end the connection with ENHANCE_YOUR_CALM: the same abuse.
-            if let (Err(err), Some(source)) = (&result, settings.source)
-                && closed_for_abuse(err)
-            {
+            // protocol errors) end the connection with ENHANCE_YOUR_CALM, and the frame guard ends a
+            // frame flood: the same abuse.
+            let abuse = match (&result, flooded.what()) {
+                (_, Some(frames)) => Some(frames),
+                (Err(err), None) if closed_for_abuse(err) => Some("reset streams (ENHANCE_YOUR_CALM)"),
+                _ => None,
+            };
+            if let Some(abuse) = abuse {
                 tracing::warn!(
-                    %source,
+                    source = ?settings.source,
+                    abuse,
                     penalty = ?weft_transport::ABUSE_PENALTY,
-                    "an HTTP/2 client connection was closed for resetting streams (ENHANCE_YOUR_CALM); its address may open no new connection for the penalty"
+                    "an HTTP/2 client connection was closed for flooding; its address may open no new connection for the penalty"
                 );
-                settings.overload.penalize(source);
+                if let Some(source) = settings.source {
+                    settings.overload.penalize(source);
+                }
             }
             result
         }

@@ -760,3 +760,54 @@ async fn two_thousand_idle_keep_alive_connections_are_parked_and_served_again() 
     }
     assert_eq!(server.request_count(), 1 + 2 * 2000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// CVE-2019-9518 and CVE-2024-27316: frames h2 takes one cheap frame at a time. At Envoy's thresholds
+/// (a second empty DATA frame in a row; here also a 65th CONTINUATION of one header block, where h2
+/// would go on) the connection is closed, and its address refused for the penalty, while another
+/// client is served.
+async fn empty_data_and_continuation_floods_lose_their_connection_and_address() {
+    use weft_test_support::h2_frames::{CONTINUATION, DATA, END_HEADERS, HEADERS, PREFACE, SETTINGS, frame};
+    let (server, proxy) = mesh("").await;
+    // The app holds the request, so that its stream stays open for the empty DATA frames.
+    server.set_fault(Fault::Hang);
+    let dst: SocketAddr = DST.parse().unwrap();
+    // HPACK: POST, http, /, :authority web.
+    let request = [0x83, 0x86, 0x84, 0x01, 0x03, b'w', b'e', b'b'];
+    let floods = [
+        (
+            "127.0.0.4",
+            frame(HEADERS, END_HEADERS, 1, &request),
+            frame(DATA, 0, 1, &[]).repeat(2),
+        ),
+        (
+            "127.0.0.5",
+            frame(HEADERS, 0, 1, &request),
+            frame(CONTINUATION, 0, 1, &[0x00, 1, b'x', 1, b'y']).repeat(65),
+        ),
+    ];
+    for (address, opening, flood) in floods {
+        let source: std::net::IpAddr = address.parse().unwrap();
+        let mut flooder = connect_from(&proxy, source, dst).await;
+        flooder.write_all(PREFACE).await.unwrap();
+        flooder.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
+        flooder.write_all(&opening).await.unwrap();
+        flooder.write_all(&flood).await.unwrap();
+        let mut answered = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), flooder.read_to_end(&mut answered)).await;
+        assert!(closed.is_ok(), "{address}: the flood kept its connection");
+        let mut again = connect_from(&proxy, source, dst).await;
+        assert!(
+            closed_unanswered(&mut again).await,
+            "{address}: reconnected during the penalty"
+        );
+    }
+    server.set_fault(Fault::None);
+    bystander_answered(&proxy).await;
+    let refused = weft_test_support::metric(
+        &proxy.metrics().await,
+        "weft_overload_refused_connections_total",
+        &[("reason", "abuse")],
+    );
+    assert_eq!(refused, 2.0);
+}
