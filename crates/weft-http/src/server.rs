@@ -82,11 +82,14 @@ where
     let first_request = Arc::new(Notify::new());
     let arrived = first_request.clone();
     let lull = Arc::new(Lull::default());
-    let between = lull.clone();
+    // Only an HTTP/1 connection is parked between requests.
+    let between = (version == HttpVersion::Http1).then(|| lull.clone());
     let service = service_fn(move |req: Request<Incoming>| {
         heads.headers_done();
         arrived.notify_one();
-        between.request(&req);
+        if let Some(between) = &between {
+            between.request(&req);
+        }
         let in_flight = counted.request();
         // HTTP/2 enforces the header list size itself (SETTINGS_MAX_HEADER_LIST_SIZE); HTTP/1's
         // buffer is at least 8 KiB, so smaller limits are checked here.

@@ -27,7 +27,11 @@ impl LogControl {
     /// Installs the process-wide subscriber writing to stderr, as text or one JSON object per line.
     pub fn install(filter: &str, json: bool) -> Result<Self, LogError> {
         let (layer, handle) = reload::Layer::new(parse(filter)?);
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only for a terminal: a file or a log collector would store the escape codes.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi);
         let result = if json {
             tracing_subscriber::registry()
                 .with(layer)

@@ -68,6 +68,37 @@ fn a_port_in_use_fails_with_the_listener_named() {
 }
 
 #[test]
+fn logs_written_to_a_pipe_carry_no_colour_codes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.yaml");
+    std::fs::write(&path, "admin: { address: 127.0.0.1:0 }\noutbound: { address: 127.0.0.1:0 }\ninbound: { address: 127.0.0.1:0 }\nreadiness: { address: 127.0.0.1:0 }\n").unwrap();
+    let mut child = Command::new(WEFT)
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .env("WEFT_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // The first info line, read on a thread so that a silent proxy fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let line = std::io::BufReader::new(stderr).lines().find_map(Result::ok);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.unwrap().expect("weft proxy wrote a log line");
+    assert!(line.contains("INFO"), "{line:?}");
+    assert!(
+        !line.contains('\x1b'),
+        "escape codes in logs written to a pipe: {line:?}"
+    );
+}
+
+#[test]
 fn demo_runs_a_fixed_number_of_requests() {
     let out = Command::new(WEFT)
         .args(["demo", "--requests", "100", "--rate", "500"])
