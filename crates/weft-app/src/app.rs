@@ -33,6 +33,8 @@ const CERTIFICATE: &str = "certificate";
 pub enum AppError {
     #[error("identity: {0}")]
     Identity(String),
+    #[error(transparent)]
+    AccessLog(#[from] weft_telemetry::access_log::SinkError),
     #[error("cannot bind the {what} listener to {addr}: {source}")]
     Bind {
         what: String,
@@ -91,6 +93,9 @@ impl App {
         };
 
         let metrics = Metrics::new();
+        let access_logs = weft_telemetry::access_log::AccessLogWriters::new(&metrics);
+        // The proxy's own log is opened now, so that a path it cannot write stops it at start.
+        access_logs.open(&bootstrap.access_log)?;
         let mut steps = vec![LISTENERS];
         if bootstrap.xds.is_some() {
             steps.push(CONFIG);
@@ -124,6 +129,8 @@ impl App {
             tls: tls.clone(),
             silent: Default::default(),
             overload: overload(&bootstrap.overload),
+            access_logs,
+            access_log_failed: Default::default(),
             transparent_ports: addresses
                 .outbound
                 .iter()

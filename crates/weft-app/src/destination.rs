@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use weft_model::{HttpSettings, PeerAuthentication, Protocol, Target};
 use weft_telemetry::Peers;
+use weft_telemetry::access_log::AccessLogSet;
 use weft_transport::DialSettings;
 
 /// Where a connection goes.
@@ -120,4 +121,6 @@ pub(crate) struct Routed {
     pub(crate) peer_authentication: PeerAuthentication,
     /// How HTTP is served on this connection.
     pub(crate) http: HttpSettings,
+    /// The listener's access logs (empty: the proxy's own).
+    pub(crate) access_log: Arc<AccessLogSet>,
 }

@@ -12,6 +12,7 @@ use weft_http::{HttpContext, Upstream};
 
 use crate::tcp::TcpConnectError;
 use weft_model::{HttpSettings, PeerAuthentication, Protocol, Target};
+use weft_telemetry::access_log::{AccessLogs, Entry};
 use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
 
@@ -69,8 +70,10 @@ pub(crate) async fn serve(
         source,
         authz,
         http,
+        access_log,
         ..
     } = conn;
+    let access_log = inputs.access_log(&access_log);
     let server_name: Option<Arc<str>> = hello
         .as_ref()
         .and_then(|h| h.server_name.as_deref())
@@ -79,7 +82,7 @@ pub(crate) async fn serve(
         key,
         source,
         destination: orig_dst,
-        server_name,
+        server_name: server_name.clone(),
     });
     let detected = if hello.is_some() { "tls" } else { handling.name() };
     inputs.metrics.count_detection(inbound, detected);
@@ -138,7 +141,7 @@ pub(crate) async fn serve(
             io,
             handling,
             Connection {
-                source: source.ip(),
+                source,
                 orig_dst,
                 destination,
                 peers,
@@ -147,8 +150,11 @@ pub(crate) async fn serve(
                     None => client_key(source.ip().to_string().as_bytes()),
                 },
                 client_cert,
+                peer_identity: principal.clone(),
+                server_name,
                 authz: authz.map(|a| (a, principal)),
                 http,
+                access_log,
                 _silent: silent,
             },
         )));
@@ -177,14 +183,17 @@ pub(crate) async fn serve(
         io,
         handling,
         Connection {
-            source: source.ip(),
+            source,
             orig_dst,
             destination,
             peers,
             client: client_key(source.ip().to_string().as_bytes()),
             client_cert: None,
+            peer_identity: None,
+            server_name,
             authz: authz.map(|a| (a, None)),
             http,
+            access_log,
             _silent: silent,
         },
     ));
@@ -202,7 +211,7 @@ struct Authz {
 /// What forwarding a connection needs once its protocol and peer are known.
 struct Connection {
     /// The client's address.
-    source: std::net::IpAddr,
+    source: SocketAddr,
     orig_dst: SocketAddr,
     destination: Destination,
     peers: Peers,
@@ -210,6 +219,11 @@ struct Connection {
     client: u64,
     /// `x-forwarded-client-cert` for the app, when the client proved an identity.
     client_cert: Option<String>,
+    /// The SPIFFE ID the client proved.
+    peer_identity: Option<Arc<str>>,
+    /// The TLS server name the client asked for.
+    server_name: Option<Arc<str>>,
+    access_log: Option<Arc<AccessLogs>>,
     /// Where peers arrive: the policy, and the principal the connection proved.
     authz: Option<(Authz, Option<Arc<str>>)>,
     http: HttpSettings,
@@ -260,6 +274,10 @@ where
                 stream_idle_timeout: conn.http.stream_idle_timeout,
                 request_timeout: conn.http.request_timeout,
                 client: conn.client,
+                source: Some(conn.source),
+                peer_identity: conn.peer_identity,
+                server_name: conn.server_name,
+                access_log: conn.access_log,
             });
             let forwarder = inputs.forwarder.clone();
             let settings = weft_http::ServeSettings {
@@ -268,7 +286,7 @@ where
                 limits: conn.http.limits,
                 overload: inputs.overload.clone(),
                 parked: inputs.metrics.downstream_connections_parked.clone(),
-                source: Some(conn.source),
+                source: Some(conn.source.ip()),
             };
             let result = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
                 let forwarder = forwarder.clone();
@@ -282,6 +300,21 @@ where
         }
         Handling::Opaque => {
             let authz = conn.authorization(&inputs, false);
+            let log = conn.access_log.clone().map(|logs| TcpLog {
+                logs,
+                start: std::time::SystemTime::now(),
+                began: std::time::Instant::now(),
+                source: conn.source,
+                destination: conn.orig_dst,
+                peer_identity: conn.peer_identity.clone(),
+                server_name: conn.server_name.clone(),
+                cluster: match &conn.destination {
+                    Destination::Target(Target { cluster: Some(c), .. }, _) => {
+                        Some(Arc::from(c.name.as_str()))
+                    }
+                    _ => None,
+                },
+            });
             Box::pin(forward_tcp(
                 &inputs,
                 io,
@@ -289,9 +322,42 @@ where
                 conn.peers,
                 conn.orig_dst,
                 authz,
+                log,
             ))
             .await
         }
+    }
+}
+
+/// What an opaque connection's access-log entry needs, known when it is accepted.
+struct TcpLog {
+    logs: Arc<AccessLogs>,
+    start: std::time::SystemTime,
+    began: std::time::Instant,
+    source: SocketAddr,
+    destination: SocketAddr,
+    peer_identity: Option<Arc<str>>,
+    server_name: Option<Arc<str>>,
+    cluster: Option<Arc<str>>,
+}
+
+impl TcpLog {
+    /// The connection's entry, when it has closed (or was refused).
+    fn write(self, flags: ResponseFlags, upstream: Option<SocketAddr>, received: u64, sent: u64) {
+        self.logs.log(Entry {
+            start: Some(self.start),
+            flags,
+            bytes_received: received,
+            bytes_sent: sent,
+            duration: self.began.elapsed(),
+            upstream_host: upstream,
+            upstream_cluster: self.cluster,
+            downstream_local: Some(self.destination),
+            downstream_remote: Some(self.source),
+            peer_uri_san: self.peer_identity,
+            requested_server_name: self.server_name,
+            ..Entry::default()
+        });
     }
 }
 
@@ -304,6 +370,7 @@ async fn forward_tcp<S>(
     peers: Peers,
     dst: SocketAddr,
     authz: Option<weft_authz::connection::ConnectionAuthz>,
+    log: Option<TcpLog>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -311,12 +378,18 @@ async fn forward_tcp<S>(
         peers,
         response_flags: ResponseFlags::NONE,
     };
+    let refused = |labels: &TcpLabels, log: Option<TcpLog>| {
+        inputs.metrics.tcp_closed.get_or_create(labels).inc();
+        if let Some(log) = log {
+            log.write(labels.response_flags, None, 0, 0);
+        }
+    };
     // Opaque connections are authorized on what exists at L4 before anything reaches the app.
     if let Some(authz) = &authz
         && !authz.decide(None, inputs.forwarder.decisions()).is_allowed()
     {
         labels.response_flags = ResponseFlags::RBAC_DENIED;
-        inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+        refused(&labels, log);
         return;
     }
     let connected = match &destination {
@@ -335,7 +408,7 @@ async fn forward_tcp<S>(
             .map(|c| (c.io, c.endpoint, Some(c.held))),
         Destination::Target(Target { cluster: None, .. }, _) => {
             labels.response_flags = ResponseFlags::NO_CLUSTER;
-            inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+            refused(&labels, log);
             tracing::info!(%dst, "no cluster for this TCP connection; closing it");
             return;
         }
@@ -344,7 +417,7 @@ async fn forward_tcp<S>(
         Ok(connected) => connected,
         Err(err) => {
             labels.response_flags = err.flags();
-            inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+            refused(&labels, log);
             tracing::info!(%dst, error = %err, "no upstream connection; closing the connection");
             return;
         }
@@ -376,7 +449,7 @@ async fn forward_tcp<S>(
             Ok((0, 0))
         }
     };
-    match copied {
+    let (received, sent) = match copied {
         Ok((received, sent)) => {
             inputs
                 .metrics
@@ -385,13 +458,18 @@ async fn forward_tcp<S>(
                 .inc_by(received);
             inputs.metrics.tcp_sent_bytes.get_or_create(&labels).inc_by(sent);
             tracing::debug!(%dst, %endpoint, received, sent, "TCP connection closed");
+            (received, sent)
         }
         Err(err) => {
             labels.response_flags = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
             tracing::debug!(%dst, %endpoint, error = %err, "TCP connection failed");
+            (0, 0)
         }
-    }
+    };
     inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+    if let Some(log) = log {
+        log.write(labels.response_flags, Some(endpoint), received, sent);
+    }
 }
 
 /// Resolves when a configuration change leaves the connection no longer allowed (Envoy's network RBAC

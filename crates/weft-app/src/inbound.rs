@@ -27,6 +27,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
         inbound: true,
         peer_authentication: policy.peer_authentication,
         http: policy.http,
+        access_log: policy.access_log.clone(),
     };
     serve(inputs, routed, mesh.detect_timeout).await
 }

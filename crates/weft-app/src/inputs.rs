@@ -4,6 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use weft_telemetry::access_log::{AccessLogSet, AccessLogWriters, AccessLogs};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,9 @@ pub(crate) struct Inputs {
     pub(crate) silent: crate::detect::SilentBudget,
     /// The overload manager: the global connection limit and memory pressure.
     pub(crate) overload: weft_transport::Overload,
+    pub(crate) access_logs: Arc<AccessLogWriters>,
+    /// An access log could not be opened (warned about once).
+    pub(crate) access_log_failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Inputs {
@@ -48,6 +52,27 @@ impl std::fmt::Debug for Inputs {
 impl Inputs {
     pub(crate) fn mesh(&self) -> Arc<Mesh> {
         self.mesh.borrow().clone()
+    }
+
+    /// Where a connection's requests (or the connection itself) are logged: the listener's access logs,
+    /// else the proxy's own.
+    pub(crate) fn access_log(&self, listener: &Arc<AccessLogSet>) -> Option<Arc<AccessLogs>> {
+        let set = match listener.is_empty() {
+            true => &self.bootstrap.access_log,
+            false => listener,
+        };
+        match self.access_logs.open(set) {
+            Ok(logs) => logs.map(Arc::new),
+            Err(err) => {
+                if !self
+                    .access_log_failed
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(error = %err, "an access log from the configuration cannot be written; its connections are not logged");
+                }
+                None
+            }
+        }
     }
 
     /// A receiver of configuration snapshots, for what must follow changes.

@@ -16,17 +16,19 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
     let mesh = inputs.mesh();
     let policy = mesh.outbound.as_ref()?;
 
-    let (destination, service, http) = match policy.service_for(orig_dst) {
+    let (destination, service, http, access_log) = match policy.service_for(orig_dst) {
         Some(target) => (
             Destination::Target(target.clone(), TargetKey::Service(orig_dst)),
             service_label(target),
             target.http,
+            target.access_log.clone(),
         ),
         None => match policy.egress {
             Egress::AllowAny => (
                 inputs.passthrough(orig_dst),
                 Label::from(orig_dst.to_string()),
                 HttpSettings::default(),
+                policy.access_log.clone(),
             ),
             Egress::RegistryOnly => {
                 let peers = inputs.source_peers(Label::from(orig_dst.to_string()));
@@ -52,6 +54,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
         inbound: false,
         peer_authentication: PeerAuthentication::Disable,
         http,
+        access_log,
     };
     serve(inputs, routed, mesh.detect_timeout).await
 }
@@ -82,6 +85,7 @@ pub(crate) async fn explicit(
         orig_dst: conn.local,
         peers,
         http: listener.target.http,
+        access_log: listener.target.access_log.clone(),
         destination: Destination::Target(listener.target, TargetKey::Listener(listener.name)),
         protocol: None,
         inbound: entry,

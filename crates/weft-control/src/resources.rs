@@ -342,6 +342,64 @@ pub enum MtlsMode {
     Strict,
 }
 
+// ---- telemetry.istio.io Telemetry ----
+
+/// Istio's Telemetry: which proxies write access logs. Only `accessLogging` is read; `tracing` and
+/// `metrics` are reported as not supported.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub access_logging: Vec<AccessLogging>,
+    #[serde(default)]
+    pub tracing: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub metrics: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogging {
+    #[serde(default)]
+    pub providers: Vec<ProviderRef>,
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    #[serde(default, rename = "match")]
+    pub matcher: Option<LoggingMatch>,
+    #[serde(default)]
+    pub filter: Option<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderRef {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingMatch {
+    #[serde(default)]
+    pub mode: LoggingMode,
+}
+
+/// Which side of a hop logs: the client's sidecar (outbound), the server's (inbound), or both.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum LoggingMode {
+    #[default]
+    #[serde(rename = "CLIENT_AND_SERVER")]
+    ClientAndServer,
+    #[serde(rename = "CLIENT")]
+    Client,
+    #[serde(rename = "SERVER")]
+    Server,
+}
+
+/// The access-log provider Istio has built in: Envoy's file logger to the proxy's stdout.
+pub const ENVOY_PROVIDER: &str = "envoy";
+
 /// Istio's default root namespace: a PeerAuthentication or AuthorizationPolicy there without a selector
 /// applies mesh-wide. `WEFT_ROOT_NAMESPACE` changes it (Istio's `meshConfig.rootNamespace`).
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
@@ -377,6 +435,7 @@ pub struct Catalog {
     pub destination_rules: Vec<Resource<DestinationRuleSpec>>,
     pub peer_authentications: Vec<Resource<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Resource<weft_authz::istio::AuthorizationPolicySpec>>,
+    pub telemetries: Vec<Resource<TelemetrySpec>>,
     /// Kinds read and left alone because they are not mesh configuration (a Deployment, a
     /// ServiceAccount), with how many of each: reported by name, never silently.
     pub ignored: BTreeMap<String, usize>,
@@ -412,6 +471,9 @@ impl Catalog {
         });
         lines(&mut out, "PeerAuthentication", &self.peer_authentications, |_| {
             "enforced on inbound".into()
+        });
+        lines(&mut out, "Telemetry", &self.telemetries, |_| {
+            "access logging served to the proxies it selects".into()
         });
         lines(
             &mut out,
@@ -650,6 +712,15 @@ fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut Vec<
                     }
                 }
             }
+            "Telemetry" => {
+                let before = catalog.telemetries.len();
+                push!(catalog.telemetries, api.starts_with("telemetry.istio.io/"));
+                if let Some(t) = catalog.telemetries.get_mut(before) {
+                    for (field, why) in telemetry_findings(&mut t.spec) {
+                        problems.push(problem(&resource, &field, why));
+                    }
+                }
+            }
             "RequestAuthentication" => problems.push(problem(
                 &resource,
                 "kind",
@@ -706,6 +777,12 @@ pub fn keep_last_good(previous: &Catalog, next: &mut Catalog, problems: &[Proble
         "PeerAuthentication",
         &previous.peer_authentications,
         &mut next.peer_authentications,
+        problems,
+    );
+    carry(
+        "Telemetry",
+        &previous.telemetries,
+        &mut next.telemetries,
         problems,
     );
     // A policy that stops parsing keeps its last good version: an edit with a typo must never open a
@@ -926,3 +1003,48 @@ pub fn resolve_host(host: &str, namespace: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// What of a Telemetry the proxies cannot do, by field; entries that cannot be honoured as written are
+/// removed (a filtered log is not turned into an unfiltered one, nor an unknown provider into Envoy's).
+fn telemetry_findings(spec: &mut TelemetrySpec) -> Vec<(String, String)> {
+    let mut findings = Vec::new();
+    if spec.tracing.is_some() {
+        findings.push((
+            "spec.tracing".into(),
+            "tracing is not supported yet; ignored".into(),
+        ));
+    }
+    if spec.metrics.is_some() {
+        findings.push((
+            "spec.metrics".into(),
+            "metric customization is not supported; the standard metrics are reported".into(),
+        ));
+    }
+    let mut kept = Vec::new();
+    for (i, mut logging) in std::mem::take(&mut spec.access_logging).into_iter().enumerate() {
+        let field = format!("spec.accessLogging[{i}]");
+        if logging.filter.is_some() {
+            findings.push((
+                format!("{field}.filter"),
+                "access log filters (CEL) are not supported; this entry logs nothing".into(),
+            ));
+            continue;
+        }
+        let before = logging.providers.len();
+        logging.providers.retain(|p| p.name == ENVOY_PROVIDER);
+        if logging.providers.len() != before {
+            findings.push((
+                format!("{field}.providers"),
+                format!(
+                    "only the built-in \"{ENVOY_PROVIDER}\" provider is supported; the others are ignored"
+                ),
+            ));
+            if logging.providers.is_empty() && logging.disabled != Some(true) {
+                continue;
+            }
+        }
+        kept.push(logging);
+    }
+    spec.access_logging = kept;
+    findings
+}

@@ -46,9 +46,14 @@ use envoy_types::util::pack_any;
 use prost::{Message, Name};
 
 use crate::resources::{
-    Catalog, DestinationRuleSpec, HttpMatch, IstioRetryOn, MtlsMode, PortProtocol, Resource, ServicePort,
-    ServiceSpec, StringMatch, TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
+    Catalog, DestinationRuleSpec, HttpMatch, IstioRetryOn, LoggingMode, MtlsMode, PortProtocol, Resource,
+    ServicePort, ServiceSpec, StringMatch, TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
 };
+use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, SubstitutionFormatString, data_source, substitution_format_string,
+};
+use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
 
 pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
 pub const INBOUND_CAPTURE_PORT: u32 = 15006;
@@ -97,14 +102,24 @@ struct Builder {
     endpoints: BTreeMap<String, ClusterLoadAssignment>,
     listeners: BTreeMap<String, Listener>,
     routes: BTreeMap<String, RouteConfiguration>,
+    /// Access logs of the client side (outbound listeners) and the server side (inbound).
+    client_log: Vec<AccessLog>,
+    server_log: Vec<AccessLog>,
 }
 
 pub fn snapshot(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
+    let me = catalog
+        .workload_entries
+        .iter()
+        .find(|w| w.metadata.name == node.workload && w.metadata.namespace() == node.namespace);
+    let (client, server) = access_logging(catalog, me, &node.namespace);
     let mut b = Builder {
         clusters: BTreeMap::new(),
         endpoints: BTreeMap::new(),
         listeners: BTreeMap::new(),
         routes: BTreeMap::new(),
+        client_log: client.then(istio_access_log).into_iter().collect(),
+        server_log: server.then(istio_access_log).into_iter().collect(),
     };
     for service in &catalog.services {
         for port in &service.spec.ports {
@@ -169,10 +184,10 @@ impl Builder {
                 })
                 .virtual_hosts
                 .push(vhost);
-            chains.push(filter_chain(hcm_rds(&route_name)));
+            chains.push(filter_chain(hcm_rds(&route_name, &self.client_log)));
         }
         if protocol != PortProtocol::Http {
-            chains.push(filter_chain(tcp_proxy(&default_cluster)));
+            chains.push(filter_chain(tcp_proxy(&default_cluster, &self.client_log)));
         }
         // HTTP services share one wildcard listener per port (virtual hosts tell them apart); TCP needs the
         // service's own address.
@@ -461,7 +476,7 @@ impl Builder {
                 name: "virtualOutbound".into(),
                 address: Some(socket("0.0.0.0", OUTBOUND_CAPTURE_PORT)),
                 use_original_dst: Some(BoolValue { value: true }),
-                default_filter_chain: Some(filter_chain(tcp_proxy(crate::PASSTHROUGH))),
+                default_filter_chain: Some(filter_chain(tcp_proxy(crate::PASSTHROUGH, &self.client_log))),
                 ..Default::default()
             },
         );
@@ -498,9 +513,9 @@ impl Builder {
                     let inbound_cluster = format!("inbound|{target}||");
                     let http = port.protocol() == PortProtocol::Http;
                     let filter = if http {
-                        hcm_inline(&inbound_cluster, &http_rbac)
+                        hcm_inline(&inbound_cluster, &http_rbac, &self.server_log)
                     } else {
-                        tcp_proxy(&inbound_cluster)
+                        tcp_proxy(&inbound_cluster, &self.server_log)
                     };
                     // Istio's shape: a `tls` chain terminating mutual TLS and/or a `raw_buffer` chain
                     // for plaintext, as the workload's PeerAuthentication allows.
@@ -532,8 +547,14 @@ impl Builder {
         // Istio's catch-all chains: connections to ports no Service declares are held to the same
         // policy, translated for HTTP and for TCP.
         if !(http_authz.is_empty() && tcp_authz.is_empty()) {
-            chains.push(inbound_chain(hcm_inline(INBOUND_PASSTHROUGH, &http_rbac), true));
-            chains.push(inbound_chain(tcp_proxy(INBOUND_PASSTHROUGH), false));
+            chains.push(inbound_chain(
+                hcm_inline(INBOUND_PASSTHROUGH, &http_rbac, &self.server_log),
+                true,
+            ));
+            chains.push(inbound_chain(
+                tcp_proxy(INBOUND_PASSTHROUGH, &self.server_log),
+                false,
+            ));
         }
         self.listeners.insert(
             "virtualInbound".into(),
@@ -645,6 +666,70 @@ fn peer_authentication(
         .or_else(|| namespace_wide.filter_map(mode_of).next())
         .or_else(|| mesh_wide.filter_map(mode_of).next())
         .unwrap_or(MtlsMode::Permissive)
+}
+
+/// Whether the client side and the server side of this workload write access logs, by the Telemetry
+/// that applies (Istio's precedence: one selecting the workload, then its namespace's, then the root
+/// namespace's); none: neither, as in Istio's default profile.
+fn access_logging(
+    catalog: &Catalog,
+    me: Option<&Resource<WorkloadEntrySpec>>,
+    namespace: &str,
+) -> (bool, bool) {
+    let selecting = catalog.telemetries.iter().filter(|t| {
+        t.metadata.namespace() == namespace
+            && match (&t.spec.selector, me) {
+                (Some(s), Some(me)) => selects(&s.match_labels, &me.spec.labels),
+                _ => false,
+            }
+    });
+    let namespace_wide = catalog
+        .telemetries
+        .iter()
+        .filter(|t| t.metadata.namespace() == namespace && t.spec.selector.is_none());
+    let mesh_wide = catalog.telemetries.iter().filter(|t| {
+        t.metadata.namespace() == crate::resources::root_namespace() && t.spec.selector.is_none()
+    });
+    let Some(telemetry) = selecting
+        .chain(namespace_wide)
+        .chain(mesh_wide)
+        .find(|t| !t.spec.access_logging.is_empty())
+    else {
+        return (false, false);
+    };
+    let (mut client, mut server) = (false, false);
+    for logging in &telemetry.spec.access_logging {
+        let on = logging.disabled != Some(true);
+        let mode = logging.matcher.as_ref().map(|m| m.mode).unwrap_or_default();
+        if mode != LoggingMode::Server {
+            client = on;
+        }
+        if mode != LoggingMode::Client {
+            server = on;
+        }
+    }
+    (client, server)
+}
+
+/// Istio's built-in `envoy` provider: Envoy's file logger on the proxy's stdout, Istio's text format.
+fn istio_access_log() -> AccessLog {
+    let format = SubstitutionFormatString {
+        format: Some(substitution_format_string::Format::TextFormatSource(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(
+                weft_telemetry::access_log::ISTIO_TEXT.into(),
+            )),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        filter: None,
+        config_type: Some(access_log::ConfigType::TypedConfig(pack_any(FileAccessLog {
+            path: "/dev/stdout".into(),
+            access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(format)),
+        }))),
+    }
 }
 
 /// Terminating mutual TLS: a client certificate is required (the proxy uses its own workload certificate).
@@ -890,8 +975,9 @@ fn router() -> HttpFilter {
     }
 }
 
-fn hcm_rds(route_name: &str) -> Any {
+fn hcm_rds(route_name: &str, access_log: &[AccessLog]) -> Any {
     pack_any(HttpConnectionManager {
+        access_log: access_log.to_vec(),
         stat_prefix: format!("outbound_0.0.0.0_{route_name}"),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -902,7 +988,7 @@ fn hcm_rds(route_name: &str) -> Any {
     })
 }
 
-fn hcm_inline(cluster: &str, rbac: &[HttpFilter]) -> Any {
+fn hcm_inline(cluster: &str, rbac: &[HttpFilter], access_log: &[AccessLog]) -> Any {
     let route = route_to(
         "default".into(),
         prefix_match("/"),
@@ -911,6 +997,7 @@ fn hcm_inline(cluster: &str, rbac: &[HttpFilter]) -> Any {
         None,
     );
     pack_any(HttpConnectionManager {
+        access_log: access_log.to_vec(),
         stat_prefix: cluster.into(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
             RouteConfiguration {
@@ -929,8 +1016,9 @@ fn hcm_inline(cluster: &str, rbac: &[HttpFilter]) -> Any {
     })
 }
 
-fn tcp_proxy(cluster: &str) -> Any {
+fn tcp_proxy(cluster: &str, access_log: &[AccessLog]) -> Any {
     pack_any(TcpProxy {
+        access_log: access_log.to_vec(),
         stat_prefix: cluster.into(),
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
         ..Default::default()

@@ -1,6 +1,6 @@
 //! The response body the proxy sends downstream: the upstream's, streamed frame by frame, or one the
-//! proxy wrote itself. Request metrics are recorded when the body ends, so durations cover the whole
-//! response, as Istio's do.
+//! proxy wrote itself. Request metrics and the access-log entry are recorded when the body ends, so
+//! durations cover the whole response, as Istio's do.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Sleep;
+use weft_telemetry::access_log::{AccessLogs, Entry};
 use weft_telemetry::{Metrics, RequestLabels, ResponseFlags};
 
 use crate::replay::BoxError;
@@ -27,6 +28,8 @@ pub struct ProxyBody {
     _held: Option<InFlight>,
     /// Counts the request as in flight on its client connection (idle timeout) until the body ends.
     request: Option<weft_transport::InFlight>,
+    /// Body bytes sent so far.
+    sent: u64,
 }
 
 /// What a response in progress holds in its cluster.
@@ -114,17 +117,40 @@ pub(crate) struct Completion {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) labels: RequestLabels,
     pub(crate) start: Instant,
+    pub(crate) log: Option<Box<Logged>>,
+}
+
+/// A request's access-log entry, filled in as the request went, written when its response ends.
+#[derive(Debug)]
+pub(crate) struct Logged {
+    pub(crate) logs: Arc<AccessLogs>,
+    pub(crate) entry: Entry,
+    /// How many body bytes the client sent.
+    pub(crate) reading: Option<Arc<crate::replay::BodyReading>>,
 }
 
 impl Completion {
-    fn finish(mut self, flags: ResponseFlags) {
+    fn finish(mut self, flags: ResponseFlags, sent: u64) {
         self.labels.response_flags |= flags;
-        let elapsed_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.start.elapsed();
         self.metrics.requests.get_or_create(&self.labels).inc();
         self.metrics
             .request_duration_ms
             .get_or_create(&self.labels)
-            .observe(elapsed_ms);
+            .observe(elapsed.as_secs_f64() * 1000.0);
+        if let Some(logged) = self.log {
+            let Logged {
+                logs,
+                mut entry,
+                reading,
+            } = *logged;
+            entry.response_code = self.labels.response_code;
+            entry.flags = self.labels.response_flags;
+            entry.duration = elapsed;
+            entry.bytes_sent = sent;
+            entry.bytes_received = reading.map_or(0, |r| r.received());
+            logs.log(entry);
+        }
     }
 }
 
@@ -141,6 +167,7 @@ impl ProxyBody {
             timer,
             _held: Some(held),
             request: None,
+            sent: 0,
         }
     }
 
@@ -151,6 +178,7 @@ impl ProxyBody {
             timer: None,
             _held: None,
             request: None,
+            sent: 0,
         }
     }
 
@@ -158,9 +186,16 @@ impl ProxyBody {
         self.request = Some(request);
     }
 
+    /// Writes the request's access-log entry when the response ends.
+    pub(crate) fn log(&mut self, logged: Logged) {
+        if let Some(completion) = &mut self.completion {
+            completion.log = Some(Box::new(logged));
+        }
+    }
+
     fn finish(&mut self, flags: ResponseFlags) {
         if let Some(c) = self.completion.take() {
-            c.finish(flags);
+            c.finish(flags, self.sent);
         }
         self.request = None;
     }
@@ -190,7 +225,10 @@ impl Body for ProxyBody {
         match &polled {
             Poll::Ready(None) => self.finish(ResponseFlags::NONE),
             Poll::Ready(Some(Err(_))) => self.finish(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
-            Poll::Ready(Some(Ok(_))) => {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.sent += data.len() as u64;
+                }
                 if let Some(timer) = &mut self.timer {
                     timer.last_frame = Instant::now();
                 }

@@ -98,46 +98,93 @@ impl UpstreamError {
     /// text (worded as Envoy words them, so that users' searches find the right answers) and the gRPC
     /// status a gRPC client gets instead (Envoy's mapping; a timeout is the client's deadline passing).
     pub fn reply(&self) -> LocalReply {
-        let (status, flags, body, grpc_status) = match self {
-            Self::NoHealthyUpstream => (503, ResponseFlags::NO_HEALTHY_UPSTREAM, "no healthy upstream", 14),
-            Self::NoRoute => (404, ResponseFlags::NO_ROUTE, "no route", 12),
-            Self::NoCluster(_) => (503, ResponseFlags::NO_CLUSTER, "cluster not found", 14),
+        let (status, flags, body, grpc_status, details) = match self {
+            Self::NoHealthyUpstream => (
+                503,
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                "no healthy upstream",
+                14,
+                "no_healthy_upstream",
+            ),
+            Self::NoRoute => (404, ResponseFlags::NO_ROUTE, "no route", 12, "route_not_found"),
+            Self::NoCluster(_) => (
+                503,
+                ResponseFlags::NO_CLUSTER,
+                "cluster not found",
+                14,
+                "cluster_not_found",
+            ),
             Self::Timeout(_) => (
                 504,
                 ResponseFlags::UPSTREAM_TIMEOUT,
                 "upstream request timeout",
                 4,
+                "upstream_response_timeout",
             ),
-            Self::StreamIdle => (504, ResponseFlags::STREAM_IDLE_TIMEOUT, "stream timeout", 4),
-            Self::Overflow => (503, ResponseFlags::UPSTREAM_OVERFLOW, reset!("overflow"), 14),
+            Self::StreamIdle => (
+                504,
+                ResponseFlags::STREAM_IDLE_TIMEOUT,
+                "stream timeout",
+                4,
+                "stream_idle_timeout",
+            ),
+            Self::Overflow => (
+                503,
+                ResponseFlags::UPSTREAM_OVERFLOW,
+                reset!("overflow"),
+                14,
+                "upstream_reset_before_response_started{overflow}",
+            ),
             Self::Connect(_) => (
                 503,
                 ResponseFlags::UPSTREAM_CONNECT_FAILURE,
                 reset!("connection failure"),
                 14,
+                "upstream_reset_before_response_started{connection_failure}",
             ),
             Self::Protocol(_) => (
                 502,
                 ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
                 reset!("protocol error"),
                 13,
+                "upstream_reset_before_response_started{protocol_error}",
             ),
             Self::Terminated(_) => (
                 503,
                 ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
                 reset!("connection termination"),
                 14,
+                "upstream_reset_before_response_started{connection_termination}",
             ),
-            Self::BadRequest(_) => (400, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "bad request", 13),
-            Self::RequestTimeout => (408, ResponseFlags::NONE, "request timeout", 4),
+            Self::BadRequest(_) => (
+                400,
+                ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR,
+                "bad request",
+                13,
+                "bad_request",
+            ),
+            Self::RequestTimeout => (
+                408,
+                ResponseFlags::NONE,
+                "request timeout",
+                4,
+                "request_overall_timeout",
+            ),
             // Envoy's RBAC filter's words, which users search for.
-            Self::Forbidden => (403, ResponseFlags::RBAC_DENIED, "RBAC: access denied", 7),
+            Self::Forbidden => (
+                403,
+                ResponseFlags::RBAC_DENIED,
+                "RBAC: access denied",
+                7,
+                "rbac_access_denied",
+            ),
         };
         LocalReply {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
             flags,
             body,
             grpc_status,
+            details,
         }
     }
 
@@ -176,6 +223,8 @@ pub struct LocalReply {
     pub body: &'static str,
     /// `grpc-status` for a gRPC client (answered as a trailers-only response).
     pub grpc_status: u16,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for it.
+    pub details: &'static str,
 }
 
 #[cfg(test)]

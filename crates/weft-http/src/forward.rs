@@ -14,10 +14,13 @@ use hyper_util::rt::TokioIo;
 use weft_balance::{ClusterState, ClusterStates, ConnectionSlot, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
-use weft_telemetry::{Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags};
+use weft_telemetry::access_log::{AccessLogs, Entry};
+use weft_telemetry::{
+    ConnectionSecurity, Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags,
+};
 use weft_transport::DialSettings;
 
-use crate::body::{BodyTimer, Completion, InFlight};
+use crate::body::{BodyTimer, Completion, InFlight, Logged};
 use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
@@ -35,6 +38,11 @@ pub trait RouteSource: std::fmt::Debug + Send + Sync {
 }
 
 const XFCC: &str = "x-forwarded-client-cert";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+/// On each upstream try: which try it is (Envoy's `include_request_attempt_count`, which Istio sets).
+const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
+/// On responses from upstream: milliseconds from sending the request to the response headers.
+const UPSTREAM_SERVICE_TIME: &str = "x-envoy-upstream-service-time";
 
 /// Where requests of a connection go.
 #[derive(Debug, Clone)]
@@ -50,6 +58,8 @@ pub enum Upstream {
 
 /// How a request was routed: where it goes and under which policy.
 struct Decision {
+    /// The route's name, for a logged request.
+    route_name: Option<Arc<str>>,
     target: DecidedTarget,
     timeout: Option<Duration>,
     idle_timeout: Option<Duration>,
@@ -82,6 +92,29 @@ pub struct HttpContext {
     /// Who is asking, hashed: the caller's verified identity, else its address. Each client gets its
     /// share of a cluster's connection slots.
     pub client: u64,
+    /// The client's address.
+    pub source: Option<SocketAddr>,
+    /// The caller's verified SPIFFE ID.
+    pub peer_identity: Option<Arc<str>>,
+    /// The TLS server name the client asked for.
+    pub server_name: Option<Arc<str>>,
+    /// Where each request's entry is written; `None`: not logged.
+    pub access_log: Option<Arc<AccessLogs>>,
+}
+
+/// What the access log needs to know of how a request went, gathered on the way.
+#[derive(Debug, Default)]
+struct Facts {
+    /// Gather names (they cost an allocation) only for a logged request.
+    logged: bool,
+    details: Option<&'static str>,
+    transport_failure: Option<String>,
+    upstream_host: Option<SocketAddr>,
+    cluster: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    attempts: u32,
+    response_duration: Option<Duration>,
+    reading: Option<Arc<BodyReading>>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -125,10 +158,12 @@ impl Forwarder {
         authority: &Authority,
         upstream: &Upstream,
         stream_idle_timeout: Option<Duration>,
+        logged: bool,
     ) -> Result<Decision, UpstreamError> {
         let table = match upstream {
             Upstream::Direct { addr, settings } => {
                 return Ok(Decision {
+                    route_name: None,
                     target: DecidedTarget::Direct(*addr, settings.clone()),
                     timeout: None,
                     idle_timeout: stream_idle_timeout,
@@ -154,6 +189,7 @@ impl Forwarder {
             .as_ref()
             .ok_or_else(|| UpstreamError::NoCluster(weighted.name.clone()))?;
         Ok(Decision {
+            route_name: (logged && !route.name.is_empty()).then(|| Arc::from(route.name.as_str())),
             service: Some(service_of(&cluster.name)),
             target: DecidedTarget::Cluster(cluster.clone()),
             timeout: route.action.timeout,
@@ -165,7 +201,59 @@ impl Forwarder {
         })
     }
 
+    /// Forwards one request and answers it, logging it once its response has ended.
     pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
+        crate::headers::ensure_request_id(req.headers_mut());
+        let Some(logs) = &ctx.access_log else {
+            return self.proxy(req, ctx, &mut Facts::default()).await;
+        };
+        let mut entry = Entry {
+            start: Some(std::time::SystemTime::now()),
+            method: Some(req.method().clone()),
+            path: req.uri().path_and_query().cloned(),
+            authority: req.uri().authority().cloned().or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            }),
+            protocol: Some(match ctx.version {
+                HttpVersion::Http1 => "HTTP/1.1",
+                HttpVersion::Http2 => "HTTP/2",
+            }),
+            downstream_local: Some(ctx.orig_dst),
+            downstream_remote: ctx.source,
+            peer_uri_san: ctx.peer_identity.clone(),
+            requested_server_name: ctx.server_name.clone(),
+            request_headers: logs.capture_request(req.headers()),
+            ..Entry::default()
+        };
+        let mut facts = Facts {
+            logged: true,
+            ..Facts::default()
+        };
+        let mut response = self.proxy(req, ctx, &mut facts).await;
+        entry.response_headers = logs.capture_response(response.headers());
+        entry.details = facts.details;
+        entry.transport_failure = facts.transport_failure;
+        entry.upstream_host = facts.upstream_host;
+        entry.upstream_cluster = facts.cluster;
+        entry.route_name = facts.route;
+        entry.attempts = facts.attempts;
+        entry.response_duration = facts.response_duration;
+        response.body_mut().log(Logged {
+            logs: logs.clone(),
+            entry,
+            reading: facts.reading,
+        });
+        response
+    }
+
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &HttpContext,
+        facts: &mut Facts,
+    ) -> Response<ProxyBody> {
         let start = Instant::now();
         let grpc = is_grpc(&req);
         let request_protocol = if grpc {
@@ -184,26 +272,42 @@ impl Forwarder {
         if let Some(value) = &ctx.client_cert {
             parts.headers.insert(XFCC, value.clone());
         }
+        // The scheme the client used with the proxy, unless an earlier hop said.
+        if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+            let scheme = match ctx.peers.connection_security_policy {
+                ConnectionSecurity::mutual_tls => "https",
+                _ => "http",
+            };
+            parts
+                .headers
+                .insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+        }
         let upgrade = upgrade.filter(|_| ctx.version == HttpVersion::Http1);
         if let Some(protocol) = &upgrade {
             set_upgrade(&mut parts.headers, protocol.clone());
         }
 
         // Refused before routing: the labels have no destination service yet.
-        let refused = |err: UpstreamError, flags: ResponseFlags| {
+        let refused = |err: UpstreamError, facts: &mut Facts| {
             let completion = self.completion(&ctx.peers, request_protocol, start);
-            error_response(err, grpc, flags, completion)
+            error_response(err, grpc, ResponseFlags::NONE, completion, facts)
         };
         let authority = match request_authority(&mut parts, ctx.version, ctx.orig_dst) {
             Ok(authority) => authority,
-            Err(err) => return refused(err, ResponseFlags::NONE),
+            Err(err) => return refused(err, facts),
         };
         if let Some(authz) = &ctx.authorization
             && let Err(err) = self.authorize(&mut parts, &authority, authz)
         {
-            return refused(err, ResponseFlags::NONE);
+            return refused(err, facts);
         }
-        let decided = self.decide(&parts, &authority, &ctx.upstream, ctx.stream_idle_timeout);
+        let decided = self.decide(
+            &parts,
+            &authority,
+            &ctx.upstream,
+            ctx.stream_idle_timeout,
+            facts.logged,
+        );
         let mut peers = ctx.peers.clone();
         if let Ok(Decision {
             service: Some(service),
@@ -215,8 +319,14 @@ impl Forwarder {
         let completion = self.completion(&peers, request_protocol, start);
         let decision = match decided {
             Ok(decision) => decision,
-            Err(err) => return error_response(err, grpc, ResponseFlags::NONE, completion),
+            Err(err) => return error_response(err, grpc, ResponseFlags::NONE, completion, facts),
         };
+        facts.route = decision.route_name.clone();
+        if facts.logged
+            && let DecidedTarget::Cluster(cluster) = &decision.target
+        {
+            facts.cluster = Some(Arc::from(cluster.name.as_str()));
+        }
         let hop = Hop {
             downstream: ctx.version,
             from_peer: Hop::from_peer(ctx.peers.connection_security_policy),
@@ -229,7 +339,7 @@ impl Forwarder {
         };
         let upstream_version = hop.upstream(&mut parts.headers);
         if let Err(err) = set_authority(&mut parts.headers, &authority, upstream_version) {
-            return error_response(err, grpc, ResponseFlags::NONE, completion);
+            return error_response(err, grpc, ResponseFlags::NONE, completion, facts);
         }
         let path = parts
             .uri
@@ -243,7 +353,10 @@ impl Forwarder {
             .build()
         {
             Ok(uri) => uri,
-            Err(_) => return bad_request(completion),
+            Err(_) => {
+                facts.details = Some("bad_request");
+                return bad_request(completion);
+            }
         };
         parts.version = match upstream_version {
             HttpVersion::Http1 => Version::HTTP_11,
@@ -269,8 +382,13 @@ impl Forwarder {
                 DecidedTarget::Cluster(cluster) => cluster.max_requests_per_connection,
                 DecidedTarget::Direct(..) => None,
             },
+            attempts: 0,
+            upstream_host: None,
         };
         let (body, reading) = ClientBody::new(body);
+        if facts.logged {
+            facts.reading = Some(reading.clone());
+        }
         let attempt = async {
             match decision.target {
                 DecidedTarget::Direct(endpoint, settings) => {
@@ -314,14 +432,18 @@ impl Forwarder {
                 ResponseFlags::NONE,
             ),
         };
+        facts.attempts = exchange.attempts;
+        facts.upstream_host = exchange.upstream_host;
         let mut response = match result {
             Try::Response(mut response) => {
                 held.stream = response.extensions_mut().remove::<Arc<StreamSlot>>();
+                facts.details = Some("via_upstream");
+                facts.response_duration = Some(start.elapsed());
                 response
             }
             Try::Failed(err) => {
                 tracing::debug!(error = %err, "upstream request failed");
-                return error_response(err, grpc, flags, completion);
+                return error_response(err, grpc, flags, completion, facts);
             }
         };
 
@@ -373,6 +495,7 @@ impl Forwarder {
                 response_flags: flags,
             },
             start,
+            log: None,
         }
     }
 
@@ -450,7 +573,11 @@ impl Forwarder {
                 RequestBody::Replay(replay) => replay.replay().map(RequestBody::Replay),
                 RequestBody::Streamed(_) => None,
             };
-            let head = exchange.head(retry.may_retry());
+            let mut head = exchange.head(retry.may_retry());
+            exchange.attempts += 1;
+            exchange.upstream_host = Some(address);
+            head.headers
+                .insert(ATTEMPT_COUNT, HeaderValue::from(exchange.attempts));
             let per_try = retry.per_try_timeout();
             let result = client_fault(
                 self.try_endpoint(exchange, head, address, settings.clone(), body, per_try)
@@ -541,6 +668,11 @@ impl Forwarder {
         };
         match result {
             Ok(mut response) => {
+                // Envoy's: from sending this try to its response headers.
+                let service_ms = u64::try_from(now.elapsed().as_millis()).unwrap_or(u64::MAX);
+                response
+                    .headers_mut()
+                    .insert(UPSTREAM_SERVICE_TIME, HeaderValue::from(service_ms));
                 if let (Some(limit), Some(connection)) = (exchange.max_requests_per_connection, connection) {
                     retire_when_used_up(&response, limit, &connection);
                 }
@@ -565,6 +697,8 @@ impl Forwarder {
         body: RequestBody,
     ) -> Try {
         let head = exchange.head(false);
+        exchange.attempts += 1;
+        exchange.upstream_host = Some(endpoint);
         self.try_endpoint(exchange, head, endpoint, settings, body, None)
             .await
     }
@@ -613,6 +747,9 @@ struct Exchange {
     idle_timeout: Option<Duration>,
     /// Requests an upstream connection serves before it is retired; `None`: no limit.
     max_requests_per_connection: Option<u32>,
+    /// Tries made so far, and where the last one went.
+    attempts: u32,
+    upstream_host: Option<SocketAddr>,
 }
 
 impl Exchange {
@@ -650,8 +787,15 @@ fn error_response(
     grpc: bool,
     extra: ResponseFlags,
     completion: impl FnOnce(StatusCode, ResponseFlags) -> Completion,
+    facts: &mut Facts,
 ) -> Response<ProxyBody> {
     let reply = err.reply();
+    facts.details = Some(reply.details);
+    if facts.logged
+        && let UpstreamError::Connect(cause) = &err
+    {
+        facts.transport_failure = Some(error_chain(cause));
+    }
     let flags = reply.flags | extra;
     if grpc {
         let mut response = Response::new(ProxyBody::local("", Some(completion(StatusCode::OK, flags))));
@@ -723,4 +867,16 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
         Ok((sent, received)) => tracing::debug!(sent, received, "upgraded connection closed"),
         Err(err) => tracing::debug!(error = %err, "upgraded connection failed"),
     }
+}
+
+/// An error and its causes on one line, for the access log's `%UPSTREAM_TRANSPORT_FAILURE_REASON%`.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

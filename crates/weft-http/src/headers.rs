@@ -1,5 +1,5 @@
 //! Hop-by-hop headers (RFC 9110 §7.6.1): they describe one connection and are not forwarded, except
-//! what an upgrade needs and `te: trailers`, which gRPC over HTTP/2 requires.
+//! what an upgrade needs and `te: trailers`, which gRPC over HTTP/2 requires. And the request id.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -75,6 +75,22 @@ pub(crate) fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
+const REQUEST_ID: &str = "x-request-id";
+
+/// Gives a request an `x-request-id` (a random UUID) unless it carries one, as Envoy does: the id
+/// follows the request through retries and to the next hop, and ties its log lines and spans together.
+pub(crate) fn ensure_request_id(headers: &mut HeaderMap) {
+    if headers.get(REQUEST_ID).is_some_and(|id| !id.is_empty()) {
+        return;
+    }
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut text);
+    if let Ok(value) = HeaderValue::from_str(text) {
+        headers.insert(REQUEST_ID, value);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +153,24 @@ mod tests {
         assert!(h.is_empty(), "{h:?}");
         let mut h = map(&[("connection", "upgrade"), ("upgrade", "H2C, websocket")]);
         assert_eq!(strip_hop_by_hop(&mut h, false).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn a_request_id_is_kept_or_made_as_a_version_4_uuid() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("from-the-caller"));
+        ensure_request_id(&mut headers);
+        assert_eq!(headers["x-request-id"], "from-the-caller");
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..100 {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-request-id", HeaderValue::from_static(""));
+            ensure_request_id(&mut headers);
+            let id = headers["x-request-id"].to_str().unwrap().to_owned();
+            let parsed = uuid::Uuid::parse_str(&id).unwrap();
+            assert_eq!(parsed.get_version_num(), 4, "{id}");
+            ids.insert(id);
+        }
+        assert_eq!(ids.len(), 100, "random ids");
     }
 }

@@ -3,7 +3,7 @@
 
 use std::error::Error as StdError;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -33,6 +33,8 @@ pub(crate) struct BodyReading {
     broken: AtomicBool,
     /// It has all arrived.
     complete: AtomicBool,
+    /// Body bytes read from the client.
+    received: AtomicU64,
 }
 
 impl BodyReading {
@@ -43,6 +45,10 @@ impl BodyReading {
     pub(crate) fn complete(&self) -> bool {
         self.complete.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientBody {
@@ -51,6 +57,7 @@ impl ClientBody {
         let reading = Arc::new(BodyReading {
             broken: AtomicBool::new(false),
             complete: AtomicBool::new(inner.is_end_stream()),
+            received: AtomicU64::new(0),
         });
         (
             Self {
@@ -74,10 +81,17 @@ impl Body for ClientBody {
         match &polled {
             Poll::Ready(Some(Err(_))) => self.reading.broken.store(true, Ordering::Relaxed),
             Poll::Ready(None) => self.reading.complete.store(true, Ordering::Relaxed),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => {
-                self.reading.complete.store(true, Ordering::Relaxed);
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.reading
+                        .received
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                if self.inner.is_end_stream() {
+                    self.reading.complete.store(true, Ordering::Relaxed);
+                }
             }
-            _ => {}
+            Poll::Pending => {}
         }
         polled
     }

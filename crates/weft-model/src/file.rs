@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use weft_telemetry::access_log::{AccessLogConfig, AccessLogSet, Format, Sink};
 
 use crate::defaults::*;
 use crate::mesh::{
@@ -58,6 +59,28 @@ pub struct ProxyFile {
     pub xds: Option<XdsFile>,
     pub identity: Option<IdentityFile>,
     pub overload: OverloadSettings,
+    pub access_log: AccessLogFile,
+}
+
+/// The proxy's own access log, for listeners whose configuration names none (over xDS, a connection
+/// manager's or TCP proxy's `access_log` takes precedence). `WEFT_ACCESS_LOG` and
+/// `WEFT_ACCESS_LOG_FORMAT` override these fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessLogFile {
+    /// `stdout`, `stderr`, `off`, or a file appended to (default: `stdout` in local mode, `off` in pod
+    /// mode, as in Istio's default profile).
+    pub path: Option<String>,
+    /// `text` (Istio's default format, the default) or `json` (the same fields as keys).
+    pub format: Option<AccessLogFormatName>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormatName {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Where the proxy gets its workload certificate: a CA speaking Istio's CreateCertificate.

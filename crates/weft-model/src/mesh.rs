@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use weft_telemetry::access_log::AccessLogSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +85,9 @@ pub struct Bootstrap {
     /// Where the workload certificate comes from; `None`: no mutual TLS.
     pub identity: Option<IdentitySource>,
     pub overload: OverloadSettings,
+    /// The proxy's own access logs (from the file and environment), for listeners whose configuration
+    /// names none.
+    pub access_log: Arc<AccessLogSet>,
 }
 
 /// When the proxy sheds load (its overload manager). `None` takes the default, worked out where the
@@ -185,6 +189,8 @@ pub struct OutboundPolicy {
     pub egress: Egress,
     #[serde(serialize_with = "sorted_map")]
     pub services: HashMap<SocketAddr, Target>,
+    /// For connections to no service (passthrough, blocked egress); empty: the proxy's own.
+    pub access_log: Arc<AccessLogSet>,
 }
 
 /// The transparent inbound listener: forwards to the app on `app_address` (or, in a pod, the address the
@@ -204,6 +210,8 @@ pub struct InboundPolicy {
     pub authorization: ListenerAuthorization,
     /// How HTTP is served on the inbound listener.
     pub http: HttpSettings,
+    /// Empty: the proxy's own.
+    pub access_log: Arc<AccessLogSet>,
 }
 
 /// How a listener serves HTTP: Envoy's HTTP connection manager timeouts and limits.
@@ -347,6 +355,8 @@ pub struct Target {
     pub route: Arc<RouteTable>,
     /// How HTTP is served to the clients of this target.
     pub http: HttpSettings,
+    /// Its requests' and connections' access logs; empty: the proxy's own.
+    pub access_log: Arc<AccessLogSet>,
 }
 
 impl Target {
@@ -357,6 +367,7 @@ impl Target {
             route: Arc::new(RouteTable::to_cluster(&cluster)),
             cluster: Some(cluster),
             http: HttpSettings::default(),
+            access_log: AccessLogSet::off(),
         }
     }
 }

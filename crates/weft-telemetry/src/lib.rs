@@ -1,6 +1,7 @@
 //! What the proxy tells about itself: Prometheus metrics under Istio's standard names (plus `weft_*`
 //! internals), Envoy's response flags, and log-level control at run time.
 
+pub mod access_log;
 mod flags;
 mod logging;
 mod metrics;

@@ -189,6 +189,8 @@ pub struct Metrics {
     pub ejections: Family<ClusterEventLabels, Counter>,
     pub ejected_endpoints: Family<ClusterLabels, Gauge>,
     pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub access_log_dropped: Counter,
+    pub access_log_write_failures: Counter,
 }
 
 impl Metrics {
@@ -217,6 +219,8 @@ impl Metrics {
         let ejections = Family::default();
         let ejected_endpoints = Family::default();
         let authz_decisions = Family::default();
+        let access_log_dropped = Counter::default();
+        let access_log_write_failures = Counter::default();
 
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -336,6 +340,16 @@ impl Metrics {
             "Authorization decisions, by rule set, matching policy and result",
             authz_decisions.clone(),
         );
+        weft.register(
+            "access_log_entries_dropped",
+            "Access log entries dropped because the writer's queue was full (traffic is never held up for the log)",
+            access_log_dropped.clone(),
+        );
+        weft.register(
+            "access_log_write_failures",
+            "Batches of access log entries that could not be written to their file or stream",
+            access_log_write_failures.clone(),
+        );
 
         Arc::new(Self {
             registry,
@@ -361,6 +375,8 @@ impl Metrics {
             ejections,
             ejected_endpoints,
             authz_decisions,
+            access_log_dropped,
+            access_log_write_failures,
         })
     }
 

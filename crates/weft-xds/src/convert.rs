@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
@@ -28,11 +29,13 @@ use weft_model::route::{
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use envoy_types::pb::envoy::config::route::v3::RetryPolicy as XRetryPolicy;
+use weft_telemetry::access_log::{AccessLogConfig, AccessLogSet};
 use weft_model::{
     Backoff, Egress, HttpLimits, HttpSettings, ListenerAuthorization, PeerAuthentication,
     Protocol, RetryOn,
 };
 
+mod access_log;
 mod cluster;
 mod common;
 mod rbac;
@@ -59,9 +62,13 @@ pub enum ListenerSpec {
         http_settings: HttpSettings,
         tcp_cluster: Option<String>,
         protocol: Protocol,
+        access_log: Arc<AccessLogSet>,
     },
-    /// The outbound capture listener: its catch-all chain decides egress.
-    VirtualOutbound { egress: Egress },
+    /// The outbound capture listener: its catch-all chain decides egress (and logs its connections).
+    VirtualOutbound {
+        egress: Egress,
+        access_log: Arc<AccessLogSet>,
+    },
     /// The inbound capture listener: the app's ports and their protocols.
     VirtualInbound {
         ports: HashMap<u16, Protocol>,
@@ -69,6 +76,7 @@ pub enum ListenerSpec {
         authorization: ListenerAuthorization,
         /// The HTTP connection managers' settings, when any chain has one.
         http_settings: Option<HttpSettings>,
+        access_log: Arc<AccessLogSet>,
     },
 }
 
@@ -100,16 +108,20 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     let use_original_dst = l.use_original_dst.as_ref().is_some_and(|b| b.value);
     if l.name == VIRTUAL_OUTBOUND || (use_original_dst && l.name != VIRTUAL_INBOUND) {
         let chain = l.default_filter_chain.as_ref().or(l.filter_chains.last());
-        let egress = match chain
+        let targets = chain
             .map(|c| chain_targets(&ctx, "default_filter_chain", c, false))
-            .transpose()?
-        {
+            .transpose()?;
+        let egress = match &targets {
             Some(ChainTargets {
                 tcp_cluster: Some(c), ..
             }) if c == BLACKHOLE_CLUSTER => Egress::RegistryOnly,
             _ => Egress::AllowAny,
         };
-        return Ok(ListenerSpec::VirtualOutbound { egress });
+        let access_log = access_log::one_set(
+            &ctx,
+            targets.map(|t| ("default_filter_chain".to_owned(), t.access_log)),
+        )?;
+        return Ok(ListenerSpec::VirtualOutbound { egress, access_log });
     }
     if l.name == VIRTUAL_INBOUND {
         let mut ports = HashMap::new();
@@ -119,6 +131,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         let mut http_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
         let mut tcp_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
         let mut http_settings: Option<(String, HttpSettings)> = None;
+        let mut access_logs = Vec::new();
         for (i, chain) in l.filter_chains.iter().enumerate() {
             let field = format!("filter_chains[{i}]");
             // A chain that terminates TLS must be mutual TLS; the proxy uses its own certificate for it.
@@ -130,7 +143,11 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                 }
                 None => false,
             };
-            let targets = chain_targets(&ctx, &field, &chain, true)?;
+            let mut targets = chain_targets(&ctx, &field, &chain, true)?;
+            access_logs.push((
+                format!("{field}.filters"),
+                std::mem::take(&mut targets.access_log),
+            ));
             match (&http_settings, targets.http_settings) {
                 (Some((first, seen)), Some(these)) if *seen != these => {
                     return Err(ctx.err(
@@ -210,6 +227,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
             peer_authentication,
             authorization,
             http_settings: http_settings.map(|(_, s)| s),
+            access_log: access_log::one_set(&ctx, access_logs)?,
         });
     }
     if l.bind_to_port.as_ref().is_some_and(|b| b.value) {
@@ -222,6 +240,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     let mut http = None;
     let mut http_settings = None;
     let mut tcp_cluster = None;
+    let mut access_logs = Vec::new();
     for (i, chain) in l
         .filter_chains
         .iter()
@@ -229,6 +248,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         .enumerate()
     {
         let targets = chain_targets(&ctx, &format!("filter_chains[{i}]"), chain, false)?;
+        access_logs.push((format!("filter_chains[{i}].filters"), targets.access_log));
         http = http.or(targets.http);
         http_settings = http_settings.or(targets.http_settings);
         tcp_cluster = tcp_cluster.or(targets.tcp_cluster);
@@ -245,6 +265,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         http_settings: http_settings.unwrap_or_default(),
         tcp_cluster,
         protocol,
+        access_log: access_log::one_set(&ctx, access_logs)?,
     })
 }
 
@@ -272,6 +293,8 @@ struct ChainTargets {
     http_rbac: Vec<weft_authz::RbacFilter>,
     /// Network RBAC filters in front of the TCP proxy, in order.
     tcp_rbac: Vec<weft_authz::RbacFilter>,
+    /// The connection manager's or TCP proxy's access logs.
+    access_log: Vec<AccessLogConfig>,
 }
 
 fn chain_targets(
@@ -292,6 +315,7 @@ fn chain_targets(
         tcp_cluster: None,
         http_rbac: Vec::new(),
         tcp_rbac: Vec::new(),
+        access_log: Vec::new(),
     };
     let rbac_here = |f: &str| -> Result<(), ResourceError> {
         if inbound {
@@ -322,6 +346,11 @@ fn chain_targets(
                 targets.http_rbac =
                     http_filters(ctx, &format!("{f}.typed_config.http_filters"), &hcm, &rbac_here)?;
                 targets.http_settings = Some(hcm_settings(ctx, &format!("{f}.typed_config"), &hcm)?);
+                targets.access_log.extend(access_log::access_logs(
+                    ctx,
+                    &format!("{f}.typed_config.access_log"),
+                    &hcm.access_log,
+                )?);
                 targets.http = Some(match hcm.route_specifier {
                     Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
                         RouteRef::Rds(rds.route_config_name)
@@ -341,6 +370,11 @@ fn chain_targets(
             TCP_PROXY => {
                 let tcp: TcpProxy =
                     decode(any).map_err(|e| ctx.err(format!("{f}.typed_config"), e.problem))?;
+                targets.access_log.extend(access_log::access_logs(
+                    ctx,
+                    &format!("{f}.typed_config.access_log"),
+                    &tcp.access_log,
+                )?);
                 match tcp.cluster_specifier {
                     Some(TcpClusterSpecifier::Cluster(c)) if !c.is_empty() => targets.tcp_cluster = Some(c),
                     _ => {

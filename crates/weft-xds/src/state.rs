@@ -113,6 +113,7 @@ impl XdsState {
                     http_settings,
                     tcp_cluster,
                     protocol,
+                    access_log,
                 } => {
                     let cluster = tcp_cluster.as_ref().and_then(|c| mesh.clusters.get(c).cloned());
                     let route = match http {
@@ -135,34 +136,43 @@ impl XdsState {
                             cluster,
                             route,
                             http: *http_settings,
+                            access_log: access_log.clone(),
                         },
                     ));
                 }
-                ListenerSpec::VirtualOutbound { egress: e } => egress = Some(*e),
+                ListenerSpec::VirtualOutbound {
+                    egress: e,
+                    access_log,
+                } => egress = Some((*e, access_log.clone())),
                 ListenerSpec::VirtualInbound {
                     ports,
                     peer_authentication,
                     authorization,
                     http_settings,
+                    access_log,
                 } => {
                     inbound_ports = Some((
                         ports.clone(),
                         *peer_authentication,
                         authorization.clone(),
                         *http_settings,
+                        access_log.clone(),
                     ));
                 }
             }
         }
         if let Some(outbound) = &mut mesh.outbound {
             outbound.services.extend(services);
-            if let Some(egress) = egress {
+            if let Some((egress, access_log)) = egress {
                 outbound.egress = egress;
+                outbound.access_log = access_log;
             }
         }
-        if let (Some(inbound), Some((ports, mode, authorization, http))) = (&mut mesh.inbound, inbound_ports)
+        if let (Some(inbound), Some((ports, mode, authorization, http, access_log))) =
+            (&mut mesh.inbound, inbound_ports)
         {
             inbound.ports.extend(ports);
+            inbound.access_log = access_log;
             if let Some(http) = http {
                 inbound.http = http;
             }

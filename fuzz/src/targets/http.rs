@@ -70,6 +70,10 @@ fn harness() -> &'static Harness {
             stream_idle_timeout: Some(Duration::from_secs(5)),
             request_timeout: Some(Duration::from_secs(5)),
             client: 0,
+            source: None,
+            peer_identity: None,
+            server_name: None,
+            access_log: None,
         });
         Harness {
             runtime,

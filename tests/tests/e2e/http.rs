@@ -429,7 +429,12 @@ async fn large_header_blocks_are_accepted_up_to_the_60_kib_limit() {
         "{}",
         &response[..response.len().min(200)]
     );
-    assert_eq!(app.last_request().headers.len(), 56 + 1);
+    let headers = app.last_request().headers;
+    let big = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-big-"))
+        .count();
+    assert_eq!(big, 56, "every large header reached the app");
 }
 
 #[tokio::test]

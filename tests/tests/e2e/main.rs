@@ -11,6 +11,7 @@ mod identity;
 mod lifecycle;
 mod mtls;
 mod netns;
+mod observability;
 mod resilience;
 mod routing;
 mod streams;

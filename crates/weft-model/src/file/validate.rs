@@ -39,6 +39,7 @@ impl ProxyFile {
                 None => None,
             },
             overload: self.overload,
+            access_log: access_log(&self.access_log, self.mode)?,
         };
         if self.overload.max_active_downstream_connections == Some(0) {
             return Err(invalid(
@@ -79,6 +80,7 @@ impl ProxyFile {
                 .unwrap_or(SocketAddr::new(wildcard, OUTBOUND_PORT)),
             egress: self.outbound.egress,
             services,
+            access_log: AccessLogSet::off(),
         });
 
         let mut inbound_ports = HashMap::new();
@@ -116,6 +118,7 @@ impl ProxyFile {
             peer_authentication: self.inbound.peer_authentication,
             authorization: inbound_authorization,
             http,
+            access_log: AccessLogSet::off(),
         });
 
         let mut listeners = Vec::new();
@@ -369,6 +372,7 @@ fn resolve_target(
         cluster,
         route,
         http,
+        access_log: AccessLogSet::off(),
     })
 }
 
@@ -516,6 +520,44 @@ fn check_distinct_addresses(
         claim(l.address, format!("listeners[{i}].address"))?;
     }
     Ok(())
+}
+
+/// The proxy's own access log: the environment over the file over the mode's default.
+fn access_log(file: &AccessLogFile, mode: Mode) -> Result<Arc<AccessLogSet>, Invalid> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (path, path_field) = match (env("WEFT_ACCESS_LOG"), &file.path) {
+        (Some(path), _) => (path, "WEFT_ACCESS_LOG"),
+        (None, Some(path)) => (path.clone(), "access_log.path"),
+        (None, None) => match mode {
+            Mode::Local => ("stdout".to_owned(), "access_log.path"),
+            Mode::Pod => ("off".to_owned(), "access_log.path"),
+        },
+    };
+    let format = match env("WEFT_ACCESS_LOG_FORMAT").as_deref() {
+        Some("text") => AccessLogFormatName::Text,
+        Some("json") => AccessLogFormatName::Json,
+        Some(other) => {
+            return Err(invalid(
+                "WEFT_ACCESS_LOG_FORMAT",
+                format!("\"{other}\" is not `text` or `json`"),
+            ));
+        }
+        None => file.format.unwrap_or_default(),
+    };
+    if path == "off" {
+        return Ok(AccessLogSet::off());
+    }
+    if path.trim().is_empty() {
+        return Err(invalid(path_field, "must be stdout, stderr, off or a file path"));
+    }
+    let format = match format {
+        AccessLogFormatName::Text => Format::istio_text(),
+        AccessLogFormatName::Json => Format::istio_json(),
+    };
+    Ok(Arc::new(AccessLogSet::new(vec![AccessLogConfig {
+        sink: Sink::parse(&path),
+        format: Arc::new(format),
+    }])))
 }
 
 impl NodeFile {

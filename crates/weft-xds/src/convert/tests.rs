@@ -154,7 +154,8 @@ fn http_and_tcp_service_listeners() {
             http: Some(RouteRef::Rds("9080".into())),
             http_settings: weft_model::HttpSettings::default(),
             tcp_cluster: None,
-            protocol: Protocol::Http
+            protocol: Protocol::Http,
+            access_log: weft_telemetry::access_log::AccessLogSet::off(),
         }
     );
     let both = listener(&service_listener(
@@ -190,7 +191,8 @@ fn capture_listeners() {
     assert_eq!(
         listener(&outbound).unwrap(),
         ListenerSpec::VirtualOutbound {
-            egress: Egress::RegistryOnly
+            egress: Egress::RegistryOnly,
+            access_log: weft_telemetry::access_log::AccessLogSet::off(),
         }
     );
 
@@ -684,4 +686,66 @@ fn max_requests_per_connection_from_protocol_options_or_the_deprecated_field() {
     let mut old = eds_cluster("old");
     old.max_requests_per_connection = Some(UInt32Value { value: 3 });
     assert_eq!(cluster(&old).unwrap().max_requests_per_connection, Some(3));
+}
+
+#[test]
+fn istios_access_log_shape_is_read_and_chains_that_log_differently_are_refused() {
+    use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+    use envoy_types::pb::envoy::config::core::v3::{
+        DataSource, SubstitutionFormatString, data_source, substitution_format_string,
+    };
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+    use weft_telemetry::access_log::{Format, Sink};
+
+    let istio = |format: &str| AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        filter: None,
+        config_type: Some(access_log::ConfigType::TypedConfig(pack_any(FileAccessLog {
+            path: "/dev/stdout".into(),
+            access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+                SubstitutionFormatString {
+                    format: Some(substitution_format_string::Format::TextFormatSource(DataSource {
+                        specifier: Some(data_source::Specifier::InlineString(format.into())),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                },
+            )),
+        }))),
+    };
+    let tcp_with = |log: AccessLog| {
+        pack_any(TcpProxy {
+            stat_prefix: "db".into(),
+            cluster_specifier: Some(
+                envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::ClusterSpecifier::Cluster("db".into()),
+            ),
+            access_log: vec![log],
+            ..Default::default()
+        })
+    };
+    let spec = listener(&service_listener(
+        "10.0.0.1_3306",
+        3306,
+        vec![chain(tcp_with(istio(weft_telemetry::access_log::ISTIO_TEXT)))],
+    ))
+    .unwrap();
+    let ListenerSpec::Service { access_log, .. } = spec else {
+        panic!("a service listener")
+    };
+    assert_eq!(access_log.logs().len(), 1);
+    assert_eq!(access_log.logs()[0].sink, Sink::Stdout);
+    assert_eq!(*access_log.logs()[0].format, Format::istio_text());
+
+    let err = listener(&service_listener(
+        "10.0.0.1_3306",
+        3306,
+        vec![
+            chain(tcp_with(istio("%DURATION%\n"))),
+            chain(tcp_with(istio("%BYTES_SENT%\n"))),
+        ],
+    ))
+    .unwrap_err();
+    assert_eq!(err.field, "filter_chains[1].filters");
+    assert!(err.problem.contains("access logs differ"), "{err}");
 }

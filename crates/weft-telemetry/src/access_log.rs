@@ -1,0 +1,326 @@
+//! Access logs with Envoy's semantics: one entry per HTTP request (when its response has ended) and
+//! per TCP connection (when it closes), formatted and written by one thread per destination, off the
+//! request path. Entries go to the writer through a bounded queue; when it is full they are dropped
+//! and counted (`weft_access_log_entries_dropped_total`), never waited for.
+
+mod format;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+
+pub use format::{Format, FormatError, ISTIO_JSON, ISTIO_TEXT, Template, json_fields};
+
+use crate::{Metrics, ResponseFlags};
+
+/// Entries waiting for a writer; past this they are dropped (about 1 KiB each at most, headers aside).
+const QUEUE: usize = 4096;
+/// Entries one write takes from the queue.
+const BATCH: usize = 256;
+
+/// Header fields an entry kept for its format.
+pub type HeaderCapture = Vec<(HeaderName, HeaderValue)>;
+
+/// Where entries are written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Sink {
+    Stdout,
+    Stderr,
+    File(PathBuf),
+}
+
+impl Sink {
+    /// `stdout`, `stderr`, or a file path (`/dev/stdout` and `/dev/stderr`, Istio's `accessLogFile`
+    /// values, are the streams themselves).
+    pub fn parse(path: &str) -> Self {
+        match path {
+            "stdout" | "/dev/stdout" => Sink::Stdout,
+            "stderr" | "/dev/stderr" => Sink::Stderr,
+            file => Sink::File(PathBuf::from(file)),
+        }
+    }
+}
+
+impl std::fmt::Display for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sink::Stdout => f.write_str("stdout"),
+            Sink::Stderr => f.write_str("stderr"),
+            Sink::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// One access log: where, and in which format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    pub sink: Sink,
+    pub format: Arc<Format>,
+}
+
+/// The access logs of a listener, with the header fields their formats print (worked out once, when
+/// the configuration is read).
+#[derive(Debug, Clone, Default)]
+pub struct AccessLogSet {
+    logs: Vec<AccessLogConfig>,
+    request_headers: Vec<HeaderName>,
+    response_headers: Vec<HeaderName>,
+}
+
+impl PartialEq for AccessLogSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.logs == other.logs
+    }
+}
+
+impl Eq for AccessLogSet {}
+
+impl AccessLogSet {
+    pub fn new(logs: Vec<AccessLogConfig>) -> Self {
+        let (mut request_headers, mut response_headers) = (Vec::new(), Vec::new());
+        for log in &logs {
+            log.format.headers(&mut request_headers, &mut response_headers);
+        }
+        Self {
+            logs,
+            request_headers,
+            response_headers,
+        }
+    }
+
+    /// No access log at all.
+    pub fn off() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.logs.is_empty()
+    }
+
+    pub fn logs(&self) -> &[AccessLogConfig] {
+        &self.logs
+    }
+}
+
+impl serde::Serialize for AccessLogSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.logs.iter().map(|l| {
+            let format = match &*l.format {
+                Format::Text(_) => "text",
+                Format::Json(_) => "json",
+            };
+            format!("{} ({format})", l.sink)
+        }))
+    }
+}
+
+/// What one request or connection leaves in the log. Fields a connection does not have (method,
+/// path, headers) stay empty and print as `-`.
+#[derive(Debug, Clone, Default)]
+pub struct Entry {
+    pub start: Option<SystemTime>,
+    pub method: Option<http::Method>,
+    /// The path the client sent (before any rewrite).
+    pub path: Option<http::uri::PathAndQuery>,
+    pub authority: Option<http::uri::Authority>,
+    /// `HTTP/1.1`, `HTTP/2`; `None` for a TCP connection.
+    pub protocol: Option<&'static str>,
+    /// `0` for a TCP connection.
+    pub response_code: u16,
+    pub flags: ResponseFlags,
+    /// Why the response code is what it is (Envoy's `%RESPONSE_CODE_DETAILS%`: `via_upstream`,
+    /// `no_healthy_upstream`, `route_not_found`, ...).
+    pub details: Option<&'static str>,
+    pub transport_failure: Option<String>,
+    /// Body bytes from the client (for TCP, every byte).
+    pub bytes_received: u64,
+    /// Body bytes to the client.
+    pub bytes_sent: u64,
+    /// From the first byte of the request (or the connection's accept) to the last of the response.
+    pub duration: Duration,
+    /// To the upstream's response headers.
+    pub response_duration: Option<Duration>,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_cluster: Option<Arc<str>>,
+    pub upstream_local: Option<SocketAddr>,
+    pub downstream_local: Option<SocketAddr>,
+    pub downstream_remote: Option<SocketAddr>,
+    /// The caller's verified SPIFFE ID.
+    pub peer_uri_san: Option<Arc<str>>,
+    pub requested_server_name: Option<Arc<str>>,
+    pub route_name: Option<Arc<str>>,
+    /// Tries made upstream (1 without retries).
+    pub attempts: u32,
+    pub request_headers: HeaderCapture,
+    pub response_headers: HeaderCapture,
+}
+
+/// A queued entry and the format it is to be written in.
+struct Record {
+    format: Arc<Format>,
+    entry: Arc<Entry>,
+}
+
+/// The writers of a proxy, one thread per sink (writes to a file or a pipe block), started when a sink
+/// is first used.
+#[derive(Debug)]
+pub struct AccessLogWriters {
+    writers: Mutex<HashMap<Sink, mpsc::Sender<Record>>>,
+    dropped: Counter,
+    failed: Counter,
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Record").finish_non_exhaustive()
+    }
+}
+
+/// A sink that cannot be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open access log {sink}: {source}")]
+pub struct SinkError {
+    pub sink: Sink,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl AccessLogWriters {
+    pub fn new(metrics: &Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            writers: Mutex::new(HashMap::new()),
+            dropped: metrics.access_log_dropped.clone(),
+            failed: metrics.access_log_write_failures.clone(),
+        })
+    }
+
+    /// The access logs of a listener, ready to take entries; `None` when it has none.
+    pub fn open(&self, set: &Arc<AccessLogSet>) -> Result<Option<AccessLogs>, SinkError> {
+        if set.is_empty() {
+            return Ok(None);
+        }
+        let senders = set
+            .logs
+            .iter()
+            .map(|log| self.writer(&log.sink))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(AccessLogs {
+            set: set.clone(),
+            senders,
+            dropped: self.dropped.clone(),
+        }))
+    }
+
+    fn writer(&self, sink: &Sink) -> Result<mpsc::Sender<Record>, SinkError> {
+        let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = writers.get(sink).filter(|tx| !tx.is_closed()) {
+            return Ok(tx.clone());
+        }
+        let out: Box<dyn std::io::Write + Send> = match sink {
+            Sink::Stdout => Box::new(std::io::stdout()),
+            Sink::Stderr => Box::new(std::io::stderr()),
+            Sink::File(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SinkError {
+                        sink: sink.clone(),
+                        source,
+                    })?;
+                Box::new(file)
+            }
+        };
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (name, failed) = (sink.clone(), self.failed.clone());
+        std::thread::Builder::new()
+            .name("weft-access-log".into())
+            .spawn(move || write_entries(&name, out, rx, &failed))
+            .map_err(|source| SinkError {
+                sink: sink.clone(),
+                source,
+            })?;
+        writers.insert(sink.clone(), tx.clone());
+        Ok(tx)
+    }
+}
+
+/// The access logs of one listener.
+#[derive(Debug)]
+pub struct AccessLogs {
+    set: Arc<AccessLogSet>,
+    /// Each log's writer, in the set's order.
+    senders: Vec<mpsc::Sender<Record>>,
+    dropped: Counter,
+}
+
+impl AccessLogs {
+    /// The request header fields the formats print.
+    pub fn capture_request(&self, headers: &HeaderMap) -> HeaderCapture {
+        capture(&self.set.request_headers, headers)
+    }
+
+    pub fn capture_response(&self, headers: &HeaderMap) -> HeaderCapture {
+        capture(&self.set.response_headers, headers)
+    }
+
+    /// Queues the entry for every log; a full queue drops it (counted).
+    pub fn log(&self, entry: Entry) {
+        let entry = Arc::new(entry);
+        for (log, tx) in self.set.logs.iter().zip(&self.senders) {
+            let record = Record {
+                format: log.format.clone(),
+                entry: entry.clone(),
+            };
+            if tx.try_send(record).is_err() {
+                self.dropped.inc();
+            }
+        }
+    }
+}
+
+fn capture(names: &[HeaderName], headers: &HeaderMap) -> HeaderCapture {
+    names
+        .iter()
+        .filter_map(|name| headers.get(name).map(|v| (name.clone(), v.clone())))
+        .collect()
+}
+
+/// Formats and writes queued entries in batches until every sender is gone.
+fn write_entries(
+    sink: &Sink,
+    mut out: Box<dyn std::io::Write + Send>,
+    mut rx: mpsc::Receiver<Record>,
+    failed: &Counter,
+) {
+    let mut text = String::new();
+    let mut warned = false;
+    while let Some(first) = rx.blocking_recv() {
+        first.format.write(&first.entry, &mut text);
+        for _ in 1..BATCH {
+            let Ok(record) = rx.try_recv() else { break };
+            record.format.write(&record.entry, &mut text);
+        }
+        let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        if let Err(err) = written {
+            failed.inc();
+            if !warned {
+                tracing::warn!(%sink, error = %err, "cannot write the access log; entries are lost until it can be written again");
+                warned = true;
+            }
+        }
+        text.clear();
+        if text.capacity() > 1 << 20 {
+            text = String::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

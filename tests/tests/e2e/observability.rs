@@ -1,0 +1,437 @@
+//! What a request leaves behind: access-log lines on both sidecars of a mutual-TLS hop, tied by the
+//! request id the client side gave it; the forwarding headers the app and the client see; access logs
+//! configured over xDS by an xDS server and by `weft control`'s Telemetry.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_control::ControlPlane;
+use weft_test_support::http::{HttpServer, TestBody, drain_body, empty, full};
+use weft_test_support::tcp::TcpServer;
+use weft_test_support::{TestProxy, admin_get, assert_eventually};
+
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/productpage";
+const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+fn identity(cp: &ControlPlane, sa: &str) -> String {
+    let token = cp
+        .ca()
+        .tokens()
+        .issue("default", sa, Duration::from_secs(3600))
+        .unwrap();
+    format!(
+        "node: {{ workload: {sa}, namespace: default, service_account: {sa} }}\n\
+         identity: {{ ca_address: \"http://{}\", token: \"{token}\" }}\n",
+        cp.address()
+    )
+}
+
+/// The JSON lines written so far to `path`, once there are at least `n`.
+async fn lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if parsed.len() >= n || std::time::Instant::now() > deadline {
+            return parsed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn log_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+fn plain_client()
+-> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_leaves_a_line_on_both_sidecars_tied_by_its_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path().join("mesh"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let app = HttpServer::start("reviews-app").await;
+    let (client_log, server_log) = (log_file(&dir, "client.log"), log_file(&dir, "server.log"));
+    let server = TestProxy::start(&format!(
+        "{}access_log: {{ path: \"{}\", format: json }}\n\
+         listeners: [{{ name: inbound, address: 127.0.0.1:0, cluster: app, peer_authentication: strict }}]\n\
+         clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
+        identity(&cp, "reviews"),
+        server_log.display(),
+        app.addr
+    ))
+    .await;
+    let client = TestProxy::start(&format!(
+        "{}access_log: {{ path: \"{}\", format: json }}\n\
+         listeners: [{{ name: front, address: 127.0.0.1:0, cluster: reviews }}]\n\
+         clusters: [{{ name: reviews, endpoints: [\"{}\"], tls: {{ identities: [\"{REVIEWS}\"] }} }}]",
+        identity(&cp, "productpage"),
+        client_log.display(),
+        server.listener("inbound")
+    ))
+    .await;
+    for proxy in [&server, &client] {
+        assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    }
+
+    let front = client.listener("front");
+    let response = plain_client()
+        .request(
+            Request::post(format!("http://{front}/reviews/1?page=2"))
+                .header("user-agent", "observability-test/1.0")
+                .body(full("twelve bytes"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let service_time: u64 = response.headers()["x-envoy-upstream-service-time"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .expect("x-envoy-upstream-service-time is milliseconds");
+    let sent = drain_body(response.into_body()).await.unwrap();
+
+    // The app saw the id the client side generated, and Envoy's forwarding headers.
+    let seen = app.last_request();
+    let request_id = seen.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(request_id.len(), 36, "a UUID: {request_id}");
+    assert_eq!(&request_id[14..15], "4", "version 4: {request_id}");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(seen.headers["x-envoy-attempt-count"], "1");
+
+    let client_line = lines(&client_log, 1).await.remove(0);
+    let server_line = lines(&server_log, 1).await.remove(0);
+    for line in [&client_line, &server_line] {
+        assert_eq!(line["method"], "POST", "{line}");
+        assert_eq!(line["path"], "/reviews/1?page=2", "{line}");
+        assert_eq!(line["response_code"], 200, "{line}");
+        assert_eq!(line["response_flags"], "-", "{line}");
+        assert_eq!(line["response_code_details"], "via_upstream", "{line}");
+        assert_eq!(line["request_id"], request_id, "{line}");
+        assert_eq!(line["user_agent"], "observability-test/1.0", "{line}");
+        assert_eq!(line["bytes_received"], 12, "{line}");
+        assert_eq!(line["bytes_sent"], sent, "{line}");
+        assert_eq!(line["upstream_request_attempt_count"], 1, "{line}");
+        assert!(line["duration"].as_u64().is_some(), "{line}");
+        assert!(line["start_time"].as_str().unwrap().ends_with('Z'), "{line}");
+    }
+    assert_eq!(client_line["protocol"], "HTTP/1.1");
+    assert_eq!(client_line["authority"], front.to_string());
+    assert_eq!(client_line["upstream_cluster"], "reviews");
+    assert_eq!(
+        client_line["upstream_host"],
+        server.listener("inbound").to_string()
+    );
+    assert_eq!(client_line["downstream_local_address"], front.to_string());
+    assert_eq!(client_line["downstream_peer_uri_san"], serde_json::Value::Null);
+    assert_eq!(
+        client_line["upstream_service_time"],
+        service_time.to_string(),
+        "the client's header is the client side's own figure"
+    );
+    assert_eq!(server_line["upstream_cluster"], "app");
+    assert_eq!(server_line["upstream_host"], app.addr.to_string());
+    assert_eq!(
+        server_line["downstream_peer_uri_san"], PRODUCTPAGE,
+        "the verified caller"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_and_retries_are_logged_with_their_flags_details_and_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_file(&dir, "access.log");
+    let app = HttpServer::start("app").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: \"{}\", format: json }}\n\
+         listeners:\n\
+         - {{ name: up, address: 127.0.0.1:0, cluster: app }}\n\
+         - {{ name: down, address: 127.0.0.1:0, route: down }}\n\
+         clusters:\n\
+         - {{ name: app, endpoints: [\"{}\"] }}\n\
+         - {{ name: dead, endpoints: [\"{dead}\"] }}\n\
+         routes:\n\
+         - name: down\n  virtual_hosts:\n  - name: all\n    domains: [\"*\"]\n    routes:\n    \
+         - name: to-dead\n      match: {{ prefix: / }}\n      cluster: dead\n      \
+         retry: {{ retry_on: connect-failure, num_retries: 2, per_try_timeout: 1s }}",
+        log.display(),
+        app.addr
+    ))
+    .await;
+    let response = plain_client()
+        .request(
+            Request::get(format!("http://{}/x", proxy.listener("down")))
+                .header("x-request-id", "caller-chosen-id")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    drain_body(response.into_body()).await.unwrap();
+    let line = lines(&log, 1).await.remove(0);
+    assert_eq!(line["response_code"], 503, "{line}");
+    assert_eq!(line["response_flags"], "UF,URX", "{line}");
+    assert_eq!(
+        line["response_code_details"], "upstream_reset_before_response_started{connection_failure}",
+        "{line}"
+    );
+    assert!(
+        line["upstream_transport_failure_reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{line}"
+    );
+    assert_eq!(line["upstream_request_attempt_count"], 3, "{line}");
+    assert_eq!(line["upstream_host"], dead.to_string(), "{line}");
+    assert_eq!(line["route_name"], "to-dead", "{line}");
+    assert_eq!(line["request_id"], "caller-chosen-id", "a caller's id is kept");
+
+    // A request without an id is given one; the response carries the upstream's service time.
+    let response = plain_client()
+        .request(
+            Request::get(format!("http://{}/y", proxy.listener("up")))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers().contains_key("x-envoy-upstream-service-time"));
+    drain_body(response.into_body()).await.unwrap();
+    let line = lines(&log, 2).await.remove(1);
+    assert_eq!(line["upstream_cluster"], "app", "{line}");
+    assert_eq!(app.last_request().headers["x-request-id"].len(), 36);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_tcp_connection_is_one_line_with_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_file(&dir, "access.log");
+    let echo = TcpServer::echo().await;
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: \"{}\" }}\n\
+         listeners: [{{ name: db, address: 127.0.0.1:0, cluster: db, protocol: tcp }}]\n\
+         clusters: [{{ name: db, endpoints: [\"{}\"] }}]",
+        log.display(),
+        echo.addr
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.listener("db"))
+        .await
+        .unwrap();
+    stream.write_all(b"0123456789").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"0123456789");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if !text.is_empty() || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Istio's text format: no HTTP, a zero response code, the bytes each way, the endpoint.
+    assert!(text.starts_with('['), "{text}");
+    let after_time = text.split_once("] ").unwrap().1;
+    assert!(
+        after_time.starts_with("\"- - -\" 0 - - - \"-\" 10 10 "),
+        "{after_time}"
+    );
+    assert!(text.contains(&format!("\"{}\" db ", echo.addr)), "{text}");
+    assert!(text.ends_with(" -\n"), "no route name for TCP: {text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xds_server_turns_on_access_logs_and_a_format_it_cannot_fill_is_refused() {
+    use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, AccessLogFilter, access_log};
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::{SubstitutionFormatString, substitution_format_string};
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog, file_access_log};
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use envoy_types::util::pack_any;
+    use weft_test_support::envoy::*;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = log_file(&dir, "xds.log");
+    let file_log = |fields: &[(&str, &str)]| {
+        let json = Struct {
+            fields: fields
+                .iter()
+                .map(|(k, v)| {
+                    let value = Value {
+                        kind: Some(Kind::StringValue((*v).into())),
+                    };
+                    ((*k).to_owned(), value)
+                })
+                .collect(),
+        };
+        AccessLog {
+            name: "envoy.access_loggers.file".into(),
+            filter: None,
+            config_type: Some(access_log::ConfigType::TypedConfig(pack_any(FileAccessLog {
+                path: log.display().to_string(),
+                access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+                    SubstitutionFormatString {
+                        format: Some(substitution_format_string::Format::JsonFormat(json)),
+                        ..Default::default()
+                    },
+                )),
+            }))),
+        }
+    };
+    let web = HttpServer::start("web").await;
+    let xds = weft_test_support::xds::TestXdsServer::start().await;
+    xds.set(&url::<Cluster>(), "c1", vec![pack_any(eds_cluster("web"))]);
+    xds.set(
+        &url::<ClusterLoadAssignment>(),
+        "e1",
+        vec![endpoints("web", web.addr)],
+    );
+    xds.set(&url::<RouteConfiguration>(), "r1", vec![routes("8000", "web")]);
+    let mut manager = hcm("8000");
+    manager.access_log = vec![file_log(&[
+        ("code", "%RESPONSE_CODE%"),
+        ("what", "%REQ(:METHOD)% %REQ(:PATH)%"),
+        ("cluster", "%UPSTREAM_CLUSTER%"),
+    ])];
+    xds.set(
+        &url::<Listener>(),
+        "l1",
+        vec![listener_with(8000, manager.clone())],
+    );
+
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\nnode: {{ workload: client, namespace: default }}\nxds: {{ address: \"{}\", initial_fetch_timeout: 10s }}",
+        xds.url()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let client = weft_test_support::http::client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), "127.0.96.9:8000".parse().unwrap()),
+        false,
+    );
+    let get = || async {
+        let response = client
+            .request(Request::get("http://web:8000/hello").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        drain_body(response.into_body()).await.unwrap();
+    };
+    get().await;
+    let line = lines(&log, 1).await.remove(0);
+    assert_eq!(
+        line,
+        serde_json::json!({"cluster": "web", "code": 200, "what": "GET /hello"})
+    );
+
+    // A filtered log cannot be honoured: refused by field, and the last good listener keeps logging.
+    let mut filtered = manager.clone();
+    filtered.access_log[0].filter = Some(AccessLogFilter::default());
+    xds.set(&url::<Listener>(), "l2", vec![listener_with(8000, filtered)]);
+    assert_eventually!(!xds.nacks().is_empty(), "no NACK");
+    let (_, still_on, message) = xds.nacks().remove(0);
+    assert_eq!(still_on, "l1");
+    assert!(
+        message.contains("access_log[0].filter: access log filters are not supported"),
+        "{message}"
+    );
+    let mut unknown = manager.clone();
+    unknown.access_log = vec![file_log(&[("meta", "%DYNAMIC_METADATA(istio.mixer:status)%")])];
+    xds.set(&url::<Listener>(), "l3", vec![listener_with(8000, unknown)]);
+    assert_eventually!(xds.nacks().len() >= 2, "no second NACK");
+    let (_, _, message) = xds.nacks().remove(1);
+    assert!(
+        message.contains("unsupported access log command %DYNAMIC_METADATA(istio.mixer:status)%"),
+        "{message}"
+    );
+    get().await;
+    assert_eq!(
+        lines(&log, 2).await.len(),
+        2,
+        "still logged by the last good listener"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_telemetry_resource_in_weft_control_turns_on_the_client_sides_access_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let web = HttpServer::start("web").await;
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: web, namespace: default }}\n\
+             spec: {{ clusterIP: 127.0.96.40, selector: {{ app: web }}, ports: [{{ name: http, port: 8000 }}] }}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata: {{ name: web-1, namespace: default }}\n\
+             spec: {{ address: 127.0.0.1, labels: {{ app: web }}, ports: {{ http: {} }} }}\n\
+             ---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\n\
+             metadata: {{ name: mesh-default, namespace: istio-system }}\n\
+             spec:\n  accessLogging:\n  - providers: [{{ name: envoy }}]\n    match: {{ mode: CLIENT }}\n\
+             ---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\n\
+             metadata: {{ name: traced, namespace: default }}\n\
+             spec:\n  selector: {{ matchLabels: {{ app: other }} }}\n  tracing: [{{ randomSamplingPercentage: 10 }}]\n",
+            web.addr.port()
+        ),
+    )
+    .unwrap();
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let problems: Vec<String> = cp.problems().iter().map(ToString::to_string).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("spec.tracing") && p.contains("not supported")),
+        "what is not done is said: {problems:?}"
+    );
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\nnode: {{ workload: client, namespace: default }}\nxds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let service: SocketAddr = "127.0.96.40:8000".parse().unwrap();
+    let services = &dump["mesh"]["outbound"]["services"];
+    let web_target = services
+        .as_object()
+        .and_then(|s| s.get(&service.to_string()))
+        .or_else(|| services.as_object().and_then(|s| s.get("0.0.0.0:8000")))
+        .unwrap_or_else(|| panic!("no outbound service: {services}"));
+    assert_eq!(
+        web_target["access_log"],
+        serde_json::json!(["stdout (text)"]),
+        "{web_target}"
+    );
+    assert_eq!(
+        dump["mesh"]["inbound"]["access_log"],
+        serde_json::json!([]),
+        "mode CLIENT: the server side does not log"
+    );
+}
