@@ -434,38 +434,34 @@ async fn forward_tcp<S>(
         }
     };
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied,
+        copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied.map(|_| ()),
         () = idle => {
             tracing::debug!(%dst, %endpoint, "closing an idle TCP connection");
-            Ok((0, 0))
+            Ok(())
         }
         () = inputs.force_close.cancelled() => {
             labels.response_flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
-            Ok((0, 0))
+            Ok(())
         }
         () = revoked(inputs, authz.as_ref()) => {
             tracing::info!(%dst, %endpoint, "closing a TCP connection the authorization policy no longer allows");
             labels.response_flags = ResponseFlags::RBAC_DENIED;
-            Ok((0, 0))
+            Ok(())
         }
     };
-    let (received, sent) = match copied {
-        Ok((received, sent)) => {
-            inputs
-                .metrics
-                .tcp_received_bytes
-                .get_or_create(&labels)
-                .inc_by(received);
-            inputs.metrics.tcp_sent_bytes.get_or_create(&labels).inc_by(sent);
-            tracing::debug!(%dst, %endpoint, received, sent, "TCP connection closed");
-            (received, sent)
-        }
-        Err(err) => {
-            labels.response_flags = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
-            tracing::debug!(%dst, %endpoint, error = %err, "TCP connection failed");
-            (0, 0)
-        }
-    };
+    if let Err(err) = copied {
+        labels.response_flags = ResponseFlags::UPSTREAM_CONNECTION_TERMINATION;
+        tracing::debug!(%dst, %endpoint, error = %err, "TCP connection failed");
+    }
+    // Counted as they passed, so a connection closed by a timeout or a failure reports what it carried.
+    let (received, sent) = downstream.bytes();
+    inputs
+        .metrics
+        .tcp_received_bytes
+        .get_or_create(&labels)
+        .inc_by(received);
+    inputs.metrics.tcp_sent_bytes.get_or_create(&labels).inc_by(sent);
+    tracing::debug!(%dst, %endpoint, received, sent, "TCP connection closed");
     inputs.metrics.tcp_closed.get_or_create(&labels).inc();
     if let Some(log) = log {
         log.write(labels.response_flags, Some(endpoint), received, sent);

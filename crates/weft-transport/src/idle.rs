@@ -77,18 +77,30 @@ impl Drop for InFlight {
 }
 
 pin_project! {
-    /// A connection that records its activity.
+    /// A connection that records its activity, and counts the bytes read from and written to it.
     #[derive(Debug)]
     pub struct IdleIo<S> {
         #[pin]
         inner: S,
         activity: Arc<Activity>,
+        read: u64,
+        written: u64,
     }
 }
 
 impl<S> IdleIo<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            read: 0,
+            written: 0,
+        }
+    }
+
+    /// Bytes read from the connection and written to it so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.read, self.written)
     }
 }
 
@@ -98,6 +110,7 @@ impl<S: AsyncRead> AsyncRead for IdleIo<S> {
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
+            *this.read += (buf.filled().len() - before) as u64;
             this.activity.touch();
         }
         polled
@@ -108,7 +121,10 @@ impl<S: AsyncWrite> AsyncWrite for IdleIo<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.project();
         let polled = this.inner.poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+        if let Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            *this.written += n as u64;
             this.activity.touch();
         }
         polled

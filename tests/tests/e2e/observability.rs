@@ -226,7 +226,7 @@ async fn an_opaque_tcp_connection_is_one_line_with_its_bytes() {
     let log = log_file(&dir, "access.log");
     let echo = TcpServer::echo().await;
     let proxy = TestProxy::start(&format!(
-        "access_log: {{ path: \"{}\" }}\n\
+        "access_log: {{ path: \"{}\" }}\nidle_timeout: 1s\n\
          listeners: [{{ name: db, address: 127.0.0.1:0, cluster: db, protocol: tcp }}]\n\
          clusters: [{{ name: db, endpoints: [\"{}\"] }}]",
         log.display(),
@@ -258,6 +258,32 @@ async fn an_opaque_tcp_connection_is_one_line_with_its_bytes() {
     );
     assert!(text.contains(&format!("\"{}\" db ", echo.addr)), "{text}");
     assert!(text.ends_with(" -\n"), "no route name for TCP: {text:?}");
+
+    // A connection the idle timeout closes still reports what it carried (metrics and log).
+    let mut stream = tokio::net::TcpStream::connect(proxy.listener("db"))
+        .await
+        .unwrap();
+    stream.write_all(b"abcde").await.unwrap();
+    let mut echoed = [0u8; 5];
+    stream.read_exact(&mut echoed).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle timeout closed the connection");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 || std::time::Instant::now() > deadline {
+            break text.lines().nth(1).unwrap_or_default().to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(second.contains("\"- - -\" 0 - - - \"-\" 5 5 "), "{second}");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        weft_test_support::metric(&metrics, "istio_tcp_received_bytes_total", &[]),
+        15.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
