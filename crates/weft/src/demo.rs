@@ -75,8 +75,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let app = listener.local_addr()?;
         serve_app(listener, name);
+        let log = dir.join(format!("access-{name}.log"));
         let proxy = start_proxy(
-            &(server_side_config(name, app) + &identity("reviews")?),
+            &(server_side_config(name, app, &log) + &identity("reviews")?),
             Arc::new(OsBinder),
         )
         .await?;
@@ -113,8 +114,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // Without root there is no iptables: the client-side proxy's outbound listener treats every
     // connection as one the app made to the reviews Service address, as the redirect would.
+    let client_log = dir.join("access-productpage.log");
     let client_side = start_proxy(
-        &(client_side_config(control_plane.address()) + &identity("productpage")?),
+        &(client_side_config(control_plane.address(), &client_log) + &identity("productpage")?),
         Arc::new(RedirectedTo(REVIEWS)),
     )
     .await?;
@@ -142,6 +144,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  the apps saw callers: {:?}", report.callers);
+    print_access_logs(&dir, &client_log).await;
     println!("\nclient-side weft metrics (GET /metrics):");
     for line in fetch_metrics(&client, client_side.admin_address()).await?.lines() {
         if line.starts_with("istio_requests_total") {
@@ -205,9 +208,36 @@ fn verdict(report: &Report, canary: &Report) -> ExitCode {
     }
 }
 
-fn server_side_config(name: &str, app: SocketAddr) -> String {
+/// The last request of the client side's access log, and the same request on the server side that
+/// served it (found by its `x-request-id`).
+async fn print_access_logs(dir: &std::path::Path, client_log: &std::path::Path) {
+    // The writers are a batch behind the traffic at most.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
+    let client = read(client_log);
+    let Some(last) = client.lines().last() else {
+        println!("\n(no access log lines were written to {})", client_log.display());
+        return;
+    };
+    println!(
+        "\naccess log, one request on both sides of the hop (Istio's format; files in {}):",
+        dir.display()
+    );
+    println!("  client side: {last}");
+    // Istio's format quotes the request id as the fifth quoted field.
+    let id = last.split('"').nth(9).unwrap_or_default();
+    for name in SERVICES {
+        let server = read(&dir.join(format!("access-{name}.log")));
+        if let Some(line) = server.lines().find(|l| !id.is_empty() && l.contains(id)) {
+            println!("  {name}: {line}");
+        }
+    }
+}
+
+fn server_side_config(name: &str, app: SocketAddr, log: &std::path::Path) -> String {
     format!(
         r#"
+access_log: {{ path: "{log}" }}
 node: {{ workload: {name}, namespace: demo, service_account: reviews }}
 admin: {{ address: 127.0.0.1:0 }}
 readiness: {{ address: 127.0.0.1:0 }}
@@ -217,7 +247,8 @@ listeners:
   - {{ name: inbound, address: 127.0.0.1:0, cluster: app, protocol: http, peer_authentication: strict }}
 clusters:
   - {{ name: app, endpoints: ["{app}"] }}
-"#
+"#,
+        log = log.display()
     )
 }
 
@@ -228,16 +259,18 @@ const REVIEWS: SocketAddr = SocketAddr::new(
     9080,
 );
 
-fn client_side_config(control_plane: SocketAddr) -> String {
+fn client_side_config(control_plane: SocketAddr, log: &std::path::Path) -> String {
     format!(
         r#"
+access_log: {{ path: "{log}" }}
 node: {{ workload: productpage, namespace: demo, service_account: productpage }}
 admin: {{ address: 127.0.0.1:0 }}
 readiness: {{ address: 127.0.0.1:0 }}
 outbound: {{ address: 127.0.0.1:0 }}
 inbound: {{ enabled: false }}
 xds: {{ address: "http://{control_plane}" }}
-"#
+"#,
+        log = log.display()
     )
 }
 
