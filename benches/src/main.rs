@@ -57,6 +57,10 @@ struct Args {
     /// (Istio's per-port table, each service with its eight domains), the requests' service last.
     #[arg(long)]
     compare_services: Option<usize>,
+    /// Instead of the usual table: CPU per request through a proxy without an access log and one
+    /// writing Istio's text format to a file, phases alternated.
+    #[arg(long)]
+    compare_access_log: bool,
     /// Instead of the usual table: a Weft sidecar pair with mutual TLS between them against an HAProxy
     /// pair doing the same job (installs nothing: `apt-get install haproxy` first), ratios to HAProxy.
     #[arg(long)]
@@ -158,6 +162,30 @@ fn main() -> anyhow::Result<()> {
                 ),
             ],
         );
+    }
+    if args.compare_access_log {
+        let file = std::env::temp_dir().join(format!("weft-bench-access-{}.log", std::process::id()));
+        let logged = format!("access_log: {{ path: \"{}\" }}\n", file.display());
+        let result = compare_cpu(
+            &args,
+            &client_rt,
+            [
+                (
+                    "no access log",
+                    Proxy::start(&weft, |l| plain_yaml(l, backend_addr, ""))?,
+                ),
+                (
+                    "access log to a file",
+                    Proxy::start(&weft, |l| logged.clone() + &plain_yaml(l, backend_addr, ""))?,
+                ),
+            ],
+        );
+        let lines = std::fs::read_to_string(&file)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        println!("access log lines written: {lines}");
+        let _ = std::fs::remove_file(&file);
+        return result;
     }
     if let Some(services) = args.compare_services {
         return compare_cpu(
@@ -651,10 +679,14 @@ impl Proxy {
         let dir = std::env::temp_dir().join(format!("weft-bench-{}-{}", std::process::id(), listener.port()));
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("weft.yaml");
-        let common = format!(
+        let mut common = format!(
             "admin: {{ address: {admin} }}\nreadiness: {{ address: {readiness} }}\noutbound: {{ enabled: false }}\ninbound: {{ enabled: false }}\n"
         );
         let proxied = proxied(listener);
+        // As a sidecar in a pod runs by default (`--compare-access-log` measures it on).
+        if !proxied.contains("access_log:") {
+            common.push_str("access_log: { path: off }\n");
+        }
         std::fs::write(&config, common + &proxied)?;
         let child = Command::new(weft)
             .args(["proxy", "--concurrency", &threads.to_string(), "--config"])
