@@ -61,6 +61,10 @@ struct Args {
     /// writing Istio's text format to a file, phases alternated.
     #[arg(long)]
     compare_access_log: bool,
+    /// Instead of the usual table: CPU per request through a proxy without tracing and one sampling
+    /// 1 % of requests into spans exported to an OTLP receiver in this process, phases alternated.
+    #[arg(long)]
+    compare_tracing: bool,
     /// Instead of the usual table: a Weft sidecar pair with mutual TLS between them against an HAProxy
     /// pair doing the same job (installs nothing: `apt-get install haproxy` first), ratios to HAProxy.
     #[arg(long)]
@@ -185,6 +189,33 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(0);
         println!("access log lines written: {lines}");
         let _ = std::fs::remove_file(&file);
+        return result;
+    }
+    if args.compare_tracing {
+        let receiver_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let receiver = receiver_rt.block_on(weft_test_support::otlp::OtlpReceiver::start());
+        std::thread::spawn(move || receiver_rt.block_on(std::future::pending::<()>()));
+        let traced = format!(
+            "tracing: {{ otlp_endpoint: \"{}\", sampling_percent: 1 }}\n",
+            receiver.endpoint()
+        );
+        let result = compare_cpu(
+            &args,
+            &client_rt,
+            [
+                (
+                    "no tracing",
+                    Proxy::start(&weft, |l| plain_yaml(l, backend_addr, ""))?,
+                ),
+                (
+                    "tracing at 1 %",
+                    Proxy::start(&weft, |l| traced.clone() + &plain_yaml(l, backend_addr, ""))?,
+                ),
+            ],
+        );
+        println!("spans received: {}", receiver.spans().len());
         return result;
     }
     if let Some(services) = args.compare_services {

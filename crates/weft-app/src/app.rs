@@ -35,6 +35,8 @@ pub enum AppError {
     Identity(String),
     #[error(transparent)]
     AccessLog(#[from] weft_telemetry::access_log::SinkError),
+    #[error(transparent)]
+    Tracing(#[from] weft_telemetry::traces::TracingError),
     #[error("cannot bind the {what} listener to {addr}: {source}")]
     Bind {
         what: String,
@@ -96,6 +98,18 @@ impl App {
         let access_logs = weft_telemetry::access_log::AccessLogWriters::new(&metrics);
         // The proxy's own log is opened now, so that a path it cannot write stops it at start.
         access_logs.open(&bootstrap.access_log)?;
+        let tracing = match &bootstrap.tracing {
+            Some(settings) => Some(Arc::new(weft_telemetry::traces::Tracing::start(
+                settings,
+                &metrics,
+                vec![
+                    opentelemetry::KeyValue::new("node_id", bootstrap.node.id.clone()),
+                    opentelemetry::KeyValue::new("istio.canonical_service", bootstrap.node.workload.clone()),
+                    opentelemetry::KeyValue::new("istio.namespace", bootstrap.node.namespace.clone()),
+                ],
+            )?)),
+            None => None,
+        };
         let mut steps = vec![LISTENERS];
         if bootstrap.xds.is_some() {
             steps.push(CONFIG);
@@ -131,6 +145,7 @@ impl App {
             overload: overload(&bootstrap.overload),
             access_logs,
             access_log_failed: Default::default(),
+            tracing,
             transparent_ports: addresses
                 .outbound
                 .iter()

@@ -278,6 +278,7 @@ where
                 peer_identity: conn.peer_identity,
                 server_name: conn.server_name,
                 access_log: conn.access_log,
+                tracing: inputs.tracing.clone(),
             });
             let forwarder = inputs.forwarder.clone();
             let settings = weft_http::ServeSettings {

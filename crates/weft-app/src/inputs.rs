@@ -37,6 +37,8 @@ pub(crate) struct Inputs {
     /// The overload manager: the global connection limit and memory pressure.
     pub(crate) overload: weft_transport::Overload,
     pub(crate) access_logs: Arc<AccessLogWriters>,
+    /// Spans for HTTP requests; `None`: no tracing.
+    pub(crate) tracing: Option<Arc<weft_telemetry::traces::Tracing>>,
     /// An access log could not be opened (warned about once).
     pub(crate) access_log_failed: std::sync::atomic::AtomicBool,
 }

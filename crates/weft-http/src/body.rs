@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 use weft_telemetry::access_log::{AccessLogs, Entry};
+use weft_telemetry::traces::RequestSpan;
 use weft_telemetry::{Metrics, RequestLabels, ResponseFlags};
 
 use crate::replay::BoxError;
@@ -118,6 +119,14 @@ pub(crate) struct Completion {
     pub(crate) labels: RequestLabels,
     pub(crate) start: Instant,
     pub(crate) log: Option<Box<Logged>>,
+    /// The request's span, ended with the response.
+    pub(crate) span: Option<Box<Traced>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Traced {
+    pub(crate) span: RequestSpan,
+    pub(crate) reading: Option<Arc<crate::replay::BodyReading>>,
 }
 
 /// A request's access-log entry, filled in as the request went, written when its response ends.
@@ -138,6 +147,15 @@ impl Completion {
             .request_duration_ms
             .get_or_create(&self.labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
+        if let Some(traced) = self.span {
+            let received = traced.reading.map_or(0, |r| r.received());
+            traced.span.finish(
+                self.labels.response_code,
+                self.labels.response_flags,
+                received,
+                sent,
+            );
+        }
         if let Some(logged) = self.log {
             let Logged {
                 logs,
@@ -190,6 +208,13 @@ impl ProxyBody {
     pub(crate) fn log(&mut self, logged: Logged) {
         if let Some(completion) = &mut self.completion {
             completion.log = Some(Box::new(logged));
+        }
+    }
+
+    /// Ends the request's span when the response ends.
+    pub(crate) fn trace(&mut self, traced: Traced) {
+        if let Some(completion) = &mut self.completion {
+            completion.span = Some(Box::new(traced));
         }
     }
 

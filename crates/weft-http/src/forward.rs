@@ -11,16 +11,19 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
 use hyper_util::rt::TokioIo;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use weft_balance::{ClusterState, ClusterStates, ConnectionSlot, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::access_log::{AccessLogs, Entry};
+use weft_telemetry::traces::Tracing;
 use weft_telemetry::{
     ConnectionSecurity, Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags,
 };
 use weft_transport::DialSettings;
 
-use crate::body::{BodyTimer, Completion, InFlight, Logged};
+use crate::body::{BodyTimer, Completion, InFlight, Logged, Traced};
 use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
@@ -100,6 +103,8 @@ pub struct HttpContext {
     pub server_name: Option<Arc<str>>,
     /// Where each request's entry is written; `None`: not logged.
     pub access_log: Option<Arc<AccessLogs>>,
+    /// Spans for the requests; `None`: no tracing (trace headers pass through as they came).
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 /// What the access log needs to know of how a request went, gathered on the way.
@@ -204,10 +209,19 @@ impl Forwarder {
     /// Forwards one request and answers it, logging it once its response has ended.
     pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
         crate::headers::ensure_request_id(req.headers_mut());
-        let Some(logs) = &ctx.access_log else {
+        if ctx.access_log.is_none() && ctx.tracing.is_none() {
             return self.proxy(req, ctx, &mut Facts::default()).await;
-        };
-        let mut entry = Entry {
+        }
+        let span = ctx.tracing.as_ref().map(|tracing| {
+            let mut span = tracing.begin(req.headers(), span_kind(ctx), span_name(&req), Vec::new());
+            // Attributes cost allocations: only for a span that is kept.
+            if span.is_sampled() {
+                span.set(request_attributes(&req, ctx));
+            }
+            tracing.inject(&span, req.headers_mut());
+            span
+        });
+        let entry = ctx.access_log.as_ref().map(|logs| Entry {
             start: Some(std::time::SystemTime::now()),
             method: Some(req.method().clone()),
             path: req.uri().path_and_query().cloned(),
@@ -226,25 +240,47 @@ impl Forwarder {
             requested_server_name: ctx.server_name.clone(),
             request_headers: logs.capture_request(req.headers()),
             ..Entry::default()
-        };
+        });
         let mut facts = Facts {
             logged: true,
             ..Facts::default()
         };
         let mut response = self.proxy(req, ctx, &mut facts).await;
-        entry.response_headers = logs.capture_response(response.headers());
-        entry.details = facts.details;
-        entry.transport_failure = facts.transport_failure;
-        entry.upstream_host = facts.upstream_host;
-        entry.upstream_cluster = facts.cluster;
-        entry.route_name = facts.route;
-        entry.attempts = facts.attempts;
-        entry.response_duration = facts.response_duration;
-        response.body_mut().log(Logged {
-            logs: logs.clone(),
-            entry,
-            reading: facts.reading,
-        });
+        if let Some(mut span) = span {
+            if span.is_sampled() {
+                let mut attributes = vec![
+                    KeyValue::new(
+                        "upstream_cluster",
+                        facts.cluster.as_deref().unwrap_or("-").to_owned(),
+                    ),
+                    KeyValue::new("response_code_details", facts.details.unwrap_or("-")),
+                    KeyValue::new("upstream_attempts", i64::from(facts.attempts)),
+                ];
+                if let Some(host) = facts.upstream_host {
+                    attributes.push(KeyValue::new("upstream_address", host.to_string()));
+                }
+                span.set(attributes);
+            }
+            response.body_mut().trace(Traced {
+                span,
+                reading: facts.reading.clone(),
+            });
+        }
+        if let (Some(logs), Some(mut entry)) = (&ctx.access_log, entry) {
+            entry.response_headers = logs.capture_response(response.headers());
+            entry.details = facts.details;
+            entry.transport_failure = facts.transport_failure;
+            entry.upstream_host = facts.upstream_host;
+            entry.upstream_cluster = facts.cluster;
+            entry.route_name = facts.route;
+            entry.attempts = facts.attempts;
+            entry.response_duration = facts.response_duration;
+            response.body_mut().log(Logged {
+                logs: logs.clone(),
+                entry,
+                reading: facts.reading,
+            });
+        }
         response
     }
 
@@ -496,6 +532,7 @@ impl Forwarder {
             },
             start,
             log: None,
+            span: None,
         }
     }
 
@@ -879,4 +916,67 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// The calling side's sidecar makes a client span, the called side's a server span.
+fn span_kind(ctx: &HttpContext) -> SpanKind {
+    match ctx.peers.reporter {
+        weft_telemetry::Reporter::source => SpanKind::Client,
+        weft_telemetry::Reporter::destination => SpanKind::Server,
+    }
+}
+
+/// The request's authority as the client wrote it (URI or `Host`).
+fn authority_of<B>(req: &Request<B>) -> &str {
+    req.uri()
+        .authority()
+        .map(Authority::as_str)
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or("-")
+}
+
+/// `authority/path` (without the query), as Envoy names a request's span.
+fn span_name<B>(req: &Request<B>) -> String {
+    format!("{}{}", authority_of(req), req.uri().path())
+}
+
+/// Envoy's span attributes for a request.
+fn request_attributes<B>(req: &Request<B>, ctx: &HttpContext) -> Vec<KeyValue> {
+    let text = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_else(|| "-".to_owned())
+    };
+    let mut attributes = vec![
+        KeyValue::new("http.method", req.method().as_str().to_owned()),
+        KeyValue::new(
+            "http.url",
+            format!(
+                "http://{}{}",
+                authority_of(req),
+                req.uri().path_and_query().map_or("/", |p| p.as_str())
+            ),
+        ),
+        KeyValue::new(
+            "http.protocol",
+            match ctx.version {
+                HttpVersion::Http1 => "HTTP/1.1",
+                HttpVersion::Http2 => "HTTP/2",
+            },
+        ),
+        KeyValue::new("user_agent", text(header::USER_AGENT)),
+        KeyValue::new(
+            "guid:x-request-id",
+            text(header::HeaderName::from_static("x-request-id")),
+        ),
+        KeyValue::new("component", "proxy"),
+    ];
+    if let Some(source) = ctx.source {
+        attributes.push(KeyValue::new("peer.address", source.ip().to_string()));
+    }
+    if let Some(peer) = &ctx.peer_identity {
+        attributes.push(KeyValue::new("peer.identity", peer.to_string()));
+    }
+    attributes
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use weft_telemetry::access_log::{AccessLogConfig, AccessLogSet, Format, Sink};
+use weft_telemetry::traces::{SamplerSetting, TracingSettings};
 
 use crate::defaults::*;
 use crate::mesh::{
@@ -60,6 +61,19 @@ pub struct ProxyFile {
     pub identity: Option<IdentityFile>,
     pub overload: OverloadSettings,
     pub access_log: AccessLogFile,
+    pub tracing: TracingFile,
+}
+
+/// Distributed tracing: spans exported over OTLP/gRPC. The OpenTelemetry SDK's environment variables
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`,
+/// `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`) override these fields.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingFile {
+    /// The collector, `http://host:4317`; none: no spans are made (trace headers still pass through).
+    pub otlp_endpoint: Option<String>,
+    /// New traces sampled, 0 to 100 (default 1, Istio's); a request carrying a decision follows it.
+    pub sampling_percent: Option<f64>,
 }
 
 /// The proxy's own access log, for listeners whose configuration names none (over xDS, a connection

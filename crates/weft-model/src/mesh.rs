@@ -88,6 +88,8 @@ pub struct Bootstrap {
     /// The proxy's own access logs (from the file and environment), for listeners whose configuration
     /// names none.
     pub access_log: Arc<AccessLogSet>,
+    /// Where spans are exported; `None`: no tracing.
+    pub tracing: Option<weft_telemetry::traces::TracingSettings>,
 }
 
 /// When the proxy sheds load (its overload manager). `None` takes the default, worked out where the

@@ -5,6 +5,7 @@ pub mod access_log;
 mod flags;
 mod logging;
 mod metrics;
+pub mod traces;
 
 pub use flags::ResponseFlags;
 pub use logging::{LogControl, LogError};

@@ -191,6 +191,9 @@ pub struct Metrics {
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub access_log_dropped: Counter,
     pub access_log_write_failures: Counter,
+    pub tracing_spans_exported: Counter,
+    pub tracing_spans_failed: Counter,
+    pub tracing_spans_dropped: Counter,
 }
 
 impl Metrics {
@@ -221,6 +224,9 @@ impl Metrics {
         let authz_decisions = Family::default();
         let access_log_dropped = Counter::default();
         let access_log_write_failures = Counter::default();
+        let tracing_spans_exported = Counter::default();
+        let tracing_spans_failed = Counter::default();
+        let tracing_spans_dropped = Counter::default();
 
         // prometheus-client appends `_total` to counters.
         registry.register(
@@ -350,6 +356,21 @@ impl Metrics {
             "Batches of access log entries that could not be written to their file or stream",
             access_log_write_failures.clone(),
         );
+        weft.register(
+            "tracing_spans_exported",
+            "Spans the OTLP collector accepted",
+            tracing_spans_exported.clone(),
+        );
+        weft.register(
+            "tracing_spans_export_failures",
+            "Spans lost because their export failed or timed out (not retried)",
+            tracing_spans_failed.clone(),
+        );
+        weft.register(
+            "tracing_spans_dropped",
+            "Spans dropped because the export queue was full (requests are never held up for tracing)",
+            tracing_spans_dropped.clone(),
+        );
 
         Arc::new(Self {
             registry,
@@ -377,6 +398,9 @@ impl Metrics {
             authz_decisions,
             access_log_dropped,
             access_log_write_failures,
+            tracing_spans_exported,
+            tracing_spans_failed,
+            tracing_spans_dropped,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod h2_frames;
 pub mod http;
 pub mod netns;
 mod orig_dst;
+pub mod otlp;
 mod proxy;
 pub mod tcp;
 pub mod xds;

@@ -74,6 +74,7 @@ fn harness() -> &'static Harness {
             peer_identity: None,
             server_name: None,
             access_log: None,
+            tracing: None,
         });
         Harness {
             runtime,

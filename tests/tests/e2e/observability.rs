@@ -461,3 +461,221 @@ async fn a_telemetry_resource_in_weft_control_turns_on_the_client_sides_access_l
         "mode CLIENT: the server side does not log"
     );
 }
+
+/// The spans the receiver has once it has at least `n` (the proxies export in batches every 5 s).
+async fn spans(
+    receiver: &weft_test_support::otlp::OtlpReceiver,
+    n: usize,
+) -> Vec<weft_test_support::otlp::ReceivedSpan> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = receiver.spans();
+        if spans.len() >= n || std::time::Instant::now() > deadline {
+            return spans;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_between_sidecars_is_a_client_and_a_server_span_of_the_apps_trace() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(dir.path().join("mesh"), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let receiver = weft_test_support::otlp::OtlpReceiver::start().await;
+    let app = HttpServer::start("reviews-app").await;
+    let tracing = format!(
+        "access_log: {{ path: off }}\ntracing: {{ otlp_endpoint: \"{}\", sampling_percent: 100 }}\n",
+        receiver.endpoint()
+    );
+    let server = TestProxy::start(&format!(
+        "{}{tracing}listeners: [{{ name: inbound, address: 127.0.0.1:0, cluster: app, peer_authentication: strict }}]\n\
+         clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
+        identity(&cp, "reviews"),
+        app.addr
+    ))
+    .await;
+    let client = TestProxy::start(&format!(
+        "{}{tracing}listeners: [{{ name: front, address: 127.0.0.1:0, cluster: reviews }}]\n\
+         clusters: [{{ name: reviews, endpoints: [\"{}\"], tls: {{ identities: [\"{REVIEWS}\"] }} }}]",
+        identity(&cp, "productpage"),
+        server.listener("inbound")
+    ))
+    .await;
+    for proxy in [&server, &client] {
+        assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    }
+    let front = client.listener("front");
+    // The calling app propagates its own span.
+    let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let app_span = "00f067aa0ba902b7";
+    let response = plain_client()
+        .request(
+            Request::get(format!("http://{front}/reviews/7?x=1"))
+                .header("traceparent", format!("00-{app_trace}-{app_span}-01"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drain_body(response.into_body()).await.unwrap();
+    let seen = app.last_request();
+    let traceparent = seen.headers["traceparent"].to_str().unwrap().to_owned();
+
+    let spans = spans(&receiver, 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let client_span = spans
+        .iter()
+        .find(|s| s.span.kind == SpanKind::Client as i32)
+        .expect("a client span");
+    let server_span = spans
+        .iter()
+        .find(|s| s.span.kind == SpanKind::Server as i32)
+        .expect("a server span");
+    for span in [client_span, server_span] {
+        assert_eq!(span.trace_id(), app_trace, "one trace, the app's");
+        assert_eq!(span.attribute("http.status_code").as_deref(), Some("200"));
+        assert_eq!(span.attribute("http.method").as_deref(), Some("GET"));
+        assert_eq!(span.span.name, format!("{front}/reviews/7"));
+        assert_eq!(
+            span.attribute("guid:x-request-id").as_deref(),
+            Some(seen.headers["x-request-id"].to_str().unwrap())
+        );
+    }
+    assert_eq!(
+        client_span.parent_span_id(),
+        app_span,
+        "the client span is the app's child"
+    );
+    assert_eq!(
+        server_span.parent_span_id(),
+        client_span.span_id(),
+        "the server span is the client span's child"
+    );
+    assert_eq!(
+        client_span.attribute("upstream_cluster").as_deref(),
+        Some("reviews")
+    );
+    assert_eq!(server_span.attribute("upstream_cluster").as_deref(), Some("app"));
+    assert_eq!(
+        server_span.attribute("peer.identity").as_deref(),
+        Some(PRODUCTPAGE)
+    );
+    assert_eq!(client_span.service, "productpage.default");
+    assert_eq!(server_span.service, "reviews.default");
+    assert_eq!(
+        traceparent,
+        format!("00-{app_trace}-{}-01", server_span.span_id()),
+        "the app sees the server span as its parent"
+    );
+
+    // A request an upstream decided not to sample: no span, and the decision travels on.
+    let response = plain_client()
+        .request(
+            Request::get(format!("http://{front}/unsampled"))
+                .header("traceparent", format!("00-{app_trace}-{app_span}-00"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    drain_body(response.into_body()).await.unwrap();
+    let traceparent = app.last_request().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        traceparent.starts_with(&format!("00-{app_trace}-")),
+        "{traceparent}"
+    );
+    assert!(traceparent.ends_with("-00"), "not sampled: {traceparent}");
+    // B3 from the app: read, followed, and kept up to date for the app behind.
+    let response = plain_client()
+        .request(
+            Request::get(format!("http://{front}/b3"))
+                .header("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7")
+                .header("x-b3-spanid", "e457b5a2e4d86bd1")
+                .header("x-b3-sampled", "1")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    drain_body(response.into_body()).await.unwrap();
+    let headers = app.last_request().headers;
+    assert_eq!(headers["x-b3-traceid"], "80f198ee56343ba864fe8b2a57d3eff7");
+    assert_ne!(headers["x-b3-spanid"], "e457b5a2e4d86bd1", "the server span's id");
+    let spans = spans_after(&receiver, 4).await;
+    assert_eq!(
+        spans.len(),
+        4,
+        "two more spans, none for the unsampled request: {spans:#?}"
+    );
+    assert!(
+        spans[2..]
+            .iter()
+            .all(|s| s.trace_id() == "80f198ee56343ba864fe8b2a57d3eff7")
+    );
+    let metrics = client.metrics().await;
+    assert_eq!(
+        weft_test_support::metric(&metrics, "weft_tracing_spans_dropped_total", &[]),
+        0.0
+    );
+}
+
+async fn spans_after(
+    receiver: &weft_test_support::otlp::OtlpReceiver,
+    n: usize,
+) -> Vec<weft_test_support::otlp::ReceivedSpan> {
+    // Wait past one more export period so that a span that should not exist would have arrived.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    spans(receiver, n).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_is_down_never_fails_or_slows_a_request() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = HttpServer::start("app").await;
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\ntracing: {{ otlp_endpoint: \"http://{dead}\", sampling_percent: 100 }}\n\
+         listeners: [{{ name: front, address: 127.0.0.1:0, cluster: app }}]\n\
+         clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
+        app.addr
+    ))
+    .await;
+    let client = plain_client();
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        let response = client
+            .request(
+                Request::get(format!("http://{}/", proxy.listener("front")))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        drain_body(response.into_body()).await.unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(app.last_request().headers.contains_key("traceparent"));
+    let failed = || async {
+        let metrics = proxy.metrics().await;
+        weft_test_support::metric(&metrics, "weft_tracing_spans_export_failures_total", &[])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while failed().await < 50.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failed().await, 50.0, "the lost spans are counted");
+}

@@ -40,6 +40,7 @@ impl ProxyFile {
             },
             overload: self.overload,
             access_log: access_log(&self.access_log, self.mode)?,
+            tracing: tracing(&self.tracing, &node)?,
         };
         if self.overload.max_active_downstream_connections == Some(0) {
             return Err(invalid(
@@ -558,6 +559,57 @@ fn access_log(file: &AccessLogFile, mode: Mode) -> Result<Arc<AccessLogSet>, Inv
         sink: Sink::parse(&path),
         format: Arc::new(format),
     }])))
+}
+
+/// Tracing: the OpenTelemetry SDK's variables over the file; no endpoint, no tracing.
+fn tracing(file: &TracingFile, node: &Node) -> Result<Option<TracingSettings>, Invalid> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let Some(endpoint) = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .or_else(|| file.otlp_endpoint.clone())
+    else {
+        return Ok(None);
+    };
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(invalid(
+            "tracing.otlp_endpoint",
+            format!("\"{endpoint}\" must start with http:// or https://"),
+        ));
+    }
+    let sampler = match env("OTEL_TRACES_SAMPLER") {
+        Some(name) => SamplerSetting::from_env(&name, env("OTEL_TRACES_SAMPLER_ARG").as_deref())
+            .map_err(|why| invalid("OTEL_TRACES_SAMPLER", why))?,
+        None => match file.sampling_percent {
+            None => SamplerSetting::DEFAULT,
+            Some(p) if (0.0..=100.0).contains(&p) => SamplerSetting::ParentBasedTraceIdRatio(p / 100.0),
+            Some(p) => {
+                return Err(invalid(
+                    "tracing.sampling_percent",
+                    format!("{p} is not a percentage from 0 to 100"),
+                ));
+            }
+        },
+    };
+    let number = |name: &str, default: u64| -> Result<u64, Invalid> {
+        match env(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| invalid(name, format!("\"{v}\" is not a positive number"))),
+        }
+    };
+    Ok(Some(TracingSettings {
+        endpoint,
+        service_name: env("OTEL_SERVICE_NAME")
+            .unwrap_or_else(|| format!("{}.{}", node.workload, node.namespace)),
+        sampler,
+        max_queue_size: usize::try_from(number("OTEL_BSP_MAX_QUEUE_SIZE", 2048)?).unwrap_or(2048),
+        schedule_delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)?),
+        max_export_batch_size: usize::try_from(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?).unwrap_or(512),
+        export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30_000)?),
+    }))
 }
 
 impl NodeFile {
