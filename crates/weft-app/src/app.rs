@@ -146,6 +146,7 @@ impl App {
             access_logs,
             access_log_failed: Default::default(),
             tracing,
+            listener_tracers: Default::default(),
             transparent_ports: addresses
                 .outbound
                 .iter()

@@ -123,4 +123,5 @@ pub(crate) struct Routed {
     pub(crate) http: HttpSettings,
     /// The listener's access logs (empty: the proxy's own).
     pub(crate) access_log: Arc<AccessLogSet>,
+    pub(crate) tracing: weft_telemetry::traces::ListenerTracing,
 }

@@ -71,9 +71,11 @@ pub(crate) async fn serve(
         authz,
         http,
         access_log,
+        tracing,
         ..
     } = conn;
     let access_log = inputs.access_log(&access_log);
+    let tracer = inputs.tracer(&tracing);
     let server_name: Option<Arc<str>> = hello
         .as_ref()
         .and_then(|h| h.server_name.as_deref())
@@ -155,6 +157,7 @@ pub(crate) async fn serve(
                 authz: authz.map(|a| (a, principal)),
                 http,
                 access_log,
+                tracer,
                 _silent: silent,
             },
         )));
@@ -194,6 +197,7 @@ pub(crate) async fn serve(
             authz: authz.map(|a| (a, None)),
             http,
             access_log,
+            tracer,
             _silent: silent,
         },
     ));
@@ -224,6 +228,8 @@ struct Connection {
     /// The TLS server name the client asked for.
     server_name: Option<Arc<str>>,
     access_log: Option<Arc<AccessLogs>>,
+    /// Spans for its HTTP requests.
+    tracer: Option<Arc<weft_telemetry::traces::Tracing>>,
     /// Where peers arrive: the policy, and the principal the connection proved.
     authz: Option<(Authz, Option<Arc<str>>)>,
     http: HttpSettings,
@@ -278,7 +284,7 @@ where
                 peer_identity: conn.peer_identity,
                 server_name: conn.server_name,
                 access_log: conn.access_log,
-                tracing: inputs.tracing.clone(),
+                tracing: conn.tracer,
             });
             let forwarder = inputs.forwarder.clone();
             let settings = weft_http::ServeSettings {

@@ -28,6 +28,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
         peer_authentication: policy.peer_authentication,
         http: policy.http,
         access_log: policy.access_log.clone(),
+        tracing: policy.tracing.clone(),
     };
     serve(inputs, routed, mesh.detect_timeout).await
 }

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use weft_telemetry::access_log::{AccessLogSet, AccessLogWriters, AccessLogs};
+use weft_telemetry::traces::{ListenerTracing, Tracing, TracingSettings};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -37,8 +38,10 @@ pub(crate) struct Inputs {
     /// The overload manager: the global connection limit and memory pressure.
     pub(crate) overload: weft_transport::Overload,
     pub(crate) access_logs: Arc<AccessLogWriters>,
-    /// Spans for HTTP requests; `None`: no tracing.
-    pub(crate) tracing: Option<Arc<weft_telemetry::traces::Tracing>>,
+    /// Spans for HTTP requests, by the proxy's own settings; `None`: no tracing.
+    pub(crate) tracing: Option<Arc<Tracing>>,
+    /// Tracers of listeners that have their own collector (from a control plane), by settings.
+    pub(crate) listener_tracers: std::sync::Mutex<Vec<(Arc<TracingSettings>, Arc<Tracing>)>>,
     /// An access log could not be opened (warned about once).
     pub(crate) access_log_failed: std::sync::atomic::AtomicBool,
 }
@@ -54,6 +57,41 @@ impl std::fmt::Debug for Inputs {
 impl Inputs {
     pub(crate) fn mesh(&self) -> Arc<Mesh> {
         self.mesh.borrow().clone()
+    }
+
+    /// The tracer of a connection's requests: the listener's own, none, or the proxy's.
+    pub(crate) fn tracer(&self, listener: &ListenerTracing) -> Option<Arc<Tracing>> {
+        let settings = match listener {
+            ListenerTracing::Proxy => return self.tracing.clone(),
+            ListenerTracing::Off => return None,
+            ListenerTracing::Own(settings) => settings,
+        };
+        let mut tracers = self.listener_tracers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, tracer)) = tracers.iter().find(|(s, _)| s == settings) {
+            return Some(tracer.clone());
+        }
+        let mut named = (**settings).clone();
+        if named.service_name.is_empty() {
+            named.service_name = format!(
+                "{}.{}",
+                self.bootstrap.node.workload, self.bootstrap.node.namespace
+            );
+        }
+        match Tracing::start(&named, &self.metrics, Vec::new()) {
+            Ok(tracer) => {
+                let tracer = Arc::new(tracer);
+                // Configurations come and go; a few distinct collectors at most are kept.
+                if tracers.len() >= 8 {
+                    tracers.remove(0);
+                }
+                tracers.push((settings.clone(), tracer.clone()));
+                Some(tracer)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "a listener's tracing cannot be set up; its requests are not traced");
+                None
+            }
+        }
     }
 
     /// Where a connection's requests (or the connection itself) are logged: the listener's access logs,

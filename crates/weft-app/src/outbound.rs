@@ -16,12 +16,13 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
     let mesh = inputs.mesh();
     let policy = mesh.outbound.as_ref()?;
 
-    let (destination, service, http, access_log) = match policy.service_for(orig_dst) {
+    let (destination, service, http, access_log, tracing) = match policy.service_for(orig_dst) {
         Some(target) => (
             Destination::Target(target.clone(), TargetKey::Service(orig_dst)),
             service_label(target),
             target.http,
             target.access_log.clone(),
+            target.tracing.clone(),
         ),
         None => match policy.egress {
             Egress::AllowAny => (
@@ -29,6 +30,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
                 Label::from(orig_dst.to_string()),
                 HttpSettings::default(),
                 policy.access_log.clone(),
+                Default::default(),
             ),
             Egress::RegistryOnly => {
                 let peers = inputs.source_peers(Label::from(orig_dst.to_string()));
@@ -55,6 +57,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
         peer_authentication: PeerAuthentication::Disable,
         http,
         access_log,
+        tracing,
     };
     serve(inputs, routed, mesh.detect_timeout).await
 }
@@ -86,6 +89,7 @@ pub(crate) async fn explicit(
         peers,
         http: listener.target.http,
         access_log: listener.target.access_log.clone(),
+        tracing: listener.target.tracing.clone(),
         destination: Destination::Target(listener.target, TargetKey::Listener(listener.name)),
         protocol: None,
         inbound: entry,

@@ -214,6 +214,7 @@ pub struct InboundPolicy {
     pub http: HttpSettings,
     /// Empty: the proxy's own.
     pub access_log: Arc<AccessLogSet>,
+    pub tracing: weft_telemetry::traces::ListenerTracing,
 }
 
 /// How a listener serves HTTP: Envoy's HTTP connection manager timeouts and limits.
@@ -359,6 +360,7 @@ pub struct Target {
     pub http: HttpSettings,
     /// Its requests' and connections' access logs; empty: the proxy's own.
     pub access_log: Arc<AccessLogSet>,
+    pub tracing: weft_telemetry::traces::ListenerTracing,
 }
 
 impl Target {
@@ -370,6 +372,7 @@ impl Target {
             cluster: Some(cluster),
             http: HttpSettings::default(),
             access_log: AccessLogSet::off(),
+            tracing: Default::default(),
         }
     }
 }

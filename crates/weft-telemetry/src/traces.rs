@@ -44,6 +44,35 @@ pub struct TracingSettings {
     /// Per export (`OTEL_BSP_EXPORT_TIMEOUT`, default 30 s).
     #[serde(with = "humantime_serde")]
     pub export_timeout: Duration,
+    /// Attributes put on every span (a control plane's literal custom tags).
+    pub tags: Vec<(String, String)>,
+}
+
+impl TracingSettings {
+    /// The SDK's batch defaults.
+    pub fn new(endpoint: String, service_name: String, sampler: SamplerSetting) -> Self {
+        Self {
+            endpoint,
+            service_name,
+            sampler,
+            max_queue_size: 2048,
+            schedule_delay: Duration::from_secs(5),
+            max_export_batch_size: 512,
+            export_timeout: Duration::from_secs(30),
+            tags: Vec::new(),
+        }
+    }
+}
+
+/// A listener's tracing: the proxy's own (from its file and environment), none, or the listener's
+/// own collector and sampling (from a control plane).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerTracing {
+    #[default]
+    Proxy,
+    Off,
+    Own(std::sync::Arc<TracingSettings>),
 }
 
 /// Which requests are traced (the OpenTelemetry SDK's `OTEL_TRACES_SAMPLER` values).
@@ -117,6 +146,8 @@ pub struct Tracing {
     tracer: SdkTracer,
     _provider: SdkTracerProvider,
     propagator: TraceContextPropagator,
+    /// Put on every sampled span.
+    tags: Vec<KeyValue>,
 }
 
 impl Tracing {
@@ -162,6 +193,11 @@ impl Tracing {
             tracer: provider.tracer("weft"),
             _provider: provider,
             propagator: TraceContextPropagator::new(),
+            tags: settings
+                .tags
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -189,7 +225,11 @@ impl Tracing {
             .with_kind(kind)
             .with_attributes(attributes)
             .start_with_context(&self.tracer, &parent);
-        RequestSpan { span, b3 }
+        let mut span = RequestSpan { span, b3 };
+        if !self.tags.is_empty() {
+            span.set(self.tags.clone());
+        }
+        span
     }
 
     /// Writes the span's context into the request going to the next hop: `traceparent` (and

@@ -36,6 +36,8 @@ use weft_model::{
 };
 
 mod access_log;
+mod tracer;
+pub use tracer::{Collector, XdsTracing};
 mod cluster;
 mod common;
 mod rbac;
@@ -63,6 +65,8 @@ pub enum ListenerSpec {
         tcp_cluster: Option<String>,
         protocol: Protocol,
         access_log: Arc<AccessLogSet>,
+        /// `None`: the connection manager says nothing (the proxy's own tracing applies).
+        tracing: Option<XdsTracing>,
     },
     /// The outbound capture listener: its catch-all chain decides egress (and logs its connections).
     VirtualOutbound {
@@ -77,6 +81,7 @@ pub enum ListenerSpec {
         /// The HTTP connection managers' settings, when any chain has one.
         http_settings: Option<HttpSettings>,
         access_log: Arc<AccessLogSet>,
+        tracing: Option<XdsTracing>,
     },
 }
 
@@ -132,6 +137,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         let mut tcp_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
         let mut http_settings: Option<(String, HttpSettings)> = None;
         let mut access_logs = Vec::new();
+        let mut tracings = Vec::new();
         for (i, chain) in l.filter_chains.iter().enumerate() {
             let field = format!("filter_chains[{i}]");
             // A chain that terminates TLS must be mutual TLS; the proxy uses its own certificate for it.
@@ -148,6 +154,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                 format!("{field}.filters"),
                 std::mem::take(&mut targets.access_log),
             ));
+            tracings.push((format!("{field}.filters"), targets.tracing.take()));
             match (&http_settings, targets.http_settings) {
                 (Some((first, seen)), Some(these)) if *seen != these => {
                     return Err(ctx.err(
@@ -228,6 +235,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
             authorization,
             http_settings: http_settings.map(|(_, s)| s),
             access_log: access_log::one_set(&ctx, access_logs)?,
+            tracing: one_tracing(&ctx, tracings)?,
         });
     }
     if l.bind_to_port.as_ref().is_some_and(|b| b.value) {
@@ -241,6 +249,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     let mut http_settings = None;
     let mut tcp_cluster = None;
     let mut access_logs = Vec::new();
+    let mut tracings = Vec::new();
     for (i, chain) in l
         .filter_chains
         .iter()
@@ -249,6 +258,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     {
         let targets = chain_targets(&ctx, &format!("filter_chains[{i}]"), chain, false)?;
         access_logs.push((format!("filter_chains[{i}].filters"), targets.access_log));
+        tracings.push((format!("filter_chains[{i}].filters"), targets.tracing));
         http = http.or(targets.http);
         http_settings = http_settings.or(targets.http_settings);
         tcp_cluster = tcp_cluster.or(targets.tcp_cluster);
@@ -266,7 +276,30 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         tcp_cluster,
         protocol,
         access_log: access_log::one_set(&ctx, access_logs)?,
+        tracing: one_tracing(&ctx, tracings)?,
     })
+}
+
+/// A listener's chains trace alike or are refused: the proxy keeps one tracing per listener.
+fn one_tracing(
+    ctx: &Ctx<'_>,
+    chains: Vec<(String, Option<XdsTracing>)>,
+) -> Result<Option<XdsTracing>, ResourceError> {
+    let mut first: Option<(String, XdsTracing)> = None;
+    for (field, tracing) in chains {
+        let Some(tracing) = tracing else { continue };
+        match &first {
+            None => first = Some((field, tracing)),
+            Some((seen_at, seen)) if *seen != tracing => {
+                return Err(ctx.err(
+                    field,
+                    format!("tracing differs from that of {seen_at}; a listener has one tracing"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(first.map(|(_, t)| t))
 }
 
 /// The other layer of an inbound listener has no chain of its own: when this one enforces anything, the
@@ -295,6 +328,8 @@ struct ChainTargets {
     tcp_rbac: Vec<weft_authz::RbacFilter>,
     /// The connection manager's or TCP proxy's access logs.
     access_log: Vec<AccessLogConfig>,
+    /// The connection manager's tracing.
+    tracing: Option<XdsTracing>,
 }
 
 fn chain_targets(
@@ -316,6 +351,7 @@ fn chain_targets(
         http_rbac: Vec::new(),
         tcp_rbac: Vec::new(),
         access_log: Vec::new(),
+        tracing: None,
     };
     let rbac_here = |f: &str| -> Result<(), ResourceError> {
         if inbound {
@@ -351,6 +387,11 @@ fn chain_targets(
                     &format!("{f}.typed_config.access_log"),
                     &hcm.access_log,
                 )?);
+                targets.tracing = hcm
+                    .tracing
+                    .as_ref()
+                    .map(|t| tracer::tracing(ctx, &format!("{f}.typed_config.tracing"), t))
+                    .transpose()?;
                 targets.http = Some(match hcm.route_specifier {
                     Some(RouteSpecifier::Rds(rds)) if !rds.route_config_name.is_empty() => {
                         RouteRef::Rds(rds.route_config_name)

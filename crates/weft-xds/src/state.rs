@@ -10,7 +10,8 @@ use std::sync::Arc;
 use weft_model::route::RouteTable;
 use weft_model::{Cluster, Endpoint, Mesh, Target};
 
-use crate::convert::{ClusterSpec, ListenerSpec, RouteRef};
+use crate::convert::{ClusterSpec, Collector, ListenerSpec, RouteRef, XdsTracing};
+use weft_telemetry::traces::{ListenerTracing, SamplerSetting, TracingSettings};
 
 #[derive(Debug, Default, Clone)]
 pub struct XdsState {
@@ -105,6 +106,7 @@ impl XdsState {
         let mut services = Vec::new();
         let mut egress = None;
         let mut inbound_ports = None;
+        let mut inbound_tracing = ListenerTracing::Proxy;
         for spec in self.listeners.values() {
             match spec {
                 ListenerSpec::Service {
@@ -114,6 +116,7 @@ impl XdsState {
                     tcp_cluster,
                     protocol,
                     access_log,
+                    tracing,
                 } => {
                     let cluster = tcp_cluster.as_ref().and_then(|c| mesh.clusters.get(c).cloned());
                     let route = match http {
@@ -137,6 +140,7 @@ impl XdsState {
                             route,
                             http: *http_settings,
                             access_log: access_log.clone(),
+                            tracing: resolve_tracing(tracing.as_ref(), &mesh),
                         },
                     ));
                 }
@@ -150,7 +154,9 @@ impl XdsState {
                     authorization,
                     http_settings,
                     access_log,
+                    tracing,
                 } => {
+                    inbound_tracing = resolve_tracing(tracing.as_ref(), &mesh);
                     inbound_ports = Some((
                         ports.clone(),
                         *peer_authentication,
@@ -173,6 +179,7 @@ impl XdsState {
         {
             inbound.ports.extend(ports);
             inbound.access_log = access_log;
+            inbound.tracing = inbound_tracing;
             if let Some(http) = http {
                 inbound.http = http;
             }
@@ -188,4 +195,38 @@ impl XdsState {
         mesh.routes.extend(routes);
         mesh
     }
+}
+
+/// A listener's tracing in the model: a collector named by cluster is that cluster's first endpoint
+/// (a cluster that has none leaves the listener untraced, logged).
+fn resolve_tracing(tracing: Option<&XdsTracing>, mesh: &Mesh) -> ListenerTracing {
+    let Some(tracing) = tracing else {
+        return ListenerTracing::Proxy;
+    };
+    let XdsTracing::OpenTelemetry {
+        collector,
+        service_name,
+        sampling_percent,
+        tags,
+    } = tracing
+    else {
+        return ListenerTracing::Off;
+    };
+    let endpoint = match collector {
+        Collector::Uri(uri) => uri.clone(),
+        Collector::Cluster(name) => {
+            let Some(endpoint) = mesh.clusters.get(name).and_then(|c| c.endpoints.first()) else {
+                tracing::warn!(cluster = %name, "the tracing collector's cluster has no endpoint; requests of its listener are not traced");
+                return ListenerTracing::Off;
+            };
+            format!("http://{}", endpoint.address)
+        }
+    };
+    let mut settings = TracingSettings::new(
+        endpoint,
+        service_name.clone(),
+        SamplerSetting::ParentBasedTraceIdRatio(sampling_percent / 100.0),
+    );
+    settings.tags = tags.clone();
+    ListenerTracing::Own(Arc::new(settings))
 }

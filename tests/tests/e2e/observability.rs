@@ -679,3 +679,115 @@ async fn a_collector_that_is_down_never_fails_or_slows_a_request() {
     }
     assert_eq!(failed().await, 50.0, "the lost spans are counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xds_server_turns_on_tracing_to_a_collector_cluster_and_other_tracers_are_refused() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::{GrpcService, grpc_service};
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+    use envoy_types::pb::envoy::config::trace::v3::{OpenTelemetryConfig, ZipkinConfig, tracing::Http, tracing::http};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing;
+    use envoy_types::pb::envoy::r#type::tracing::v3::{CustomTag, custom_tag};
+    use envoy_types::pb::envoy::r#type::v3::Percent;
+    use envoy_types::util::pack_any;
+    use weft_test_support::envoy::*;
+
+    let receiver = weft_test_support::otlp::OtlpReceiver::start().await;
+    let web = HttpServer::start("web").await;
+    let xds = weft_test_support::xds::TestXdsServer::start().await;
+    xds.set(
+        &url::<Cluster>(),
+        "c1",
+        vec![
+            pack_any(eds_cluster("web")),
+            pack_any(eds_cluster("otel-collector")),
+        ],
+    );
+    xds.set(
+        &url::<ClusterLoadAssignment>(),
+        "e1",
+        vec![
+            endpoints("web", web.addr),
+            endpoints("otel-collector", receiver.addr),
+        ],
+    );
+    xds.set(&url::<RouteConfiguration>(), "r1", vec![routes("8000", "web")]);
+    let tracing = |provider: Http| Tracing {
+        random_sampling: Some(Percent { value: 100.0 }),
+        custom_tags: vec![CustomTag {
+            tag: "istio.mesh_id".into(),
+            r#type: Some(custom_tag::Type::Literal(custom_tag::Literal {
+                value: "cluster.local".into(),
+            })),
+        }],
+        provider: Some(provider),
+        ..Default::default()
+    };
+    let otel = Http {
+        name: "envoy.tracers.opentelemetry".into(),
+        config_type: Some(http::ConfigType::TypedConfig(pack_any(OpenTelemetryConfig {
+            grpc_service: Some(GrpcService {
+                target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                    grpc_service::EnvoyGrpc {
+                        cluster_name: "otel-collector".into(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            service_name: "web-client.default".into(),
+            ..Default::default()
+        }))),
+    };
+    let mut manager = hcm("8000");
+    manager.tracing = Some(tracing(otel));
+    xds.set(
+        &url::<Listener>(),
+        "l1",
+        vec![listener_with(8000, manager.clone())],
+    );
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\nnode: {{ workload: client, namespace: default }}\nxds: {{ address: \"{}\", initial_fetch_timeout: 10s }}",
+        xds.url()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let client = weft_test_support::http::client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), "127.0.96.9:8000".parse().unwrap()),
+        false,
+    );
+    let response = client
+        .request(Request::get("http://web:8000/traced").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drain_body(response.into_body()).await.unwrap();
+    let spans = spans(&receiver, 1).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    assert_eq!(spans[0].service, "web-client.default");
+    assert_eq!(spans[0].span.name, "web:8000/traced");
+    assert_eq!(
+        spans[0].attribute("istio.mesh_id").as_deref(),
+        Some("cluster.local")
+    );
+    assert_eq!(spans[0].attribute("upstream_cluster").as_deref(), Some("web"));
+
+    let zipkin = Http {
+        name: "envoy.tracers.zipkin".into(),
+        config_type: Some(http::ConfigType::TypedConfig(pack_any(ZipkinConfig::default()))),
+    };
+    manager.tracing = Some(tracing(zipkin));
+    xds.set(&url::<Listener>(), "l2", vec![listener_with(8000, manager)]);
+    assert_eventually!(!xds.nacks().is_empty(), "no NACK");
+    let (_, still_on, message) = xds.nacks().remove(0);
+    assert_eq!(still_on, "l1");
+    assert!(
+        message
+            .contains("tracing.provider.typed_config: unsupported tracer envoy.config.trace.v3.ZipkinConfig"),
+        "{message}"
+    );
+}

@@ -120,6 +120,7 @@ impl ProxyFile {
             authorization: inbound_authorization,
             http,
             access_log: AccessLogSet::off(),
+            tracing: Default::default(),
         });
 
         let mut listeners = Vec::new();
@@ -374,6 +375,7 @@ fn resolve_target(
         route,
         http,
         access_log: AccessLogSet::off(),
+        tracing: Default::default(),
     })
 }
 
@@ -609,6 +611,7 @@ fn tracing(file: &TracingFile, node: &Node) -> Result<Option<TracingSettings>, I
         schedule_delay: Duration::from_millis(number("OTEL_BSP_SCHEDULE_DELAY", 5000)?),
         max_export_batch_size: usize::try_from(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?).unwrap_or(512),
         export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30_000)?),
+        tags: Vec::new(),
     }))
 }
 

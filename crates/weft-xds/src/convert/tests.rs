@@ -156,6 +156,7 @@ fn http_and_tcp_service_listeners() {
             tcp_cluster: None,
             protocol: Protocol::Http,
             access_log: weft_telemetry::access_log::AccessLogSet::off(),
+            tracing: None,
         }
     );
     let both = listener(&service_listener(
