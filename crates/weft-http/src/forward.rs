@@ -213,7 +213,7 @@ impl Forwarder {
             return self.proxy(req, ctx, &mut Facts::default()).await;
         }
         let span = ctx.tracing.as_ref().map(|tracing| {
-            let mut span = tracing.begin(req.headers(), span_kind(ctx), span_name(&req), Vec::new());
+            let mut span = tracing.begin(req.headers(), span_kind(ctx), || span_name(&req));
             // Attributes cost allocations: only for a span that is kept.
             if span.is_sampled() {
                 span.set(request_attributes(&req, ctx));
@@ -241,8 +241,9 @@ impl Forwarder {
             request_headers: logs.capture_request(req.headers()),
             ..Entry::default()
         });
+        // Names are gathered for the log line or a span that is kept.
         let mut facts = Facts {
-            logged: true,
+            logged: entry.is_some() || span.as_ref().is_some_and(|s| s.is_sampled()),
             ..Facts::default()
         };
         let mut response = self.proxy(req, ctx, &mut facts).await;

@@ -201,14 +201,9 @@ impl Tracing {
         })
     }
 
-    /// A span for a request, the child of the context its headers carry (W3C first, then B3).
-    pub fn begin(
-        &self,
-        headers: &HeaderMap,
-        kind: SpanKind,
-        name: String,
-        attributes: Vec<KeyValue>,
-    ) -> RequestSpan {
+    /// A span for a request, the child of the context its headers carry (W3C first, then B3). `name`
+    /// is made only for a sampled span (most are not, and then cost no allocation for it).
+    pub fn begin(&self, headers: &HeaderMap, kind: SpanKind, name: impl FnOnce() -> String) -> RequestSpan {
         let mut parent = self.propagator.extract(&Headers(headers));
         let b3 = !parent.span().span_context().is_valid() && {
             match b3_context(headers) {
@@ -221,13 +216,15 @@ impl Tracing {
         };
         let span = self
             .tracer
-            .span_builder(name)
+            .span_builder("")
             .with_kind(kind)
-            .with_attributes(attributes)
             .start_with_context(&self.tracer, &parent);
         let mut span = RequestSpan { span, b3 };
-        if !self.tags.is_empty() {
-            span.set(self.tags.clone());
+        if span.span.is_recording() {
+            span.span.update_name(name());
+            if !self.tags.is_empty() {
+                span.set(self.tags.clone());
+            }
         }
         span
     }
