@@ -105,11 +105,26 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             }
         }),
         "/metrics" | "/stats/prometheus" => get_only(method, || {
-            respond(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                state.metrics.encode(),
-            )
+            // The format the scraper asks for (Prometheus asks for OpenMetrics first), with the
+            // content type that names it.
+            let openmetrics = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            if openmetrics {
+                respond(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    state.metrics.encode(),
+                )
+            } else {
+                respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    state.metrics.encode_prometheus(),
+                )
+            }
         }),
         "/logging" => match *method {
             Method::GET => text(StatusCode::OK, format!("{}\n", state.log.current())),

@@ -416,11 +416,19 @@ impl Metrics {
             .inc();
     }
 
-    /// Prometheus text exposition format.
+    /// OpenMetrics text format (`application/openmetrics-text; version=1.0.0`), ending `# EOF`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Prometheus text exposition format 0.0.4 (`text/plain; version=0.0.4`), for scrapers that do
+    /// not ask for OpenMetrics.
+    pub fn encode_prometheus(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -428,6 +436,24 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_values_are_escaped_in_both_formats() {
+        let metrics = Metrics::new();
+        let labels = ClusterEventLabels {
+            cluster: Label::from("we\"ird\\name\nx"),
+            reason: "made",
+        };
+        metrics.retries.get_or_create(&labels).inc();
+        for (text, eof) in [(metrics.encode(), true), (metrics.encode_prometheus(), false)] {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("weft_upstream_retries_total{"))
+                .expect(&text);
+            assert!(line.contains(r#"cluster="we\"ird\\name\nx""#), "escaped: {line}");
+            assert_eq!(text.trim_end().ends_with("# EOF"), eof, "{text}");
+        }
+    }
 
     #[test]
     fn encodes_istio_names_and_labels() {
