@@ -368,6 +368,9 @@ impl TcpLog {
     }
 }
 
+/// How often an open TCP connection's byte counters are reported (Istio's `tcp_reporting_duration`).
+const TCP_REPORTING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Copies bytes both ways until both sides have closed, half-close included: when one side finishes
 /// sending, the other side's write half is shut down and the opposite direction keeps flowing.
 async fn forward_tcp<S>(
@@ -440,20 +443,47 @@ async fn forward_tcp<S>(
             None => std::future::pending().await,
         }
     };
-    let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => copied.map(|_| ()),
-        () = idle => {
-            tracing::debug!(%dst, %endpoint, "closing an idle TCP connection");
-            Ok(())
-        }
-        () = inputs.force_close.cancelled() => {
-            labels.response_flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
-            Ok(())
-        }
-        () = revoked(inputs, authz.as_ref()) => {
-            tracing::info!(%dst, %endpoint, "closing a TCP connection the authorization policy no longer allows");
-            labels.response_flags = ResponseFlags::RBAC_DENIED;
-            Ok(())
+    // The byte counters report while the connection is open (Istio's `tcp_reporting_duration`), so a
+    // long-lived connection shows its traffic before it closes; the rest is added when it does.
+    let mut reported = (0, 0);
+    let report = |labels: &TcpLabels, reported: &mut (u64, u64)| {
+        let (received, sent) = activity.bytes();
+        inputs
+            .metrics
+            .tcp_received_bytes
+            .get_or_create(labels)
+            .inc_by(received - reported.0);
+        inputs
+            .metrics
+            .tcp_sent_bytes
+            .get_or_create(labels)
+            .inc_by(sent - reported.1);
+        *reported = (received, sent);
+    };
+    let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
+    let revoked = revoked(inputs, authz.as_ref());
+    tokio::pin!(copy, idle, revoked);
+    let mut ticks = tokio::time::interval_at(
+        tokio::time::Instant::now() + TCP_REPORTING_INTERVAL,
+        TCP_REPORTING_INTERVAL,
+    );
+    let copied = loop {
+        tokio::select! {
+            copied = &mut copy => break copied.map(|_| ()),
+            _ = ticks.tick() => report(&labels, &mut reported),
+            () = &mut idle => {
+                tracing::debug!(%dst, %endpoint, "closing an idle TCP connection");
+                break Ok(());
+            }
+            () = inputs.force_close.cancelled() => {
+                labels.response_flags = ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION;
+                break Ok(());
+            }
+            () = &mut revoked => {
+                tracing::info!(%dst, %endpoint, "closing a TCP connection the authorization policy no longer allows");
+                labels.response_flags = ResponseFlags::RBAC_DENIED;
+                break Ok(());
+            }
         }
     };
     if let Err(err) = copied {
@@ -461,13 +491,9 @@ async fn forward_tcp<S>(
         tracing::debug!(%dst, %endpoint, error = %err, "TCP connection failed");
     }
     // Counted as they passed, so a connection closed by a timeout or a failure reports what it carried.
-    let (received, sent) = downstream.bytes();
-    inputs
-        .metrics
-        .tcp_received_bytes
-        .get_or_create(&labels)
-        .inc_by(received);
-    inputs.metrics.tcp_sent_bytes.get_or_create(&labels).inc_by(sent);
+    // The bytes reported while it was open carry the labels it had then (no flags).
+    let (received, sent) = activity.bytes();
+    report(&labels, &mut reported);
     tracing::debug!(%dst, %endpoint, received, sent, "TCP connection closed");
     inputs.metrics.tcp_closed.get_or_create(&labels).inc();
     if let Some(log) = log {

@@ -13,13 +13,16 @@ use tokio::time::Instant;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// When a connection last carried bytes, and how many requests it has in flight.
+/// When a connection last carried bytes, how many it carried, and how many requests it has in flight.
 #[derive(Debug)]
 pub struct Activity {
     origin: Instant,
     /// Milliseconds since `origin`.
     last: AtomicU64,
     in_flight: AtomicU32,
+    /// Bytes read from and written to the connection, through its [`IdleIo`].
+    read: AtomicU64,
+    written: AtomicU64,
 }
 
 impl Activity {
@@ -28,7 +31,18 @@ impl Activity {
             origin: Instant::now(),
             last: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         })
+    }
+
+    /// Bytes read from the connection and written to it so far (readable while the connection is in
+    /// use, for reports made while it is open).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.read.load(Ordering::Relaxed),
+            self.written.load(Ordering::Relaxed),
+        )
     }
 
     fn touch(&self) {
@@ -77,30 +91,18 @@ impl Drop for InFlight {
 }
 
 pin_project! {
-    /// A connection that records its activity, and counts the bytes read from and written to it.
+    /// A connection that records its activity and the bytes read from and written to it.
     #[derive(Debug)]
     pub struct IdleIo<S> {
         #[pin]
         inner: S,
         activity: Arc<Activity>,
-        read: u64,
-        written: u64,
     }
 }
 
 impl<S> IdleIo<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self {
-            inner,
-            activity,
-            read: 0,
-            written: 0,
-        }
-    }
-
-    /// Bytes read from the connection and written to it so far.
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.read, self.written)
+        Self { inner, activity }
     }
 }
 
@@ -110,7 +112,8 @@ impl<S: AsyncRead> AsyncRead for IdleIo<S> {
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
         if buf.filled().len() > before {
-            *this.read += (buf.filled().len() - before) as u64;
+            let n = (buf.filled().len() - before) as u64;
+            this.activity.read.fetch_add(n, Ordering::Relaxed);
             this.activity.touch();
         }
         polled
@@ -124,7 +127,7 @@ impl<S: AsyncWrite> AsyncWrite for IdleIo<S> {
         if let Poll::Ready(Ok(n)) = polled
             && n > 0
         {
-            *this.written += n as u64;
+            this.activity.written.fetch_add(n as u64, Ordering::Relaxed);
             this.activity.touch();
         }
         polled

@@ -791,3 +791,51 @@ async fn an_xds_server_turns_on_tracing_to_a_collector_cluster_and_other_tracers
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tcp_connection_reports_its_bytes_every_15_seconds() {
+    let echo = TcpServer::echo().await;
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\n\
+         listeners: [{{ name: db, address: 127.0.0.1:0, cluster: db, protocol: tcp }}]\n\
+         clusters: [{{ name: db, endpoints: [\"{}\"] }}]",
+        echo.addr
+    ))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.listener("db"))
+        .await
+        .unwrap();
+    stream.write_all(b"0123456789abcdef").await.unwrap();
+    let mut echoed = [0u8; 16];
+    stream.read_exact(&mut echoed).await.unwrap();
+    let received = || async {
+        let metrics = proxy.metrics().await;
+        weft_test_support::metric(&metrics, "istio_tcp_received_bytes_total", &[])
+    };
+    assert_eq!(received().await, 0.0, "nothing reported yet");
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while received().await < 16.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(received().await, 16.0, "reported while the connection is open");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        weft_test_support::metric(&metrics, "istio_tcp_connections_closed_total", &[]),
+        0.0
+    );
+    // Closing adds only what was not reported yet.
+    stream.write_all(b"xy").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eventually!(received().await == 18.0, "the rest at close");
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        weft_test_support::metric(&metrics, "istio_tcp_connections_opened_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        weft_test_support::metric(&metrics, "istio_tcp_connections_closed_total", &[]),
+        1.0
+    );
+}
