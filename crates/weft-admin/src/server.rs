@@ -51,6 +51,7 @@ weft admin
   GET  /metrics        Prometheus metrics (also /stats/prometheus)
   GET  /logging        the active log filter
   POST /logging?level=FILTER   set the log filter (e.g. debug, weft_http=trace,info)
+  POST /logging?<logger>=LEVEL, ?paths=<logger>:LEVEL,...   one logger or several (Envoy's names: http, router, upstream, config, admin, rbac, ...)
   POST /quitquitquit   drain and exit
 ";
 
@@ -207,17 +208,86 @@ fn plain(value: &serde_json::Value) -> String {
     }
 }
 
+/// Envoy's `/logging`: `?level=L` sets every logger (or a whole filter such as `weft_http=debug,info`),
+/// `?<logger>=L` one logger, `?paths=a:L,b:L` several. Loggers are the proxy's modules (`weft_http`,
+/// ...) or Envoy's names for the same parts (`http`, `router`, `upstream`, `pool`, `connection`,
+/// `config`, `admin`, `rbac`, `filter`, `main`).
 fn set_log_level(state: &AdminState, query: Option<&str>) -> AdminResponse {
-    let level = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .find(|(k, _)| k == "level")
-        .map(|(_, v)| v.into_owned());
-    let Some(level) = level else {
-        return text(StatusCode::BAD_REQUEST, "missing ?level=FILTER\n");
-    };
-    match state.log.set(&level) {
-        Ok(()) => text(StatusCode::OK, format!("{level}\n")),
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if pairs.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "missing ?level=LEVEL, ?<logger>=LEVEL or ?paths=<logger>:LEVEL,...\n",
+        );
+    }
+    let mut filter = state.log.current();
+    for (key, value) in &pairs {
+        let updates: Vec<(&str, &str)> = match key.as_str() {
+            "level" => {
+                filter = envoy_level(value).unwrap_or(value).to_owned();
+                continue;
+            }
+            "paths" => value.split(',').filter_map(|p| p.split_once(':')).collect(),
+            logger => vec![(logger, value.as_str())],
+        };
+        for (logger, level) in updates {
+            let Some(target) = logger_target(logger) else {
+                return text(StatusCode::BAD_REQUEST, format!("unknown logger \"{logger}\"\n"));
+            };
+            let Some(level) = envoy_level(level) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid level \"{level}\" for {logger}\n"),
+                );
+            };
+            filter = with_directive(&filter, target, level);
+        }
+    }
+    match state.log.set(&filter) {
+        Ok(()) => text(StatusCode::OK, format!("{filter}\n")),
         Err(err) => text(StatusCode::BAD_REQUEST, format!("{err}\n")),
     }
+}
+
+/// Envoy's level names as tracing's.
+fn envoy_level(level: &str) -> Option<&'static str> {
+    Some(match level {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warning" | "warn" => "warn",
+        "error" | "critical" => "error",
+        "off" => "off",
+        _ => return None,
+    })
+}
+
+/// A logger name, Envoy's or a module's, as the module it stands for.
+fn logger_target(logger: &str) -> Option<&str> {
+    Some(match logger {
+        "http" | "http2" | "router" | "upstream" | "pool" | "client" => "weft_http",
+        "connection" | "conn_handler" | "main" => "weft_app",
+        "config" | "xds" => "weft_xds",
+        "admin" => "weft_admin",
+        "rbac" | "filter" => "weft_authz",
+        "secret" | "tls" => "weft_identity",
+        module if module.starts_with("weft") || module == "h2" || module == "hyper" => module,
+        _ => return None,
+    })
+}
+
+/// `filter` with `target=level` replacing any directive for `target`.
+fn with_directive(filter: &str, target: &str, level: &str) -> String {
+    let mut directives: Vec<String> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && d.split_once('=').map(|(t, _)| t) != Some(target))
+        .map(str::to_owned)
+        .collect();
+    directives.push(format!("{target}={level}"));
+    directives.join(",")
 }
 
 fn ready(readiness: &Readiness) -> AdminResponse {

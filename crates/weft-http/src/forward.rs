@@ -221,7 +221,9 @@ impl Forwarder {
             tracing.inject(&span, req.headers_mut());
             span
         });
+        let trace_id = span.as_ref().map(|s| s.trace_id().to_string());
         let entry = ctx.access_log.as_ref().map(|logs| Entry {
+            trace_id,
             start: Some(std::time::SystemTime::now()),
             method: Some(req.method().clone()),
             path: req.uri().path_and_query().cloned(),

@@ -159,6 +159,8 @@ pub struct Entry {
     pub route_name: Option<Arc<str>>,
     /// Tries made upstream (1 without retries).
     pub attempts: u32,
+    /// The request's trace, when it is traced (`%TRACE_ID%`).
+    pub trace_id: Option<String>,
     pub request_headers: HeaderCapture,
     pub response_headers: HeaderCapture,
 }

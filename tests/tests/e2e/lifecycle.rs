@@ -75,6 +75,24 @@ async fn admin_endpoints() {
         "weft_http=debug,info\n",
         "a bad filter keeps the last good one"
     );
+    // Envoy's forms: one logger by Envoy's name or the module's, several with `paths`, Envoy's levels.
+    assert_eq!(
+        admin_post(admin, "/logging?router=trace").await,
+        (200, "info,weft_http=trace\n".into())
+    );
+    assert_eq!(
+        admin_post(admin, "/logging?paths=config:warning,weft_balance:critical").await,
+        (
+            200,
+            "info,weft_http=trace,weft_xds=warn,weft_balance=error\n".into()
+        )
+    );
+    let (status, body) = admin_post(admin, "/logging?nonsense=debug").await;
+    assert_eq!((status, body.as_str()), (400, "unknown logger \"nonsense\"\n"));
+    assert_eq!(
+        admin_post(admin, "/logging?level=info").await,
+        (200, "info\n".into())
+    );
 
     // Mutations are POST only.
     assert_eq!(admin_get(admin, "/quitquitquit").await.0, 405);

@@ -101,6 +101,7 @@ pub(crate) enum Command {
     RequestedServerName,
     RouteName,
     UpstreamRequestAttemptCount,
+    TraceId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -271,6 +272,7 @@ impl Template {
             Command::DownstreamPeerUriSan => text(entry.peer_uri_san.as_deref()),
             Command::RequestedServerName => text(entry.requested_server_name.as_deref()),
             Command::RouteName => text(entry.route_name.as_deref()),
+            Command::TraceId => text(entry.trace_id.as_deref()),
             Command::UpstreamRequestAttemptCount => match entry.method {
                 Some(_) => Value::Number(entry.attempts.into()),
                 None => Value::Missing,
@@ -413,6 +415,7 @@ fn command(text: &str) -> Result<Command, FormatError> {
         "REQUESTED_SERVER_NAME" => plain(Command::RequestedServerName),
         "ROUTE_NAME" => plain(Command::RouteName),
         "UPSTREAM_REQUEST_ATTEMPT_COUNT" => plain(Command::UpstreamRequestAttemptCount),
+        "TRACE_ID" => plain(Command::TraceId),
         _ => Err(FormatError::Unsupported(text.to_owned())),
     }
 }

@@ -28,6 +28,7 @@ fn request_entry() -> Entry {
         requested_server_name: None,
         route_name: Some("default".into()),
         attempts: 3,
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         request_headers: vec![
             (
                 HeaderName::from_static("user-agent"),
@@ -117,11 +118,13 @@ fn json_values_mixing_text_and_commands_are_strings() {
     let format = Format::json([
         ("line", "%REQ(:METHOD)% %RESPONSE_CODE%"),
         ("code", "%RESPONSE_CODE%"),
+        ("trace", "%TRACE_ID%"),
     ])
     .unwrap();
     let json: serde_json::Value = serde_json::from_str(&line(&format, &request_entry())).unwrap();
     assert_eq!(json["line"], "GET 503");
     assert_eq!(json["code"], 503);
+    assert_eq!(json["trace"], "4bf92f3577b34da6a3ce929d0e0e4736");
 }
 
 #[test]
