@@ -144,6 +144,7 @@ impl App {
             silent: Default::default(),
             overload: overload(&bootstrap.overload),
             access_logs,
+            own_labels: own_labels(&bootstrap),
             access_log_failed: Default::default(),
             tracing,
             listener_tracers: Default::default(),
@@ -550,5 +551,24 @@ impl Publisher {
     fn publish(&self, mesh: Mesh) {
         self.clusters.apply(mesh.clusters.values());
         self.mesh.send_replace(Arc::new(mesh));
+    }
+}
+
+/// This workload's side of its metrics' labels.
+fn own_labels(bootstrap: &Bootstrap) -> weft_telemetry::WorkloadLabels {
+    let node = &bootstrap.node;
+    let label = |s: &str| weft_telemetry::Label::from(s);
+    weft_telemetry::WorkloadLabels {
+        workload: label(&node.workload),
+        namespace: label(&node.namespace),
+        principal: bootstrap
+            .identity
+            .as_ref()
+            .map_or_else(weft_telemetry::Label::unknown, |i| label(&i.id)),
+        app: label(&node.app),
+        version: label(&node.version),
+        canonical_service: label(&node.canonical_service),
+        canonical_revision: label(&node.canonical_revision),
+        cluster: label(&node.cluster),
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use weft_http::Forwarder;
 use weft_model::defaults::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
 use weft_model::{Bootstrap, Mesh};
-use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter};
+use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter, WorkloadLabels};
 use weft_transport::{Accepted, Binder, DialSettings};
 
 use crate::destination::{Destination, LiveRoutes, TargetKey};
@@ -38,6 +38,8 @@ pub(crate) struct Inputs {
     /// The overload manager: the global connection limit and memory pressure.
     pub(crate) overload: weft_transport::Overload,
     pub(crate) access_logs: Arc<AccessLogWriters>,
+    /// This workload's side of its metrics' labels, made once.
+    pub(crate) own_labels: WorkloadLabels,
     /// Spans for HTTP requests, by the proxy's own settings; `None`: no tracing.
     pub(crate) tracing: Option<Arc<Tracing>>,
     /// Tracers of listeners that have their own collector (from a control plane), by settings.
@@ -178,38 +180,27 @@ impl Inputs {
 
     /// Labels for the server side of a hop; the caller is unknown until mutual TLS names it.
     pub(crate) fn destination_peers(&self, destination_service: Label) -> Peers {
-        let node = &self.bootstrap.node;
-        Peers {
-            reporter: Reporter::destination,
-            source_workload: Label::unknown(),
-            source_workload_namespace: Label::unknown(),
-            source_principal: Label::unknown(),
-            destination_workload: node.workload.as_str().into(),
-            destination_workload_namespace: node.namespace.as_str().into(),
-            destination_principal: self
-                .bootstrap
-                .identity
-                .as_ref()
-                .map_or_else(Label::unknown, |i| Label::from(i.id.as_str())),
+        Peers::new(
+            Reporter::destination,
+            &WorkloadLabels::unknown(),
+            &self.own_labels,
             destination_service,
-            connection_security_policy: ConnectionSecurity::none,
-        }
+            ConnectionSecurity::none,
+        )
     }
 
     /// Labels for the client side of a hop.
     pub(crate) fn source_peers(&self, destination_service: Label) -> Peers {
-        let node = &self.bootstrap.node;
-        Peers {
-            reporter: Reporter::source,
-            source_workload: node.workload.as_str().into(),
-            source_workload_namespace: node.namespace.as_str().into(),
-            source_principal: Label::unknown(),
-            destination_workload: Label::unknown(),
-            destination_workload_namespace: Label::unknown(),
-            destination_principal: Label::unknown(),
+        let mut me = self.own_labels.clone();
+        // Istio's client side reports its principal `unknown` and the security `unknown`: it cannot
+        // see how the server authenticated it.
+        me.principal = Label::unknown();
+        Peers::new(
+            Reporter::source,
+            &me,
+            &WorkloadLabels::unknown(),
             destination_service,
-            // Istio's client side reports `unknown`: it cannot see how the server authenticated it.
-            connection_security_policy: ConnectionSecurity::unknown,
-        }
+            ConnectionSecurity::unknown,
+        )
     }
 }

@@ -353,6 +353,11 @@ pub struct TelemetrySpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub access_logging: Vec<AccessLogging>,
+    /// Gateway API targets (`targetRef`, `targetRefs`): not supported, so such a Telemetry is not applied.
+    #[serde(default)]
+    pub target_ref: Option<serde_yaml_ng::Value>,
+    #[serde(default)]
+    pub target_refs: Option<serde_yaml_ng::Value>,
     #[serde(default)]
     pub tracing: Option<serde_yaml_ng::Value>,
     #[serde(default)]
@@ -1008,6 +1013,14 @@ mod tests;
 /// removed (a filtered log is not turned into an unfiltered one, nor an unknown provider into Envoy's).
 fn telemetry_findings(spec: &mut TelemetrySpec) -> Vec<(String, String)> {
     let mut findings = Vec::new();
+    if spec.target_ref.is_some() || spec.target_refs.is_some() {
+        // Applied without its target it would reach every workload its namespace holds.
+        findings.push((
+            "spec.targetRefs".into(),
+            "targetRef/targetRefs are not supported; this Telemetry is not applied".into(),
+        ));
+        spec.access_logging.clear();
+    }
     if spec.tracing.is_some() {
         findings.push((
             "spec.tracing".into(),

@@ -254,6 +254,11 @@ impl Body for ProxyBody {
                 if let Some(data) = frame.data_ref() {
                     self.sent += data.len() as u64;
                 }
+                if let (Some(trailers), Some(completion)) = (frame.trailers_ref(), self.completion.as_mut())
+                    && let Some(status) = crate::forward::grpc_status(trailers)
+                {
+                    completion.labels.grpc_response_status = weft_telemetry::GrpcStatus(Some(status));
+                }
                 if let Some(timer) = &mut self.timer {
                     timer.last_frame = Instant::now();
                 }
@@ -264,6 +269,10 @@ impl Body for ProxyBody {
                     // Dropping the upstream body resets the stream (HTTP/2) or closes the connection.
                     self.kind = Kind::Local(Full::default());
                     let grpc = self.timer.take().is_some_and(|t| t.grpc);
+                    if grpc && let Some(completion) = self.completion.as_mut() {
+                        // DEADLINE_EXCEEDED, the status of the trailers sent below.
+                        completion.labels.grpc_response_status = weft_telemetry::GrpcStatus(Some(4));
+                    }
                     self.finish(flags);
                     let what = if flags == ResponseFlags::UPSTREAM_TIMEOUT {
                         "upstream request timeout"

@@ -19,7 +19,7 @@ use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::access_log::{AccessLogs, Entry};
 use weft_telemetry::traces::Tracing;
 use weft_telemetry::{
-    ConnectionSecurity, Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags,
+    ConnectionSecurity, GrpcStatus, Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags,
 };
 use weft_transport::DialSettings;
 
@@ -353,7 +353,7 @@ impl Forwarder {
             ..
         }) = &decided
         {
-            peers.destination_service = service.clone();
+            peers.set_destination_service(service.clone());
         }
         let completion = self.completion(&peers, request_protocol, start);
         let decision = match decided {
@@ -512,10 +512,11 @@ impl Forwarder {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let timer = BodyTimer::new(deadline, exchange.idle_timeout)
             .map(|t| if grpc_response { t.for_grpc() } else { t });
-        Response::from_parts(
-            parts,
-            ProxyBody::upstream(body, completion(status, flags), timer, held),
-        )
+        let mut completion = completion(status, flags);
+        // A trailers-only gRPC answer carries its status in the headers; others in the trailers,
+        // which the body reads as they pass.
+        completion.labels.grpc_response_status = GrpcStatus(grpc_status(&parts.headers));
+        Response::from_parts(parts, ProxyBody::upstream(body, completion, timer, held))
     }
 
     /// What records a request's metrics when its response ends, given the status and flags.
@@ -531,6 +532,7 @@ impl Forwarder {
                 peers: peers.clone(),
                 request_protocol,
                 response_code: status.as_u16(),
+                grpc_response_status: GrpcStatus::default(),
                 response_flags: flags,
             },
             start,
@@ -838,7 +840,9 @@ fn error_response(
     }
     let flags = reply.flags | extra;
     if grpc {
-        let mut response = Response::new(ProxyBody::local("", Some(completion(StatusCode::OK, flags))));
+        let mut completion = completion(StatusCode::OK, flags);
+        completion.labels.grpc_response_status = GrpcStatus(Some(reply.grpc_status));
+        let mut response = Response::new(ProxyBody::local("", Some(completion)));
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert("grpc-status", HeaderValue::from(reply.grpc_status));
@@ -982,4 +986,9 @@ fn request_attributes<B>(req: &Request<B>, ctx: &HttpContext) -> Vec<KeyValue> {
         attributes.push(KeyValue::new("peer.identity", peer.to_string()));
     }
     attributes
+}
+
+/// A response's `grpc-status`, when it has one.
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }

@@ -139,6 +139,13 @@ pub struct NodeFile {
     pub workload: Option<String>,
     pub namespace: Option<String>,
     pub service_account: Option<String>,
+    /// The workload's labels: `app`, `version`, `service.istio.io/canonical-name`,
+    /// `service.istio.io/canonical-revision` (and `app.kubernetes.io/name`, `app.kubernetes.io/version`)
+    /// give its metrics' `app`, `version`, canonical service and revision labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The cluster it runs in (`source_cluster` / `destination_cluster`); default `ISTIO_META_CLUSTER_ID`,
+    /// else `Kubernetes` (Istio's default).
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

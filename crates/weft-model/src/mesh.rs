@@ -165,6 +165,12 @@ pub struct Node {
     pub workload: String,
     pub namespace: String,
     pub service_account: String,
+    /// Istio's labels for this workload's side of its metrics.
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
 }
 
 /// Listeners, routes and clusters: the part a control plane replaces at run time.

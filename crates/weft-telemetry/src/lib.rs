@@ -10,6 +10,7 @@ pub mod traces;
 pub use flags::ResponseFlags;
 pub use logging::{LogControl, LogError};
 pub use metrics::{
-    AuthzLabels, ClusterEventLabels, ClusterLabels, ConnectionSecurity, Label, Metrics, OverloadLabels,
-    Peers, Reporter, RequestLabels, RequestProtocol, TcpLabels, XdsLabels,
+    AuthzLabels, ClusterEventLabels, ClusterLabels, ConnectionSecurity, GrpcStatus, Label, Metrics,
+    OverloadLabels, Peers, Reporter, RequestLabels, RequestProtocol, ServiceName, ServiceNamespace,
+    TcpLabels, WorkloadLabels, XdsLabels,
 };

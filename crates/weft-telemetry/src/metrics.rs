@@ -82,18 +82,144 @@ pub enum RequestProtocol {
     grpc,
 }
 
-/// Who talks to whom: fixed for a connection, built once and cloned per request.
+/// Who talks to whom, with Istio's standard label set: fixed for a connection, built once and cloned
+/// per request (every value is a shared string).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct Peers {
     pub reporter: Reporter,
     pub source_workload: Label,
+    pub source_canonical_service: Label,
+    pub source_canonical_revision: Label,
     pub source_workload_namespace: Label,
     pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub source_cluster: Label,
     pub destination_workload: Label,
     pub destination_workload_namespace: Label,
     pub destination_principal: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
     pub destination_service: Label,
+    pub destination_canonical_service: Label,
+    pub destination_canonical_revision: Label,
+    /// The service's short name and namespace, read from `destination_service` when it is written.
+    pub destination_service_name: ServiceName,
+    pub destination_service_namespace: ServiceNamespace,
+    pub destination_cluster: Label,
     pub connection_security_policy: ConnectionSecurity,
+}
+
+/// One side of a hop, as Istio labels it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkloadLabels {
+    pub workload: Label,
+    pub namespace: Label,
+    pub principal: Label,
+    pub app: Label,
+    pub version: Label,
+    pub canonical_service: Label,
+    pub canonical_revision: Label,
+    pub cluster: Label,
+}
+
+impl WorkloadLabels {
+    /// A side the reporter knows nothing of.
+    pub fn unknown() -> Self {
+        let unknown = Label::unknown();
+        Self {
+            workload: unknown.clone(),
+            namespace: unknown.clone(),
+            principal: unknown.clone(),
+            app: unknown.clone(),
+            version: unknown.clone(),
+            canonical_service: unknown.clone(),
+            canonical_revision: unknown.clone(),
+            cluster: unknown,
+        }
+    }
+}
+
+impl Peers {
+    pub fn new(
+        reporter: Reporter,
+        source: &WorkloadLabels,
+        destination: &WorkloadLabels,
+        destination_service: Label,
+        connection_security_policy: ConnectionSecurity,
+    ) -> Self {
+        Self {
+            reporter,
+            source_workload: source.workload.clone(),
+            source_canonical_service: source.canonical_service.clone(),
+            source_canonical_revision: source.canonical_revision.clone(),
+            source_workload_namespace: source.namespace.clone(),
+            source_principal: source.principal.clone(),
+            source_app: source.app.clone(),
+            source_version: source.version.clone(),
+            source_cluster: source.cluster.clone(),
+            destination_workload: destination.workload.clone(),
+            destination_workload_namespace: destination.namespace.clone(),
+            destination_principal: destination.principal.clone(),
+            destination_app: destination.app.clone(),
+            destination_version: destination.version.clone(),
+            destination_service_name: ServiceName(destination_service.clone()),
+            destination_service_namespace: ServiceNamespace(destination_service.clone()),
+            destination_service,
+            destination_canonical_service: destination.canonical_service.clone(),
+            destination_canonical_revision: destination.canonical_revision.clone(),
+            destination_cluster: destination.cluster.clone(),
+            connection_security_policy,
+        }
+    }
+
+    /// The service a request went to, once routing has told.
+    pub fn set_destination_service(&mut self, service: Label) {
+        self.destination_service_name = ServiceName(service.clone());
+        self.destination_service_namespace = ServiceNamespace(service.clone());
+        self.destination_service = service;
+    }
+}
+
+/// `name.namespace.svc.<domain>` -> `name`; another value stands for itself.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName(Label);
+
+/// `name.namespace.svc.<domain>` -> `namespace`; `unknown` for a host that is not a service's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceNamespace(Label);
+
+fn service_parts(host: &str) -> Option<(&str, &str)> {
+    let mut parts = host.splitn(3, '.');
+    let (name, namespace, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    (rest == "svc" || rest.starts_with("svc.")).then_some((name, namespace))
+}
+
+impl EncodeLabelValue for ServiceName {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        let host: &str = &self.0.0;
+        fmt::Write::write_str(encoder, service_parts(host).map_or(host, |(name, _)| name))
+    }
+}
+
+impl EncodeLabelValue for ServiceNamespace {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        let host: &str = &self.0.0;
+        fmt::Write::write_str(encoder, service_parts(host).map_or("unknown", |(_, ns)| ns))
+    }
+}
+
+/// A gRPC response's `grpc-status`; empty for other requests, as Istio reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrpcStatus(pub Option<u16>);
+
+impl EncodeLabelValue for GrpcStatus {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> fmt::Result {
+        match self.0 {
+            Some(code) => fmt::Write::write_fmt(encoder, format_args!("{code}")),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -107,6 +233,7 @@ pub struct RequestLabels {
     pub peers: Peers,
     pub request_protocol: RequestProtocol,
     pub response_code: u16,
+    pub grpc_response_status: GrpcStatus,
     pub response_flags: ResponseFlags,
 }
 
@@ -458,21 +585,28 @@ mod tests {
     #[test]
     fn encodes_istio_names_and_labels() {
         let metrics = Metrics::new();
-        let peers = Peers {
-            reporter: Reporter::source,
-            source_workload: "productpage".into(),
-            source_workload_namespace: "default".into(),
-            source_principal: Label::unknown(),
-            destination_workload: Label::unknown(),
-            destination_workload_namespace: Label::unknown(),
-            destination_principal: Label::unknown(),
-            destination_service: "reviews".into(),
-            connection_security_policy: ConnectionSecurity::none,
+        let source = WorkloadLabels {
+            workload: "productpage-v1".into(),
+            namespace: "default".into(),
+            app: "productpage".into(),
+            version: "v1".into(),
+            canonical_service: "productpage".into(),
+            canonical_revision: "v1".into(),
+            cluster: "Kubernetes".into(),
+            ..WorkloadLabels::unknown()
         };
+        let peers = Peers::new(
+            Reporter::source,
+            &source,
+            &WorkloadLabels::unknown(),
+            "reviews.default.svc.cluster.local".into(),
+            ConnectionSecurity::none,
+        );
         let labels = RequestLabels {
             peers,
-            request_protocol: RequestProtocol::http,
+            request_protocol: RequestProtocol::grpc,
             response_code: 503,
+            grpc_response_status: GrpcStatus(Some(14)),
             response_flags: ResponseFlags::UPSTREAM_CONNECT_FAILURE,
         };
         metrics.requests.get_or_create(&labels).inc();
@@ -485,7 +619,16 @@ mod tests {
             .expect(&text);
         for part in [
             "reporter=\"source\"",
-            "destination_service=\"reviews\"",
+            "destination_service=\"reviews.default.svc.cluster.local\"",
+            "destination_service_name=\"reviews\"",
+            "destination_service_namespace=\"default\"",
+            "source_canonical_service=\"productpage\"",
+            "source_canonical_revision=\"v1\"",
+            "source_app=\"productpage\"",
+            "source_version=\"v1\"",
+            "source_cluster=\"Kubernetes\"",
+            "destination_canonical_service=\"unknown\"",
+            "grpc_response_status=\"14\"",
             "response_code=\"503\"",
             "response_flags=\"UF\"",
             "connection_security_policy=\"none\"",

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use weft_http::{Forwarder, HttpContext, HttpVersion, Pools, ServeSettings, Upstream};
-use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter};
+use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter, WorkloadLabels};
 use weft_transport::DialSettings;
 
 /// How long one input may take end to end; longer is a hang, and fails.
@@ -54,17 +54,13 @@ fn harness() -> &'static Harness {
             },
             orig_dst: upstream,
             version: HttpVersion::Http1,
-            peers: Peers {
-                reporter: Reporter::source,
-                source_workload: Label::unknown(),
-                source_workload_namespace: Label::unknown(),
-                source_principal: Label::unknown(),
-                destination_workload: Label::unknown(),
-                destination_workload_namespace: Label::unknown(),
-                destination_principal: Label::unknown(),
-                destination_service: Label::unknown(),
-                connection_security_policy: ConnectionSecurity::unknown,
-            },
+            peers: Peers::new(
+                Reporter::source,
+                &WorkloadLabels::unknown(),
+                &WorkloadLabels::unknown(),
+                Label::unknown(),
+                ConnectionSecurity::unknown,
+            ),
             client_cert: None,
             authorization: None,
             stream_idle_timeout: Some(Duration::from_secs(5)),

@@ -839,3 +839,47 @@ async fn an_open_tcp_connection_reports_its_bytes_every_15_seconds() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_carry_istios_workload_and_service_labels() {
+    let app = HttpServer::start("app").await;
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\n\
+         node: {{ workload: productpage-v1, namespace: bookinfo, labels: {{ app: productpage, version: v1 }}, cluster: east }}\n\
+         listeners: [{{ name: front, address: 127.0.0.1:0, cluster: \"outbound|9080||reviews.bookinfo.svc.cluster.local\" }}]\n\
+         clusters: [{{ name: \"outbound|9080||reviews.bookinfo.svc.cluster.local\", endpoints: [\"{}\"] }}]",
+        app.addr
+    ))
+    .await;
+    let response = plain_client()
+        .request(
+            Request::get(format!("http://{}/", proxy.listener("front")))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    drain_body(response.into_body()).await.unwrap();
+    let metrics = proxy.metrics().await;
+    let labels = [
+        ("reporter", "source"),
+        ("source_workload", "productpage-v1"),
+        ("source_workload_namespace", "bookinfo"),
+        ("source_app", "productpage"),
+        ("source_version", "v1"),
+        ("source_canonical_service", "productpage"),
+        ("source_canonical_revision", "v1"),
+        ("source_cluster", "east"),
+        ("destination_service", "reviews.bookinfo.svc.cluster.local"),
+        ("destination_service_name", "reviews"),
+        ("destination_service_namespace", "bookinfo"),
+        ("destination_canonical_service", "unknown"),
+        ("grpc_response_status", ""),
+        ("response_code", "200"),
+    ];
+    assert_eq!(
+        weft_test_support::metric(&metrics, "istio_requests_total", &labels),
+        1.0,
+        "{metrics}"
+    );
+}

@@ -64,6 +64,19 @@ async fn grpc_unary_and_errors_through_the_proxy() {
         2.0,
         "{metrics}"
     );
+    // Istio's grpc_response_status: from the trailers of the call that succeeded, from the
+    // trailers-only answer of the one that failed.
+    for (status, count) in [("0", 1.0), ("14", 1.0)] {
+        assert_eq!(
+            metric(
+                &metrics,
+                "istio_requests_total",
+                &[("request_protocol", "grpc"), ("grpc_response_status", status)]
+            ),
+            count,
+            "{metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -637,8 +637,30 @@ impl NodeFile {
                 env("INSTANCE_IP").unwrap_or_default()
             )
         });
+        // Istio's rules: the canonical labels, else the Kubernetes recommended ones, else `app` and
+        // `version`, else the workload's name and `latest`; the sidecar template passes the first two
+        // as CANONICAL_SERVICE and CANONICAL_REVISION.
+        let label = |names: &[&str]| names.iter().find_map(|n| self.labels.get(*n).cloned());
+        let canonical_service = label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+            .or_else(|| env("CANONICAL_SERVICE"))
+            .unwrap_or_else(|| workload.clone());
+        let canonical_revision = label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .or_else(|| env("CANONICAL_REVISION"))
+        .unwrap_or_else(|| "latest".into());
         Node {
             id,
+            app: label(&["app"]).unwrap_or_else(|| "unknown".into()),
+            version: label(&["version"]).unwrap_or_else(|| "unknown".into()),
+            canonical_service,
+            canonical_revision,
+            cluster: self
+                .cluster
+                .or_else(|| env("ISTIO_META_CLUSTER_ID"))
+                .unwrap_or_else(|| "Kubernetes".into()),
             workload,
             namespace,
             service_account,
