@@ -120,12 +120,8 @@ pub(crate) struct Completion {
     pub(crate) start: Instant,
     pub(crate) log: Option<Box<Logged>>,
     /// The request's span, ended with the response.
-    pub(crate) span: Option<Box<Traced>>,
-}
-
-#[derive(Debug)]
-pub(crate) struct Traced {
-    pub(crate) span: RequestSpan,
+    pub(crate) span: Option<Box<RequestSpan>>,
+    /// How many body bytes the client sent (`None`: the body was never read).
     pub(crate) reading: Option<Arc<crate::replay::BodyReading>>,
 }
 
@@ -134,8 +130,6 @@ pub(crate) struct Traced {
 pub(crate) struct Logged {
     pub(crate) logs: Arc<AccessLogs>,
     pub(crate) entry: Entry,
-    /// How many body bytes the client sent.
-    pub(crate) reading: Option<Arc<crate::replay::BodyReading>>,
 }
 
 impl Completion {
@@ -147,9 +141,17 @@ impl Completion {
             .request_duration_ms
             .get_or_create(&self.labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
-        if let Some(traced) = self.span {
-            let received = traced.reading.map_or(0, |r| r.received());
-            traced.span.finish(
+        let received = self.reading.map_or(0, |r| r.received());
+        self.metrics
+            .request_bytes
+            .get_or_create(&self.labels)
+            .observe(received as f64);
+        self.metrics
+            .response_bytes
+            .get_or_create(&self.labels)
+            .observe(sent as f64);
+        if let Some(span) = self.span {
+            span.finish(
                 self.labels.response_code,
                 self.labels.response_flags,
                 received,
@@ -157,16 +159,12 @@ impl Completion {
             );
         }
         if let Some(logged) = self.log {
-            let Logged {
-                logs,
-                mut entry,
-                reading,
-            } = *logged;
+            let Logged { logs, mut entry } = *logged;
             entry.response_code = self.labels.response_code;
             entry.flags = self.labels.response_flags;
             entry.duration = elapsed;
             entry.bytes_sent = sent;
-            entry.bytes_received = reading.map_or(0, |r| r.received());
+            entry.bytes_received = received;
             logs.log(entry);
         }
     }
@@ -212,9 +210,9 @@ impl ProxyBody {
     }
 
     /// Ends the request's span when the response ends.
-    pub(crate) fn trace(&mut self, traced: Traced) {
+    pub(crate) fn trace(&mut self, span: RequestSpan) {
         if let Some(completion) = &mut self.completion {
-            completion.span = Some(Box::new(traced));
+            completion.span = Some(Box::new(span));
         }
     }
 

@@ -23,7 +23,7 @@ use weft_telemetry::{
 };
 use weft_transport::DialSettings;
 
-use crate::body::{BodyTimer, Completion, InFlight, Logged, Traced};
+use crate::body::{BodyTimer, Completion, InFlight, Logged};
 use crate::error::Origin;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
@@ -119,7 +119,6 @@ struct Facts {
     route: Option<Arc<str>>,
     attempts: u32,
     response_duration: Option<Duration>,
-    reading: Option<Arc<BodyReading>>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -264,10 +263,7 @@ impl Forwarder {
                 }
                 span.set(attributes);
             }
-            response.body_mut().trace(Traced {
-                span,
-                reading: facts.reading.clone(),
-            });
+            response.body_mut().trace(span);
         }
         if let (Some(logs), Some(mut entry)) = (&ctx.access_log, entry) {
             entry.response_headers = logs.capture_response(response.headers());
@@ -281,7 +277,6 @@ impl Forwarder {
             response.body_mut().log(Logged {
                 logs: logs.clone(),
                 entry,
-                reading: facts.reading,
             });
         }
         response
@@ -425,9 +420,6 @@ impl Forwarder {
             upstream_host: None,
         };
         let (body, reading) = ClientBody::new(body);
-        if facts.logged {
-            facts.reading = Some(reading.clone());
-        }
         let attempt = async {
             match decision.target {
                 DecidedTarget::Direct(endpoint, settings) => {
@@ -513,6 +505,7 @@ impl Forwarder {
         let timer = BodyTimer::new(deadline, exchange.idle_timeout)
             .map(|t| if grpc_response { t.for_grpc() } else { t });
         let mut completion = completion(status, flags);
+        completion.reading = Some(reading.clone());
         // A trailers-only gRPC answer carries its status in the headers; others in the trailers,
         // which the body reads as they pass.
         completion.labels.grpc_response_status = GrpcStatus(grpc_status(&parts.headers));
@@ -538,6 +531,7 @@ impl Forwarder {
             start,
             log: None,
             span: None,
+            reading: None,
         }
     }
 

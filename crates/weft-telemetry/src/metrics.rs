@@ -19,6 +19,15 @@ const DURATION_BUCKETS_MS: [f64; 19] = [
     300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// Istio's byte-size buckets: powers of ten from 1 B to 100 MB.
+const SIZE_BUCKETS_BYTES: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
 /// A cheaply cloned label value.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Label(Arc<str>);
@@ -296,6 +305,8 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration_ms: HistogramFamily<RequestLabels>,
+    pub request_bytes: HistogramFamily<RequestLabels>,
+    pub response_bytes: HistogramFamily<RequestLabels>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
@@ -329,6 +340,10 @@ impl Metrics {
         let requests = Family::default();
         let request_duration_ms: HistogramFamily<RequestLabels> =
             Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS_MS));
+        let request_bytes: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS_BYTES));
+        let response_bytes: HistogramFamily<RequestLabels> =
+            Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS_BYTES));
         let tcp_opened = Family::default();
         let tcp_closed = Family::default();
         let tcp_sent_bytes = Family::default();
@@ -366,6 +381,20 @@ impl Metrics {
             "Time from request start to the end of the response",
             request_duration_ms.clone(),
         );
+        registry.register("istio_request_bytes", "Request body sizes", request_bytes.clone());
+        registry.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            response_bytes.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "proxy",
+                tag: concat!("weft-", env!("CARGO_PKG_VERSION")),
+            })
+            .set(1);
+        registry.register("istio_build", "Istio component build info", build);
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -503,6 +532,8 @@ impl Metrics {
             registry,
             requests,
             request_duration_ms,
+            request_bytes,
+            response_bytes,
             tcp_opened,
             tcp_closed,
             tcp_sent_bytes,

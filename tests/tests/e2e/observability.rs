@@ -853,13 +853,13 @@ async fn metrics_carry_istios_workload_and_service_labels() {
     .await;
     let response = plain_client()
         .request(
-            Request::get(format!("http://{}/", proxy.listener("front")))
-                .body(empty())
+            Request::post(format!("http://{}/", proxy.listener("front")))
+                .body(full("twelve bytes"))
                 .unwrap(),
         )
         .await
         .unwrap();
-    drain_body(response.into_body()).await.unwrap();
+    let sent = drain_body(response.into_body()).await.unwrap();
     let metrics = proxy.metrics().await;
     let labels = [
         ("reporter", "source"),
@@ -879,6 +879,15 @@ async fn metrics_carry_istios_workload_and_service_labels() {
     ];
     assert_eq!(
         weft_test_support::metric(&metrics, "istio_requests_total", &labels),
+        1.0,
+        "{metrics}"
+    );
+    let metric = |name: &str| weft_test_support::metric(&metrics, name, &[("source_app", "productpage")]);
+    assert_eq!(metric("istio_request_bytes_sum"), 12.0, "{metrics}");
+    assert_eq!(metric("istio_response_bytes_sum"), sent as f64, "{metrics}");
+    assert_eq!(metric("istio_request_bytes_count"), 1.0, "{metrics}");
+    assert_eq!(
+        weft_test_support::metric(&metrics, "istio_build", &[("component", "proxy")]),
         1.0,
         "{metrics}"
     );
