@@ -646,26 +646,38 @@ fn peer_authentication(
             .map(|m| m.mode)
             .filter(|m| *m != MtlsMode::Unset)
     };
-    let selecting = catalog.peer_authentications.iter().filter(|p| {
-        p.metadata.namespace() == namespace
-            && match (&p.spec.selector, me) {
+    by_precedence(
+        &catalog.peer_authentications,
+        |p| p.selector.as_ref(),
+        me,
+        namespace,
+    )
+    .find_map(mode_of)
+    .unwrap_or(MtlsMode::Permissive)
+}
+
+/// The resources that apply to a workload, in Istio's order: those in its namespace whose selector
+/// matches it, then its namespace's without a selector, then the root namespace's without one.
+fn by_precedence<'a, S>(
+    list: &'a [Resource<S>],
+    selector: fn(&S) -> Option<&crate::resources::WorkloadSelector>,
+    me: Option<&'a Resource<WorkloadEntrySpec>>,
+    namespace: &'a str,
+) -> impl Iterator<Item = &'a Resource<S>> {
+    let selecting = list.iter().filter(move |r| {
+        r.metadata.namespace() == namespace
+            && match (selector(&r.spec), me) {
                 (Some(s), Some(me)) => selects(&s.match_labels, &me.spec.labels),
                 _ => false,
             }
     });
-    let namespace_wide = catalog
-        .peer_authentications
+    let namespace_wide = list
         .iter()
-        .filter(|p| p.metadata.namespace() == namespace && p.spec.selector.is_none());
-    let mesh_wide = catalog.peer_authentications.iter().filter(|p| {
-        p.metadata.namespace() == crate::resources::root_namespace() && p.spec.selector.is_none()
+        .filter(move |r| r.metadata.namespace() == namespace && selector(&r.spec).is_none());
+    let mesh_wide = list.iter().filter(move |r| {
+        r.metadata.namespace() == crate::resources::root_namespace() && selector(&r.spec).is_none()
     });
-    selecting
-        .filter_map(mode_of)
-        .next()
-        .or_else(|| namespace_wide.filter_map(mode_of).next())
-        .or_else(|| mesh_wide.filter_map(mode_of).next())
-        .unwrap_or(MtlsMode::Permissive)
+    selecting.chain(namespace_wide).chain(mesh_wide)
 }
 
 /// Whether the client side and the server side of this workload write access logs, by the Telemetry
@@ -676,23 +688,7 @@ fn access_logging(
     me: Option<&Resource<WorkloadEntrySpec>>,
     namespace: &str,
 ) -> (bool, bool) {
-    let selecting = catalog.telemetries.iter().filter(|t| {
-        t.metadata.namespace() == namespace
-            && match (&t.spec.selector, me) {
-                (Some(s), Some(me)) => selects(&s.match_labels, &me.spec.labels),
-                _ => false,
-            }
-    });
-    let namespace_wide = catalog
-        .telemetries
-        .iter()
-        .filter(|t| t.metadata.namespace() == namespace && t.spec.selector.is_none());
-    let mesh_wide = catalog.telemetries.iter().filter(|t| {
-        t.metadata.namespace() == crate::resources::root_namespace() && t.spec.selector.is_none()
-    });
-    let Some(telemetry) = selecting
-        .chain(namespace_wide)
-        .chain(mesh_wide)
+    let Some(telemetry) = by_precedence(&catalog.telemetries, |t| t.selector.as_ref(), me, namespace)
         .find(|t| !t.spec.access_logging.is_empty())
     else {
         return (false, false);

@@ -46,6 +46,36 @@ async fn lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
     }
 }
 
+/// A proxy configured by the xDS server at `url`, its own access log off.
+async fn proxy_of_xds(url: &str) -> TestProxy {
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\nnode: {{ workload: client, namespace: default }}\nxds: {{ address: \"{url}\", initial_fetch_timeout: 10s }}"
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    proxy
+}
+
+/// `GET http://web:8000{path}` through the proxy's outbound listener, as if to the service; 200.
+async fn get_web(proxy: &TestProxy, path: &str) {
+    let client = weft_test_support::http::client(
+        proxy
+            .orig_dst
+            .connector(proxy.outbound(), "127.0.96.9:8000".parse().unwrap()),
+        false,
+    );
+    let response = client
+        .request(
+            Request::get(format!("http://web:8000{path}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drain_body(response.into_body()).await.unwrap();
+}
+
 fn log_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
@@ -348,27 +378,8 @@ async fn an_xds_server_turns_on_access_logs_and_a_format_it_cannot_fill_is_refus
         vec![listener_with(8000, manager.clone())],
     );
 
-    let proxy = TestProxy::start(&format!(
-        "access_log: {{ path: off }}\nnode: {{ workload: client, namespace: default }}\nxds: {{ address: \"{}\", initial_fetch_timeout: 10s }}",
-        xds.url()
-    ))
-    .await;
-    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
-    let client = weft_test_support::http::client(
-        proxy
-            .orig_dst
-            .connector(proxy.outbound(), "127.0.96.9:8000".parse().unwrap()),
-        false,
-    );
-    let get = || async {
-        let response = client
-            .request(Request::get("http://web:8000/hello").body(empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        drain_body(response.into_body()).await.unwrap();
-    };
-    get().await;
+    let proxy = proxy_of_xds(&xds.url()).await;
+    get_web(&proxy, "/hello").await;
     let line = lines(&log, 1).await.remove(0);
     assert_eq!(
         line,
@@ -395,7 +406,7 @@ async fn an_xds_server_turns_on_access_logs_and_a_format_it_cannot_fill_is_refus
         message.contains("unsupported access log command %DYNAMIC_METADATA(istio.mixer:status)%"),
         "{message}"
     );
-    get().await;
+    get_web(&proxy, "/hello").await;
     assert_eq!(
         lines(&log, 2).await.len(),
         2,
@@ -748,24 +759,8 @@ async fn an_xds_server_turns_on_tracing_to_a_collector_cluster_and_other_tracers
         "l1",
         vec![listener_with(8000, manager.clone())],
     );
-    let proxy = TestProxy::start(&format!(
-        "access_log: {{ path: off }}\nnode: {{ workload: client, namespace: default }}\nxds: {{ address: \"{}\", initial_fetch_timeout: 10s }}",
-        xds.url()
-    ))
-    .await;
-    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
-    let client = weft_test_support::http::client(
-        proxy
-            .orig_dst
-            .connector(proxy.outbound(), "127.0.96.9:8000".parse().unwrap()),
-        false,
-    );
-    let response = client
-        .request(Request::get("http://web:8000/traced").body(empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    drain_body(response.into_body()).await.unwrap();
+    let proxy = proxy_of_xds(&xds.url()).await;
+    get_web(&proxy, "/traced").await;
     let spans = spans(&receiver, 1).await;
     assert_eq!(spans.len(), 1, "{spans:#?}");
     assert_eq!(spans[0].service, "web-client.default");
