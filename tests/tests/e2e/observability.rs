@@ -76,6 +76,20 @@ async fn get_web(proxy: &TestProxy, path: &str) {
     drain_body(response.into_body()).await.unwrap();
 }
 
+/// `GET http://{front}{path}` with `headers`, straight to a sidecar's listener; 200.
+async fn get_front(front: SocketAddr, path: &str, headers: &[(&str, &str)]) {
+    let mut request = Request::get(format!("http://{front}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = plain_client()
+        .request(request.body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drain_body(response.into_body()).await.unwrap();
+}
+
 fn log_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
@@ -522,17 +536,12 @@ async fn a_hop_between_sidecars_is_a_client_and_a_server_span_of_the_apps_trace(
     // The calling app propagates its own span.
     let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let app_span = "00f067aa0ba902b7";
-    let response = plain_client()
-        .request(
-            Request::get(format!("http://{front}/reviews/7?x=1"))
-                .header("traceparent", format!("00-{app_trace}-{app_span}-01"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    drain_body(response.into_body()).await.unwrap();
+    get_front(
+        front,
+        "/reviews/7?x=1",
+        &[("traceparent", &format!("00-{app_trace}-{app_span}-01"))],
+    )
+    .await;
     let seen = app.last_request();
     let traceparent = seen.headers["traceparent"].to_str().unwrap().to_owned();
 
@@ -584,16 +593,12 @@ async fn a_hop_between_sidecars_is_a_client_and_a_server_span_of_the_apps_trace(
     );
 
     // A request an upstream decided not to sample: no span, and the decision travels on.
-    let response = plain_client()
-        .request(
-            Request::get(format!("http://{front}/unsampled"))
-                .header("traceparent", format!("00-{app_trace}-{app_span}-00"))
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    drain_body(response.into_body()).await.unwrap();
+    get_front(
+        front,
+        "/unsampled",
+        &[("traceparent", &format!("00-{app_trace}-{app_span}-00"))],
+    )
+    .await;
     let traceparent = app.last_request().headers["traceparent"]
         .to_str()
         .unwrap()
@@ -604,18 +609,16 @@ async fn a_hop_between_sidecars_is_a_client_and_a_server_span_of_the_apps_trace(
     );
     assert!(traceparent.ends_with("-00"), "not sampled: {traceparent}");
     // B3 from the app: read, followed, and kept up to date for the app behind.
-    let response = plain_client()
-        .request(
-            Request::get(format!("http://{front}/b3"))
-                .header("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7")
-                .header("x-b3-spanid", "e457b5a2e4d86bd1")
-                .header("x-b3-sampled", "1")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    drain_body(response.into_body()).await.unwrap();
+    get_front(
+        front,
+        "/b3",
+        &[
+            ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+            ("x-b3-spanid", "e457b5a2e4d86bd1"),
+            ("x-b3-sampled", "1"),
+        ],
+    )
+    .await;
     let headers = app.last_request().headers;
     assert_eq!(headers["x-b3-traceid"], "80f198ee56343ba864fe8b2a57d3eff7");
     assert_ne!(headers["x-b3-spanid"], "e457b5a2e4d86bd1", "the server span's id");
