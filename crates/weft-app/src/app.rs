@@ -125,7 +125,11 @@ impl App {
             None => watch::channel(None).1,
         };
         let xds_base = bootstrap.xds.as_ref().map(|_| mesh.clone());
-        let forwarder = Forwarder::new(Arc::new(Pools::new(tls.clone())), metrics.clone());
+        let forwarder = Forwarder::new(
+            Arc::new(Pools::new(tls.clone())),
+            metrics.clone(),
+            &own_workload(&bootstrap),
+        );
         forwarder.clusters().apply(mesh.clusters.values());
         let (config, mesh_rx) = watch::channel(Arc::new(mesh));
         let config = Arc::new(Publisher {
@@ -551,6 +555,23 @@ impl Publisher {
     fn publish(&self, mesh: Mesh) {
         self.clusters.apply(mesh.clusters.values());
         self.mesh.send_replace(Arc::new(mesh));
+    }
+}
+
+/// This workload as the metadata exchange tells its peers.
+fn own_workload(bootstrap: &Bootstrap) -> weft_telemetry::peer_metadata::OwnWorkload {
+    let node = &bootstrap.node;
+    weft_telemetry::peer_metadata::OwnWorkload {
+        name: node.workload.clone(),
+        namespace: node.namespace.clone(),
+        workload: node.workload.clone(),
+        service_account: node.service_account.clone(),
+        cluster: node.cluster.clone(),
+        node_id: node.id.clone(),
+        app: node.app.clone(),
+        version: node.version.clone(),
+        canonical_service: node.canonical_service.clone(),
+        canonical_revision: node.canonical_revision.clone(),
     }
 }
 

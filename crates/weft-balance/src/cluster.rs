@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use weft_model::{Cluster, OutlierDetection};
-use weft_telemetry::{ClusterEventLabels, ClusterLabels, Label, Metrics};
+use weft_telemetry::{ClusterEventLabels, ClusterLabels, Label, Metrics, WorkloadLabels};
 
 use crate::budget::BudgetWindow;
 use crate::endpoints::{EndpointSet, EndpointState};
@@ -223,7 +223,8 @@ impl ClusterState {
         if let Some(detection) = &set.config.outlier_detection {
             self.evaluate_when_due(&set, detection, false);
         }
-        set.pick(tried, &self.cursor).cloned().map(EndpointGuard::new)
+        set.pick(tried, &self.cursor)
+            .map(|m| EndpointGuard::new(m.state.clone(), m.endpoint.workload.clone()))
     }
 
     /// Records how an attempt ended: success and failure counts, and outlier detection.
@@ -460,12 +461,18 @@ impl Drop for RetryPermit {
 #[derive(Debug)]
 pub struct EndpointGuard {
     endpoint: Arc<EndpointState>,
+    workload: Option<Arc<WorkloadLabels>>,
 }
 
 impl EndpointGuard {
-    fn new(endpoint: Arc<EndpointState>) -> Self {
+    fn new(endpoint: Arc<EndpointState>, workload: Option<Arc<WorkloadLabels>>) -> Self {
         endpoint.active.fetch_add(1, Ordering::AcqRel);
-        Self { endpoint }
+        Self { endpoint, workload }
+    }
+
+    /// The workload behind the endpoint, when discovery named it.
+    pub fn workload(&self) -> Option<&Arc<WorkloadLabels>> {
+        self.workload.as_ref()
     }
 
     pub fn address(&self) -> SocketAddr {

@@ -67,7 +67,7 @@ impl EndpointSet {
             .map(|endpoint| {
                 let kept = kept.get(&endpoint.address).map(|state| Arc::clone(state));
                 Member {
-                    endpoint: *endpoint,
+                    endpoint: endpoint.clone(),
                     state: kept.unwrap_or_else(|| Arc::new(EndpointState::new(endpoint.address))),
                 }
             })
@@ -103,7 +103,7 @@ impl EndpointSet {
 
     /// Chooses an endpoint by the cluster's policy among those not ejected, avoiding `tried` when another
     /// one is available. `cursor` is the round-robin position. `None`: no endpoint can take traffic.
-    pub(crate) fn pick(&self, tried: &[SocketAddr], cursor: &AtomicU64) -> Option<&Arc<EndpointState>> {
+    pub(crate) fn pick(&self, tried: &[SocketAddr], cursor: &AtomicU64) -> Option<&Member> {
         let usable = |m: &Member| m.endpoint.weight > 0;
         let available = |m: &Member| m.endpoint.healthy && !m.state.outlier.is_ejected();
         let (mut total, mut healthy) = (0usize, 0usize);
@@ -131,7 +131,7 @@ impl EndpointSet {
             return None;
         }
         let at = |point: u64| self.at_weight(point, &candidate);
-        let chosen = match self.config.lb_policy {
+        match self.config.lb_policy {
             LbPolicy::RoundRobin => at(cursor.fetch_add(1, Ordering::Relaxed) % weight),
             LbPolicy::Random => at(rand::random_range(0..weight)),
             // Power of two choices (Envoy's default `choice_count`): two endpoints drawn by weight, the
@@ -144,8 +144,7 @@ impl EndpointSet {
                     (a, b) => a.or(b),
                 }
             }
-        };
-        chosen.map(|m| &m.state)
+        }
     }
 
     /// The candidate at `point` on the line of candidates' weights. An ejection between the passes can

@@ -18,9 +18,9 @@ fn cluster(policy: LbPolicy, endpoints: &[(u8, u32, bool)]) -> Cluster {
     c.endpoints = endpoints
         .iter()
         .map(|(i, weight, healthy)| Endpoint {
-            address: addr(*i),
             weight: *weight,
             healthy: *healthy,
+            ..Endpoint::new(addr(*i))
         })
         .collect();
     c

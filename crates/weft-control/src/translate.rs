@@ -365,6 +365,7 @@ impl Builder {
                         ..Default::default()
                     })),
                     load_balancing_weight: w.spec.weight.map(|value| UInt32Value { value }),
+                    metadata: Some(telemetry_metadata(w)),
                     ..Default::default()
                 })
             })
@@ -790,6 +791,47 @@ fn virtual_service<'a>(
             .iter()
             .any(|h| resolve_host(h, vs.metadata.namespace()) == host)
     })
+}
+
+/// Istio's endpoint metadata for the client side's metric labels: `filter_metadata.istio.workload` =
+/// `name;namespace;canonical service;canonical revision;cluster`, by the same label rules a proxy
+/// applies to itself.
+fn telemetry_metadata(
+    workload: &Resource<WorkloadEntrySpec>,
+) -> envoy_types::pb::envoy::config::core::v3::Metadata {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let labels = &workload.spec.labels;
+    let label = |names: &[&str]| names.iter().find_map(|n| labels.get(*n).cloned());
+    let name = workload.metadata.name.clone();
+    let canonical_service = label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+        .unwrap_or_else(|| name.clone());
+    let canonical_revision = label(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".into());
+    let value = format!(
+        "{name};{};{canonical_service};{canonical_revision};Kubernetes",
+        workload.metadata.namespace()
+    );
+    let fields = [(
+        "workload".to_owned(),
+        Value {
+            kind: Some(Kind::StringValue(value)),
+        },
+    )];
+    envoy_types::pb::envoy::config::core::v3::Metadata {
+        filter_metadata: [(
+            "istio".to_owned(),
+            Struct {
+                fields: fields.into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }
 }
 
 fn workloads_of<'a>(

@@ -17,14 +17,17 @@ use weft_balance::{ClusterState, ClusterStates, ConnectionSlot, Outcome};
 use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::access_log::{AccessLogs, Entry};
+use weft_telemetry::peer_metadata::OwnWorkload;
 use weft_telemetry::traces::Tracing;
 use weft_telemetry::{
-    ConnectionSecurity, GrpcStatus, Label, Metrics, Peers, RequestLabels, RequestProtocol, ResponseFlags,
+    ConnectionSecurity, GrpcStatus, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol,
+    ResponseFlags, WorkloadLabels,
 };
 use weft_transport::DialSettings;
 
 use crate::body::{BodyTimer, Completion, InFlight, Logged};
 use crate::error::Origin;
+use crate::exchange::PeerExchange;
 use crate::headers::{set_upgrade, strip_hop_by_hop};
 use crate::hop::{Hop, request_authority, set_authority};
 use crate::pool::ConnectionUses;
@@ -128,6 +131,7 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
     clusters: Arc<ClusterStates>,
     decisions: Arc<weft_authz::connection::Decisions>,
+    exchange: Arc<PeerExchange>,
 }
 
 /// The outcome of one try.
@@ -137,9 +141,11 @@ enum Try {
 }
 
 impl Forwarder {
-    pub fn new(pools: Arc<Pools>, metrics: Arc<Metrics>) -> Self {
+    /// `own`: this workload, as the metadata exchange tells peers.
+    pub fn new(pools: Arc<Pools>, metrics: Arc<Metrics>, own: &OwnWorkload) -> Self {
         Self {
             pools,
+            exchange: Arc::new(PeerExchange::new(own)),
             clusters: Arc::new(ClusterStates::new(metrics.clone())),
             decisions: Arc::new(weft_authz::connection::Decisions::new(metrics.clone())),
             metrics,
@@ -321,9 +327,14 @@ impl Forwarder {
             set_upgrade(&mut parts.headers, protocol.clone());
         }
 
+        let mut peers = ctx.peers.clone();
+        if ctx.peers.reporter == Reporter::destination {
+            self.exchange
+                .caller(&mut parts.headers, ctx.peer_identity.as_ref(), &mut peers);
+        }
         // Refused before routing: the labels have no destination service yet.
         let refused = |err: UpstreamError, facts: &mut Facts| {
-            let completion = self.completion(&ctx.peers, request_protocol, start);
+            let completion = self.completion(&peers, request_protocol, start);
             error_response(err, grpc, ResponseFlags::NONE, completion, facts)
         };
         let authority = match request_authority(&mut parts, ctx.version, ctx.orig_dst) {
@@ -342,13 +353,16 @@ impl Forwarder {
             ctx.stream_idle_timeout,
             facts.logged,
         );
-        let mut peers = ctx.peers.clone();
-        if let Ok(Decision {
-            service: Some(service),
-            ..
-        }) = &decided
-        {
-            peers.set_destination_service(service.clone());
+        match &decided {
+            // The server side names the service the caller addressed, as Istio's does.
+            _ if ctx.peers.reporter == Reporter::destination => {
+                peers.set_destination_service(self.exchange.called_service(&authority));
+            }
+            Ok(Decision {
+                service: Some(service),
+                ..
+            }) => peers.set_destination_service(service.clone()),
+            _ => {}
         }
         let completion = self.completion(&peers, request_protocol, start);
         let decision = match decided {
@@ -371,6 +385,11 @@ impl Forwarder {
             upgrade: upgrade.is_some(),
             version: parts.version,
         };
+        let upstream_tls = match &decision.target {
+            DecidedTarget::Cluster(cluster) => cluster.tls.clone(),
+            DecidedTarget::Direct(..) => None,
+        };
+        self.exchange.announce(&mut parts.headers, upstream_tls.as_ref());
         let upstream_version = hop.upstream(&mut parts.headers);
         if let Err(err) = set_authority(&mut parts.headers, &authority, upstream_version) {
             return error_response(err, grpc, ResponseFlags::NONE, completion, facts);
@@ -418,6 +437,7 @@ impl Forwarder {
             },
             attempts: 0,
             upstream_host: None,
+            upstream_workload: None,
         };
         let (body, reading) = ClientBody::new(body);
         let attempt = async {
@@ -491,6 +511,20 @@ impl Forwarder {
             }
         }
         let (mut parts, body) = response.into_parts();
+        // The labels the response is counted under, now that the callee may have told who it is.
+        drop(completion);
+        match ctx.peers.reporter {
+            Reporter::source => self.exchange.callee(
+                &mut parts.headers,
+                upstream_tls.as_ref(),
+                exchange.upstream_workload.as_ref(),
+                &mut peers,
+            ),
+            Reporter::destination => self
+                .exchange
+                .answer(&mut parts.headers, ctx.peer_identity.is_some()),
+        }
+        let completion = self.completion(&peers, request_protocol, start);
         // The response speaks the client's protocol, whatever the upstream hop spoke: an HTTP/1.0 app
         // (Python's http.server) must not end the client's keep-alive connection.
         parts.version = match ctx.version {
@@ -612,6 +646,7 @@ impl Forwarder {
             let mut head = exchange.head(retry.may_retry());
             exchange.attempts += 1;
             exchange.upstream_host = Some(address);
+            exchange.upstream_workload = endpoint.workload().cloned();
             head.headers
                 .insert(ATTEMPT_COUNT, HeaderValue::from(exchange.attempts));
             let per_try = retry.per_try_timeout();
@@ -786,6 +821,8 @@ struct Exchange {
     /// Tries made so far, and where the last one went.
     attempts: u32,
     upstream_host: Option<SocketAddr>,
+    /// The workload behind the last try's endpoint, as discovery named it.
+    upstream_workload: Option<Arc<WorkloadLabels>>,
 }
 
 impl Exchange {

@@ -6,6 +6,7 @@
 
 mod body;
 mod error;
+mod exchange;
 mod forward;
 mod frame_guard;
 mod head_timeout;

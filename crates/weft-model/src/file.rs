@@ -347,9 +347,8 @@ impl EndpointFile {
         match *self {
             EndpointFile::Address(address) => crate::Endpoint::new(address),
             EndpointFile::Weighted { address, weight } => crate::Endpoint {
-                address,
                 weight,
-                healthy: true,
+                ..crate::Endpoint::new(address)
             },
         }
     }

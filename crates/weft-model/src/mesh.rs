@@ -427,11 +427,15 @@ impl Cluster {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
     pub healthy: bool,
+    /// The workload behind the endpoint as discovery names it (Istio's `istio` endpoint metadata), for
+    /// the client side's metric labels until the peer's own metadata says more.
+    #[serde(skip)]
+    pub workload: Option<Arc<weft_telemetry::WorkloadLabels>>,
 }
 
 impl Endpoint {
@@ -440,6 +444,7 @@ impl Endpoint {
             address,
             weight: 1,
             healthy: true,
+            workload: None,
         }
     }
 }

@@ -239,9 +239,8 @@ fn static_routes() {
     assert_eq!(
         v1.endpoints[1],
         Endpoint {
-            address: addr("127.0.0.1:9002"),
             weight: 3,
-            healthy: true
+            ..Endpoint::new(addr("127.0.0.1:9002"))
         }
     );
     let vhost = &target.route.virtual_hosts()[0];

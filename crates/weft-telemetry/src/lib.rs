@@ -5,6 +5,7 @@ pub mod access_log;
 mod flags;
 mod logging;
 mod metrics;
+pub mod peer_metadata;
 pub mod traces;
 
 pub use flags::ResponseFlags;

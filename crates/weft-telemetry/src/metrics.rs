@@ -36,6 +36,10 @@ impl Label {
     pub fn unknown() -> Self {
         Self::from("unknown")
     }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl From<&str> for Label {
@@ -180,6 +184,30 @@ impl Peers {
             destination_cluster: destination.cluster.clone(),
             connection_security_policy,
         }
+    }
+
+    /// The calling workload, as its verified metadata names it.
+    pub fn set_source(&mut self, source: &WorkloadLabels) {
+        self.source_workload = source.workload.clone();
+        self.source_canonical_service = source.canonical_service.clone();
+        self.source_canonical_revision = source.canonical_revision.clone();
+        self.source_workload_namespace = source.namespace.clone();
+        self.source_principal = source.principal.clone();
+        self.source_app = source.app.clone();
+        self.source_version = source.version.clone();
+        self.source_cluster = source.cluster.clone();
+    }
+
+    /// The called workload, as its verified metadata or the endpoint's discovery metadata names it.
+    pub fn set_destination(&mut self, destination: &WorkloadLabels) {
+        self.destination_workload = destination.workload.clone();
+        self.destination_workload_namespace = destination.namespace.clone();
+        self.destination_principal = destination.principal.clone();
+        self.destination_app = destination.app.clone();
+        self.destination_version = destination.version.clone();
+        self.destination_canonical_service = destination.canonical_service.clone();
+        self.destination_canonical_revision = destination.canonical_revision.clone();
+        self.destination_cluster = destination.cluster.clone();
     }
 
     /// The service a request went to, once routing has told.

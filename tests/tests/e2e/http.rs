@@ -160,10 +160,12 @@ async fn inbound_forwards_to_the_app_on_the_same_port(h2: bool) {
     assert_eq!(response.headers()["x-served-by"], "app");
     drain_body(response.into_body()).await.unwrap();
     let metrics = proxy.metrics().await;
-    let service = format!("inbound|{}||", app.addr.port());
+    // The service the caller addressed, as Istio's server side names it.
     let labels = [
         ("reporter", "destination"),
-        ("destination_service", service.as_str()),
+        ("destination_service", "app.default.svc.cluster.local"),
+        ("destination_service_name", "app"),
+        ("destination_service_namespace", "default"),
         ("connection_security_policy", "none"),
     ];
     assert_eq!(

@@ -9,6 +9,7 @@ mod hostile;
 mod http;
 mod identity;
 mod lifecycle;
+mod metadata_exchange;
 mod mtls;
 mod netns;
 mod observability;

@@ -1,13 +1,14 @@
 //! Clusters and their endpoints: discovery type, balancing, timeouts, circuit breakers, outlier
 //! detection, HTTP protocol options and mutual TLS to the endpoints.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as XCluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, LbPolicy as XLbPolicy,
 };
-use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+use envoy_types::pb::envoy::config::core::v3::{HealthStatus, Metadata};
 use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
@@ -18,7 +19,9 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig;
 use envoy_types::pb::envoy::r#type::matcher::v3::StringMatcher;
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::google::protobuf::value::Kind;
 use weft_model::{CircuitBreakers, Endpoint, LbPolicy, OutlierDetection, RetryBudget, UpstreamTls};
+use weft_telemetry::{Label, WorkloadLabels};
 
 use super::common::{Ctx, PASSTHROUGH_CLUSTER, ResourceError, decode, duration, socket_address};
 
@@ -365,12 +368,62 @@ pub(crate) fn endpoints(
                 HealthStatus::try_from(lb.health_status),
                 Ok(HealthStatus::Unknown | HealthStatus::Healthy)
             );
+            let workload = istio_workload(ctx, &field, lb.metadata.as_ref())?;
             out.push(Endpoint {
                 address,
                 weight,
                 healthy,
+                workload,
             });
         }
     }
     Ok(out)
+}
+
+/// Istio's endpoint metadata for telemetry: `filter_metadata.istio.workload`, the workload behind the
+/// endpoint as `name;namespace;canonical service;canonical revision;cluster`.
+fn istio_workload(
+    ctx: &Ctx<'_>,
+    field: &str,
+    metadata: Option<&Metadata>,
+) -> Result<Option<Arc<WorkloadLabels>>, ResourceError> {
+    let Some(value) = metadata
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|istio| istio.fields.get("workload"))
+    else {
+        return Ok(None);
+    };
+    let problem = "must be \"name;namespace;canonical service;canonical revision;cluster\"";
+    let field = format!("{field}.metadata.filter_metadata.istio.workload");
+    let Some(Kind::StringValue(text)) = &value.kind else {
+        return Err(ctx.err(field, problem));
+    };
+    let parts: Vec<&str> = text.split(';').collect();
+    let [
+        workload,
+        namespace,
+        canonical_service,
+        canonical_revision,
+        cluster,
+    ] = parts[..]
+    else {
+        return Err(ctx.err(field, problem));
+    };
+    let label = |s: &str| {
+        if s.is_empty() {
+            Label::unknown()
+        } else {
+            Label::from(s)
+        }
+    };
+    Ok(Some(Arc::new(WorkloadLabels {
+        workload: label(workload),
+        namespace: label(namespace),
+        principal: Label::unknown(),
+        app: Label::unknown(),
+        version: Label::unknown(),
+        canonical_service: label(canonical_service),
+        canonical_revision: label(canonical_revision),
+        cluster: label(cluster),
+    })))
 }

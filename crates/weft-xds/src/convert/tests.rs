@@ -750,3 +750,44 @@ fn istios_access_log_shape_is_read_and_chains_that_log_differently_are_refused()
     assert_eq!(err.field, "filter_chains[1].filters");
     assert!(err.problem.contains("access logs differ"), "{err}");
 }
+
+#[test]
+fn istio_endpoint_metadata_names_the_workload_and_a_malformed_one_is_refused() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let with_workload = |value: &str| {
+        let mut cla = cla("c", &[("10.0.0.1:80", 1, HealthStatus::Healthy)]);
+        let fields = [(
+            "workload".to_owned(),
+            Value {
+                kind: Some(Kind::StringValue(value.to_owned())),
+            },
+        )];
+        cla.endpoints[0].lb_endpoints[0].metadata = Some(Metadata {
+            filter_metadata: [(
+                "istio".to_owned(),
+                Struct {
+                    fields: fields.into_iter().collect(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        });
+        load_assignment(&cla)
+    };
+    let endpoints = with_workload("reviews-v2;shop;reviews;v2;east").unwrap();
+    let workload = endpoints[0].workload.as_ref().expect("named");
+    assert_eq!(workload.workload.as_str(), "reviews-v2");
+    assert_eq!(workload.namespace.as_str(), "shop");
+    assert_eq!(workload.canonical_service.as_str(), "reviews");
+    assert_eq!(workload.canonical_revision.as_str(), "v2");
+    assert_eq!(workload.cluster.as_str(), "east");
+    assert_eq!(workload.app.as_str(), "unknown");
+
+    let err = with_workload("reviews-v2;shop").unwrap_err().to_string();
+    assert!(
+        err.contains("endpoints[0].lb_endpoints[0].metadata.filter_metadata.istio.workload"),
+        "{err}"
+    );
+}
