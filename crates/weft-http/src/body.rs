@@ -31,6 +31,50 @@ pub struct ProxyBody {
     request: Option<weft_transport::InFlight>,
     /// Body bytes sent so far.
     sent: u64,
+    /// A gRPC response's messages, counted as they pass.
+    messages: Option<GrpcMessages>,
+}
+
+/// Counts the gRPC messages that begin in a stream of data however it is split: each message is a
+/// 5-byte prefix (compressed flag, 32-bit length) and that many bytes.
+#[derive(Debug, Default)]
+pub(crate) struct GrpcMessages {
+    begun: u64,
+    /// Prefix bytes of the next message seen so far.
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the current message still to pass.
+    remaining: u64,
+}
+
+impl GrpcMessages {
+    /// Reads `data`; returns how many messages began in it.
+    pub(crate) fn begun_in(&mut self, mut data: &[u8]) -> u64 {
+        let before = self.begun;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len() as u64);
+                self.remaining -= n;
+                data = &data[n as usize..];
+                continue;
+            }
+            let n = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+            self.prefix_len += n;
+            data = &data[n..];
+            if self.prefix_len == 5 {
+                self.begun += 1;
+                self.prefix_len = 0;
+                let [_, a, b, c, d] = self.prefix;
+                self.remaining = u64::from(u32::from_be_bytes([a, b, c, d]));
+            }
+        }
+        self.begun - before
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.begun
+    }
 }
 
 /// What a response in progress holds in its cluster.
@@ -133,7 +177,7 @@ pub(crate) struct Logged {
 }
 
 impl Completion {
-    fn finish(mut self, flags: ResponseFlags, sent: u64) {
+    fn finish(mut self, flags: ResponseFlags, sent: u64, messages: Option<u64>) {
         self.labels.response_flags |= flags;
         let elapsed = self.start.elapsed();
         self.metrics.requests.get_or_create(&self.labels).inc();
@@ -141,7 +185,18 @@ impl Completion {
             .request_duration_ms
             .get_or_create(&self.labels)
             .observe(elapsed.as_secs_f64() * 1000.0);
-        let received = self.reading.map_or(0, |r| r.received());
+        let received = self.reading.as_ref().map_or(0, |r| r.received());
+        if let Some(sent_messages) = messages {
+            let received_messages = self.reading.as_ref().map_or(0, |r| r.messages());
+            self.metrics
+                .request_messages
+                .get_or_create(&self.labels)
+                .inc_by(received_messages);
+            self.metrics
+                .response_messages
+                .get_or_create(&self.labels)
+                .inc_by(sent_messages);
+        }
         self.metrics
             .request_bytes
             .get_or_create(&self.labels)
@@ -177,6 +232,7 @@ impl ProxyBody {
         timer: Option<BodyTimer>,
         held: InFlight,
     ) -> Self {
+        let grpc = completion.labels.request_protocol == weft_telemetry::RequestProtocol::grpc;
         Self {
             kind: Kind::Upstream(body),
             completion: Some(completion),
@@ -184,6 +240,7 @@ impl ProxyBody {
             _held: Some(held),
             request: None,
             sent: 0,
+            messages: grpc.then(GrpcMessages::default),
         }
     }
 
@@ -195,6 +252,7 @@ impl ProxyBody {
             _held: None,
             request: None,
             sent: 0,
+            messages: None,
         }
     }
 
@@ -218,7 +276,13 @@ impl ProxyBody {
 
     fn finish(&mut self, flags: ResponseFlags) {
         if let Some(c) = self.completion.take() {
-            c.finish(flags, self.sent);
+            let messages = match c.labels.request_protocol {
+                weft_telemetry::RequestProtocol::grpc => {
+                    Some(self.messages.as_ref().map_or(0, GrpcMessages::count))
+                }
+                weft_telemetry::RequestProtocol::http => None,
+            };
+            c.finish(flags, self.sent, messages);
         }
         self.request = None;
     }
@@ -250,7 +314,12 @@ impl Body for ProxyBody {
             Poll::Ready(Some(Err(_))) => self.finish(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.sent += data.len() as u64;
+                    let len = data.len() as u64;
+                    let this = &mut *self;
+                    if let Some(messages) = &mut this.messages {
+                        messages.begun_in(data);
+                    }
+                    this.sent += len;
                 }
                 if let (Some(trailers), Some(completion)) = (frame.trailers_ref(), self.completion.as_mut())
                     && let Some(status) = crate::forward::grpc_status(trailers)
@@ -312,5 +381,28 @@ impl Drop for ProxyBody {
             ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION
         };
         self.finish(flags);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::GrpcMessages;
+
+    #[test]
+    fn grpc_messages_are_counted_however_the_stream_is_split() {
+        let message = |len: u8| {
+            let mut m = vec![0, 0, 0, 0, len];
+            m.extend(std::iter::repeat_n(7, usize::from(len)));
+            m
+        };
+        let stream: Vec<u8> = [message(3), message(0), message(200), message(1)].concat();
+        for split in 1..stream.len() {
+            let mut counted = GrpcMessages::default();
+            let mut begun = 0;
+            for chunk in stream.chunks(split) {
+                begun += counted.begun_in(chunk);
+            }
+            assert_eq!((begun, counted.count()), (4, 4), "chunks of {split}");
+        }
     }
 }

@@ -439,7 +439,7 @@ impl Forwarder {
             upstream_host: None,
             upstream_workload: None,
         };
-        let (body, reading) = ClientBody::new(body);
+        let (body, reading) = ClientBody::new(body, grpc);
         let attempt = async {
             match decision.target {
                 DecidedTarget::Direct(endpoint, settings) => {

@@ -24,6 +24,8 @@ pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 pub(crate) struct ClientBody {
     inner: Incoming,
     reading: Arc<BodyReading>,
+    /// A gRPC request's messages, counted as they pass.
+    messages: Option<crate::body::GrpcMessages>,
 }
 
 /// How reading a client's request body went, as the forwarder sees it after the body has moved on.
@@ -35,6 +37,8 @@ pub(crate) struct BodyReading {
     complete: AtomicBool,
     /// Body bytes read from the client.
     received: AtomicU64,
+    /// gRPC messages begun by the client (0 for other requests).
+    messages: AtomicU64,
 }
 
 impl BodyReading {
@@ -49,20 +53,26 @@ impl BodyReading {
     pub(crate) fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
     }
+
+    pub(crate) fn messages(&self) -> u64 {
+        self.messages.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientBody {
-    /// The body, and what becomes known of reading it.
-    pub(crate) fn new(inner: Incoming) -> (Self, Arc<BodyReading>) {
+    /// The body, and what becomes known of reading it; a gRPC request's messages are counted.
+    pub(crate) fn new(inner: Incoming, grpc: bool) -> (Self, Arc<BodyReading>) {
         let reading = Arc::new(BodyReading {
             broken: AtomicBool::new(false),
             complete: AtomicBool::new(inner.is_end_stream()),
             received: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
         });
         (
             Self {
                 inner,
                 reading: reading.clone(),
+                messages: grpc.then(crate::body::GrpcMessages::default),
             },
             reading,
         )
@@ -83,9 +93,12 @@ impl Body for ClientBody {
             Poll::Ready(None) => self.reading.complete.store(true, Ordering::Relaxed),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    self.reading
-                        .received
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    let len = data.len() as u64;
+                    let begun = self.messages.as_mut().map_or(0, |m| m.begun_in(data));
+                    self.reading.received.fetch_add(len, Ordering::Relaxed);
+                    if begun > 0 {
+                        self.reading.messages.fetch_add(begun, Ordering::Relaxed);
+                    }
                 }
                 if self.inner.is_end_stream() {
                     self.reading.complete.store(true, Ordering::Relaxed);

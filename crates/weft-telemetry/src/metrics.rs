@@ -334,6 +334,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration_ms: HistogramFamily<RequestLabels>,
     pub request_bytes: HistogramFamily<RequestLabels>,
+    /// gRPC messages each way (Istio's, for gRPC requests only).
+    pub request_messages: Family<RequestLabels, Counter>,
+    pub response_messages: Family<RequestLabels, Counter>,
     pub response_bytes: HistogramFamily<RequestLabels>,
     pub tcp_opened: Family<TcpLabels, Counter>,
     pub tcp_closed: Family<TcpLabels, Counter>,
@@ -372,6 +375,8 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS_BYTES));
         let response_bytes: HistogramFamily<RequestLabels> =
             Family::new_with_constructor(|| Histogram::new(SIZE_BUCKETS_BYTES));
+        let request_messages = Family::default();
+        let response_messages = Family::default();
         let tcp_opened = Family::default();
         let tcp_closed = Family::default();
         let tcp_sent_bytes = Family::default();
@@ -414,6 +419,16 @@ impl Metrics {
             "istio_response_bytes",
             "Response body sizes",
             response_bytes.clone(),
+        );
+        registry.register(
+            "istio_request_messages",
+            "gRPC messages from the client",
+            request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages to the client",
+            response_messages.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -562,6 +577,8 @@ impl Metrics {
             request_duration_ms,
             request_bytes,
             response_bytes,
+            request_messages,
+            response_messages,
             tcp_opened,
             tcp_closed,
             tcp_sent_bytes,

@@ -64,6 +64,10 @@ async fn grpc_unary_and_errors_through_the_proxy() {
         2.0,
         "{metrics}"
     );
+    // One message each way for the call that succeeded; the failed one was answered trailers-only.
+    let messages = |name| metric(&metrics, name, &[("request_protocol", "grpc")]);
+    assert_eq!(messages("istio_request_messages_total"), 2.0, "{metrics}");
+    assert_eq!(messages("istio_response_messages_total"), 1.0, "{metrics}");
     // Istio's grpc_response_status: from the trailers of the call that succeeded, from the
     // trailers-only answer of the one that failed.
     for (status, count) in [("0", 1.0), ("14", 1.0)] {
@@ -113,6 +117,16 @@ async fn grpc_bidirectional_streaming_interleaves() {
         replies.next().await.is_none(),
         "the stream ends when the client ends"
     );
+    // Istio's message counters: each message of the stream, each way.
+    let messages = |name: &'static str| {
+        let proxy = &proxy;
+        async move { metric(&proxy.metrics().await, name, &[("request_protocol", "grpc")]) }
+    };
+    weft_test_support::assert_eventually!(
+        messages("istio_response_messages_total").await == 20.0,
+        "response messages"
+    );
+    assert_eq!(messages("istio_request_messages_total").await, 20.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
