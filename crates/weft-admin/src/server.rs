@@ -17,13 +17,18 @@ use weft_telemetry::{LogControl, Metrics};
 
 use crate::Readiness;
 
+/// Makes `/config_dump` from its query string; `Err` is the reason, for a 400.
+pub type ConfigDump = dyn Fn(&str) -> Result<serde_json::Value, String> + Send + Sync;
+
 /// What the admin endpoints read and act on.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
     pub log: LogControl,
-    /// The active configuration as JSON, computed on request.
-    pub config_dump: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Weft's own view of the configuration in use (the model, with the xDS client's state), as JSON.
+    pub mesh: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Envoy's `/config_dump` for the query string given, or the reason it cannot be made.
+    pub config_dump: Box<ConfigDump>,
     /// The workload certificate in use and the trusted roots, as JSON (`null` without an identity).
     pub certs: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Every cluster's endpoints and their running state, as JSON (a list of clusters).
@@ -44,7 +49,9 @@ const HELP: &str = "\
 weft admin
   GET  /ready          200 when ready to serve, else 503 with the reason
   GET  /live           200 while the process runs
-  GET  /config_dump    the active configuration (JSON)
+  GET  /config_dump    Envoy's ConfigDump (JSON): bootstrap, clusters, listeners, routes, secrets;
+                       ?include_eds, ?resource=<field>, ?mask=<paths>
+  GET  /mesh           Weft's own view: the model in use (routes resolved, policies) and xDS state
   GET  /certs          the workload certificate and trusted roots (JSON)
   GET  /clusters       endpoints by cluster: active requests, successes, failures, ejections
                        (Envoy's text lines; ?format=json for JSON)
@@ -87,7 +94,16 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
         "/ready" => get_only(method, || ready(&state.readiness)),
         "/live" => get_only(method, || text(StatusCode::OK, "live\n")),
         "/config_dump" => get_only(method, || {
-            let body = serde_json::to_vec_pretty(&(state.config_dump)()).unwrap_or_default();
+            match (state.config_dump)(req.uri().query().unwrap_or_default()) {
+                Ok(dump) => {
+                    let body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
+                    respond(StatusCode::OK, "application/json", body)
+                }
+                Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
+            }
+        }),
+        "/mesh" => get_only(method, || {
+            let body = serde_json::to_vec_pretty(&(state.mesh)()).unwrap_or_default();
             respond(StatusCode::OK, "application/json", body)
         }),
         "/certs" => get_only(method, || {

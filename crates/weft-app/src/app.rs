@@ -206,14 +206,45 @@ impl App {
         };
         let cluster_states = inputs.forwarder.clusters().clone();
         let dump_bootstrap = bootstrap.clone();
+        let envoy_bootstrap = bootstrap.clone();
+        let dump_tls = tls.clone();
+        let dump_admin = addresses.admin;
+        let dump_listeners = addresses.bound_listeners();
+        let started = std::time::SystemTime::now();
         let admin_state = AdminState {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             log,
             certs: Box::new(move || certs_json(&tls.borrow())),
-            config_dump: Box::new(move || {
+            mesh: {
+                let (xds_status, mesh_rx) = (xds_status.clone(), mesh_rx.clone());
+                Box::new(move || {
+                    let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
+                    serde_json::json!({ "bootstrap": dump_bootstrap, "xds": xds, "mesh": *mesh_rx.borrow().clone() })
+                })
+            },
+            config_dump: Box::new(move |query| {
+                let query = weft_xds::dump::DumpQuery::parse(query).map_err(|e| e.to_string())?;
                 let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
-                serde_json::json!({ "bootstrap": dump_bootstrap, "xds": xds, "mesh": *mesh_rx.borrow().clone() })
+                let mesh = mesh_rx.borrow().clone();
+                let secrets = dump_secrets(&dump_tls.borrow());
+                let inputs = weft_xds::dump::DumpInputs {
+                    node: &envoy_bootstrap.node,
+                    admin: dump_admin,
+                    xds: envoy_bootstrap
+                        .xds
+                        .as_ref()
+                        .zip(xds.as_ref())
+                        .map(|(source, status)| (source.address.as_str(), status)),
+                    mesh: &mesh,
+                    listeners: &dump_listeners,
+                    secrets: &secrets,
+                    started,
+                };
+                let dump = weft_xds::dump::config_dump(&inputs, &query).map_err(|e| e.to_string());
+                // The descriptors a dump loads are tens of megabytes; give them back.
+                weft_transport::heap::release_free_memory();
+                dump
             }),
             clusters: Box::new(move || serde_json::to_value(cluster_states.status()).unwrap_or_default()),
             shutdown: shutdown.clone(),
@@ -262,6 +293,21 @@ struct Addresses {
     outbound: Option<SocketAddr>,
     inbound: Option<SocketAddr>,
     listeners: Vec<(String, SocketAddr)>,
+}
+
+impl Addresses {
+    /// Every traffic listener this proxy bound, by the name the config dump gives it.
+    fn bound_listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut bound = Vec::new();
+        if let Some(address) = self.outbound {
+            bound.push(("outbound".to_owned(), address));
+        }
+        if let Some(address) = self.inbound {
+            bound.push(("inbound".to_owned(), address));
+        }
+        bound.extend(self.listeners.iter().cloned());
+        bound
+    }
 }
 
 /// A serving proxy.
@@ -389,6 +435,28 @@ fn start_identity(
         }
     });
     Ok(rx)
+}
+
+/// The workload certificate and the trust bundle under Istio's SDS names.
+fn dump_secrets(material: &Option<weft_identity::tls::TlsMaterial>) -> Vec<weft_xds::dump::DumpSecret> {
+    let Some(m) = material else {
+        return Vec::new();
+    };
+    let issued = m.credentials.not_before;
+    vec![
+        weft_xds::dump::DumpSecret {
+            name: "default".into(),
+            certificate_chain_pem: Some(m.credentials.chain_pem.concat()),
+            trusted_ca_pem: None,
+            last_updated: issued,
+        },
+        weft_xds::dump::DumpSecret {
+            name: "ROOTCA".into(),
+            certificate_chain_pem: None,
+            trusted_ca_pem: Some(m.roots_pem()),
+            last_updated: issued,
+        },
+    ]
 }
 
 fn certs_json(material: &Option<weft_identity::tls::TlsMaterial>) -> serde_json::Value {

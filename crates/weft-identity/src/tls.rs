@@ -108,6 +108,22 @@ impl TlsMaterial {
         })
     }
 
+    /// The trusted roots as PEM.
+    pub fn roots_pem(&self) -> String {
+        use base64::Engine as _;
+        let mut pem = String::new();
+        for der in self.root_ders.iter() {
+            let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+            pem.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in text.as_bytes().chunks(64) {
+                pem.push_str(&String::from_utf8_lossy(line));
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+        }
+        pem
+    }
+
     /// SHA-256 fingerprints of the trusted roots, as `openssl x509 -fingerprint -sha256` prints them.
     pub fn root_fingerprints(&self) -> Vec<String> {
         self.root_ders

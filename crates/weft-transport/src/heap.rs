@@ -17,3 +17,8 @@ pub(crate) fn shrink() {
 /// Other allocators (musl's) return memory by themselves.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub(crate) fn shrink() {}
+
+/// Hands freed heap memory back to the kernel after a large transient allocation (an admin dump).
+pub fn release_free_memory() {
+    shrink();
+}

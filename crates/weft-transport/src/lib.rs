@@ -7,7 +7,7 @@
 mod binder;
 mod connect;
 mod dial;
-mod heap;
+pub mod heap;
 mod idle;
 mod overload;
 mod prefixed;

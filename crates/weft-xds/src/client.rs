@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use weft_model::{Mesh, Node};
 
 use crate::convert::{self, ResourceError};
+use crate::received::ReceivedResources;
 use crate::state::XdsState;
 
 /// gRPC's INVALID_ARGUMENT, the code Envoy puts in a NACK's `error_detail`.
@@ -97,6 +98,9 @@ pub struct XdsStatus {
     pub types: BTreeMap<ResourceType, TypeStatus>,
     /// Resources referenced but not received yet.
     pub warming: Vec<String>,
+    /// The resources as received, for the config dump.
+    #[serde(skip)]
+    pub received: ReceivedResources,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -151,6 +155,7 @@ pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks, stop: CancellationToke
         hooks,
         status: status.clone(),
         state: XdsState::default(),
+        received: ReceivedResources::default(),
         streams: BTreeMap::new(),
     };
     tokio::spawn(async move {
@@ -168,6 +173,7 @@ struct Client {
     hooks: Arc<Hooks>,
     status: Arc<Mutex<XdsStatus>>,
     state: XdsState,
+    received: ReceivedResources,
     /// Per type: last accepted version and the names subscribed (versions survive reconnects).
     streams: BTreeMap<ResourceType, Subscription>,
 }
@@ -342,6 +348,13 @@ impl Client {
                     };
                     let name: String = $name(&resource);
                     if !seen.insert(name.clone()) {
+                        self.received.reject(
+                            ty,
+                            &name,
+                            any,
+                            &response.version_info,
+                            "appears twice in one response".into(),
+                        );
                         errors.push(ResourceError {
                             kind: ty.name(),
                             name,
@@ -352,9 +365,14 @@ impl Client {
                     }
                     match $convert(&resource) {
                         Ok(spec) => {
+                            self.received.accept(ty, &name, any, &response.version_info);
                             accepted.insert(name, spec);
                         }
-                        Err(e) => errors.push(e),
+                        Err(e) => {
+                            self.received
+                                .reject(ty, &name, any, &response.version_info, e.to_string());
+                            errors.push(e)
+                        }
                     }
                 }
                 let map = $map;
@@ -392,11 +410,22 @@ impl Client {
                 &mut self.state.endpoints
             ),
         }
+        self.received.retain_rejected(ty, |n| seen.contains(n));
         // Forget dependents nothing refers to any more.
         let eds = self.state.eds_names();
         self.state.endpoints.retain(|name, _| eds.contains(name));
         let rds = self.state.rds_names();
         self.state.routes.retain(|name, _| rds.contains(name));
+        let state = &self.state;
+        self.received
+            .retain(ResourceType::Cluster, |n| state.clusters.contains_key(n));
+        self.received.retain(ResourceType::ClusterLoadAssignment, |n| {
+            state.endpoints.contains_key(n)
+        });
+        self.received
+            .retain(ResourceType::Listener, |n| state.listeners.contains_key(n));
+        self.received
+            .retain(ResourceType::RouteConfiguration, |n| state.routes.contains_key(n));
         errors
     }
 
@@ -408,6 +437,7 @@ impl Client {
                 .all(|t| self.streams.get(t).is_some_and(|s| s.received));
         if let Ok(mut status) = self.status.lock() {
             status.warming = warming;
+            status.received = self.received.clone();
             for (ty, sub) in &self.streams {
                 let entry = status.types.entry(*ty).or_default();
                 entry.accepted_version = sub.version.clone();
@@ -442,7 +472,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// The node as Envoy and Istio describe it: id plus Istio's metadata keys.
-fn node(n: &Node) -> XNode {
+pub(crate) fn node(n: &Node) -> XNode {
     let string = |s: &str| Value {
         kind: Some(Kind::StringValue(s.to_owned())),
     };

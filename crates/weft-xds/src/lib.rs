@@ -3,6 +3,8 @@
 
 pub mod client;
 pub mod convert;
+pub mod dump;
+pub mod received;
 pub mod state;
 
 pub use client::{Hooks, ResourceType, XdsConfig, XdsStatus, spawn};

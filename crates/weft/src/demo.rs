@@ -126,7 +126,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     wait_ready(&client_side).await?;
     println!("client -> weft (client side) {front} as if to {REVIEWS}; configuration from weft control");
     println!(
-        "admin: client side http://{}/ (GET /help, /config_dump)\n",
+        "admin: client side http://{}/ (GET /help, /mesh, /config_dump)\n",
         client_side.admin_address()
     );
 

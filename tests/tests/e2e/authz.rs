@@ -113,7 +113,7 @@ impl Mesh {
             // the clients start once the caller has the service and its endpoint.
             assert_eventually!(
                 {
-                    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+                    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
                     dump.contains("\"0.0.0.0:8080\"")
                         && dump.contains(&format!("127.0.0.1:{}", server.inbound().port()))
                 },
@@ -147,9 +147,9 @@ impl Mesh {
         &self.callers[CALLERS.iter().position(|c| *c == sa).unwrap()]
     }
 
-    /// The server's effective policies as `/config_dump` shows them.
+    /// The server's effective policies as `/mesh` shows them.
     async fn policies(&self) -> String {
-        let (_, dump) = admin_get(self.server.admin(), "/config_dump").await;
+        let (_, dump) = admin_get(self.server.admin(), "/mesh").await;
         let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
         dump["mesh"]["inbound"]["authorization"].to_string()
     }
@@ -329,7 +329,7 @@ async fn the_seed_policy_lets_only_the_gateway_and_payments_get_and_post_orders(
     .await;
     assert_eventually!(
         {
-            let (_, dump) = admin_get(mesh.server.admin(), "/config_dump").await;
+            let (_, dump) = admin_get(mesh.server.admin(), "/mesh").await;
             dump.contains("\"peer_authentication\": \"strict\"")
         },
         "STRICT never applied"

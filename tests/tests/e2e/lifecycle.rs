@@ -31,10 +31,11 @@ async fn admin_endpoints() {
         admin_get(proxy.running.readiness_address(), "/healthz/ready").await,
         (200, "ready\n".into())
     );
-    assert!(admin_get(admin, "/help").await.1.contains("/config_dump"));
+    let help = admin_get(admin, "/help").await.1;
+    assert!(help.contains("/config_dump") && help.contains("/mesh"), "{help}");
     assert_eq!(admin_get(admin, "/nope").await.0, 404);
 
-    let (status, dump) = admin_get(admin, "/config_dump").await;
+    let (status, dump) = admin_get(admin, "/mesh").await;
     assert_eq!(status, 200);
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["bootstrap"]["node"]["workload"], "ratings-v1");
@@ -253,10 +254,10 @@ async fn config_update_applies_to_the_next_request() {
         4.0,
         "nothing failed"
     );
-    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     assert!(
         dump.contains(&new.addr.to_string()),
-        "config_dump shows the active config"
+        "/mesh shows the active config"
     );
 }
 

@@ -3,6 +3,7 @@
 //! runs one of them.
 
 mod authz;
+mod config_dump;
 mod h2_conformance;
 mod h2_upstream;
 mod hostile;

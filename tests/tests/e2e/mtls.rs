@@ -427,7 +427,7 @@ async fn peer_authentication_from_the_control_plane_sets_the_inbound_mode() {
     .await;
     assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
     let mode = || async {
-        let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+        let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
         let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
         dump["mesh"]["inbound"]["peer_authentication"]
             .as_str()
@@ -498,7 +498,7 @@ async fn xds_and_ca_over_tls_with_the_control_planes_root() {
     );
     let (_, certs) = admin_get(proxy.admin(), "/certs").await;
     assert!(certs.contains(PRODUCTPAGE), "{certs}");
-    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     assert!(dump.contains("\"connected\": true"), "{dump}");
     assert_eq!(
         get(&plain_client(false), proxy.listener("front")).await,

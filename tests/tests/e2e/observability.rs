@@ -466,7 +466,7 @@ async fn a_telemetry_resource_in_weft_control_turns_on_the_client_sides_access_l
     ))
     .await;
     assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
-    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let service: SocketAddr = "127.0.96.40:8000".parse().unwrap();
     let services = &dump["mesh"]["outbound"]["services"];

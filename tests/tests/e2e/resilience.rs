@@ -106,7 +106,7 @@ impl Mesh {
     }
 
     async fn cluster_config(&self) -> serde_json::Value {
-        let (_, dump) = admin_get(self.proxy.admin(), "/config_dump").await;
+        let (_, dump) = admin_get(self.proxy.admin(), "/mesh").await;
         let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
         dump["mesh"]["clusters"]
             .as_array()

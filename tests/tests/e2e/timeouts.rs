@@ -141,7 +141,7 @@ async fn a_listeners_stream_idle_timeout_from_xds_ends_stalled_requests_and_grpc
     .await;
     assert_eventually!(
         admin_get(proxy.admin(), "/ready").await.0 == 200
-            && admin_get(proxy.admin(), "/config_dump").await.1.contains("50051"),
+            && admin_get(proxy.admin(), "/mesh").await.1.contains("50051"),
         "the proxy never took the listeners"
     );
 

@@ -105,7 +105,7 @@ async fn a_proxy_configured_only_by_weft_control_routes_as_the_yaml_says() {
     }
     assert!((60..=140).contains(&to_v2), "v2 got {to_v2} of 1000");
 
-    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["xds"]["connected"], true);
     assert!(
@@ -388,11 +388,30 @@ async fn an_xds_server_that_is_not_weft_control_drives_the_proxy_and_gets_precis
         assert_eq!(response.status(), StatusCode::OK, "traffic keeps flowing");
         drain_body(response.into_body()).await.unwrap();
     }
-    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     assert_eq!(dump["xds"]["types"]["Cluster"]["accepted_version"], "c1");
     assert_eq!(dump["xds"]["types"]["Cluster"]["last_nack"]["version"], "c2");
     assert_eq!(dump["xds"]["types"]["Cluster"]["last_nack"]["reason"], message);
+    // Envoy's dump shows the rejected cluster as NACKed, with the version and the reason, beside the
+    // accepted one.
+    let (_, envoy) = admin_get(proxy.admin(), "/config_dump?resource=dynamic_active_clusters").await;
+    let envoy: serde_json::Value = serde_json::from_str(&envoy).unwrap();
+    let entries = envoy["configs"].as_array().unwrap();
+    let rejected = entries
+        .iter()
+        .find(|c| c["error_state"]["failed_configuration"]["name"] == "dns")
+        .unwrap_or_else(|| panic!("{envoy}"));
+    assert_eq!(rejected["client_status"], "NACKED");
+    assert_eq!(rejected["error_state"]["version_info"], "c2");
+    assert_eq!(rejected["error_state"]["details"], message);
+    assert!(rejected.get("cluster").is_none(), "dns was never accepted");
+    let web = entries
+        .iter()
+        .find(|c| c["cluster"]["name"] == "web")
+        .unwrap_or_else(|| panic!("{envoy}"));
+    assert_eq!(web["client_status"], "ACKED");
+    assert_eq!(web["version_info"], "c2", "web came again in c2 and was accepted");
     let metrics = proxy.metrics().await;
     assert_eq!(
         weft_test_support::metric(
@@ -443,6 +462,6 @@ async fn a_change_is_pushed_once_and_only_as_the_types_it_changes() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(cp.pushes(node), 5, "only the route configuration changed");
-    let (_, dump) = admin_get(proxy.admin(), "/config_dump").await;
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     assert!(dump.contains("\"timeout\": \"12s\""), "{dump}");
 }
