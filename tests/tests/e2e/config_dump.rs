@@ -63,15 +63,12 @@ async fn the_config_dump_is_envoys_with_xds_resources_static_config_and_secrets(
         .tokens()
         .issue("default", "client", Duration::from_secs(3600))
         .unwrap();
-    let proxy = TestProxy::start(&format!(
-        "node: {{ id: sidecar~client, workload: client, namespace: default, service_account: client }}\n\
-         identity: {{ ca_address: \"https://localhost:{port}\", ca_root_file: \"{root}\", token: \"{token}\" }}\n\
-         xds: {{ address: \"https://localhost:{port}\", root_file: \"{root}\", initial_fetch_timeout: 30s }}\n\
-         listeners: [{{ name: front, address: 127.0.0.1:0, cluster: app }}]\n\
-         clusters: [{{ name: app, endpoints: [\"{app}\"] }}]",
-        port = tls.port(),
-        root = root.display(),
-        app = app.addr,
+    let proxy = TestProxy::start(&crate::mtls::sidecar_over_tls(
+        "id: sidecar~client, workload: client, namespace: default, service_account: client",
+        tls.port(),
+        &root,
+        &token,
+        app.addr,
     ))
     .await;
     assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");

@@ -458,6 +458,25 @@ async fn peer_authentication_from_the_control_plane_sets_the_inbound_mode() {
     assert!(plaintext().await, "PERMISSIVE lets plaintext in");
 }
 
+/// A sidecar whose certificate and configuration come from weft control's TLS port, with a `front`
+/// listener of its own to the `app` cluster at `app`.
+pub(crate) fn sidecar_over_tls(
+    node: &str,
+    port: u16,
+    root: &std::path::Path,
+    token: &str,
+    app: SocketAddr,
+) -> String {
+    format!(
+        "node: {{ {node} }}\n\
+         identity: {{ ca_address: \"https://localhost:{port}\", ca_root_file: \"{root}\", token: \"{token}\" }}\n\
+         xds: {{ address: \"https://localhost:{port}\", root_file: \"{root}\", initial_fetch_timeout: 30s }}\n\
+         listeners: [{{ name: front, address: 127.0.0.1:0, cluster: app }}]\n\
+         clusters: [{{ name: app, endpoints: [\"{app}\"] }}]",
+        root = root.display(),
+    )
+}
+
 /// xDS and the CA over TLS (15012): verified with the control plane's root; with the wrong root the
 /// proxy gets nothing and stays not ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -480,15 +499,12 @@ async fn xds_and_ca_over_tls_with_the_control_planes_root() {
         .unwrap();
 
     let proxy_with = |root: &std::path::Path| {
-        format!(
-            "node: {{ workload: productpage, namespace: default, service_account: productpage }}\n\
-             identity: {{ ca_address: \"https://localhost:{port}\", ca_root_file: \"{root}\", token: \"{token}\" }}\n\
-             xds: {{ address: \"https://localhost:{port}\", root_file: \"{root}\", initial_fetch_timeout: 30s }}\n\
-             listeners: [{{ name: front, address: 127.0.0.1:0, cluster: app }}]\n\
-             clusters: [{{ name: app, endpoints: [\"{app}\"] }}]",
-            port = tls.port(),
-            root = root.display(),
-            app = app.addr,
+        sidecar_over_tls(
+            "workload: productpage, namespace: default, service_account: productpage",
+            tls.port(),
+            root,
+            &token,
+            app.addr,
         )
     };
     let proxy = TestProxy::start(&proxy_with(&good_root)).await;
