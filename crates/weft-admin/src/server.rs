@@ -20,6 +20,9 @@ use crate::Readiness;
 /// Makes `/config_dump` from its query string; `Err` is the reason, for a 400.
 pub type ConfigDump = dyn Fn(&str) -> Result<serde_json::Value, String> + Send + Sync;
 
+/// Makes `/server_info` from the readiness check's answer.
+pub type ServerInfo = dyn Fn(&Result<(), String>) -> Result<serde_json::Value, String> + Send + Sync;
+
 /// What the admin endpoints read and act on.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
@@ -29,6 +32,8 @@ pub struct AdminState {
     pub mesh: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Envoy's `/config_dump` for the query string given, or the reason it cannot be made.
     pub config_dump: Box<ConfigDump>,
+    /// Envoy's `/server_info` for the proxy's current readiness.
+    pub server_info: Box<ServerInfo>,
     /// The workload certificate in use and the trusted roots, as JSON (`null` without an identity).
     pub certs: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
     /// Every cluster's endpoints and their running state, as JSON (a list of clusters).
@@ -51,6 +56,7 @@ weft admin
   GET  /live           200 while the process runs
   GET  /config_dump    Envoy's ConfigDump (JSON): bootstrap, clusters, listeners, routes, secrets;
                        ?include_eds, ?resource=<field>, ?mask=<paths>
+  GET  /server_info    Envoy's ServerInfo (JSON): version, state (LIVE, DRAINING, INITIALIZING), uptime, node
   GET  /mesh           Weft's own view: the model in use (routes resolved, policies) and xDS state
   GET  /certs          the workload certificate and trusted roots (JSON)
   GET  /clusters       endpoints by cluster: active requests, successes, failures, ejections
@@ -101,6 +107,13 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
                 }
                 Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
             }
+        }),
+        "/server_info" => get_only(method, || match (state.server_info)(&state.readiness.check()) {
+            Ok(info) => {
+                let body = serde_json::to_vec_pretty(&info).unwrap_or_default();
+                respond(StatusCode::OK, "application/json", body)
+            }
+            Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
         }),
         "/mesh" => get_only(method, || {
             let body = serde_json::to_vec_pretty(&(state.mesh)()).unwrap_or_default();

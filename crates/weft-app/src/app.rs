@@ -246,6 +246,14 @@ impl App {
                 weft_transport::heap::release_free_memory();
                 dump
             }),
+            server_info: {
+                let node = bootstrap.node.clone();
+                Box::new(move |ready| {
+                    let info = weft_xds::dump::server_info(&node, started, ready).map_err(|e| e.to_string());
+                    weft_transport::heap::release_free_memory();
+                    info
+                })
+            },
             clusters: Box::new(move || serde_json::to_value(cluster_states.status()).unwrap_or_default()),
             shutdown: shutdown.clone(),
         };

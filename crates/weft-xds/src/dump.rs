@@ -692,6 +692,46 @@ fn secrets(inputs: &DumpInputs<'_>) -> SecretsConfigDump {
     }
 }
 
+/// Envoy's `/server_info` (`envoy.admin.v3.ServerInfo`): version, state, uptime and node.
+pub fn server_info(
+    node: &Node,
+    started: SystemTime,
+    ready: &Result<(), String>,
+) -> Result<serde_json::Value, DumpError> {
+    use envoy_types::pb::envoy::admin::v3::{ServerInfo, server_info::State};
+    let pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| DumpError::Render(e.to_string()))?;
+    let uptime = started.elapsed().unwrap_or_default();
+    let uptime = XDuration {
+        seconds: i64::try_from(uptime.as_secs()).unwrap_or(i64::MAX),
+        nanos: 0,
+    };
+    let state = match ready {
+        Ok(()) => State::Live,
+        Err(reason) if reason == "draining" => State::Draining,
+        Err(_) => State::Initializing,
+    };
+    let info = ServerInfo {
+        version: concat!("weft/", env!("CARGO_PKG_VERSION")).into(),
+        state: state as i32,
+        uptime_current_epoch: Some(uptime),
+        uptime_all_epochs: Some(uptime),
+        node: Some(xds_node(node)),
+        ..Default::default()
+    };
+    // As Envoy prints it: every field, `state: LIVE` (the enum's zero) included.
+    let descriptor = pool
+        .get_message_by_name("envoy.admin.v3.ServerInfo")
+        .ok_or_else(|| DumpError::Render("no descriptor for envoy.admin.v3.ServerInfo".into()))?;
+    let message = DynamicMessage::decode(descriptor, info.encode_to_vec().as_slice())
+        .map_err(|e| DumpError::Render(e.to_string()))?;
+    let options = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(false);
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| DumpError::Render(e.to_string()))
+}
+
 #[doc(hidden)]
 pub fn decode_config_dump(json: &serde_json::Value) -> Result<ConfigDump, String> {
     let pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string())?;

@@ -235,6 +235,18 @@ async fn the_config_dump_is_envoys_with_xds_resources_static_config_and_secrets(
     expected.sort();
     assert_eq!(masked, expected);
 
+    // Envoy's /server_info: version, state, uptime and the same node.
+    let (status, info) = admin_get(proxy.admin(), "/server_info").await;
+    assert_eq!(status, 200, "{info}");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["state"], "LIVE", "{info}");
+    assert_eq!(info["node"]["id"], "sidecar~client", "{info}");
+    assert!(info["version"].as_str().unwrap().starts_with("weft/"), "{info}");
+    assert!(
+        info["uptime_current_epoch"].as_str().unwrap().ends_with('s'),
+        "{info}"
+    );
+
     // A parameter Envoy does not have, or a field no config has, is refused by name.
     let (status, body) = admin_get(proxy.admin(), "/config_dump?include_edz").await;
     assert_eq!(status, 400);

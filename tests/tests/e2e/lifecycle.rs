@@ -142,6 +142,8 @@ async fn drain_finishes_in_flight_request(h2: bool) {
         admin_get(admin, "/ready").await == (503, "not ready: draining\n".into()),
         "not draining"
     );
+    let (_, info) = admin_get(admin, "/server_info").await;
+    assert!(info.contains("\"state\": \"DRAINING\""), "{info}");
     assert_eventually!(
         orig_dst.connect(outbound, app.addr).await.is_err(),
         "still accepting while draining"
