@@ -231,14 +231,7 @@ fn masked(value: &serde_json::Value, paths: &[String]) -> serde_json::Value {
 fn render(pool: &DescriptorPool, config: &Any) -> Result<serde_json::Value, DumpError> {
     let options = SerializeOptions::new().use_proto_field_name(true);
     let to_json = |any: &Any| -> Result<serde_json::Value, String> {
-        let name = any.type_url.rsplit('/').next().unwrap_or_default();
-        let descriptor = pool
-            .get_message_by_name(name)
-            .ok_or_else(|| format!("no descriptor for {name}"))?;
-        let message = DynamicMessage::decode(descriptor, any.value.as_slice()).map_err(|e| e.to_string())?;
-        let mut json = message
-            .serialize_with_options(serde_json::value::Serializer, &options)
-            .map_err(|e| e.to_string())?;
+        let mut json = message_json(pool, any, &options)?;
         if let Some(map) = json.as_object_mut() {
             map.insert("@type".into(), any.type_url.clone().into());
         }
@@ -252,6 +245,22 @@ fn render(pool: &DescriptorPool, config: &Any) -> Result<serde_json::Value, Dump
             to_json(&repaired).map_err(DumpError::Render)
         }
     }
+}
+
+/// The message inside `any` in the protobuf JSON mapping.
+fn message_json(
+    pool: &DescriptorPool,
+    any: &Any,
+    options: &SerializeOptions,
+) -> Result<serde_json::Value, String> {
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let descriptor = pool
+        .get_message_by_name(name)
+        .ok_or_else(|| format!("no descriptor for {name}"))?;
+    let message = DynamicMessage::decode(descriptor, any.value.as_slice()).map_err(|e| e.to_string())?;
+    message
+        .serialize_with_options(serde_json::value::Serializer, options)
+        .map_err(|e| e.to_string())
 }
 
 /// `config` with each resource that `fails` replaced by a note; `None` if `config` is not a dump.
@@ -719,17 +728,10 @@ pub fn server_info(
         ..Default::default()
     };
     // As Envoy prints it: every field, `state: LIVE` (the enum's zero) included.
-    let descriptor = pool
-        .get_message_by_name("envoy.admin.v3.ServerInfo")
-        .ok_or_else(|| DumpError::Render("no descriptor for envoy.admin.v3.ServerInfo".into()))?;
-    let message = DynamicMessage::decode(descriptor, info.encode_to_vec().as_slice())
-        .map_err(|e| DumpError::Render(e.to_string()))?;
     let options = SerializeOptions::new()
         .use_proto_field_name(true)
         .skip_default_fields(false);
-    message
-        .serialize_with_options(serde_json::value::Serializer, &options)
-        .map_err(|e| DumpError::Render(e.to_string()))
+    message_json(&pool, &pack_any(info), &options).map_err(DumpError::Render)
 }
 
 #[doc(hidden)]

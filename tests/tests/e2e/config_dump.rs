@@ -48,10 +48,7 @@ async fn the_config_dump_is_envoys_with_xds_resources_static_config_and_secrets(
     let v2 = HttpServer::start("v2").await;
     let app = HttpServer::start("app").await;
     let dir = tempfile::tempdir().unwrap();
-    let order = include_str!("../../../examples/mesh/order-service.yaml")
-        .replace("http: 18081", &format!("http: {}", v1.addr.port()))
-        .replace("http: 18082", &format!("http: {}", v2.addr.port()));
-    std::fs::write(dir.path().join("order.yaml"), order).unwrap();
+    std::fs::write(dir.path().join("order.yaml"), crate::xds::order_yaml(&v1, &v2)).unwrap();
     let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();

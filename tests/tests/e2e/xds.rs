@@ -16,7 +16,7 @@ use weft_test_support::{TestProxy, admin_get, assert_eventually};
 const ORDER_SVC: &str = "127.0.96.30:8080";
 
 /// The seed's order-service example, with its workloads at these servers' ports.
-fn order_yaml(v1: &HttpServer, v2: &HttpServer) -> String {
+pub(crate) fn order_yaml(v1: &HttpServer, v2: &HttpServer) -> String {
     let example = include_str!("../../../examples/mesh/order-service.yaml");
     example
         .replace("http: 18081", &format!("http: {}", v1.addr.port()))
