@@ -5,4 +5,4 @@ mod readiness;
 mod server;
 
 pub use readiness::Readiness;
-pub use server::{AdminState, ConfigDump, ServerInfo, serve_admin, serve_readiness};
+pub use server::{AdminState, Stat, Views, serve_admin, serve_readiness};

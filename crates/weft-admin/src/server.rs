@@ -17,27 +17,58 @@ use weft_telemetry::{LogControl, Metrics};
 
 use crate::Readiness;
 
-/// Makes `/config_dump` from its query string; `Err` is the reason, for a 400.
-pub type ConfigDump = dyn Fn(&str) -> Result<serde_json::Value, String> + Send + Sync;
+/// What the proxy shows and does through the admin port, beyond metrics, readiness and logging.
+/// Envoy's shapes are the protobuf JSON mapping of its admin protos; an `Err` is why a view could not
+/// be made.
+pub trait Views: Send + Sync {
+    /// Weft's own view of the configuration in use (the model, with the xDS client's state).
+    fn mesh(&self) -> serde_json::Value;
+    /// Envoy's `/config_dump` for the query string given (an `Err` is a 400).
+    fn config_dump(&self, query: &str) -> Result<serde_json::Value, String>;
+    /// Envoy's `/server_info` for the proxy's current readiness.
+    fn server_info(&self, ready: &Result<(), String>) -> Result<serde_json::Value, String>;
+    /// Envoy's `/certs` (`envoy.admin.v3.Certificates`).
+    fn certs(&self) -> Result<serde_json::Value, String>;
+    /// Weft's view of the workload certificate and the trusted roots (`null` without an identity).
+    fn identity(&self) -> serde_json::Value;
+    /// Envoy's `/clusters?format=json` (`envoy.admin.v3.Clusters`).
+    fn clusters(&self) -> Result<serde_json::Value, String>;
+    /// Weft's view of every cluster's endpoints and their running state (a list of clusters).
+    fn endpoints(&self) -> serde_json::Value;
+    /// The counters and gauges `/stats` shows under Envoy's names (`server.state` and
+    /// `server.live` are added from readiness).
+    fn stats(&self) -> Vec<Stat>;
+    /// The traffic listeners still accepting connections, by name.
+    fn listeners(&self) -> Vec<(String, std::net::SocketAddr)>;
+    /// Envoy's `/listeners?format=json` (`envoy.admin.v3.Listeners`).
+    fn listeners_json(&self) -> Result<serde_json::Value, String>;
+    /// Stops accepting connections on the traffic listeners (only the inbound one with
+    /// `inbound_only`); connections already open are served.
+    fn drain_listeners(&self, inbound_only: bool);
+}
 
-/// Makes `/server_info` from the readiness check's answer.
-pub type ServerInfo = dyn Fn(&Result<(), String>) -> Result<serde_json::Value, String> + Send + Sync;
+/// One counter or gauge as `/stats` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stat {
+    pub name: String,
+    pub value: u64,
+}
+
+impl Stat {
+    pub fn new(name: impl Into<String>, value: u64) -> Self {
+        Self {
+            name: name.into(),
+            value,
+        }
+    }
+}
 
 /// What the admin endpoints read and act on.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
     pub log: LogControl,
-    /// Weft's own view of the configuration in use (the model, with the xDS client's state), as JSON.
-    pub mesh: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
-    /// Envoy's `/config_dump` for the query string given, or the reason it cannot be made.
-    pub config_dump: Box<ConfigDump>,
-    /// Envoy's `/server_info` for the proxy's current readiness.
-    pub server_info: Box<ServerInfo>,
-    /// The workload certificate in use and the trusted roots, as JSON (`null` without an identity).
-    pub certs: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
-    /// Every cluster's endpoints and their running state, as JSON (a list of clusters).
-    pub clusters: Box<dyn Fn() -> serde_json::Value + Send + Sync>,
+    pub views: Box<dyn Views>,
     /// Cancelled by `POST /quitquitquit`: the proxy drains and exits as on SIGTERM.
     pub shutdown: CancellationToken,
 }
@@ -58,10 +89,17 @@ weft admin
                        ?include_eds, ?resource=<field>, ?mask=<paths>
   GET  /server_info    Envoy's ServerInfo (JSON): version, state (LIVE, DRAINING, INITIALIZING), uptime, node
   GET  /mesh           Weft's own view: the model in use (routes resolved, policies) and xDS state
-  GET  /certs          the workload certificate and trusted roots (JSON)
-  GET  /clusters       endpoints by cluster: active requests, successes, failures, ejections
-                       (Envoy's text lines; ?format=json for JSON)
+  GET  /certs          Envoy's Certificates (JSON): the workload chain and the trusted roots
+  GET  /identity       Weft's view of the workload certificate: identity, expiry, renewal, root fingerprints
+  GET  /clusters       Envoy's cluster::endpoint::stat lines; ?format=json for Envoy's Clusters (JSON)
+  GET  /endpoints      Weft's view of every cluster: endpoints with active requests, successes,
+                       failures, ejections and when they end, breakers' counts
+  GET  /stats          counters and gauges under Envoy's names; ?format=json, ?filter=REGEX, ?usedonly,
+                       ?format=prometheus
   GET  /metrics        Prometheus metrics (also /stats/prometheus)
+  GET  /listeners      the traffic listeners accepting connections (name::address); ?format=json
+  POST /drain_listeners   stop accepting connections (?inboundonly: the inbound listener only;
+                       ?graceful: also report DRAINING, so that no new traffic is sent)
   GET  /logging        the active log filter
   POST /logging?level=FILTER   set the log filter (e.g. debug, weft_http=trace,info)
   POST /logging?<logger>=LEVEL, ?paths=<logger>:LEVEL,...   one logger or several (Envoy's names: http, router, upstream, config, admin, rbac, ...)
@@ -95,45 +133,42 @@ pub async fn serve_readiness(listener: TcpListener, readiness: Readiness, stop: 
 fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path();
     let method = req.method();
+    let query = req.uri().query().unwrap_or_default();
     match path {
         "/" | "/help" => get_only(method, || text(StatusCode::OK, HELP)),
         "/ready" => get_only(method, || ready(&state.readiness)),
         "/live" => get_only(method, || text(StatusCode::OK, "live\n")),
-        "/config_dump" => get_only(method, || {
-            match (state.config_dump)(req.uri().query().unwrap_or_default()) {
-                Ok(dump) => {
-                    let body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
-                    respond(StatusCode::OK, "application/json", body)
-                }
-                Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
+        "/config_dump" => get_only(method, || match state.views.config_dump(query) {
+            Ok(dump) => json(&dump),
+            Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
+        }),
+        "/server_info" => get_only(method, || {
+            rendered(state.views.server_info(&state.readiness.check()))
+        }),
+        "/mesh" => get_only(method, || json(&state.views.mesh())),
+        "/certs" => get_only(method, || rendered(state.views.certs())),
+        "/identity" => get_only(method, || json(&state.views.identity())),
+        "/endpoints" => get_only(method, || json(&state.views.endpoints())),
+        "/clusters" => get_only(method, || match json_format(query) {
+            Ok(true) => rendered(state.views.clusters()),
+            Ok(false) => text(StatusCode::OK, clusters_text(&state.views.endpoints())),
+            Err(reason) => text(StatusCode::BAD_REQUEST, reason),
+        }),
+        "/listeners" => get_only(method, || match json_format(query) {
+            Ok(true) => rendered(state.views.listeners_json()),
+            Ok(false) => {
+                let lines: String = state
+                    .views
+                    .listeners()
+                    .iter()
+                    .map(|(name, address)| format!("{name}::{address}\n"))
+                    .collect();
+                text(StatusCode::OK, lines)
             }
+            Err(reason) => text(StatusCode::BAD_REQUEST, reason),
         }),
-        "/server_info" => get_only(method, || match (state.server_info)(&state.readiness.check()) {
-            Ok(info) => {
-                let body = serde_json::to_vec_pretty(&info).unwrap_or_default();
-                respond(StatusCode::OK, "application/json", body)
-            }
-            Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
-        }),
-        "/mesh" => get_only(method, || {
-            let body = serde_json::to_vec_pretty(&(state.mesh)()).unwrap_or_default();
-            respond(StatusCode::OK, "application/json", body)
-        }),
-        "/certs" => get_only(method, || {
-            let body = serde_json::to_vec_pretty(&(state.certs)()).unwrap_or_default();
-            respond(StatusCode::OK, "application/json", body)
-        }),
-        "/clusters" => get_only(method, || {
-            let clusters = (state.clusters)();
-            let json = form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-                .any(|(k, v)| k == "format" && v == "json");
-            if json {
-                let body = serde_json::to_vec_pretty(&clusters).unwrap_or_default();
-                respond(StatusCode::OK, "application/json", body)
-            } else {
-                text(StatusCode::OK, clusters_text(&clusters))
-            }
-        }),
+        "/drain_listeners" => post_only(method, || drain_listeners(state, query)),
+        "/stats" => get_only(method, || stats(state, query)),
         "/metrics" | "/stats/prometheus" => get_only(method, || {
             // The format the scraper asks for (Prometheus asks for OpenMetrics first), with the
             // content type that names it.
@@ -158,7 +193,7 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
         }),
         "/logging" => match *method {
             Method::GET => text(StatusCode::OK, format!("{}\n", state.log.current())),
-            Method::POST => set_log_level(state, req.uri().query()),
+            Method::POST => set_log_level(state, query),
             _ => method_not_allowed("GET, POST"),
         },
         "/quitquitquit" => post_only(method, || {
@@ -171,6 +206,110 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             "not found; GET /help lists the endpoints\n",
         ),
     }
+}
+
+/// `?format=json` (true), no format (false), or the reason a query is refused.
+fn json_format(query: &str) -> Result<bool, String> {
+    let mut json = false;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match (key.as_ref(), value.as_ref()) {
+            ("format", "json") => json = true,
+            ("format", "text") => json = false,
+            ("format", other) => return Err(format!("unknown format \"{other}\" (json or text)\n")),
+            (other, _) => return Err(format!("unknown parameter \"{other}\"\n")),
+        }
+    }
+    Ok(json)
+}
+
+/// Envoy's `/stats`: `name: value` lines sorted by name, or `{"stats":[{name, value}]}` with
+/// `?format=json`; `?filter=REGEX` keeps the stats whose name matches, `?usedonly` those that are not
+/// zero; `?format=prometheus` is `/stats/prometheus`.
+fn stats(state: &AdminState, query: &str) -> AdminResponse {
+    let mut format = "text".to_owned();
+    let mut filter = None;
+    let mut used_only = false;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "format" if matches!(value.as_ref(), "text" | "json" | "prometheus") => {
+                format = value.into_owned();
+            }
+            "format" => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format \"{value}\" (text, json or prometheus)\n"),
+                );
+            }
+            "filter" => match regex::Regex::new(&value) {
+                Ok(regex) => filter = Some(regex),
+                Err(err) => {
+                    return text(StatusCode::BAD_REQUEST, format!("invalid filter regex: {err}\n"));
+                }
+            },
+            "usedonly" => used_only = true,
+            other => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter \"{other}\" (format, filter, usedonly)\n"),
+                );
+            }
+        }
+    }
+    if format == "prometheus" {
+        if filter.is_some() || used_only {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "filter and usedonly apply to the text and json formats; /stats/prometheus has every metric\n",
+            );
+        }
+        return respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.metrics.encode_prometheus(),
+        );
+    }
+    let server_state = match state.readiness.check() {
+        Ok(()) => 0,
+        Err(reason) if reason == "draining" => 1,
+        Err(_) => 3,
+    };
+    let mut stats = state.views.stats();
+    stats.push(Stat::new("server.state", server_state));
+    stats.push(Stat::new("server.live", u64::from(server_state == 0)));
+    stats.retain(|s| (!used_only || s.value != 0) && filter.as_ref().is_none_or(|f| f.is_match(&s.name)));
+    stats.sort_by(|a, b| a.name.cmp(&b.name));
+    if format == "json" {
+        return json(&serde_json::json!({ "stats": stats }));
+    }
+    let lines: String = stats
+        .iter()
+        .map(|s| format!("{}: {}\n", s.name, s.value))
+        .collect();
+    text(StatusCode::OK, lines)
+}
+
+/// Envoy's `POST /drain_listeners[?inboundonly][&graceful]`.
+fn drain_listeners(state: &AdminState, query: &str) -> AdminResponse {
+    let mut inbound_only = false;
+    let mut graceful = false;
+    for (key, _) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "inboundonly" => inbound_only = true,
+            "graceful" => graceful = true,
+            other => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter \"{other}\" (inboundonly, graceful)\n"),
+                );
+            }
+        }
+    }
+    if graceful {
+        state.readiness.set_draining();
+    }
+    state.views.drain_listeners(inbound_only);
+    tracing::info!(inbound_only, graceful, "listeners drained through the admin port");
+    text(StatusCode::OK, "OK\n")
 }
 
 /// Envoy's `/clusters` text: one `cluster::endpoint::stat::value` line per fact.
@@ -187,6 +326,19 @@ fn clusters_text(clusters: &serde_json::Value) -> String {
             "active_retries",
         ] {
             let _ = writeln!(out, "{name}::{key}::{}", plain(&cluster[key]));
+        }
+        let breakers = &cluster["circuit_breakers"];
+        for limit in [
+            "max_connections",
+            "max_pending_requests",
+            "max_requests",
+            "max_retries",
+        ] {
+            let _ = writeln!(
+                out,
+                "{name}::default_priority::{limit}::{}",
+                plain(&breakers[limit])
+            );
         }
         for endpoint in cluster["endpoints"].as_array().into_iter().flatten() {
             let address = endpoint["address"].as_str().unwrap_or_default();
@@ -216,6 +368,9 @@ fn clusters_text(clusters: &serde_json::Value) -> String {
                 "{name}::{address}::rq_error::{}",
                 plain(&endpoint["failures"])
             );
+            let total =
+                endpoint["successes"].as_u64().unwrap_or(0) + endpoint["failures"].as_u64().unwrap_or(0);
+            let _ = writeln!(out, "{name}::{address}::rq_total::{total}");
             let _ = writeln!(out, "{name}::{address}::health_flags::{flags}");
             let _ = writeln!(
                 out,
@@ -241,8 +396,8 @@ fn plain(value: &serde_json::Value) -> String {
 /// `?<logger>=L` one logger, `?paths=a:L,b:L` several. Loggers are the proxy's modules (`weft_http`,
 /// ...) or Envoy's names for the same parts (`http`, `router`, `upstream`, `pool`, `connection`,
 /// `config`, `admin`, `rbac`, `filter`, `main`).
-fn set_log_level(state: &AdminState, query: Option<&str>) -> AdminResponse {
-    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+fn set_log_level(state: &AdminState, query: &str) -> AdminResponse {
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     if pairs.is_empty() {
@@ -317,6 +472,19 @@ fn with_directive(filter: &str, target: &str, level: &str) -> String {
         .collect();
     directives.push(format!("{target}={level}"));
     directives.join(",")
+}
+
+fn json(value: &serde_json::Value) -> AdminResponse {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    respond(StatusCode::OK, "application/json", body)
+}
+
+/// A view rendered from Envoy's protos; failing to render one is the proxy's fault (a 500).
+fn rendered(view: Result<serde_json::Value, String>) -> AdminResponse {
+    match view {
+        Ok(value) => json(&value),
+        Err(reason) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{reason}\n")),
+    }
 }
 
 fn ready(readiness: &Readiness) -> AdminResponse {

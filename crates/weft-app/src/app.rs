@@ -16,6 +16,7 @@ use weft_model::{Bootstrap, Mesh, XdsSource};
 use weft_telemetry::{LogControl, Metrics, XdsLabels};
 use weft_transport::{Accepted, Binder};
 
+use crate::admin::{INBOUND, ListenerStops};
 use crate::forward::Stage;
 use crate::inputs::Inputs;
 use crate::{inbound, outbound};
@@ -171,25 +172,21 @@ impl App {
         });
 
         let tracker = TaskTracker::new();
+        let stops = ListenerStops::new(&inputs.drain);
+        let accepting = |inbound: bool| Accepting {
+            inputs: inputs.clone(),
+            tracker: tracker.clone(),
+            stop: if inbound { &stops.inbound } else { &stops.others }.clone(),
+        };
         if let Some(listener) = outbound {
-            tokio::spawn(accept_loop(
-                listener,
-                inputs.clone(),
-                tracker.clone(),
-                outbound::transparent,
-            ));
+            tokio::spawn(accept_loop(listener, accepting(false), outbound::transparent));
         }
         if let Some(listener) = inbound {
-            tokio::spawn(accept_loop(
-                listener,
-                inputs.clone(),
-                tracker.clone(),
-                inbound::transparent,
-            ));
+            tokio::spawn(accept_loop(listener, accepting(true), inbound::transparent));
         }
         for (spec, listener) in explicit {
             let serve = move |inputs, conn| outbound::explicit(inputs, spec.clone(), conn);
-            tokio::spawn(accept_loop(listener, inputs.clone(), tracker.clone(), serve));
+            tokio::spawn(accept_loop(listener, accepting(false), serve));
         }
 
         let xds_status = match (&bootstrap.xds, xds_base) {
@@ -204,57 +201,23 @@ impl App {
             )),
             _ => None,
         };
-        let cluster_states = inputs.forwarder.clusters().clone();
-        let dump_bootstrap = bootstrap.clone();
-        let envoy_bootstrap = bootstrap.clone();
-        let dump_tls = tls.clone();
-        let dump_admin = addresses.admin;
-        let dump_listeners = addresses.bound_listeners();
-        let started = std::time::SystemTime::now();
+        let views = crate::admin::ProxyViews {
+            bootstrap: bootstrap.clone(),
+            admin: addresses.admin,
+            listeners: addresses.bound_listeners(),
+            stops: stops.clone(),
+            mesh: mesh_rx.clone(),
+            xds: xds_status,
+            tls,
+            clusters: inputs.forwarder.clusters().clone(),
+            metrics: metrics.clone(),
+            started: std::time::SystemTime::now(),
+        };
         let admin_state = AdminState {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             log,
-            certs: Box::new(move || certs_json(&tls.borrow())),
-            mesh: {
-                let (xds_status, mesh_rx) = (xds_status.clone(), mesh_rx.clone());
-                Box::new(move || {
-                    let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
-                    serde_json::json!({ "bootstrap": dump_bootstrap, "xds": xds, "mesh": *mesh_rx.borrow().clone() })
-                })
-            },
-            config_dump: Box::new(move |query| {
-                let query = weft_xds::dump::DumpQuery::parse(query).map_err(|e| e.to_string())?;
-                let xds = xds_status.as_ref().and_then(|s| s.lock().ok().map(|s| s.clone()));
-                let mesh = mesh_rx.borrow().clone();
-                let secrets = dump_secrets(&dump_tls.borrow());
-                let inputs = weft_xds::dump::DumpInputs {
-                    node: &envoy_bootstrap.node,
-                    admin: dump_admin,
-                    xds: envoy_bootstrap
-                        .xds
-                        .as_ref()
-                        .zip(xds.as_ref())
-                        .map(|(source, status)| (source.address.as_str(), status)),
-                    mesh: &mesh,
-                    listeners: &dump_listeners,
-                    secrets: &secrets,
-                    started,
-                };
-                let dump = weft_xds::dump::config_dump(&inputs, &query).map_err(|e| e.to_string());
-                // The descriptors a dump loads are tens of megabytes; give them back.
-                weft_transport::heap::release_free_memory();
-                dump
-            }),
-            server_info: {
-                let node = bootstrap.node.clone();
-                Box::new(move |ready| {
-                    let info = weft_xds::dump::server_info(&node, started, ready).map_err(|e| e.to_string());
-                    weft_transport::heap::release_free_memory();
-                    info
-                })
-            },
-            clusters: Box::new(move || serde_json::to_value(cluster_states.status()).unwrap_or_default()),
+            views: Box::new(views),
             shutdown: shutdown.clone(),
         };
         tokio::spawn(weft_admin::serve_admin(
@@ -311,7 +274,7 @@ impl Addresses {
             bound.push(("outbound".to_owned(), address));
         }
         if let Some(address) = self.inbound {
-            bound.push(("inbound".to_owned(), address));
+            bound.push((INBOUND.to_owned(), address));
         }
         bound.extend(self.listeners.iter().cloned());
         bound
@@ -445,45 +408,6 @@ fn start_identity(
     Ok(rx)
 }
 
-/// The workload certificate and the trust bundle under Istio's SDS names.
-fn dump_secrets(material: &Option<weft_identity::tls::TlsMaterial>) -> Vec<weft_xds::dump::DumpSecret> {
-    let Some(m) = material else {
-        return Vec::new();
-    };
-    let issued = m.credentials.not_before;
-    vec![
-        weft_xds::dump::DumpSecret {
-            name: "default".into(),
-            certificate_chain_pem: Some(m.credentials.chain_pem.concat()),
-            trusted_ca_pem: None,
-            last_updated: issued,
-        },
-        weft_xds::dump::DumpSecret {
-            name: "ROOTCA".into(),
-            certificate_chain_pem: None,
-            trusted_ca_pem: Some(m.roots_pem()),
-            last_updated: issued,
-        },
-    ]
-}
-
-fn certs_json(material: &Option<weft_identity::tls::TlsMaterial>) -> serde_json::Value {
-    let Some(m) = material else {
-        return serde_json::Value::Null;
-    };
-    let c = &m.credentials;
-    let time = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
-    serde_json::json!({
-        "identity": c.id.to_string(),
-        "serial": c.serial,
-        "not_before": time(c.not_before),
-        "not_after": time(c.not_after),
-        "seconds_until_expiry": c.remaining().as_secs(),
-        "seconds_until_renewal": c.renew_at.map(|t| t.duration_since(std::time::SystemTime::now()).unwrap_or_default().as_secs()),
-        "trusted_roots_sha256": m.root_fingerprints(),
-    })
-}
-
 /// Starts the ADS client; its updates replace the configuration snapshot.
 fn start_xds(
     bootstrap: &Bootstrap,
@@ -542,15 +466,28 @@ fn overload(settings: &weft_model::OverloadSettings) -> weft_transport::Overload
     weft_transport::Overload::new(limits)
 }
 
-async fn accept_loop<F, Fut>(listener: TcpListener, inputs: Arc<Inputs>, tracker: TaskTracker, serve: F)
+/// What an accept loop serves with, and when it stops.
+struct Accepting {
+    inputs: Arc<Inputs>,
+    tracker: TaskTracker,
+    /// Cancelled by a drain or by admin `/drain_listeners`.
+    stop: CancellationToken,
+}
+
+async fn accept_loop<F, Fut>(listener: TcpListener, accepting: Accepting, serve: F)
 where
     F: Fn(Arc<Inputs>, Accepted) -> Fut,
     Fut: Future<Output = Option<Stage>> + Send + 'static,
 {
+    let Accepting {
+        inputs,
+        tracker,
+        stop,
+    } = accepting;
     loop {
         let accepted = tokio::select! {
             accepted = weft_transport::accept(&listener) => accepted,
-            () = inputs.drain.cancelled() => return, // dropping the listener refuses new connections
+            () = stop.cancelled() => return, // dropping the listener refuses new connections
         };
         match accepted {
             Ok(conn) => {

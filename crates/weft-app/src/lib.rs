@@ -4,6 +4,7 @@
 //! A connection's path reads top to bottom in [`outbound`] and [`inbound`]: accept, original destination,
 //! decide where it goes, detect the protocol, then forward as HTTP or as opaque TCP ([`forward`]).
 
+mod admin;
 mod app;
 mod destination;
 mod detect;

@@ -18,7 +18,7 @@ use crate::budget::BudgetWindow;
 use crate::endpoints::{EndpointSet, EndpointState};
 use crate::outlier::{Clock, Outcome, ejection_time};
 use crate::shares::ConnectionSlot;
-use crate::status::{ClusterStatus, EndpointStatus};
+use crate::status::{ClusterCounters, ClusterStatus, EndpointStatus};
 
 #[derive(Debug)]
 pub struct ClusterState {
@@ -37,6 +37,11 @@ pub struct ClusterState {
     /// Held to eject an endpoint or revisit ejections, so that `max_ejection_percent` holds.
     outlier: Mutex<()>,
     retries: RetryCounters,
+    /// Upstream requests (attempts: a retry is one more), by status class 1xx..5xx; a local-origin
+    /// failure counts as the status the client is answered with.
+    attempts: [AtomicU64; 5],
+    /// Ejections not made because `max_ejection_percent` was reached.
+    ejections_overflow: AtomicU64,
 }
 
 /// The cluster's retry counters, resolved once rather than looked up per retry.
@@ -98,6 +103,8 @@ impl ClusterState {
             next_evaluation: AtomicU64::new(0),
             outlier: Mutex::new(()),
             retries,
+            attempts: Default::default(),
+            ejections_overflow: AtomicU64::new(0),
             name,
             metrics,
         }
@@ -227,6 +234,13 @@ impl ClusterState {
             .map(|m| EndpointGuard::new(m.state.clone(), m.endpoint.workload.clone()))
     }
 
+    /// Counts an HTTP attempt that ended with `status` (sent by the endpoint, or the local reply for a
+    /// failure), as Envoy's `upstream_rq_total` and `upstream_rq_<N>xx`.
+    pub fn count_attempt(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.attempts[class].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records how an attempt ended: success and failure counts, and outlier detection.
     pub fn report(&self, endpoint: &EndpointState, outcome: Outcome) {
         let failed = match outcome {
@@ -274,6 +288,7 @@ impl ClusterState {
                 "outlier detection: not ejecting, max_ejection_percent reached"
             );
             counters.reset_counters();
+            self.ejections_overflow.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let now = Instant::now();
@@ -412,13 +427,50 @@ impl ClusterState {
             })
             .collect();
         ClusterStatus {
+            counters: self.counters(&set),
             name: set.config.name.clone(),
             lb_policy: set.config.lb_policy,
             active_requests: self.active_requests.load(Ordering::Relaxed),
             pending_requests: self.pending_requests.load(Ordering::Relaxed),
             active_retries: self.active_retries.load(Ordering::Relaxed),
             outlier_detection: detection.is_some(),
+            circuit_breakers: set.config.circuit_breakers,
             endpoints,
+        }
+    }
+
+    fn counters(&self, set: &EndpointSet) -> ClusterCounters {
+        let event = |family: &prometheus_client::metrics::family::Family<ClusterEventLabels, Counter>,
+                     reason: &'static str| {
+            let labels = ClusterEventLabels {
+                cluster: self.name.clone(),
+                reason,
+            };
+            family.get(&labels).map_or(0, |c| c.get())
+        };
+        let overflows = |reason| event(&self.metrics.overflows, reason);
+        let ejections = |reason| event(&self.metrics.ejections, reason);
+        let attempts = std::array::from_fn(|i| self.attempts[i].load(Ordering::Relaxed));
+        let consecutive_5xx = ejections("consecutive_5xx");
+        let consecutive_gateway_failure = ejections("consecutive_gateway_failure");
+        let consecutive_local_origin_failure = ejections("consecutive_local_origin_failure");
+        ClusterCounters {
+            upstream_rq_total: attempts.iter().sum(),
+            upstream_rq_by_class: attempts,
+            upstream_rq_retry: self.retries.made.get(),
+            upstream_rq_retry_overflow: self.retries.overflow.get() + self.retries.budget_exhausted.get(),
+            upstream_rq_pending_overflow: overflows(Overflow::MaxRequests.name())
+                + overflows(Overflow::MaxPendingRequests.name())
+                + overflows(Overflow::ClientShare.name()),
+            upstream_cx_overflow: overflows(Overflow::MaxConnections.name()),
+            ejections_active: set.ejected() as u64,
+            ejections_enforced_total: consecutive_5xx
+                + consecutive_gateway_failure
+                + consecutive_local_origin_failure,
+            ejections_enforced_consecutive_5xx: consecutive_5xx,
+            ejections_enforced_consecutive_gateway_failure: consecutive_gateway_failure,
+            ejections_enforced_consecutive_local_origin_failure: consecutive_local_origin_failure,
+            ejections_overflow: self.ejections_overflow.load(Ordering::Relaxed),
         }
     }
 

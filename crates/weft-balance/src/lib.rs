@@ -16,7 +16,7 @@ pub use clusters::ClusterStates;
 pub use endpoints::EndpointState;
 pub use outlier::Outcome;
 pub use shares::ConnectionSlot;
-pub use status::{ClusterStatus, EndpointStatus};
+pub use status::{ClusterCounters, ClusterStatus, EndpointStatus};
 
 #[cfg(test)]
 mod tests;

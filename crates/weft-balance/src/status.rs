@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use serde::Serialize;
-use weft_model::LbPolicy;
+use weft_model::{CircuitBreakers, LbPolicy};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterStatus {
@@ -13,7 +13,34 @@ pub struct ClusterStatus {
     pub pending_requests: u32,
     pub active_retries: u32,
     pub outlier_detection: bool,
+    pub circuit_breakers: CircuitBreakers,
+    pub counters: ClusterCounters,
     pub endpoints: Vec<EndpointStatus>,
+}
+
+/// A cluster's counters under Envoy's stat names (`cluster.<name>.<field>`; the ejection counters
+/// are under `outlier_detection.`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterCounters {
+    /// HTTP attempts (retries included).
+    pub upstream_rq_total: u64,
+    /// `upstream_rq_1xx` .. `upstream_rq_5xx`.
+    pub upstream_rq_by_class: [u64; 5],
+    pub upstream_rq_retry: u64,
+    /// Retries not made: `max_retries` reached or the retry budget spent.
+    pub upstream_rq_retry_overflow: u64,
+    /// Requests refused by `max_requests`, `max_pending_requests` or the client's share of the
+    /// connection slots.
+    pub upstream_rq_pending_overflow: u64,
+    /// TCP connections refused by `max_connections`.
+    pub upstream_cx_overflow: u64,
+    pub ejections_active: u64,
+    pub ejections_enforced_total: u64,
+    pub ejections_enforced_consecutive_5xx: u64,
+    pub ejections_enforced_consecutive_gateway_failure: u64,
+    pub ejections_enforced_consecutive_local_origin_failure: u64,
+    /// Ejections not made because `max_ejection_percent` was reached.
+    pub ejections_overflow: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -665,6 +665,9 @@ impl Forwarder {
                     as_status: err.reply().status.as_u16(),
                 },
             };
+            if let Outcome::Status(status) | Outcome::LocalFailure { as_status: status } = outcome {
+                state.count_attempt(status);
+            }
             state.report(endpoint.state(), outcome);
             let next = match &result {
                 // The route's deadline, not this endpoint's fault alone: no retry.

@@ -31,6 +31,52 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+/// What admin shows of one certificate (Envoy's `CertificateDetails`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// Lowercase hex, as Envoy prints it.
+    pub serial_number: String,
+    pub uri_sans: Vec<String>,
+    pub dns_sans: Vec<String>,
+    pub not_before: std::time::SystemTime,
+    pub not_after: std::time::SystemTime,
+}
+
+impl CertificateSummary {
+    /// `None` for DER that does not parse (never the case for certificates a handshake accepted).
+    fn of(der: &[u8]) -> Option<Self> {
+        use x509_parser::extensions::GeneralName;
+        let (_, x509) = x509_parser::parse_x509_certificate(der).ok()?;
+        let names = x509
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| san.value.general_names.clone())
+            .unwrap_or_default();
+        let sans = |uri: bool| {
+            names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(name) if uri => Some((*name).to_owned()),
+                    GeneralName::DNSName(name) if !uri => Some((*name).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let time = |t: x509_parser::time::ASN1Time| {
+            let seconds = u64::try_from(t.timestamp()).unwrap_or(0);
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
+        };
+        Some(Self {
+            serial_number: x509.raw_serial().iter().map(|b| format!("{b:02x}")).collect(),
+            uri_sans: sans(true),
+            dns_sans: sans(false),
+            not_before: time(x509.validity().not_before),
+            not_after: time(x509.validity().not_after),
+        })
+    }
+}
+
 /// Everything a handshake needs, for one certificate generation.
 #[derive(Clone)]
 pub struct TlsMaterial {
@@ -122,6 +168,14 @@ impl TlsMaterial {
             pem.push_str("-----END CERTIFICATE-----\n");
         }
         pem
+    }
+
+    /// The workload chain as presented (leaf first) and the trusted roots, for admin.
+    pub fn summaries(&self) -> (Vec<CertificateSummary>, Vec<CertificateSummary>) {
+        let summarize = |ders: &[CertificateDer<'static>]| {
+            ders.iter().filter_map(|d| CertificateSummary::of(d)).collect()
+        };
+        (summarize(&self.chain), summarize(&self.root_ders))
     }
 
     /// SHA-256 fingerprints of the trusted roots, as `openssl x509 -fingerprint -sha256` prints them.

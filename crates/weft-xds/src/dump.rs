@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::admin::v3::{
-    BootstrapConfigDump, ClientResourceStatus, ClustersConfigDump, ConfigDump, EndpointsConfigDump,
-    ListenersConfigDump, RoutesConfigDump, SecretsConfigDump, UpdateFailureState, clusters_config_dump,
-    endpoints_config_dump, listeners_config_dump, routes_config_dump, secrets_config_dump,
+    BootstrapConfigDump, ClientResourceStatus, ClustersConfigDump, EndpointsConfigDump, ListenersConfigDump,
+    RoutesConfigDump, SecretsConfigDump, UpdateFailureState, clusters_config_dump, endpoints_config_dump,
+    listeners_config_dump, routes_config_dump, secrets_config_dump,
 };
 use envoy_types::pb::envoy::config::bootstrap::v3::{Admin, Bootstrap, bootstrap};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as XCluster;
@@ -330,7 +330,8 @@ fn unrendered(type_url: &str, reason: &str) -> Any {
     })
 }
 
-fn timestamp(at: SystemTime) -> Timestamp {
+/// `at` as a protobuf timestamp.
+pub fn timestamp(at: SystemTime) -> Timestamp {
     let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     Timestamp {
         seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
@@ -338,7 +339,8 @@ fn timestamp(at: SystemTime) -> Timestamp {
     }
 }
 
-fn socket(addr: SocketAddr) -> Address {
+/// `addr` as Envoy's socket address.
+pub fn socket(addr: SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: addr.ip().to_string(),
@@ -708,7 +710,6 @@ pub fn server_info(
     ready: &Result<(), String>,
 ) -> Result<serde_json::Value, DumpError> {
     use envoy_types::pb::envoy::admin::v3::{ServerInfo, server_info::State};
-    let pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| DumpError::Render(e.to_string()))?;
     let uptime = started.elapsed().unwrap_or_default();
     let uptime = XDuration {
         seconds: i64::try_from(uptime.as_secs()).unwrap_or(i64::MAX),
@@ -727,19 +728,27 @@ pub fn server_info(
         node: Some(xds_node(node)),
         ..Default::default()
     };
-    // As Envoy prints it: every field, `state: LIVE` (the enum's zero) included.
+    admin_json(info)
+}
+
+/// One of Envoy's admin messages (`envoy.admin.v3.Clusters`, `Certificates`, `Listeners`,
+/// `ServerInfo`...) in the protobuf JSON mapping, every field printed as Envoy prints them (`state:
+/// LIVE`, the enum's zero, included).
+pub fn admin_json<M: prost::Name>(message: M) -> Result<serde_json::Value, DumpError> {
+    let pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| DumpError::Render(e.to_string()))?;
     let options = SerializeOptions::new()
         .use_proto_field_name(true)
         .skip_default_fields(false);
-    message_json(&pool, &pack_any(info), &options).map_err(DumpError::Render)
+    message_json(&pool, &pack_any(message), &options).map_err(DumpError::Render)
 }
 
+/// Reads an admin message back from its JSON, as Envoy's tools do (for tests).
 #[doc(hidden)]
-pub fn decode_config_dump(json: &serde_json::Value) -> Result<ConfigDump, String> {
+pub fn decode_admin<M: prost::Name + Default>(json: &serde_json::Value) -> Result<M, String> {
     let pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string())?;
     let descriptor = pool
-        .get_message_by_name("envoy.admin.v3.ConfigDump")
-        .ok_or("no ConfigDump descriptor")?;
+        .get_message_by_name(&M::full_name())
+        .ok_or_else(|| format!("no descriptor for {}", M::full_name()))?;
     let message = DynamicMessage::deserialize(descriptor, json).map_err(|e| e.to_string())?;
-    ConfigDump::decode(message.encode_to_vec().as_slice()).map_err(|e| e.to_string())
+    M::decode(message.encode_to_vec().as_slice()).map_err(|e| e.to_string())
 }

@@ -437,7 +437,7 @@ where
     }
 }
 
-/// The identity in a proxy's `GET /certs`.
+/// The identity in a proxy's `GET /identity`.
 async fn certificate_identity<C>(
     client: &Client<C, Empty<Bytes>>,
     admin: SocketAddr,
@@ -445,7 +445,7 @@ async fn certificate_identity<C>(
 where
     C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
 {
-    let certs: serde_json::Value = serde_json::from_str(&admin_get(client, admin, "/certs").await?)?;
+    let certs: serde_json::Value = serde_json::from_str(&admin_get(client, admin, "/identity").await?)?;
     Ok(certs["identity"].as_str().unwrap_or("(none)").to_owned())
 }
 

@@ -36,7 +36,7 @@ async fn dump(admin: std::net::SocketAddr, query: &str) -> (serde_json::Value, C
     let (status, body) = admin_get(admin, &format!("/config_dump{query}")).await;
     assert_eq!(status, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let decoded = weft_xds::dump::decode_config_dump(&json).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let decoded = weft_xds::dump::decode_admin::<ConfigDump>(&json).unwrap_or_else(|e| panic!("{e}\n{body}"));
     (json, decoded)
 }
 

@@ -65,7 +65,7 @@ async fn client_side(cp: &ControlPlane, server: SocketAddr, expect: &str, validi
     proxy
 }
 
-fn plain_client(
+pub(crate) fn plain_client(
     h2: bool,
 ) -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody> {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -73,7 +73,7 @@ fn plain_client(
         .build_http()
 }
 
-async fn get(
+pub(crate) async fn get(
     client: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody>,
     front: SocketAddr,
 ) -> StatusCode {
@@ -126,7 +126,7 @@ async fn sidecars_talk_mutual_tls_and_the_server_knows_the_caller() {
     );
     assert_eq!(metric(&metrics, "weft_certificate_renewals_total", &[]), 1.0);
 
-    let (_, certs) = admin_get(client.admin(), "/certs").await;
+    let (_, certs) = admin_get(client.admin(), "/identity").await;
     let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
     assert_eq!(certs["identity"], PRODUCTPAGE);
     assert_eq!(certs["trusted_roots_sha256"].as_array().unwrap().len(), 1);
@@ -512,7 +512,7 @@ async fn xds_and_ca_over_tls_with_the_control_planes_root() {
         admin_get(proxy.admin(), "/ready").await.0 == 200,
         "not ready over TLS"
     );
-    let (_, certs) = admin_get(proxy.admin(), "/certs").await;
+    let (_, certs) = admin_get(proxy.admin(), "/identity").await;
     assert!(certs.contains(PRODUCTPAGE), "{certs}");
     let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     assert!(dump.contains("\"connected\": true"), "{dump}");
@@ -553,7 +553,7 @@ async fn traffic_continues_on_the_old_certificate_while_the_ca_is_down() {
     let server = server_side(&cp, &app, "strict").await;
     // A 6 s certificate: renewal is due after about 3 s.
     let client = client_side(&cp, server.listener("inbound"), REVIEWS, "6s").await;
-    let (_, certs) = admin_get(client.admin(), "/certs").await;
+    let (_, certs) = admin_get(client.admin(), "/identity").await;
     let first: serde_json::Value = serde_json::from_str(&certs).unwrap();
 
     cp.stop().await;
@@ -572,7 +572,7 @@ async fn traffic_continues_on_the_old_certificate_while_the_ca_is_down() {
         metric(&metrics, "weft_certificate_renewal_failures_total", &[]) >= 1.0,
         "the renewal was attempted: {metrics}"
     );
-    let (_, certs) = admin_get(client.admin(), "/certs").await;
+    let (_, certs) = admin_get(client.admin(), "/identity").await;
     let now: serde_json::Value = serde_json::from_str(&certs).unwrap();
     assert_eq!(now["serial"], first["serial"], "still the first certificate");
 
@@ -581,7 +581,7 @@ async fn traffic_continues_on_the_old_certificate_while_the_ca_is_down() {
         .unwrap();
     assert_eventually!(
         {
-            let (_, certs) = admin_get(client.admin(), "/certs").await;
+            let (_, certs) = admin_get(client.admin(), "/identity").await;
             serde_json::from_str::<serde_json::Value>(&certs).unwrap()["serial"] != first["serial"]
         },
         "never renewed after the CA came back"

@@ -117,9 +117,9 @@ impl Mesh {
             .unwrap_or_default()
     }
 
-    /// The service's endpoints as admin `GET /clusters?format=json` shows them.
+    /// The service's endpoints as admin `GET /endpoints` shows them.
     async fn endpoints(&self) -> Vec<serde_json::Value> {
-        let (status, body) = admin_get(self.proxy.admin(), "/clusters?format=json").await;
+        let (status, body) = admin_get(self.proxy.admin(), "/endpoints").await;
         assert_eq!(status, 200);
         let clusters: serde_json::Value = serde_json::from_str(&body).unwrap();
         clusters
@@ -168,6 +168,17 @@ impl Mesh {
 
     async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric(&self.proxy.metrics().await, name, labels)
+    }
+
+    /// The service cluster's `cluster.<name>.<stat>` in admin `/stats`, Envoy's names.
+    async fn stat(&self, stat: &str) -> u64 {
+        let name = format!("cluster.{CLUSTER}.{stat}");
+        let (_, text) = admin_get(self.proxy.admin(), "/stats").await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
     }
 }
 
@@ -280,6 +291,25 @@ async fn a_failing_endpoint_is_ejected_retried_around_and_probed_again() {
             .await,
         1.0
     );
+    // And Envoy's stats: every attempt the servers saw, the failed ones retried.
+    let attempts: u64 = servers.iter().map(|s| s.request_count() as u64).sum();
+    assert_eq!(mesh.stat("upstream_rq_total").await, attempts);
+    let failed = mesh.stat("upstream_rq_5xx").await;
+    assert_eq!(failed, seen_by_bad as u64);
+    assert_eq!(mesh.stat("upstream_rq_2xx").await, attempts - failed);
+    assert!(
+        mesh.stat("upstream_rq_retry").await >= failed - 2,
+        "the 503s were retried"
+    );
+    assert_eq!(mesh.stat("outlier_detection.ejections_active").await, 1);
+    assert_eq!(
+        mesh.stat("outlier_detection.ejections_enforced_consecutive_5xx")
+            .await,
+        1
+    );
+    assert_eq!(mesh.stat("outlier_detection.ejections_enforced_total").await, 1);
+    assert_eq!(mesh.stat("membership_total").await, 3);
+    assert_eq!(mesh.stat("membership_healthy").await, 2);
 
     // With a 1 s ejection time the endpoint is tried again, fails again, and is ejected for longer.
     mesh.reconfigure(&seed_policies("1s", "1s"), |c| {
@@ -326,6 +356,21 @@ async fn when_every_endpoint_fails_the_budget_bounds_retries_and_ejection_stops_
         mesh.metric("weft_upstream_retries_total", &[("reason", "budget_exhausted")])
             .await
             > 0.0
+    );
+    assert_eq!(mesh.stat("upstream_rq_total").await, attempts as u64);
+    assert_eq!(mesh.stat("upstream_rq_5xx").await, attempts as u64);
+    assert_eq!(
+        mesh.stat("upstream_rq_retry").await,
+        (attempts - N) as u64,
+        "every attempt after a request's first is a retry"
+    );
+    assert!(
+        mesh.stat("upstream_rq_retry_overflow").await > 0,
+        "the budget said no"
+    );
+    assert!(
+        mesh.stat("outlier_detection.ejections_overflow").await > 0,
+        "max_ejection_percent held the others in"
     );
     // maxEjectionPercent 50 of 3 endpoints: one ejected, two kept in.
     let ejected = mesh
@@ -493,6 +538,12 @@ spec:
         )
         .await,
         1.0
+    );
+    assert_eq!(mesh.stat("upstream_rq_pending_overflow").await, 1);
+    assert_eq!(
+        mesh.stat("upstream_rq_pending_active").await,
+        1,
+        "the one waiting"
     );
     for t in in_flight {
         t.abort();

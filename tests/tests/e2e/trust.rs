@@ -259,7 +259,7 @@ clusters:
         0.0,
         "{metrics}"
     );
-    let (_, clusters) = admin_get(proxy.admin(), "/clusters?format=json").await;
+    let (_, clusters) = admin_get(proxy.admin(), "/endpoints").await;
     let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
     let cluster = clusters
         .as_array()
