@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use weft_telemetry::tap::{StatusMatch, TapFilter, TapStream, Taps};
 use weft_telemetry::{LogControl, Metrics};
 
 use crate::Readiness;
@@ -69,6 +71,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     pub log: LogControl,
     pub views: Box<dyn Views>,
+    /// `/tap`'s sessions.
+    pub taps: Arc<Taps>,
     /// Cancelled by `POST /quitquitquit`: the proxy drains and exits as on SIGTERM.
     pub shutdown: CancellationToken,
 }
@@ -103,10 +107,15 @@ weft admin
   GET  /logging        the active log filter
   POST /logging?level=FILTER   set the log filter (e.g. debug, weft_http=trace,info)
   POST /logging?<logger>=LEVEL, ?paths=<logger>:LEVEL,...   one logger or several (Envoy's names: http, router, upstream, config, admin, rbac, ...)
+  GET  /tap            the HTTP requests passing through, one JSON line each as they end: route,
+                       cluster, each attempt's endpoint and outcome, retries, ejections, authorization,
+                       response flags; ?authority=, ?path=PREFIX, ?method=, ?cluster=, ?status=503|5xx,
+                       ?flagged (only requests with response flags), ?max_rate=N (per second, default 100),
+                       ?duration=30s (at most 5m)
   POST /quitquitquit   drain and exit
 ";
 
-type AdminResponse = Response<Full<Bytes>>;
+type AdminResponse = Response<UnsyncBoxBody<Bytes, Infallible>>;
 
 pub async fn serve_admin(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     serve(listener, stop, move |req| {
@@ -169,6 +178,7 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
         }),
         "/drain_listeners" => post_only(method, || drain_listeners(state, query)),
         "/stats" => get_only(method, || stats(state, query)),
+        "/tap" => get_only(method, || tap(state, query)),
         "/metrics" | "/stats/prometheus" => get_only(method, || {
             // The format the scraper asks for (Prometheus asks for OpenMetrics first), with the
             // content type that names it.
@@ -286,6 +296,88 @@ fn stats(state: &AdminState, query: &str) -> AdminResponse {
         .map(|s| format!("{}: {}\n", s.name, s.value))
         .collect();
     text(StatusCode::OK, lines)
+}
+
+/// `GET /tap`: a session's lines as a streamed body (`application/x-ndjson`).
+fn tap(state: &AdminState, query: &str) -> AdminResponse {
+    let mut filter = TapFilter::default();
+    let mut max_rate = weft_telemetry::tap::DEFAULT_RATE;
+    let mut duration = weft_telemetry::tap::DEFAULT_DURATION;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let value = value.into_owned();
+        match key.as_ref() {
+            "authority" => filter.authority = Some(value),
+            "path" => filter.path_prefix = Some(value),
+            "method" => filter.method = Some(value),
+            "cluster" => filter.cluster = Some(value),
+            "flagged" => filter.flagged = true,
+            "status" => match StatusMatch::parse(&value) {
+                Some(status) => filter.status = Some(status),
+                None => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid status \"{value}\" (a code such as 503, or a class such as 5xx)\n"),
+                    );
+                }
+            },
+            "max_rate" => match value.parse() {
+                Ok(rate) if rate > 0 => max_rate = rate,
+                _ => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid max_rate \"{value}\" (lines per second, at least 1)\n"),
+                    );
+                }
+            },
+            "duration" => match humantime::parse_duration(&value) {
+                Ok(d) if !d.is_zero() => duration = d,
+                _ => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid duration \"{value}\" (such as 30s or 2m)\n"),
+                    );
+                }
+            },
+            other => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown parameter \"{other}\" (authority, path, method, cluster, status, flagged, max_rate, duration)\n"
+                    ),
+                );
+            }
+        }
+    }
+    match state.taps.open(filter, max_rate, duration) {
+        Ok(stream) => {
+            tracing::info!(query, "tap session opened");
+            let mut response = Response::new(UnsyncBoxBody::new(TapBody(stream)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/x-ndjson"),
+            );
+            response
+        }
+        Err(err) => text(StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")),
+    }
+}
+
+/// A tap session as a response body: its lines until it ends; closing the connection ends it.
+struct TapBody(TapStream);
+
+impl http_body::Body for TapBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .0
+            .poll_next(cx)
+            .map(|line| line.map(|l| Ok(http_body::Frame::data(l))))
+    }
 }
 
 /// Envoy's `POST /drain_listeners[?inboundonly][&graceful]`.
@@ -523,7 +615,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> AdminResponse {
-    let mut response = Response::new(Full::new(body.into()));
+    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

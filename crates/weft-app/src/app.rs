@@ -218,6 +218,7 @@ impl App {
             readiness: readiness.clone(),
             log,
             views: Box::new(views),
+            taps: inputs.forwarder.taps().clone(),
             shutdown: shutdown.clone(),
         };
         tokio::spawn(weft_admin::serve_admin(

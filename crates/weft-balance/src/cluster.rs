@@ -241,8 +241,9 @@ impl ClusterState {
         self.attempts[class].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records how an attempt ended: success and failure counts, and outlier detection.
-    pub fn report(&self, endpoint: &EndpointState, outcome: Outcome) {
+    /// Records how an attempt ended: success and failure counts, and outlier detection. Names the
+    /// detector when this outcome ejected the endpoint.
+    pub fn report(&self, endpoint: &EndpointState, outcome: Outcome) -> Option<&'static str> {
         let failed = match outcome {
             Outcome::Status(status) => status >= 500,
             Outcome::LocalFailure { .. } => true,
@@ -254,12 +255,9 @@ impl ClusterState {
             endpoint.successes.fetch_add(1, Ordering::Relaxed);
         }
         let set = self.set.load();
-        let Some(detection) = &set.config.outlier_detection else {
-            return;
-        };
-        if let Some(reason) = endpoint.outlier.record(detection, outcome) {
-            self.eject(&set, endpoint, detection, reason);
-        }
+        let detection = set.config.outlier_detection.as_ref()?;
+        let reason = endpoint.outlier.record(detection, outcome)?;
+        self.eject(&set, endpoint, detection, reason).then_some(reason)
     }
 
     fn eject(
@@ -268,11 +266,11 @@ impl ClusterState {
         endpoint: &EndpointState,
         detection: &OutlierDetection,
         reason: &'static str,
-    ) {
+    ) -> bool {
         let _outlier = lock(&self.outlier);
         let counters = &endpoint.outlier;
         if counters.is_ejected() || !set.contains(endpoint) {
-            return; // already out, or removed by a configuration change while the request was in flight
+            return false; // already out, or removed by a configuration change while the request was in flight
         }
         let usable = set.members.iter().filter(|m| m.endpoint.weight > 0).count();
         let ejected = set.ejected();
@@ -289,7 +287,7 @@ impl ClusterState {
             );
             counters.reset_counters();
             self.ejections_overflow.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let now = Instant::now();
         let ejections = counters.ejections.fetch_add(1, Ordering::Relaxed) + 1;
@@ -317,6 +315,7 @@ impl ClusterState {
             .next_evaluation
             .compare_exchange(0, next, Ordering::AcqRel, Ordering::Acquire);
         self.update_ejected_gauge(set);
+        true
     }
 
     /// Envoy's interval timer, run lazily: once the interval is up, endpoints whose ejection time is up

@@ -14,6 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 use weft_telemetry::access_log::{AccessLogs, Entry};
+use weft_telemetry::tap::{TapFacts, Taps};
 use weft_telemetry::traces::RequestSpan;
 use weft_telemetry::{Metrics, RequestLabels, ResponseFlags};
 
@@ -169,10 +170,12 @@ pub(crate) struct Completion {
     pub(crate) reading: Option<Arc<crate::replay::BodyReading>>,
 }
 
-/// A request's access-log entry, filled in as the request went, written when its response ends.
+/// A request's access-log entry, filled in as the request went, written when its response ends to
+/// the access logs and shown to the tap sessions open.
 #[derive(Debug)]
 pub(crate) struct Logged {
-    pub(crate) logs: Arc<AccessLogs>,
+    pub(crate) logs: Option<Arc<AccessLogs>>,
+    pub(crate) tap: Option<(Arc<Taps>, Box<TapFacts>)>,
     pub(crate) entry: Entry,
 }
 
@@ -214,13 +217,18 @@ impl Completion {
             );
         }
         if let Some(logged) = self.log {
-            let Logged { logs, mut entry } = *logged;
+            let Logged { logs, tap, mut entry } = *logged;
             entry.response_code = self.labels.response_code;
             entry.flags = self.labels.response_flags;
             entry.duration = elapsed;
             entry.bytes_sent = sent;
             entry.bytes_received = received;
-            logs.log(entry);
+            if let Some((taps, facts)) = tap {
+                taps.publish(&entry, &facts);
+            }
+            if let Some(logs) = logs {
+                logs.log(entry);
+            }
         }
     }
 }

@@ -18,6 +18,7 @@ use weft_model::route::{RequestView, RouteTable};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::access_log::{AccessLogs, Entry};
 use weft_telemetry::peer_metadata::OwnWorkload;
+use weft_telemetry::tap::{Attempt, TapFacts, Taps};
 use weft_telemetry::traces::Tracing;
 use weft_telemetry::{
     ConnectionSecurity, GrpcStatus, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol,
@@ -122,6 +123,8 @@ struct Facts {
     route: Option<Arc<str>>,
     attempts: u32,
     response_duration: Option<Duration>,
+    /// What an admin tap session is shown of the request; `None`: no session is open.
+    tap: Option<Box<TapFacts>>,
 }
 
 /// Sends requests upstream. Cheap to clone; shared by all connections.
@@ -132,6 +135,7 @@ pub struct Forwarder {
     clusters: Arc<ClusterStates>,
     decisions: Arc<weft_authz::connection::Decisions>,
     exchange: Arc<PeerExchange>,
+    taps: Arc<Taps>,
 }
 
 /// The outcome of one try.
@@ -149,7 +153,13 @@ impl Forwarder {
             clusters: Arc::new(ClusterStates::new(metrics.clone())),
             decisions: Arc::new(weft_authz::connection::Decisions::new(metrics.clone())),
             metrics,
+            taps: Arc::default(),
         }
+    }
+
+    /// Admin `/tap`'s sessions, shown the requests this forwarder handles.
+    pub fn taps(&self) -> &Arc<Taps> {
+        &self.taps
     }
 
     /// Counts authorization decisions and logs denials, for connections authorized outside HTTP.
@@ -214,7 +224,8 @@ impl Forwarder {
     /// Forwards one request and answers it, logging it once its response has ended.
     pub async fn forward(&self, mut req: Request<Incoming>, ctx: &HttpContext) -> Response<ProxyBody> {
         crate::headers::ensure_request_id(req.headers_mut());
-        if ctx.access_log.is_none() && ctx.tracing.is_none() {
+        let tapped = self.taps.is_open();
+        if ctx.access_log.is_none() && ctx.tracing.is_none() && !tapped {
             return self.proxy(req, ctx, &mut Facts::default()).await;
         }
         let span = ctx.tracing.as_ref().map(|tracing| {
@@ -227,7 +238,7 @@ impl Forwarder {
             span
         });
         let trace_id = span.as_ref().map(|s| s.trace_id().to_string());
-        let entry = ctx.access_log.as_ref().map(|logs| Entry {
+        let entry = (ctx.access_log.is_some() || tapped).then(|| Entry {
             trace_id,
             start: Some(std::time::SystemTime::now()),
             method: Some(req.method().clone()),
@@ -245,12 +256,31 @@ impl Forwarder {
             downstream_remote: ctx.source,
             peer_uri_san: ctx.peer_identity.clone(),
             requested_server_name: ctx.server_name.clone(),
-            request_headers: logs.capture_request(req.headers()),
+            request_headers: ctx
+                .access_log
+                .as_ref()
+                .map(|logs| logs.capture_request(req.headers()))
+                .unwrap_or_default(),
             ..Entry::default()
         });
-        // Names are gathered for the log line or a span that is kept.
+        let tap = tapped.then(|| {
+            Box::new(TapFacts {
+                direction: match ctx.peers.reporter {
+                    Reporter::source => "outbound",
+                    Reporter::destination => "inbound",
+                },
+                request_id: req
+                    .headers()
+                    .get(crate::headers::REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+                ..TapFacts::default()
+            })
+        });
+        // Names are gathered for the log line, a tap or a span that is kept.
         let mut facts = Facts {
             logged: entry.is_some() || span.as_ref().is_some_and(|s| s.is_sampled()),
+            tap,
             ..Facts::default()
         };
         let mut response = self.proxy(req, ctx, &mut facts).await;
@@ -271,8 +301,10 @@ impl Forwarder {
             }
             response.body_mut().trace(span);
         }
-        if let (Some(logs), Some(mut entry)) = (&ctx.access_log, entry) {
-            entry.response_headers = logs.capture_response(response.headers());
+        if let Some(mut entry) = entry {
+            if let Some(logs) = &ctx.access_log {
+                entry.response_headers = logs.capture_response(response.headers());
+            }
             entry.details = facts.details;
             entry.transport_failure = facts.transport_failure;
             entry.upstream_host = facts.upstream_host;
@@ -281,7 +313,8 @@ impl Forwarder {
             entry.attempts = facts.attempts;
             entry.response_duration = facts.response_duration;
             response.body_mut().log(Logged {
-                logs: logs.clone(),
+                logs: ctx.access_log.clone(),
+                tap: facts.tap.map(|facts| (self.taps.clone(), facts)),
                 entry,
             });
         }
@@ -341,10 +374,21 @@ impl Forwarder {
             Ok(authority) => authority,
             Err(err) => return refused(err, facts),
         };
-        if let Some(authz) = &ctx.authorization
-            && let Err(err) = self.authorize(&mut parts, &authority, authz)
-        {
-            return refused(err, facts);
+        if let Some(authz) = &ctx.authorization {
+            let decided = self.authorize(&mut parts, &authority, authz);
+            if let Some(tap) = &mut facts.tap {
+                tap.authorization = Some(match &decided {
+                    Ok(weft_authz::Decision::Allowed) => "allowed".to_owned(),
+                    Ok(weft_authz::Decision::Denied(Some(policy))) => format!("denied by {policy}"),
+                    Ok(weft_authz::Decision::Denied(None)) => "denied: no ALLOW policy matched".to_owned(),
+                    Err(err) => format!("refused: {err}"),
+                });
+            }
+            match decided {
+                Ok(weft_authz::Decision::Allowed) => {}
+                Ok(weft_authz::Decision::Denied(_)) => return refused(UpstreamError::Forbidden, facts),
+                Err(err) => return refused(err, facts),
+            }
         }
         let decided = self.decide(
             &parts,
@@ -438,6 +482,8 @@ impl Forwarder {
             attempts: 0,
             upstream_host: None,
             upstream_workload: None,
+            tap: facts.tap.as_mut().map(|_| Vec::new()),
+            retry_stopped: None,
         };
         let (body, reading) = ClientBody::new(body, grpc);
         let attempt = async {
@@ -485,6 +531,10 @@ impl Forwarder {
         };
         facts.attempts = exchange.attempts;
         facts.upstream_host = exchange.upstream_host;
+        if let Some(tap) = &mut facts.tap {
+            tap.attempts = exchange.tap.take().unwrap_or_default();
+            tap.retry_stopped = exchange.retry_stopped;
+        }
         let mut response = match result {
             Try::Response(mut response) => {
                 held.stream = response.extensions_mut().remove::<Arc<StreamSlot>>();
@@ -569,14 +619,14 @@ impl Forwarder {
         }
     }
 
-    /// Normalizes the request's path (the app receives the path that was authorized) and holds the
-    /// request to the workload's policy.
+    /// Normalizes the request's path (the app receives the path that was authorized) and decides the
+    /// request under the workload's policy; `Err`: the path cannot be normalized.
     fn authorize(
         &self,
         parts: &mut http::request::Parts,
         authority: &Authority,
         authz: &weft_authz::connection::ConnectionAuthz,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<weft_authz::Decision, UpstreamError> {
         let original = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let normalized =
             weft_authz::path::normalize(original).map_err(|e| UpstreamError::BadRequest(e.as_str()))?;
@@ -595,10 +645,7 @@ impl Forwarder {
             authority: authority.as_str(),
             headers: &parts.headers,
         };
-        match authz.decide(Some(&request), &self.decisions) {
-            weft_authz::Decision::Allowed => Ok(()),
-            weft_authz::Decision::Denied(_) => Err(UpstreamError::Forbidden),
-        }
+        Ok(authz.decide(Some(&request), &self.decisions))
     }
 
     /// Tries a request on the cluster's endpoints under its circuit breakers, retrying as the route's
@@ -668,7 +715,15 @@ impl Forwarder {
             if let Outcome::Status(status) | Outcome::LocalFailure { as_status: status } = outcome {
                 state.count_attempt(status);
             }
-            state.report(endpoint.state(), outcome);
+            let ejected = state.report(endpoint.state(), outcome);
+            if let Some(tapped) = &mut exchange.tap {
+                tapped.push(Attempt {
+                    endpoint: address,
+                    outcome: attempt_outcome(&result),
+                    retried: false,
+                    ejected,
+                });
+            }
             let next = match &result {
                 // The route's deadline, not this endpoint's fault alone: no retry.
                 Try::Failed(UpstreamError::Timeout(_)) if exchange.past_deadline() => Next::Answer {
@@ -683,8 +738,17 @@ impl Forwarder {
                 ),
             };
             let (wait, permit, next_body) = match next {
-                Next::Retry { wait, permit, body } => (wait, permit, body),
+                Next::Retry { wait, permit, body } => {
+                    if let Some(last) = exchange.tap.as_mut().and_then(|t| t.last_mut()) {
+                        last.retried = true;
+                    }
+                    (wait, permit, body)
+                }
                 Next::Answer { limit_exceeded } => {
+                    if limit_exceeded {
+                        exchange.retry_stopped =
+                            Some("retry limit exceeded: num_retries, max_retries or the retry budget");
+                    }
                     held.endpoint = Some(endpoint);
                     held.connection = connection;
                     let flags = match limit_exceeded {
@@ -826,6 +890,10 @@ struct Exchange {
     upstream_host: Option<SocketAddr>,
     /// The workload behind the last try's endpoint, as discovery named it.
     upstream_workload: Option<Arc<WorkloadLabels>>,
+    /// Each try, while a tap session is open.
+    tap: Option<Vec<Attempt>>,
+    /// Why a failed try was not retried, while a tap session is open.
+    retry_stopped: Option<&'static str>,
 }
 
 impl Exchange {
@@ -846,6 +914,17 @@ impl Exchange {
 
     fn past_deadline(&self) -> bool {
         self.deadline.is_some_and(|d| d <= Instant::now())
+    }
+}
+
+/// How a try ended, as a tap session shows it.
+fn attempt_outcome(result: &Try) -> String {
+    match try_outcome(result) {
+        TryOutcome::Response(status, _) => status.as_str().to_owned(),
+        TryOutcome::ConnectFailure => "connect_failure".to_owned(),
+        TryOutcome::Reset => "reset".to_owned(),
+        TryOutcome::RefusedStream => "refused_stream".to_owned(),
+        TryOutcome::PerTryTimeout => "per_try_timeout".to_owned(),
     }
 }
 

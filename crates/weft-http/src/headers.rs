@@ -75,7 +75,7 @@ pub(crate) fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-const REQUEST_ID: &str = "x-request-id";
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// Gives a request an `x-request-id` (a random UUID) unless it carries one, as Envoy does: the id
 /// follows the request through retries and to the next hop, and ties its log lines and spans together.

@@ -6,6 +6,7 @@ mod flags;
 mod logging;
 mod metrics;
 pub mod peer_metadata;
+pub mod tap;
 pub mod traces;
 
 pub use flags::ResponseFlags;

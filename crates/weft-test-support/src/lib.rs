@@ -14,7 +14,7 @@ pub mod tcp;
 pub mod xds;
 
 pub use orig_dst::{MockOrigDst, OrigDstConnector};
-pub use proxy::{TestProxy, admin_get, admin_post, metric};
+pub use proxy::{TestProxy, admin_get, admin_post, admin_tap, metric};
 
 /// Test logs go to the test harness's captured output; `RUST_LOG` picks the filter.
 pub fn init_tracing() {

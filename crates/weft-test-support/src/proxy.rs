@@ -106,6 +106,45 @@ async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> (u
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Opens an admin `/tap{query}` session and returns once it is open; its lines arrive on the channel,
+/// which closes when the session ends.
+pub async fn admin_tap(
+    addr: SocketAddr,
+    query: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<serde_json::Value> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to admin");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("admin handshake");
+    tokio::spawn(conn);
+    let request = http::Request::get(format!("/tap{query}"))
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("admin response");
+    assert_eq!(response.status(), 200, "the tap session did not open");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let _sender = sender;
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            let Ok(data) = frame.into_data() else { continue };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let value = serde_json::from_slice(&line).expect("a tap line is JSON");
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// Sum of the samples of metric `name` (exact series name, e.g. `istio_requests_total`) whose labels
 /// include every `key="value"` pair given.
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -1006,3 +1006,72 @@ async fn an_envoy_rbac_filter_from_any_xds_server_is_enforced_and_unsupported_fi
     );
     assert_eq!(get("/admin/x").await, "403");
 }
+
+/// The server sidecar's `/tap` shows each request's authorization decision with the caller's
+/// identity from its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sidecars_tap_shows_each_decision_and_the_callers_proven_identity() {
+    let mesh = Mesh::start(&seed_policy()).await;
+    let mut tap = weft_test_support::admin_tap(mesh.server.admin(), "?duration=60s").await;
+    let gateway = mesh.caller("api-gateway");
+    assert_eq!(
+        send(&gateway.http1, Method::GET, "/orders/1").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&gateway.http1, Method::DELETE, "/orders/1").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(&mesh.caller("other").h2, Method::GET, "/orders/1").await.0,
+        StatusCode::FORBIDDEN
+    );
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let line = tokio::time::timeout(Duration::from_secs(10), tap.recv())
+            .await
+            .expect("a tap line")
+            .expect("the session is open");
+        lines.push(line);
+    }
+    let seen: Vec<(&str, &str, u64, &str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["method"].as_str().unwrap(),
+                l["downstream_peer_uri_san"].as_str().unwrap(),
+                l["response_code"].as_u64().unwrap(),
+                l["authorization"].as_str().unwrap(),
+                l["direction"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/default/sa/{sa}");
+    let (gateway_id, other_id) = (id("api-gateway"), id("other"));
+    assert_eq!(
+        seen,
+        [
+            ("GET", gateway_id.as_str(), 200, "allowed", "inbound"),
+            (
+                "DELETE",
+                gateway_id.as_str(),
+                403,
+                "denied: no ALLOW policy matched",
+                "inbound"
+            ),
+            (
+                "GET",
+                other_id.as_str(),
+                403,
+                "denied: no ALLOW policy matched",
+                "inbound"
+            ),
+        ]
+    );
+    assert_eq!(
+        lines[1]["response_code_details"], "rbac_access_denied",
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[2]["protocol"], "HTTP/2");
+}

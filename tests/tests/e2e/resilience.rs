@@ -790,3 +790,133 @@ async fn max_requests_per_connection_retires_upstream_connections_after_their_sh
         "40 sequential requests used {connections} upstream connections"
     );
 }
+
+/// The next line of a tap session, or a failure after a while.
+async fn next_line(tap: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(10), tap.recv())
+        .await
+        .expect("no tap line in 10 s")
+        .expect("the tap session ended early")
+}
+
+/// Admin `/tap` explains a request: the endpoint each attempt went to and how it ended, the retries,
+/// the attempt that ejected an endpoint, and why a failed request was not retried further.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_shows_each_attempt_retries_ejections_and_why_a_request_failed() {
+    let servers = servers(2).await;
+    let (good, bad) = (&servers[0], &servers[1]);
+    bad.set_fault(Fault::Status(503));
+    let mesh = Mesh::start(&ports(&servers), &seed_policies("30s", "30s")).await;
+    let admin = mesh.proxy.admin();
+    let (status, body) = admin_get(admin, "/tap?status=6xx").await;
+    assert_eq!((status, body.contains("invalid status")), (400, true), "{body}");
+    assert_eq!(admin_get(admin, "/tap?to=x").await.0, 400);
+
+    let cluster = CLUSTER.replace('|', "%7C");
+    let mut all = weft_test_support::admin_tap(admin, &format!("?cluster={cluster}&duration=60s")).await;
+    let mut other = weft_test_support::admin_tap(admin, "?cluster=elsewhere&duration=1s").await;
+    const N: usize = 20;
+    for _ in 0..N {
+        assert_eq!(mesh.get("/").await, StatusCode::OK);
+    }
+    let mut lines = Vec::new();
+    for _ in 0..N {
+        lines.push(next_line(&mut all).await);
+    }
+    for line in &lines {
+        assert_eq!(line["upstream_cluster"], CLUSTER, "{line}");
+        assert_eq!(
+            (line["direction"].as_str(), line["method"].as_str()),
+            (Some("outbound"), Some("GET"))
+        );
+        assert_eq!(line["response_code"], 200);
+        assert!(
+            !line["request_id"].as_str().unwrap_or_default().is_empty(),
+            "{line}"
+        );
+        assert_eq!(
+            line["authorization"],
+            serde_json::Value::Null,
+            "outbound authorizes nothing"
+        );
+        let attempts = line["attempts"].as_array().unwrap();
+        let last = attempts.last().unwrap();
+        assert_eq!(
+            (
+                last["endpoint"].as_str(),
+                last["outcome"].as_str(),
+                &last["retried"]
+            ),
+            (
+                Some(good.addr.to_string().as_str()),
+                Some("200"),
+                &serde_json::Value::Bool(false)
+            ),
+            "{line}"
+        );
+        for earlier in &attempts[..attempts.len() - 1] {
+            assert_eq!(earlier["endpoint"], bad.addr.to_string(), "{line}");
+            assert_eq!(
+                (earlier["outcome"].as_str(), &earlier["retried"]),
+                (Some("503"), &serde_json::Value::Bool(true))
+            );
+        }
+        assert_eq!(line["upstream_host"], good.addr.to_string());
+    }
+    let ejections: Vec<_> = lines
+        .iter()
+        .flat_map(|l| l["attempts"].as_array().unwrap().clone())
+        .filter(|a| !a["ejected"].is_null())
+        .collect();
+    assert_eq!(ejections.len(), 1, "{ejections:?}");
+    assert_eq!(ejections[0]["ejected"], "consecutive_5xx");
+    assert_eq!(ejections[0]["endpoint"], bad.addr.to_string());
+    let failed_attempts: usize = lines
+        .iter()
+        .map(|l| l["attempts"].as_array().unwrap().len() - 1)
+        .sum();
+    assert_eq!(
+        failed_attempts,
+        bad.request_count(),
+        "every 503 the bad endpoint gave is shown"
+    );
+
+    // With the other endpoint failing too, a request fails: every attempt shown, and why it stopped.
+    let mut failures = weft_test_support::admin_tap(admin, "?status=5xx&flagged&duration=2s").await;
+    good.set_fault(Fault::Status(503));
+    assert_eq!(mesh.get("/").await, StatusCode::SERVICE_UNAVAILABLE);
+    let failed = next_line(&mut failures).await;
+    assert_eq!(
+        (
+            failed["response_code"].as_u64(),
+            failed["response_flags"].as_str()
+        ),
+        (Some(503), Some("URX")),
+        "{failed}"
+    );
+    assert!(
+        failed["retry_stopped"].as_str().unwrap().contains("retry limit"),
+        "{failed}"
+    );
+    let attempts = failed["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 4, "the first try and 3 retries: {failed}");
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a["outcome"] == "503" && a["endpoint"] == good.addr.to_string())
+    );
+    assert_eq!(
+        next_line(&mut all).await["response_code"],
+        503,
+        "the cluster's session saw it too"
+    );
+    // Sessions end with their duration: a summary line, then the end of the stream.
+    let end = next_line(&mut failures).await;
+    assert_eq!(end, serde_json::json!({ "tap_ended": "duration", "dropped": 0 }));
+    assert!(failures.recv().await.is_none());
+    let end = next_line(&mut other).await;
+    assert_eq!(
+        end["tap_ended"], "duration",
+        "a session whose filter matched nothing: {end}"
+    );
+}
