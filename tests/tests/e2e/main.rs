@@ -4,6 +4,7 @@
 
 mod authz;
 mod config_dump;
+mod dashboards;
 mod envoy_admin;
 mod h2_conformance;
 mod h2_upstream;

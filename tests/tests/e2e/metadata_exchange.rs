@@ -42,56 +42,89 @@ fn mesh_yaml(server: SocketAddr) -> String {
     )
 }
 
+/// A client sidecar (`productpage-v1`) and a server sidecar (`reviews-v2`) before its app, both
+/// certified by `weft control`, the client configured by it: the mesh of Istio's metrics docs.
+pub(crate) struct Pair {
+    _dir: tempfile::TempDir,
+    _cp: ControlPlane,
+    pub(crate) app: HttpServer,
+    pub(crate) server: TestProxy,
+    pub(crate) client: TestProxy,
+}
+
+impl Pair {
+    /// Both sidecars ready (the client may not have the reviews Service yet).
+    pub(crate) async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let app = HttpServer::start("reviews-app").await;
+        let server = TestProxy::start(&format!(
+            "access_log: {{ path: off }}\n\
+             node: {{ workload: reviews-v2, namespace: default, service_account: reviews, labels: {{ app: reviews, version: v2 }} }}\n\
+             identity: {{ ca_address: \"http://{}\", token: \"{}\" }}\n\
+             listeners: [{{ name: inbound, address: 127.0.0.1:0, cluster: app, peer_authentication: permissive }}]\n\
+             clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
+            cp.address(),
+            token(&cp, "reviews"),
+            app.addr
+        ))
+        .await;
+        std::fs::write(
+            dir.path().join("mesh.yaml"),
+            mesh_yaml(server.listener("inbound")),
+        )
+        .unwrap();
+        let client = TestProxy::start(&format!(
+            "access_log: {{ path: off }}\n\
+             node: {{ workload: productpage-v1, namespace: default, service_account: productpage, labels: {{ app: productpage, version: v1 }} }}\n\
+             identity: {{ ca_address: \"http://{}\", token: \"{}\" }}\n\
+             xds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
+            cp.address(),
+            token(&cp, "productpage"),
+            cp.address()
+        ))
+        .await;
+        for proxy in [&server, &client] {
+            assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+        }
+        Self {
+            _dir: dir,
+            _cp: cp,
+            app,
+            server,
+            client,
+        }
+    }
+
+    /// An HTTP client of the client app, dialing the reviews Service through its sidecar. A connection
+    /// stays with what its first bytes were forwarded as: use a new client until the Service has
+    /// reached the sidecar.
+    pub(crate) fn app_client(
+        &self,
+    ) -> hyper_util::client::legacy::Client<weft_test_support::OrigDstConnector, TestBody> {
+        weft_test_support::http::client(
+            self.client
+                .orig_dst
+                .connector(self.client.outbound(), SERVICE.parse().unwrap()),
+            false,
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sides_metrics_name_both_workloads_and_no_app_sees_the_headers() {
-    let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let app = HttpServer::start("reviews-app").await;
-    let server = TestProxy::start(&format!(
-        "access_log: {{ path: off }}\n\
-         node: {{ workload: reviews-v2, namespace: default, service_account: reviews, labels: {{ app: reviews, version: v2 }} }}\n\
-         identity: {{ ca_address: \"http://{}\", token: \"{}\" }}\n\
-         listeners: [{{ name: inbound, address: 127.0.0.1:0, cluster: app, peer_authentication: permissive }}]\n\
-         clusters: [{{ name: app, endpoints: [\"{}\"] }}]",
-        cp.address(),
-        token(&cp, "reviews"),
-        app.addr
-    ))
-    .await;
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        mesh_yaml(server.listener("inbound")),
-    )
-    .unwrap();
-    let client = TestProxy::start(&format!(
-        "access_log: {{ path: off }}\n\
-         node: {{ workload: productpage-v1, namespace: default, service_account: productpage, labels: {{ app: productpage, version: v1 }} }}\n\
-         identity: {{ ca_address: \"http://{}\", token: \"{}\" }}\n\
-         xds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
-        cp.address(),
-        token(&cp, "productpage"),
-        cp.address()
-    ))
-    .await;
-    for proxy in [&server, &client] {
-        assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
-    }
+    let pair = Pair::start().await;
+    let (app, server, client) = (&pair.app, &pair.server, &pair.client);
 
     // The app writes metadata of its own: its sidecar replaces it with the workload's.
     let forged = HeaderValue::from_static("Cg0KBE5BTUUSBRoDbWFs");
     let mut status = StatusCode::SERVICE_UNAVAILABLE;
     let mut last = String::new();
     for _ in 0..100 {
-        // Until the Service (written after the control plane started) has reached the client; a new
-        // connection each time, as a connection stays with what its first bytes were forwarded as.
-        let through_client = weft_test_support::http::client(
-            client
-                .orig_dst
-                .connector(client.outbound(), SERVICE.parse().unwrap()),
-            false,
-        );
+        // Until the Service (written after the control plane started) has reached the client.
+        let through_client = pair.app_client();
         let response = through_client
             .request(
                 Request::get("http://reviews:9080/")
