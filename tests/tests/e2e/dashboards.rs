@@ -308,3 +308,53 @@ async fn istio_dashboards_and_kialis_graph_queries_return_labelled_series() {
     assert!(!traffic.is_finished(), "the traffic stopped: {:?}", traffic.await);
     traffic.abort();
 }
+
+/// Prometheus's own parser (`promtool check metrics`) reads the text exposition, a cluster name with
+/// a quote, a backslash and a newline included; its lint finds nothing but Istio's own metric names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_parses_the_exposition_with_escaped_label_values() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        eprintln!(
+            "SKIP prometheus_parses_the_exposition_with_escaped_label_values: promtool is not installed (.ci/run installs Debian's prometheus)"
+        );
+        return;
+    }
+    let pair = Pair::start().await;
+    let weird = weft_test_support::TestProxy::start(
+        "clusters: [{ name: \"we\\\"ird\\\\name\\nx\", endpoints: [\"127.0.0.1:9\"] }]\n\
+         listeners: [{ name: front, address: 127.0.0.1:0, cluster: \"we\\\"ird\\\\name\\nx\" }]",
+    )
+    .await;
+    let response = pair
+        .app_client()
+        .request(Request::get("http://reviews:9080/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    drain_body(response.into_body()).await.unwrap();
+    for proxy in [&pair.client, &pair.server, &weird] {
+        let (_, text) = admin_get(proxy.admin(), "/stats/prometheus").await;
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        let output = promtool.wait_with_output().unwrap();
+        let findings =
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+        assert!(!findings.contains("parsing error"), "{findings}\n{text}");
+        // Lint only: Istio names its durations in milliseconds, and so must we.
+        for finding in findings.lines() {
+            assert!(
+                finding.starts_with("istio_request_duration_milliseconds use base unit"),
+                "promtool: {finding}\n{text}"
+            );
+        }
+        assert!(matches!(output.status.code(), Some(0) | Some(3)), "{findings}");
+    }
+    let (_, text) = admin_get(weird.admin(), "/stats/prometheus").await;
+    assert!(text.contains(r#"cluster="we\"ird\\name\nx""#), "{text}");
+}
