@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use weft_app::{App, OsBinder, Running};
 use weft_telemetry::LogControl;
 
+mod collector;
 mod netns;
 
 #[derive(clap::Args, Debug)]
@@ -62,6 +63,12 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&dir)?;
     let control_plane = weft_control::ControlPlane::start(dir.clone(), "127.0.0.1:0".parse()?).await?;
     let ca = control_plane.ca().clone();
+    // Every sidecar sends its spans to the demo's own OTLP collector, every request sampled.
+    let collector = collector::Collector::start().await?;
+    let tracing = format!(
+        "tracing: {{ otlp_endpoint: \"http://{}\", sampling_percent: 100 }}\n",
+        collector.addr
+    );
     let identity = |sa: &str| -> anyhow::Result<String> {
         let token = ca.tokens().issue("demo", sa, Duration::from_secs(3600))?;
         Ok(format!(
@@ -77,7 +84,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         serve_app(listener, name);
         let log = dir.join(format!("access-{name}.log"));
         let proxy = start_proxy(
-            &(server_side_config(name, app, &log) + &identity("reviews")?),
+            &(server_side_config(name, app, &log) + &identity("reviews")? + &tracing),
             Arc::new(OsBinder),
         )
         .await?;
@@ -116,7 +123,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // connection as one the app made to the reviews Service address, as the redirect would.
     let client_log = dir.join("access-productpage.log");
     let client_side = start_proxy(
-        &(client_side_config(control_plane.address(), &client_log) + &identity("productpage")?),
+        &(client_side_config(control_plane.address(), &client_log) + &identity("productpage")? + &tracing),
         Arc::new(RedirectedTo(REVIEWS)),
     )
     .await?;
@@ -144,7 +151,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  the apps saw callers: {:?}", report.callers);
-    print_access_logs(&dir, &client_log).await;
+    let request_id = print_access_logs(&dir, &client_log).await;
+    print_trace(&collector, request_id.as_deref()).await;
     println!("\nclient-side weft metrics (GET /metrics):");
     for line in fetch_metrics(&client, client_side.admin_address()).await?.lines() {
         if line.starts_with("istio_requests_total") {
@@ -209,15 +217,15 @@ fn verdict(report: &Report, canary: &Report) -> ExitCode {
 }
 
 /// The last request of the client side's access log, and the same request on the server side that
-/// served it (found by its `x-request-id`).
-async fn print_access_logs(dir: &std::path::Path, client_log: &std::path::Path) {
+/// served it (found by its `x-request-id`). Returns that request id.
+async fn print_access_logs(dir: &std::path::Path, client_log: &std::path::Path) -> Option<String> {
     // The writers are a batch behind the traffic at most.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let read = |path: &std::path::Path| std::fs::read_to_string(path).unwrap_or_default();
     let client = read(client_log);
     let Some(last) = client.lines().last() else {
         println!("\n(no access log lines were written to {})", client_log.display());
-        return;
+        return None;
     };
     println!(
         "\naccess log, one request on both sides of the hop (Istio's format; files in {}):",
@@ -232,6 +240,65 @@ async fn print_access_logs(dir: &std::path::Path, client_log: &std::path::Path) 
             println!("  {name}: {line}");
         }
     }
+    Some(id.to_owned()).filter(|id| !id.is_empty())
+}
+
+/// A trace the sidecars exported: the client side's span and the server side's span under it. The
+/// access log's last request when its trace has arrived (the sidecars export in batches, every 5 s),
+/// else the latest complete one.
+async fn print_trace(collector: &collector::Collector, request_id: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let hop = loop {
+        let spans = collector.spans();
+        let hops: Vec<(collector::Span, collector::Span)> = spans
+            .iter()
+            .filter(|s| s.parent_id.is_empty() || !spans.iter().any(|p| p.span_id == s.parent_id))
+            .filter_map(|client| {
+                let server = spans.iter().find(|s| s.parent_id == client.span_id)?;
+                Some((client.clone(), server.clone()))
+            })
+            .collect();
+        let wanted = request_id.and_then(|id| hops.iter().find(|(c, _)| c.request_id.as_deref() == Some(id)));
+        if let Some(hop) = wanted
+            .or(hops.last())
+            .filter(|_| wanted.is_some() || Instant::now() > deadline)
+        {
+            break Some(hop.clone());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let total = collector.spans().len();
+    let Some((client, server)) = hop else {
+        println!(
+            "\n(no trace reached the demo's OTLP collector at {}: {total} spans)",
+            collector.addr
+        );
+        return;
+    };
+    println!(
+        "\ntrace {} of request {} ({total} spans received over OTLP by the demo's collector at {}):",
+        client.trace_id,
+        client.request_id.as_deref().unwrap_or("-"),
+        collector.addr
+    );
+    println!(
+        "  {} span {} {} -> {}",
+        client.service,
+        client.span_id,
+        client.name,
+        client.upstream_cluster.as_deref().unwrap_or("-")
+    );
+    println!(
+        "  {} span {} (child of {}) {} -> {}",
+        server.service,
+        server.span_id,
+        server.parent_id,
+        server.name,
+        server.upstream_cluster.as_deref().unwrap_or("-")
+    );
 }
 
 fn server_side_config(name: &str, app: SocketAddr, log: &std::path::Path) -> String {

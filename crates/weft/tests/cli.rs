@@ -132,6 +132,29 @@ fn demo_runs_a_fixed_number_of_requests() {
         stdout.contains("destination_service=\"reviews.demo.svc.cluster.local\""),
         "{stdout}"
     );
+    // The trace of the access log's last request: the client side's span and the server side's under it.
+    let id = stdout
+        .lines()
+        .find(|l| l.starts_with("  client side: ["))
+        .and_then(|l| l.split('"').nth(9))
+        .expect("the client side's access log line");
+    let trace = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("trace "))
+        .take(3)
+        .collect::<Vec<_>>();
+    assert!(
+        trace.len() == 3 && trace[0].contains(&format!("of request {id}")),
+        "{stdout}"
+    );
+    let client_span = trace[1]
+        .strip_prefix("  productpage.demo span ")
+        .and_then(|rest| rest.split(' ').next())
+        .expect("the client side's span");
+    assert!(
+        trace[2].starts_with("  reviews-v") && trace[2].contains(&format!("(child of {client_span})")),
+        "{stdout}"
+    );
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("drain timeout"),
         "the demo's proxies drained at once"
