@@ -1,28 +1,30 @@
 //! Access logs with Envoy's semantics: one entry per HTTP request (when its response has ended) and
-//! per TCP connection (when it closes), formatted and written by one thread per destination, off the
-//! request path. Entries go to the writer through a bounded queue; when it is full they are dropped
-//! and counted (`weft_access_log_entries_dropped_total`), never waited for.
+//! per TCP connection (when it closes). As Envoy does, the worker thread formats the line and appends
+//! it to its destination's buffer; one thread per destination takes the buffer whole and writes it,
+//! off the request path (writes to a file or a pipe block). A full buffer drops lines and counts them
+//! (`weft_access_log_entries_dropped_total`), never waits.
 
 mod format;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::mpsc;
 
 pub use format::{Format, FormatError, ISTIO_JSON, ISTIO_TEXT, Template, json_fields};
 
 use crate::{Metrics, ResponseFlags};
 
-/// Entries waiting for a writer; past this they are dropped (a few hundred bytes each).
-const QUEUE: usize = 16 * 1024;
-/// How long the writer lets entries gather after the first of a batch: it then wakes once per batch,
-/// not once per entry (a wake-up per request costs the request path a system call), and writes them
+/// Bytes of lines waiting for a writer; past this lines are dropped (some 16,000 lines of Istio's
+/// format).
+const PENDING: usize = 4 << 20;
+/// How long the writer lets lines gather after the first of a batch: it then wakes once per batch,
+/// not once per line (a wake-up per request costs the request path a system call), and writes them
 /// in one go. Envoy flushes its access-log buffers every second.
 const GATHER: Duration = Duration::from_millis(50);
 
@@ -165,26 +167,37 @@ pub struct Entry {
     pub response_headers: HeaderCapture,
 }
 
-/// A queued entry and the format it is to be written in.
-struct Record {
-    format: Arc<Format>,
-    /// By value: the queue's slots hold it, so queuing allocates nothing.
-    entry: Entry,
+/// A destination's lines not yet written, appended by the workers and taken whole by its writer.
+#[derive(Debug, Default)]
+struct Pending {
+    lines: Mutex<Vec<u8>>,
+    /// Signalled when lines arrive in an empty buffer.
+    arrived: Condvar,
 }
 
-/// The writers of a proxy, one thread per sink (writes to a file or a pipe block), started when a sink
-/// is first used.
+impl Pending {
+    /// Appends `line`; `false` (nothing appended) when the buffer is full.
+    fn push(&self, line: &[u8]) -> bool {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() + line.len() > PENDING {
+            return false;
+        }
+        let was_empty = lines.is_empty();
+        lines.extend_from_slice(line);
+        drop(lines);
+        if was_empty {
+            self.arrived.notify_one();
+        }
+        true
+    }
+}
+
+/// The writers of a proxy, one thread per sink, started when a sink is first used.
 #[derive(Debug)]
 pub struct AccessLogWriters {
-    writers: Mutex<HashMap<Sink, mpsc::Sender<Record>>>,
+    writers: Mutex<HashMap<Sink, Arc<Pending>>>,
     dropped: Counter,
     failed: Counter,
-}
-
-impl std::fmt::Debug for Record {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Record").finish_non_exhaustive()
-    }
 }
 
 /// A sink that cannot be written.
@@ -210,22 +223,22 @@ impl AccessLogWriters {
         if set.is_empty() {
             return Ok(None);
         }
-        let senders = set
+        let pending = set
             .logs
             .iter()
             .map(|log| self.writer(&log.sink))
             .collect::<Result<_, _>>()?;
         Ok(Some(AccessLogs {
             set: set.clone(),
-            senders,
+            pending,
             dropped: self.dropped.clone(),
         }))
     }
 
-    fn writer(&self, sink: &Sink) -> Result<mpsc::Sender<Record>, SinkError> {
+    fn writer(&self, sink: &Sink) -> Result<Arc<Pending>, SinkError> {
         let mut writers = self.writers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = writers.get(sink).filter(|tx| !tx.is_closed()) {
-            return Ok(tx.clone());
+        if let Some(pending) = writers.get(sink) {
+            return Ok(pending.clone());
         }
         let out: Box<dyn std::io::Write + Send> = match sink {
             Sink::Stdout => Box::new(std::io::stdout()),
@@ -242,17 +255,17 @@ impl AccessLogWriters {
                 Box::new(file)
             }
         };
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let (name, failed) = (sink.clone(), self.failed.clone());
+        let pending = Arc::new(Pending::default());
+        let (name, failed, taken) = (sink.clone(), self.failed.clone(), pending.clone());
         std::thread::Builder::new()
             .name("weft-access-log".into())
-            .spawn(move || write_entries(&name, out, rx, &failed))
+            .spawn(move || write_lines(&name, out, &taken, &failed))
             .map_err(|source| SinkError {
                 sink: sink.clone(),
                 source,
             })?;
-        writers.insert(sink.clone(), tx.clone());
-        Ok(tx)
+        writers.insert(sink.clone(), pending.clone());
+        Ok(pending)
     }
 }
 
@@ -260,8 +273,8 @@ impl AccessLogWriters {
 #[derive(Debug)]
 pub struct AccessLogs {
     set: Arc<AccessLogSet>,
-    /// Each log's writer, in the set's order.
-    senders: Vec<mpsc::Sender<Record>>,
+    /// Each log's buffer, in the set's order.
+    pending: Vec<Arc<Pending>>,
     dropped: Counter,
 }
 
@@ -275,25 +288,25 @@ impl AccessLogs {
         capture(&self.set.response_headers, headers)
     }
 
-    /// Queues the entry for every log; a full queue drops it (counted).
+    /// Formats the entry for every log and appends it to the log's buffer; a full buffer drops it
+    /// (counted).
     pub fn log(&self, entry: Entry) {
-        let last = self.senders.len().saturating_sub(1);
-        let mut entry = Some(entry);
-        for (i, (log, tx)) in self.set.logs.iter().zip(&self.senders).enumerate() {
-            // Each log but the last gets a copy.
-            let entry = match i == last {
-                true => entry.take(),
-                false => entry.clone(),
-            };
-            let Some(entry) = entry else { break };
-            let record = Record {
-                format: log.format.clone(),
-                entry,
-            };
-            if tx.try_send(record).is_err() {
-                self.dropped.inc();
-            }
+        thread_local! {
+            /// The worker thread's line, reused: formatting allocates nothing once it has grown.
+            static LINE: RefCell<String> = const { RefCell::new(String::new()) };
         }
+        LINE.with_borrow_mut(|line| {
+            for (log, pending) in self.set.logs.iter().zip(&self.pending) {
+                line.clear();
+                log.format.write(&entry, line);
+                if !pending.push(line.as_bytes()) {
+                    self.dropped.inc();
+                }
+            }
+            if line.capacity() > 64 << 10 {
+                *line = String::new();
+            }
+        });
     }
 }
 
@@ -304,22 +317,36 @@ fn capture(names: &[HeaderName], headers: &HeaderMap) -> HeaderCapture {
         .collect()
 }
 
-/// Formats and writes queued entries in batches until every sender is gone.
-fn write_entries(
+/// Writes the buffered lines in batches, as long as a listener's logs may still add some.
+fn write_lines(
     sink: &Sink,
     mut out: Box<dyn std::io::Write + Send>,
-    mut rx: mpsc::Receiver<Record>,
+    pending: &Arc<Pending>,
     failed: &Counter,
 ) {
-    let mut text = String::new();
+    let mut batch = Vec::new();
     let mut warned = false;
-    while let Some(first) = rx.blocking_recv() {
-        std::thread::sleep(GATHER);
-        first.format.write(&first.entry, &mut text);
-        while let Ok(record) = rx.try_recv() {
-            record.format.write(&record.entry, &mut text);
+    loop {
+        {
+            let mut lines = pending.lines.lock().unwrap_or_else(|e| e.into_inner());
+            while lines.is_empty() {
+                // Only this thread holds the buffer: the proxy and its logs are gone.
+                if Arc::strong_count(pending) == 1 {
+                    return;
+                }
+                lines = pending
+                    .arrived
+                    .wait_timeout(lines, Duration::from_secs(1))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
         }
-        let written = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        std::thread::sleep(GATHER);
+        std::mem::swap(
+            &mut *pending.lines.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut batch,
+        );
+        let written = out.write_all(&batch).and_then(|()| out.flush());
         if let Err(err) = written {
             failed.inc();
             if !warned {
@@ -327,9 +354,9 @@ fn write_entries(
                 warned = true;
             }
         }
-        text.clear();
-        if text.capacity() > 1 << 20 {
-            text = String::new();
+        batch.clear();
+        if batch.capacity() > PENDING {
+            batch = Vec::new();
         }
     }
 }

@@ -172,21 +172,27 @@ fn headers_a_format_prints_are_the_only_ones_captured() {
 }
 
 #[test]
-fn a_full_queue_drops_entries_and_counts_them() {
+fn a_full_buffer_drops_entries_and_counts_them() {
     let metrics = Metrics::new();
-    let (tx, _stalled_writer) = mpsc::channel(QUEUE);
+    let format = Arc::new(Format::istio_text());
     let logs = AccessLogs {
         set: Arc::new(AccessLogSet::new(vec![AccessLogConfig {
             sink: Sink::Stdout,
-            format: Arc::new(Format::istio_text()),
+            format: format.clone(),
         }])),
-        senders: vec![tx],
+        // No writer takes these lines.
+        pending: vec![Arc::new(Pending::default())],
         dropped: metrics.access_log_dropped.clone(),
     };
-    for _ in 0..QUEUE + 10 {
+    let mut line = String::new();
+    format.write(&request_entry(), &mut line);
+    let fit = PENDING / line.len();
+    for _ in 0..fit + 10 {
         logs.log(request_entry());
     }
     assert_eq!(metrics.access_log_dropped.get(), 10);
+    let kept = logs.pending[0].lines.lock().unwrap().len();
+    assert_eq!(kept, fit * line.len(), "whole lines only");
 }
 
 #[test]
