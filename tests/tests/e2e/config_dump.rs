@@ -40,35 +40,65 @@ async fn dump(admin: std::net::SocketAddr, query: &str) -> (serde_json::Value, C
     (json, decoded)
 }
 
-/// A sidecar configured by weft control over TLS, with its certificate from the CA and a listener and a
-/// cluster of its own file: the dump holds all of it, as Envoy lays it out.
+/// A sidecar (`sidecar~client`) configured by weft control over TLS with the order service's canary
+/// (`v1`, `v2`), its certificate from the CA, and a `front` listener to an `app` cluster of its own file.
+pub(crate) struct OrderSidecar {
+    pub(crate) v1: HttpServer,
+    pub(crate) v2: HttpServer,
+    pub(crate) app: HttpServer,
+    pub(crate) cp: ControlPlane,
+    /// weft control's TLS port (xDS and the CA).
+    pub(crate) tls: std::net::SocketAddr,
+    pub(crate) proxy: TestProxy,
+    _dir: tempfile::TempDir,
+}
+
+impl OrderSidecar {
+    /// Once the sidecar is ready.
+    pub(crate) async fn start() -> Self {
+        let v1 = HttpServer::start("v1").await;
+        let v2 = HttpServer::start("v2").await;
+        let app = HttpServer::start("app").await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("order.yaml"), crate::xds::order_yaml(&v1, &v2)).unwrap();
+        let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let tls = cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let root = dir.path().join("root.pem");
+        std::fs::write(&root, cp.ca().root_pem()).unwrap();
+        let token = cp
+            .ca()
+            .tokens()
+            .issue("default", "client", Duration::from_secs(3600))
+            .unwrap();
+        let proxy = TestProxy::start(&crate::mtls::sidecar_over_tls(
+            "id: sidecar~client, workload: client, namespace: default, service_account: client",
+            tls.port(),
+            &root,
+            &token,
+            app.addr,
+        ))
+        .await;
+        assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+        Self {
+            v1,
+            v2,
+            app,
+            cp,
+            tls,
+            proxy,
+            _dir: dir,
+        }
+    }
+}
+
+/// The dump holds all of an `OrderSidecar`'s configuration, as Envoy lays it out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_dump_is_envoys_with_xds_resources_static_config_and_secrets() {
-    let v1 = HttpServer::start("v1").await;
-    let v2 = HttpServer::start("v2").await;
-    let app = HttpServer::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("order.yaml"), crate::xds::order_yaml(&v1, &v2)).unwrap();
-    let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let tls = cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let root = dir.path().join("root.pem");
-    std::fs::write(&root, cp.ca().root_pem()).unwrap();
-    let token = cp
-        .ca()
-        .tokens()
-        .issue("default", "client", Duration::from_secs(3600))
-        .unwrap();
-    let proxy = TestProxy::start(&crate::mtls::sidecar_over_tls(
-        "id: sidecar~client, workload: client, namespace: default, service_account: client",
-        tls.port(),
-        &root,
-        &token,
-        app.addr,
-    ))
-    .await;
-    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let sidecar = OrderSidecar::start().await;
+    let (proxy, cp, tls) = (&sidecar.proxy, &sidecar.cp, sidecar.tls);
+    let (v1, v2) = (&sidecar.v1, &sidecar.v2);
 
     let (json, all) = dump(proxy.admin(), "?include_eds").await;
     let text = json.to_string();

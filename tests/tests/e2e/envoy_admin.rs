@@ -5,13 +5,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use envoy_types::pb::envoy::admin::v3::{Certificates, Clusters, Listeners, subject_alternate_name};
 use envoy_types::pb::envoy::config::core::v3::{HealthStatus, address, socket_address};
-use weft_control::ControlPlane;
-use weft_test_support::http::HttpServer;
-use weft_test_support::{TestProxy, admin_get, admin_post, assert_eventually};
+use weft_test_support::{admin_get, admin_post, assert_eventually};
 
 use crate::mtls::{get, plain_client};
 
@@ -53,32 +51,9 @@ fn port_of(address: &Option<envoy_types::pb::envoy::config::core::v3::Address>) 
 /// and listeners as Envoy shows them, and its listeners drained through admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_admin_views_and_drain_listeners() {
-    let v1 = HttpServer::start("v1").await;
-    let v2 = HttpServer::start("v2").await;
-    let app = HttpServer::start("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("order.yaml"), crate::xds::order_yaml(&v1, &v2)).unwrap();
-    let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let tls = cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let root = dir.path().join("root.pem");
-    std::fs::write(&root, cp.ca().root_pem()).unwrap();
-    let token = cp
-        .ca()
-        .tokens()
-        .issue("default", "client", Duration::from_secs(3600))
-        .unwrap();
-    let proxy = TestProxy::start(&crate::mtls::sidecar_over_tls(
-        "id: sidecar~client, workload: client, namespace: default, service_account: client",
-        tls.port(),
-        &root,
-        &token,
-        app.addr,
-    ))
-    .await;
+    let sidecar = crate::config_dump::OrderSidecar::start().await;
+    let (proxy, app, v1) = (&sidecar.proxy, &sidecar.app, &sidecar.v1);
     let admin = proxy.admin();
-    assert_eventually!(admin_get(admin, "/ready").await.0 == 200, "not ready");
     let front = proxy.listener("front");
     let client = plain_client(false);
     for _ in 0..7 {
