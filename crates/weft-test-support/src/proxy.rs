@@ -81,7 +81,16 @@ pub async fn admin_post(addr: SocketAddr, path: &str) -> (u16, String) {
     admin_request(addr, http::Method::POST, path).await
 }
 
-async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> (u16, String) {
+/// Sends one request on a new connection; the sender is returned with the response head, so that the
+/// connection lives as long as the caller reads the body.
+async fn admin_send(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    http::Response<hyper::body::Incoming>,
+) {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to admin");
@@ -96,6 +105,11 @@ async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> (u
         .body(Empty::<Bytes>::new())
         .expect("request");
     let response = sender.send_request(request).await.expect("admin response");
+    (sender, response)
+}
+
+async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> (u16, String) {
+    let (_sender, response) = admin_send(addr, method, path).await;
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -112,18 +126,7 @@ pub async fn admin_tap(
     addr: SocketAddr,
     query: &str,
 ) -> tokio::sync::mpsc::UnboundedReceiver<serde_json::Value> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to admin");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("admin handshake");
-    tokio::spawn(conn);
-    let request = http::Request::get(format!("/tap{query}"))
-        .header("host", addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .expect("request");
-    let response = sender.send_request(request).await.expect("admin response");
+    let (sender, response) = admin_send(addr, http::Method::GET, &format!("/tap{query}")).await;
     assert_eq!(response.status(), 200, "the tap session did not open");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
