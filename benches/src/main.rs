@@ -65,6 +65,13 @@ struct Args {
     /// 1 % of requests into spans exported to an OTLP receiver in this process, phases alternated.
     #[arg(long)]
     compare_tracing: bool,
+    /// Instead of the usual table: CPU per request through the weft binary at PATH (an earlier build)
+    /// and through this one, same configuration, phases alternated: what a change bought.
+    #[arg(long, value_name = "PATH")]
+    compare_binary: Option<PathBuf>,
+    /// Alternated rounds of each `--compare-*` mode (medians and spread over them).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Instead of the usual table: a Weft sidecar pair with mutual TLS between them against an HAProxy
     /// pair doing the same job (installs nothing: `apt-get install haproxy` first), ratios to HAProxy.
     #[arg(long)]
@@ -218,6 +225,22 @@ fn main() -> anyhow::Result<()> {
         println!("spans received: {}", receiver.spans().len());
         return result;
     }
+    if let Some(earlier) = &args.compare_binary {
+        return compare_cpu(
+            &args,
+            &client_rt,
+            [
+                (
+                    "earlier build",
+                    Proxy::start(earlier, |l| plain_yaml(l, backend_addr, ""))?,
+                ),
+                (
+                    "this build",
+                    Proxy::start(&weft, |l| plain_yaml(l, backend_addr, ""))?,
+                ),
+            ],
+        );
+    }
     if let Some(services) = args.compare_services {
         return compare_cpu(
             &args,
@@ -331,7 +354,7 @@ fn compare_cpu(
     let phase = Duration::from_secs(args.seconds);
     let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut errors = 0;
-    for _ in 0..3 {
+    for _ in 0..args.rounds.max(1) {
         for (i, proxy) in [&base, &other].into_iter().enumerate() {
             let before = proxy.cpu_seconds()?;
             let figures =
@@ -348,8 +371,9 @@ fn compare_cpu(
     let spread = |v: &[f64]| format!("{:.1}-{:.1}", v[0], v[v.len() - 1]);
     let (a, b) = (median(&mut samples[0]), median(&mut samples[1]));
     println!(
-        "CPU per request at saturation ({} connections, 3 x {} s each, alternated; median, spread): {base_name} {a:.1} us ({}), {other_name} {b:.1} us ({}), ratio {:.3}; errors: {errors}",
+        "CPU per request at saturation ({} connections, {} x {} s each, alternated; median, spread): {base_name} {a:.1} us ({}), {other_name} {b:.1} us ({}), ratio {:.3}; errors: {errors}",
         args.connections,
+        args.rounds.max(1),
         args.seconds,
         spread(&samples[0]),
         spread(&samples[1]),

@@ -183,12 +183,9 @@ impl Completion {
     fn finish(mut self, flags: ResponseFlags, sent: u64, messages: Option<u64>) {
         self.labels.response_flags |= flags;
         let elapsed = self.start.elapsed();
-        self.metrics.requests.get_or_create(&self.labels).inc();
-        self.metrics
-            .request_duration_ms
-            .get_or_create(&self.labels)
-            .observe(elapsed.as_secs_f64() * 1000.0);
         let received = self.reading.as_ref().map_or(0, |r| r.received());
+        self.metrics
+            .record_request(&self.labels, elapsed.as_secs_f64() * 1000.0, received, sent);
         if let Some(sent_messages) = messages {
             let received_messages = self.reading.as_ref().map_or(0, |r| r.messages());
             self.metrics
@@ -200,14 +197,6 @@ impl Completion {
                 .get_or_create(&self.labels)
                 .inc_by(sent_messages);
         }
-        self.metrics
-            .request_bytes
-            .get_or_create(&self.labels)
-            .observe(received as f64);
-        self.metrics
-            .response_bytes
-            .get_or_create(&self.labels)
-            .observe(sent as f64);
         if let Some(span) = self.span {
             span.finish(
                 self.labels.response_code,
