@@ -30,8 +30,14 @@ struct BuildLabels {
 }
 
 /// A cheaply cloned label value.
-#[derive(Clone, Debug, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Eq, PartialOrd, Ord)]
 pub struct Label(Arc<str>);
+
+impl std::hash::Hash for Label {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl PartialEq for Label {
     /// Label sets of one connection share their strings: equal pointers answer without comparing bytes.
