@@ -73,7 +73,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Instead of the usual table: a Weft sidecar pair with mutual TLS between them against an HAProxy
-    /// pair doing the same job (installs nothing: `apt-get install haproxy` first), ratios to HAProxy.
+    /// pair doing the same job (haproxy is installed with apt-get when missing), ratios to HAProxy.
     #[arg(long)]
     pair: bool,
     /// Worker threads of each proxy in `--pair` (weft `--concurrency`, HAProxy `nbthread`).

@@ -217,8 +217,7 @@ fn start_haproxy(
     policies: bool,
     h2: bool,
 ) -> anyhow::Result<HaproxyPair> {
-    let haproxy = which("haproxy")
-        .context("haproxy not found: apt-get install haproxy (the peer this benchmark compares against)")?;
+    let haproxy = installed_haproxy()?;
     let client_pem = haproxy_certificate(ca, "client", dir)?;
     let server_pem = haproxy_certificate(ca, "server", dir)?;
     let root = dir.join("root.pem");
@@ -282,6 +281,36 @@ backend app
         );
     }
     Ok(pair)
+}
+
+/// The haproxy binary, installed with apt-get first when it is missing (as root; the peer this benchmark
+/// compares against).
+fn installed_haproxy() -> anyhow::Result<PathBuf> {
+    if let Some(path) = which("haproxy") {
+        return Ok(path);
+    }
+    if which("apt-get").is_none() {
+        bail!("haproxy not found and there is no apt-get to install it: install haproxy 2.6 or later");
+    }
+    eprintln!("haproxy not found: installing it with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "haproxy"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+    };
+    let installed = install().is_ok_and(|s| s.success())
+        || (Command::new("apt-get")
+            .args(["update", "-q"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            && install().is_ok_and(|s| s.success()));
+    match which("haproxy") {
+        Some(path) if installed => Ok(path),
+        _ => bail!("installing haproxy with apt-get failed (run as root, or apt-get install haproxy first)"),
+    }
 }
 
 fn which(binary: &str) -> Option<PathBuf> {
