@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use weft_http::HttpVersion;
 use weft_http::{HttpContext, Upstream};
@@ -138,7 +139,7 @@ pub(crate) async fn serve(
                 (sniffed.io, sniffed.handling)
             }
         };
-        return Some(Box::pin(forward(
+        return Some(forward(
             inputs,
             io,
             handling,
@@ -158,9 +159,9 @@ pub(crate) async fn serve(
                 http,
                 access_log,
                 tracer,
-                _silent: silent,
+                silent,
             },
-        )));
+        ));
     }
     if peer_authentication == PeerAuthentication::Strict {
         tracing::info!(dst = %orig_dst, "plaintext connection refused: mutual TLS is STRICT here");
@@ -181,7 +182,7 @@ pub(crate) async fn serve(
         (Protocol::Http, Handling::Opaque) => Handling::Http(HttpVersion::Http1),
         (_, handling) => handling,
     };
-    let stage: Stage = Box::pin(forward(
+    let stage = forward(
         inputs,
         io,
         handling,
@@ -198,9 +199,9 @@ pub(crate) async fn serve(
             http,
             access_log,
             tracer,
-            _silent: silent,
+            silent,
         },
-    ));
+    );
     Some(stage)
 }
 
@@ -233,8 +234,9 @@ struct Connection {
     /// Where peers arrive: the policy, and the principal the connection proved.
     authz: Option<(Authz, Option<Arc<str>>)>,
     http: HttpSettings,
-    /// The silent budget's place, for a connection that began silent: held until it ends.
-    _silent: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The silent budget's place, for a connection that began silent: held until it ends (its stage
+    /// holds it).
+    silent: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Connection {
@@ -254,13 +256,16 @@ impl Connection {
     }
 }
 
-async fn forward<S>(inputs: Arc<Inputs>, io: PrefixedIo<S>, handling: Handling, conn: Connection)
+/// The lasting stage of a connection: what it holds while it lives (an idle connection, all it holds)
+/// is only its protocol's state, not what was needed to set it up.
+fn forward<S>(inputs: Arc<Inputs>, io: PrefixedIo<S>, handling: Handling, conn: Connection) -> Stage
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     match handling {
         Handling::Close => {
             tracing::debug!(dst = %conn.orig_dst, "closing a connection whose client never spoke");
+            Box::pin(std::future::ready(()))
         }
         Handling::Http(version) => {
             let authorization = conn.authorization(&inputs, true);
@@ -295,15 +300,20 @@ where
                 parked: inputs.metrics.downstream_connections_parked.clone(),
                 source: Some(conn.source.ip()),
             };
-            let result = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
+            let served = weft_http::serve(io, version, inputs.drain.clone(), settings, move |req| {
                 let forwarder = forwarder.clone();
                 let ctx = ctx.clone();
                 async move { forwarder.forward(req, &ctx).await }
-            })
-            .await;
-            if let Err(err) = result {
-                tracing::debug!(error = %err, dst = %conn.orig_dst, "HTTP connection ended with an error");
-            }
+            });
+            let orig_dst = conn.orig_dst;
+            let silent = conn.silent;
+            // Mapped, not awaited in an async block, which would hold the future's space twice.
+            Box::pin(served.map(move |result| {
+                drop(silent);
+                if let Err(err) = result {
+                    tracing::debug!(error = %err, dst = %orig_dst, "HTTP connection ended with an error");
+                }
+            }))
         }
         Handling::Opaque => {
             let authz = conn.authorization(&inputs, false);
@@ -322,16 +332,19 @@ where
                     _ => None,
                 },
             });
-            Box::pin(forward_tcp(
-                &inputs,
-                io,
-                conn.destination,
-                conn.peers,
-                conn.orig_dst,
-                authz,
-                log,
-            ))
-            .await
+            let silent = conn.silent;
+            Box::pin(
+                forward_tcp(
+                    inputs,
+                    io,
+                    conn.destination,
+                    conn.peers,
+                    conn.orig_dst,
+                    authz,
+                    log,
+                )
+                .map(move |()| drop(silent)),
+            )
         }
     }
 }
@@ -374,7 +387,7 @@ const TCP_REPORTING_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// Copies bytes both ways until both sides have closed, half-close included: when one side finishes
 /// sending, the other side's write half is shut down and the opposite direction keeps flowing.
 async fn forward_tcp<S>(
-    inputs: &Inputs,
+    inputs: Arc<Inputs>,
     downstream: PrefixedIo<S>,
     destination: Destination,
     peers: Peers,
@@ -461,7 +474,7 @@ async fn forward_tcp<S>(
         *reported = (received, sent);
     };
     let copy = tokio::io::copy_bidirectional(&mut downstream, &mut upstream);
-    let revoked = revoked(inputs, authz.as_ref());
+    let revoked = revoked(&inputs, authz.as_ref());
     tokio::pin!(copy, idle, revoked);
     let mut ticks = tokio::time::interval_at(
         tokio::time::Instant::now() + TCP_REPORTING_INTERVAL,

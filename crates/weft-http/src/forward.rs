@@ -572,7 +572,6 @@ impl Forwarder {
                 .exchange
                 .answer(&mut parts.headers, ctx.peer_identity.is_some()),
         }
-        let completion = self.completion(&peers, request_protocol, start);
         // The response speaks the client's protocol, whatever the upstream hop spoke: an HTTP/1.0 app
         // (Python's http.server) must not end the client's keep-alive connection.
         parts.version = match ctx.version {
@@ -586,7 +585,7 @@ impl Forwarder {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let timer = BodyTimer::new(deadline, exchange.idle_timeout)
             .map(|t| if grpc_response { t.for_grpc() } else { t });
-        let mut completion = completion(status, flags);
+        let mut completion = self.record(peers, request_protocol, start)(status, flags);
         completion.reading = Some(reading.clone());
         // A trailers-only gRPC answer carries its status in the headers; others in the trailers,
         // which the body reads as they pass.
@@ -594,17 +593,29 @@ impl Forwarder {
         Response::from_parts(parts, ProxyBody::upstream(body, completion, timer, held))
     }
 
-    /// What records a request's metrics when its response ends, given the status and flags.
+    /// What records a request's metrics when its response ends, given the status and flags; the labels
+    /// are copied from `peers` for an answer given before the response (the request may still change
+    /// them if it goes on).
     fn completion<'a>(
         &'a self,
         peers: &'a Peers,
         request_protocol: RequestProtocol,
         start: Instant,
     ) -> impl Fn(StatusCode, ResponseFlags) -> Completion + 'a {
+        move |status, flags| self.record(peers.clone(), request_protocol, start)(status, flags)
+    }
+
+    /// The same for the response that ends the request, taking its labels.
+    fn record(
+        &self,
+        peers: Peers,
+        request_protocol: RequestProtocol,
+        start: Instant,
+    ) -> impl FnOnce(StatusCode, ResponseFlags) -> Completion + '_ {
         move |status, flags| Completion {
             metrics: self.metrics.clone(),
             labels: RequestLabels {
-                peers: peers.clone(),
+                peers,
                 request_protocol,
                 response_code: status.as_u16(),
                 grpc_response_status: GrpcStatus::default(),

@@ -23,4 +23,4 @@ pub use error::{LocalReply, Origin, UpstreamError};
 pub use forward::{Forwarder, HttpContext, RouteSource, Upstream};
 pub use pool::Pools;
 pub use replay::MAX_REPLAY_BYTES;
-pub use server::{HttpVersion, ServeSettings, serve};
+pub use server::{HttpVersion, ServeSettings, Served, serve};

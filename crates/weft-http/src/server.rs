@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -54,15 +55,19 @@ pub struct ServeSettings {
     pub source: Option<IpAddr>,
 }
 
+/// A connection being served.
+pub type Served = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send>>;
+
 /// Serves one connection until it closes, the client goes away, or `drain` fires and in-flight requests
-/// have finished.
-pub async fn serve<I, F, Fut>(
+/// have finished. The future holds only its protocol's state: an idle connection costs what its HTTP
+/// version needs, nothing of the set-up here.
+pub fn serve<I, F, Fut>(
     io: I,
     version: HttpVersion,
     drain: CancellationToken,
     settings: ServeSettings,
     handle: F,
-) -> Result<(), hyper::Error>
+) -> Served
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Unpin + 'static,
@@ -118,9 +123,9 @@ where
     match version {
         HttpVersion::Http1 => {
             let io = ClientIo::new(io, head_clock, activity, lull);
-            http1::serve(io, service, settings, keepalive, drain).await
+            Box::pin(http1::serve(io, service, settings, keepalive, drain))
         }
-        HttpVersion::Http2 => {
+        HttpVersion::Http2 => Box::pin(async move {
             let flooded = Arc::new(Flooded::default());
             let io = FrameGuard::new(io, flooded.clone());
             let pressed = pressed(&settings.overload, keepalive, Some(&first_request));
@@ -193,7 +198,7 @@ where
                 }
             }
             result
-        }
+        }),
     }
 }
 
