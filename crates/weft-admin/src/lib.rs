@@ -4,5 +4,5 @@
 mod readiness;
 mod server;
 
-pub use readiness::Readiness;
+pub use readiness::{NotReady, Readiness, ServerState};
 pub use server::{AdminState, Stat, Views, serve_admin, serve_readiness};

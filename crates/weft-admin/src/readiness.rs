@@ -4,6 +4,32 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
+/// Why the proxy is not ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotReady {
+    /// It is draining: ready no more.
+    Draining,
+    /// These startup steps have not reported done.
+    WaitingFor(Vec<&'static str>),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Draining => f.write_str("draining"),
+            Self::WaitingFor(steps) => write!(f, "waiting for {}", steps.join(", ")),
+        }
+    }
+}
+
+/// Envoy's server states (`envoy.admin.v3.ServerInfo.State`), with Envoy's `server.state` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerState {
+    Live = 0,
+    Draining = 1,
+    Initializing = 3,
+}
+
 #[derive(Debug, Clone)]
 pub struct Readiness {
     inner: Arc<Mutex<State>>,
@@ -38,17 +64,25 @@ impl Readiness {
     }
 
     /// `Ok` when ready, otherwise why not.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), NotReady> {
         self.with(|s| {
             if s.draining {
-                Err("draining".to_owned())
+                Err(NotReady::Draining)
             } else if s.waiting_for.is_empty() {
                 Ok(())
             } else {
-                let steps: Vec<_> = s.waiting_for.iter().copied().collect();
-                Err(format!("waiting for {}", steps.join(", ")))
+                Err(NotReady::WaitingFor(s.waiting_for.iter().copied().collect()))
             }
         })
+    }
+
+    /// The server's state as Envoy names it (`server.state`, `/server_info`).
+    pub fn state(&self) -> ServerState {
+        match self.check() {
+            Ok(()) => ServerState::Live,
+            Err(NotReady::Draining) => ServerState::Draining,
+            Err(NotReady::WaitingFor(_)) => ServerState::Initializing,
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -65,12 +99,16 @@ mod tests {
     #[test]
     fn ready_after_every_step_and_not_while_draining() {
         let r = Readiness::new(&["listeners", "certificate"]);
-        assert_eq!(r.check(), Err("waiting for certificate, listeners".into()));
+        let reason = |r: &Readiness| r.check().map_err(|e| e.to_string());
+        assert_eq!(reason(&r), Err("waiting for certificate, listeners".into()));
+        assert_eq!(r.state(), ServerState::Initializing);
         r.mark_done("listeners");
-        assert_eq!(r.check(), Err("waiting for certificate".into()));
+        assert_eq!(reason(&r), Err("waiting for certificate".into()));
         r.mark_done("certificate");
-        assert_eq!(r.check(), Ok(()));
+        assert_eq!(reason(&r), Ok(()));
+        assert_eq!(r.state(), ServerState::Live);
         r.set_draining();
-        assert_eq!(r.check(), Err("draining".into()));
+        assert_eq!(reason(&r), Err("draining".into()));
+        assert_eq!(r.state(), ServerState::Draining);
     }
 }

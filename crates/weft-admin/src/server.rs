@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use weft_telemetry::tap::{StatusMatch, TapFilter, TapStream, Taps};
 use weft_telemetry::{LogControl, Metrics};
 
-use crate::Readiness;
+use crate::{Readiness, ServerState};
 
 /// What the proxy shows and does through the admin port, beyond metrics, readiness and logging.
 /// Envoy's shapes are the protobuf JSON mapping of its admin protos; an `Err` is why a view could not
@@ -27,8 +27,8 @@ pub trait Views: Send + Sync {
     fn mesh(&self) -> serde_json::Value;
     /// Envoy's `/config_dump` for the query string given (an `Err` is a 400).
     fn config_dump(&self, query: &str) -> Result<serde_json::Value, String>;
-    /// Envoy's `/server_info` for the proxy's current readiness.
-    fn server_info(&self, ready: &Result<(), String>) -> Result<serde_json::Value, String>;
+    /// Envoy's `/server_info` for the proxy in `state`.
+    fn server_info(&self, state: ServerState) -> Result<serde_json::Value, String>;
     /// Envoy's `/certs` (`envoy.admin.v3.Certificates`).
     fn certs(&self) -> Result<serde_json::Value, String>;
     /// Weft's view of the workload certificate and the trusted roots (`null` without an identity).
@@ -152,7 +152,7 @@ fn admin(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
             Err(reason) => text(StatusCode::BAD_REQUEST, format!("{reason}\n")),
         }),
         "/server_info" => get_only(method, || {
-            rendered(state.views.server_info(&state.readiness.check()))
+            rendered(state.views.server_info(state.readiness.state()))
         }),
         "/mesh" => get_only(method, || json(&state.views.mesh())),
         "/certs" => get_only(method, || rendered(state.views.certs())),
@@ -278,14 +278,13 @@ fn stats(state: &AdminState, query: &str) -> AdminResponse {
             state.metrics.encode_prometheus(),
         );
     }
-    let server_state = match state.readiness.check() {
-        Ok(()) => 0,
-        Err(reason) if reason == "draining" => 1,
-        Err(_) => 3,
-    };
+    let server_state = state.readiness.state();
     let mut stats = state.views.stats();
-    stats.push(Stat::new("server.state", server_state));
-    stats.push(Stat::new("server.live", u64::from(server_state == 0)));
+    stats.push(Stat::new("server.state", server_state as u64));
+    stats.push(Stat::new(
+        "server.live",
+        u64::from(server_state == ServerState::Live),
+    ));
     stats.retain(|s| (!used_only || s.value != 0) && filter.as_ref().is_none_or(|f| f.is_match(&s.name)));
     stats.sort_by(|a, b| a.name.cmp(&b.name));
     if format == "json" {

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::google::protobuf::UInt32Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use weft_admin::{Stat, Views};
+use weft_admin::{ServerState, Stat, Views};
 use weft_balance::{ClusterStates, ClusterStatus};
 use weft_identity::tls::{CertificateSummary, TlsMaterial};
 use weft_model::{Bootstrap, Mesh};
@@ -109,8 +109,14 @@ impl Views for ProxyViews {
         dump
     }
 
-    fn server_info(&self, ready: &Result<(), String>) -> Result<serde_json::Value, String> {
-        let info = weft_xds::dump::server_info(&self.bootstrap.node, self.started, ready);
+    fn server_info(&self, state: ServerState) -> Result<serde_json::Value, String> {
+        use envoy_types::pb::envoy::admin::v3::server_info::State;
+        let state = match state {
+            ServerState::Live => State::Live,
+            ServerState::Draining => State::Draining,
+            ServerState::Initializing => State::Initializing,
+        };
+        let info = weft_xds::dump::server_info(&self.bootstrap.node, self.started, state);
         release_descriptors();
         info.map_err(|e| e.to_string())
     }

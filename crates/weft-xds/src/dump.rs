@@ -707,18 +707,13 @@ fn secrets(inputs: &DumpInputs<'_>) -> SecretsConfigDump {
 pub fn server_info(
     node: &Node,
     started: SystemTime,
-    ready: &Result<(), String>,
+    state: envoy_types::pb::envoy::admin::v3::server_info::State,
 ) -> Result<serde_json::Value, DumpError> {
-    use envoy_types::pb::envoy::admin::v3::{ServerInfo, server_info::State};
+    use envoy_types::pb::envoy::admin::v3::ServerInfo;
     let uptime = started.elapsed().unwrap_or_default();
     let uptime = XDuration {
         seconds: i64::try_from(uptime.as_secs()).unwrap_or(i64::MAX),
         nanos: 0,
-    };
-    let state = match ready {
-        Ok(()) => State::Live,
-        Err(reason) if reason == "draining" => State::Draining,
-        Err(_) => State::Initializing,
     };
     let info = ServerInfo {
         version: concat!("weft/", env!("CARGO_PKG_VERSION")).into(),
