@@ -14,7 +14,7 @@ use weft_http::{HttpContext, Upstream};
 use crate::tcp::TcpConnectError;
 use weft_model::{HttpSettings, PeerAuthentication, Protocol, Target};
 use weft_telemetry::access_log::{AccessLogs, Entry};
-use weft_telemetry::{ConnectionSecurity, Label, Peers, ResponseFlags, TcpLabels};
+use weft_telemetry::{ConnectionSecurity, Label, Peers, Reporter, ResponseFlags, TcpLabels};
 use weft_transport::PrefixedIo;
 
 use crate::destination::{AuthzKey, Destination, LivePolicy, Routed};
@@ -418,7 +418,7 @@ async fn forward_tcp<S>(
     let connected = match &destination {
         Destination::Direct(addr, settings) => weft_transport::dial(*addr, settings, &inputs.tls, &[])
             .await
-            .map(|io| (io, *addr, None))
+            .map(|io| (io, *addr, None, None))
             .map_err(TcpConnectError::Connect),
         Destination::Target(
             Target {
@@ -428,7 +428,7 @@ async fn forward_tcp<S>(
             _,
         ) => crate::tcp::connect_cluster(inputs.forwarder.clusters(), &inputs.tls, cluster)
             .await
-            .map(|c| (c.io, c.endpoint, Some(c.held))),
+            .map(|c| (c.io, c.endpoint, c.workload, Some(c.held))),
         Destination::Target(Target { cluster: None, .. }, _) => {
             labels.response_flags = ResponseFlags::NO_CLUSTER;
             refused(&labels, log);
@@ -436,7 +436,7 @@ async fn forward_tcp<S>(
             return;
         }
     };
-    let (mut upstream, endpoint, _held) = match connected {
+    let (mut upstream, endpoint, workload, _held) = match connected {
         Ok(connected) => connected,
         Err(err) => {
             labels.response_flags = err.flags();
@@ -445,6 +445,11 @@ async fn forward_tcp<S>(
             return;
         }
     };
+    // The client side names the workload it reached as discovery's endpoint metadata does (opaque
+    // TCP carries no metadata exchange); the server side knows itself already.
+    if let Some(workload) = workload.filter(|_| labels.peers.reporter == Reporter::source) {
+        labels.peers.set_destination(&workload);
+    }
     inputs.metrics.tcp_opened.get_or_create(&labels).inc();
 
     // No bytes either way for the idle timeout closes both sides (Envoy's TCP proxy idle_timeout).

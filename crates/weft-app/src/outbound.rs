@@ -101,7 +101,7 @@ pub(crate) async fn explicit(
 /// `destination_service`: the cluster a service sends everything to, else its route table's name.
 fn service_label(target: &Target) -> Label {
     match &target.cluster {
-        Some(cluster) if target.route.name == cluster.name => cluster.name.as_str().into(),
+        Some(cluster) if target.route.name == cluster.name => Label::service_of_cluster(&cluster.name),
         _ => target.route.name.as_str().into(),
     }
 }

@@ -8,7 +8,7 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use weft_balance::{ClusterStates, EndpointGuard, Outcome};
 use weft_identity::tls::TlsMaterial;
 use weft_model::Cluster;
-use weft_telemetry::ResponseFlags;
+use weft_telemetry::{ResponseFlags, WorkloadLabels};
 use weft_transport::{DialError, DialSettings, UpstreamIo};
 
 /// Connect attempts for an opaque TCP connection, each to a different endpoint when there is one.
@@ -19,6 +19,8 @@ const CONNECT_ATTEMPTS: usize = 3;
 pub(crate) struct TcpUpstream {
     pub(crate) io: UpstreamIo,
     pub(crate) endpoint: SocketAddr,
+    /// The workload behind the endpoint, as discovery named it.
+    pub(crate) workload: Option<Arc<WorkloadLabels>>,
     /// Counts the connection as the endpoint's active request and a connection of the cluster until
     /// dropped.
     pub(crate) held: Held,
@@ -75,6 +77,7 @@ pub(crate) async fn connect_cluster(
                 return Ok(TcpUpstream {
                     io,
                     endpoint: address,
+                    workload: endpoint.workload().cloned(),
                     held: Held {
                         _endpoint: endpoint,
                         _connection: connection,

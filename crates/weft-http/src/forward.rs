@@ -208,7 +208,7 @@ impl Forwarder {
             .ok_or_else(|| UpstreamError::NoCluster(weighted.name.clone()))?;
         Ok(Decision {
             route_name: (logged && !route.name.is_empty()).then(|| Arc::from(route.name.as_str())),
-            service: Some(service_of(&cluster.name)),
+            service: Some(Label::service_of_cluster(&cluster.name)),
             target: DecidedTarget::Cluster(cluster.clone()),
             timeout: route.action.timeout,
             idle_timeout: match route.action.idle_timeout {
@@ -655,15 +655,6 @@ impl Forwarder {
             headers: &parts.headers,
         };
         Ok(authz.decide(Some(&request), &self.decisions))
-    }
-}
-
-/// Istio's clusters are named `outbound|<port>|<subset>|<host>`: the host is the service. Other names
-/// stand for themselves.
-fn service_of(cluster: &str) -> Label {
-    match cluster.rsplit_once('|') {
-        Some((_, host)) if cluster.starts_with("outbound|") && !host.is_empty() => Label::from(host),
-        _ => Label::from(cluster),
     }
 }
 

@@ -54,6 +54,15 @@ impl Label {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `destination_service` for traffic to a cluster: Istio's clusters are named
+    /// `outbound|<port>|<subset>|<host>`, and the host is the service; other names stand for themselves.
+    pub fn service_of_cluster(cluster: &str) -> Self {
+        match cluster.rsplit_once('|') {
+            Some((_, host)) if cluster.starts_with("outbound|") && !host.is_empty() => Self::from(host),
+            _ => Self::from(cluster),
+        }
+    }
 }
 
 impl From<&str> for Label {

@@ -310,3 +310,85 @@ async fn a_workload_without_a_sidecar_is_named_from_discoverys_endpoint_metadata
         "{metrics}"
     );
 }
+
+/// Opaque TCP has no metadata exchange: the client side names the workload it reached from
+/// discovery's endpoint metadata, as for HTTP, so Istio's TCP panels and Kiali's TCP edges have a
+/// destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_tcp_workload_is_named_from_discoverys_endpoint_metadata() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let db = weft_test_support::tcp::TcpServer::echo().await;
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: db, namespace: default }}\n\
+             spec: {{ clusterIP: 127.0.96.43, selector: {{ app: db }}, ports: [{{ name: tcp, port: 5432 }}] }}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata: {{ name: db-v1, namespace: default }}\n\
+             spec: {{ address: 127.0.0.1, ports: {{ tcp: {} }}, labels: {{ app: db, version: v1 }} }}\n",
+            db.addr.port()
+        ),
+    )
+    .unwrap();
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let client = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\nnode: {{ workload: productpage-v1, namespace: default }}\n\
+         xds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(client.admin(), "/ready").await.0 == 200, "not ready");
+    let mut stream = client
+        .orig_dst
+        .connect(client.outbound(), "127.0.96.43:5432".parse().unwrap())
+        .await
+        .unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed))
+        .await
+        .expect("an echo within 10 s")
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    drop(stream);
+    let callee = [
+        ("reporter", "source"),
+        ("source_workload", "productpage-v1"),
+        ("destination_workload", "db-v1"),
+        ("destination_workload_namespace", "default"),
+        ("destination_canonical_service", "db"),
+        ("destination_canonical_revision", "v1"),
+        ("destination_service", "db.default.svc.cluster.local"),
+    ];
+    assert_eventually!(
+        metric(
+            &client.metrics().await,
+            "istio_tcp_connections_closed_total",
+            &callee
+        ) == 1.0,
+        "{}",
+        client.metrics().await
+    );
+    let metrics = client.metrics().await;
+    assert_eq!(
+        metric(&metrics, "istio_tcp_connections_opened_total", &callee),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "istio_tcp_sent_bytes_total", &callee),
+        4.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "istio_tcp_received_bytes_total", &callee),
+        4.0,
+        "{metrics}"
+    );
+}
