@@ -256,8 +256,8 @@ impl Connection {
     }
 }
 
-/// The lasting stage of a connection: what it holds while it lives (an idle connection, all it holds)
-/// is only its protocol's state, not what was needed to set it up.
+/// The lasting stage of a connection. It holds only its protocol's state (for an idle connection, all
+/// that it costs), none of what setting it up needed.
 fn forward<S>(inputs: Arc<Inputs>, io: PrefixedIo<S>, handling: Handling, conn: Connection) -> Stage
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

@@ -256,6 +256,21 @@ async fn both_sides_metrics_name_both_workloads_and_no_app_sees_the_headers() {
     );
 }
 
+/// `weft control` reading `dir`, and a client sidecar (`productpage-v1`) it configures, ready.
+async fn discovery_client(dir: &tempfile::TempDir) -> (ControlPlane, TestProxy) {
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let client = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\nnode: {{ workload: productpage-v1, namespace: default }}\n\
+         xds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(client.admin(), "/ready").await.0 == 200, "not ready");
+    (cp, client)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_without_a_sidecar_is_named_from_discoverys_endpoint_metadata() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,16 +287,7 @@ async fn a_workload_without_a_sidecar_is_named_from_discoverys_endpoint_metadata
         ),
     )
     .unwrap();
-    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let client = TestProxy::start(&format!(
-        "access_log: {{ path: off }}\nnode: {{ workload: productpage-v1, namespace: default }}\n\
-         xds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
-        cp.address()
-    ))
-    .await;
-    assert_eventually!(admin_get(client.admin(), "/ready").await.0 == 200, "not ready");
+    let (_cp, client) = discovery_client(&dir).await;
     let through_client = weft_test_support::http::client(
         client
             .orig_dst
@@ -331,16 +337,7 @@ async fn an_opaque_tcp_workload_is_named_from_discoverys_endpoint_metadata() {
         ),
     )
     .unwrap();
-    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let client = TestProxy::start(&format!(
-        "access_log: {{ path: off }}\nnode: {{ workload: productpage-v1, namespace: default }}\n\
-         xds: {{ address: \"http://{}\", initial_fetch_timeout: 10s }}",
-        cp.address()
-    ))
-    .await;
-    assert_eventually!(admin_get(client.admin(), "/ready").await.0 == 200, "not ready");
+    let (_cp, client) = discovery_client(&dir).await;
     let mut stream = client
         .orig_dst
         .connect(client.outbound(), "127.0.96.43:5432".parse().unwrap())
