@@ -256,8 +256,31 @@ async fn both_sides_metrics_name_both_workloads_and_no_app_sees_the_headers() {
     );
 }
 
-/// `weft control` reading `dir`, and a client sidecar (`productpage-v1`) it configures, ready.
-async fn discovery_client(dir: &tempfile::TempDir) -> (ControlPlane, TestProxy) {
+/// A sidecar-less workload `<name>-v1` (labels `app: <name>, version: v1`) at `backend`, behind the
+/// Service `<name>` at `service` with one port named `port_name`; `weft control` serving it, and a
+/// client sidecar (`productpage-v1`) it configures, ready.
+async fn discovery_client(
+    name: &str,
+    service: SocketAddr,
+    port_name: &str,
+    backend: SocketAddr,
+) -> (tempfile::TempDir, ControlPlane, TestProxy) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: default }}\n\
+             spec: {{ clusterIP: {}, selector: {{ app: {name} }}, ports: [{{ name: {port_name}, port: {} }}] }}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
+             metadata: {{ name: {name}-v1, namespace: default }}\n\
+             spec: {{ address: {}, ports: {{ {port_name}: {} }}, labels: {{ app: {name}, version: v1 }} }}\n",
+            service.ip(),
+            service.port(),
+            backend.ip(),
+            backend.port()
+        ),
+    )
+    .unwrap();
     let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -268,32 +291,16 @@ async fn discovery_client(dir: &tempfile::TempDir) -> (ControlPlane, TestProxy) 
     ))
     .await;
     assert_eventually!(admin_get(client.admin(), "/ready").await.0 == 200, "not ready");
-    (cp, client)
+    (dir, cp, client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_without_a_sidecar_is_named_from_discoverys_endpoint_metadata() {
-    let dir = tempfile::tempdir().unwrap();
     let ratings = HttpServer::start("ratings").await;
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{ name: ratings, namespace: default }}\n\
-             spec: {{ clusterIP: 127.0.96.42, selector: {{ app: ratings }}, ports: [{{ name: http, port: 9080 }}] }}\n\
-             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
-             metadata: {{ name: ratings-v1, namespace: default }}\n\
-             spec: {{ address: 127.0.0.1, ports: {{ http: {} }}, labels: {{ app: ratings, version: v1 }} }}\n",
-            ratings.addr.port()
-        ),
-    )
-    .unwrap();
-    let (_cp, client) = discovery_client(&dir).await;
-    let through_client = weft_test_support::http::client(
-        client
-            .orig_dst
-            .connector(client.outbound(), "127.0.96.42:9080".parse().unwrap()),
-        false,
-    );
+    let service = "127.0.96.42:9080".parse().unwrap();
+    let (_dir, _cp, client) = discovery_client("ratings", service, "http", ratings.addr).await;
+    let through_client =
+        weft_test_support::http::client(client.orig_dst.connector(client.outbound(), service), false);
     let response = through_client
         .request(Request::get("http://ratings:9080/").body(empty()).unwrap())
         .await
@@ -323,26 +330,10 @@ async fn a_workload_without_a_sidecar_is_named_from_discoverys_endpoint_metadata
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opaque_tcp_workload_is_named_from_discoverys_endpoint_metadata() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
     let db = weft_test_support::tcp::TcpServer::echo().await;
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{ name: db, namespace: default }}\n\
-             spec: {{ clusterIP: 127.0.96.43, selector: {{ app: db }}, ports: [{{ name: tcp, port: 5432 }}] }}\n\
-             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\n\
-             metadata: {{ name: db-v1, namespace: default }}\n\
-             spec: {{ address: 127.0.0.1, ports: {{ tcp: {} }}, labels: {{ app: db, version: v1 }} }}\n",
-            db.addr.port()
-        ),
-    )
-    .unwrap();
-    let (_cp, client) = discovery_client(&dir).await;
-    let mut stream = client
-        .orig_dst
-        .connect(client.outbound(), "127.0.96.43:5432".parse().unwrap())
-        .await
-        .unwrap();
+    let service = "127.0.96.43:5432".parse().unwrap();
+    let (_dir, _cp, client) = discovery_client("db", service, "tcp", db.addr).await;
+    let mut stream = client.orig_dst.connect(client.outbound(), service).await.unwrap();
     stream.write_all(b"ping").await.unwrap();
     let mut echoed = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echoed))
