@@ -127,7 +127,7 @@ impl App {
         };
         let xds_base = bootstrap.xds.as_ref().map(|_| mesh.clone());
         let forwarder = Forwarder::new(
-            Arc::new(Pools::new(tls.clone())),
+            Pools::new(tls.clone()),
             metrics.clone(),
             &own_workload(&bootstrap),
         );

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use crate::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 use weft_telemetry::access_log::{AccessLogs, Entry};
 use weft_telemetry::tap::{TapFacts, Taps};
@@ -153,7 +153,7 @@ struct BodyTimeout(&'static str);
 
 #[derive(Debug)]
 enum Kind {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Full<Bytes>),
 }
 
@@ -224,7 +224,7 @@ impl Completion {
 
 impl ProxyBody {
     pub(crate) fn upstream(
-        body: Incoming,
+        body: UpstreamBody,
         completion: Completion,
         timer: Option<BodyTimer>,
         held: InFlight,

@@ -8,6 +8,8 @@ use weft_telemetry::ResponseFlags;
 
 use crate::retry::TryOutcome;
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Envoy's words for a request that failed before the response began.
 macro_rules! reset {
     ($reason:literal) => {
@@ -33,11 +35,11 @@ pub enum UpstreamError {
     #[error("a circuit breaker of the cluster is open")]
     Overflow,
     #[error("upstream connect error: {0}")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] BoxError),
     #[error("upstream protocol error: {0}")]
-    Protocol(#[source] hyper_util::client::legacy::Error),
+    Protocol(#[source] BoxError),
     #[error("upstream connection terminated before the response: {0}")]
-    Terminated(#[source] hyper_util::client::legacy::Error),
+    Terminated(#[source] BoxError),
     /// The client's own request was at fault (a request body that broke off or had bad framing, a
     /// duplicate or conflicting Host): answered 400 and never held against an endpoint.
     #[error("malformed request from the client: {0}")]
@@ -53,16 +55,16 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub(crate) fn from_client(err: hyper_util::client::legacy::Error) -> Self {
         if err.is_connect() {
-            return Self::Connect(err);
+            return Self::Connect(Box::new(err));
         }
         let parse_error = err
             .source()
             .and_then(|s| s.downcast_ref::<hyper::Error>())
             .is_some_and(|e| e.is_parse() || e.is_parse_status());
         if parse_error {
-            Self::Protocol(err)
+            Self::Protocol(Box::new(err))
         } else {
-            Self::Terminated(err)
+            Self::Terminated(Box::new(err))
         }
     }
 
@@ -193,7 +195,7 @@ impl UpstreamError {
         let (Self::Terminated(err) | Self::Protocol(err)) = self else {
             return false;
         };
-        let mut source = err.source();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
         while let Some(cause) = source {
             if let Some(h2) = cause.downcast_ref::<h2::Error>() {
                 return h2.reason() == Some(h2::Reason::REFUSED_STREAM);

@@ -1,8 +1,12 @@
-//! Pooled upstream connections, one pool per endpoint, protocol and connection settings.
+//! Pooled upstream connections, one pool per endpoint, protocol and connection settings, so that
+//! connections are reused per endpoint (what load balancing needs) while requests keep the authority
+//! the app sent. The connect step is [`weft_transport::dial`].
 //!
-//! Each pool is a hyper-util client whose connector always dials its one endpoint, so connections are
-//! reused per endpoint (what load balancing needs) while requests keep the authority the app sent. The
-//! connect step is [`weft_transport::dial`].
+//! HTTP/1 connections are driven by the requests that use them ([`http1`]); an HTTP/2 pool is a
+//! hyper-util client whose connector always dials its one endpoint, its connections multiplexed over
+//! tasks of their own.
+
+mod http1;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,15 +30,18 @@ use weft_transport::{DialError, DialSettings, UpstreamIo};
 use crate::HttpVersion;
 use crate::replay::RequestBody;
 
+pub(crate) use http1::{Http1Connections, UpstreamBody};
+
 /// Larger than any header block we accept downstream, so what we accept we can forward.
 pub(crate) const MAX_HEADER_LIST_BYTES: u32 = 96 * 1024;
 const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
-const UPSTREAM_HTTP1_BUFFER: usize = 32 * 1024;
+pub(crate) const UPSTREAM_HTTP1_BUFFER: usize = 32 * 1024;
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// A pool unused for this long (beyond its idle timeout) is dropped, so a proxy that has talked to many
 /// passthrough destinations does not keep a client for each forever.
 const POOL_EXPIRY_GRACE: Duration = Duration::from_secs(60);
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often idle HTTP/1 connections past their idle timeout are closed and unused pools dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A pool's key. Hashed by endpoint and version only: pools of one endpoint with different settings
 /// (a configuration change) are rare, and equality still compares everything, so finding a pool never
@@ -75,9 +82,16 @@ impl Drop for StreamSlot {
 
 pub(crate) type UpstreamClient = Client<EndpointConnector, RequestBody>;
 
+/// How requests reach one endpoint.
+#[derive(Debug, Clone)]
+pub(crate) enum PoolClient {
+    Http1(Arc<Http1Connections>),
+    Http2(Arc<UpstreamClient>),
+}
+
 #[derive(Debug)]
 struct Entry {
-    client: UpstreamClient,
+    client: PoolClient,
     /// HTTP/2 streams open on this pool's connection.
     streams: Arc<AtomicU32>,
     /// Milliseconds since the pools were made, at the last use.
@@ -93,21 +107,30 @@ pub struct Pools {
     pools: ArcSwap<PoolMap>,
     write: Mutex<()>,
     started: Instant,
-    /// Milliseconds since `started` when unused pools are next swept.
-    next_sweep: AtomicU64,
     /// The current workload certificate, for mutual TLS.
     tls: watch::Receiver<Option<TlsMaterial>>,
 }
 
 impl Pools {
-    pub fn new(tls: watch::Receiver<Option<TlsMaterial>>) -> Self {
-        Self {
+    /// The proxy's pools, with the task that sweeps them every [`SWEEP_INTERVAL`] while they exist.
+    pub fn new(tls: watch::Receiver<Option<TlsMaterial>>) -> Arc<Self> {
+        let pools = Arc::new(Self {
             pools: ArcSwap::default(),
             write: Mutex::new(()),
             started: Instant::now(),
-            next_sweep: AtomicU64::new(millis(SWEEP_INTERVAL)),
             tls,
-        }
+        });
+        let swept = Arc::downgrade(&pools);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pools) = swept.upgrade() else { return };
+                pools.sweep();
+            }
+        });
+        pools
     }
 
     /// The pool for `endpoint`: for HTTP/2, the first of its connections with a stream to spare (a
@@ -117,11 +140,8 @@ impl Pools {
         endpoint: SocketAddr,
         version: HttpVersion,
         settings: DialSettings,
-    ) -> (UpstreamClient, Option<StreamSlot>) {
+    ) -> (PoolClient, Option<StreamSlot>) {
         let now = millis(self.started.elapsed());
-        if now >= self.next_sweep.load(Ordering::Relaxed) {
-            self.sweep(now);
-        }
         let mut key = PoolKey {
             endpoint,
             version,
@@ -167,22 +187,31 @@ impl Pools {
         entry
     }
 
-    /// Drops pools unused for longer than their idle timeout and a grace period.
-    fn sweep(&self, now: u64) {
-        let Ok(_write) = self.write.try_lock() else {
-            return; // another request is sweeping or adding a pool
-        };
-        self.next_sweep
-            .store(now + millis(SWEEP_INTERVAL), Ordering::Relaxed);
+    /// Closes idle HTTP/1 connections past their idle timeout, and drops pools unused for longer than
+    /// their idle timeout and a grace period.
+    fn sweep(&self) {
+        let now = millis(self.started.elapsed());
         let current = self.pools.load_full();
+        let mut open = Vec::with_capacity(current.len());
+        for entry in current.values() {
+            open.push(match &entry.client {
+                PoolClient::Http1(connections) => connections.expire(),
+                PoolClient::Http2(_) => false,
+            });
+        }
+        let Ok(_write) = self.write.try_lock() else {
+            return; // a request is adding a pool
+        };
         let kept: PoolMap = current
             .iter()
-            .filter(|(key, entry)| {
+            .zip(open)
+            .filter(|((key, entry), open)| {
                 let unused = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
-                entry.streams.load(Ordering::Relaxed) > 0
+                *open
+                    || entry.streams.load(Ordering::Relaxed) > 0
                     || unused < millis(key.settings.idle_timeout + POOL_EXPIRY_GRACE)
             })
-            .map(|(key, entry)| (key.clone(), entry.clone()))
+            .map(|((key, entry), _)| (key.clone(), entry.clone()))
             .collect();
         if kept.len() != current.len() {
             self.pools.store(Arc::new(kept));
@@ -194,11 +223,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamClient {
+fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> PoolClient {
+    if key.version == HttpVersion::Http1 {
+        return PoolClient::Http1(Arc::new(Http1Connections::new(
+            key.endpoint,
+            key.settings.clone(),
+            tls,
+        )));
+    }
     let connector = EndpointConnector {
         endpoint: key.endpoint,
         settings: key.settings.clone(),
-        version: key.version,
         tls,
     };
     let mut builder = Client::builder(TokioExecutor::new());
@@ -209,19 +244,15 @@ fn build(key: &PoolKey, tls: watch::Receiver<Option<TlsMaterial>>) -> UpstreamCl
         // The request carries the app's Host header; never replace it with the endpoint address.
         .set_host(false)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-        // What an HTTP/1 response may have read ahead while its client reads slowly.
-        .http1_max_buf_size(UPSTREAM_HTTP1_BUFFER)
         // What a stream's response may buffer while its client reads slowly is its window; the
         // connection's window is as large as HTTP/2 allows, so that slow readers (each holding at most
         // its stream window) never stall the other streams sharing the connection.
         .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
         .http2_initial_connection_window_size(MAX_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_while_idle(true);
-    if key.version == HttpVersion::Http2 {
-        builder.http2_only(true);
-    }
-    builder.build(connector)
+        .http2_keep_alive_while_idle(true)
+        .http2_only(true);
+    PoolClient::Http2(Arc::new(builder.build(connector)))
 }
 
 pin_project! {
@@ -280,12 +311,11 @@ impl ConnectionUses {
     }
 }
 
-/// Dials one fixed endpoint, whatever the request's URI says.
+/// Dials one fixed endpoint for HTTP/2, whatever the request's URI says.
 #[derive(Debug, Clone)]
 pub(crate) struct EndpointConnector {
     endpoint: SocketAddr,
     settings: DialSettings,
-    version: HttpVersion,
     tls: watch::Receiver<Option<TlsMaterial>>,
 }
 
@@ -301,11 +331,7 @@ impl tower_service::Service<http::Uri> for EndpointConnector {
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let alpn: &[&[u8]] = match this.version {
-                HttpVersion::Http1 => &[b"http/1.1"],
-                HttpVersion::Http2 => &[b"h2"],
-            };
-            let io = weft_transport::dial(this.endpoint, &this.settings, &this.tls, alpn).await?;
+            let io = weft_transport::dial(this.endpoint, &this.settings, &this.tls, &[b"h2"]).await?;
             Ok(PoolIo {
                 inner: TokioIo::new(io),
             })

@@ -41,7 +41,10 @@ fn harness() -> &'static Harness {
         let upstream = runtime.block_on(upstream(violations.clone()));
         let metrics = Metrics::new();
         let (_tls, certificate) = tokio::sync::watch::channel(None);
-        let forwarder = Forwarder::new(Arc::new(Pools::new(certificate)), metrics, &Default::default());
+        let forwarder = {
+            let _entered = runtime.enter();
+            Forwarder::new(Pools::new(certificate), metrics, &Default::default())
+        };
         let ctx = Arc::new(HttpContext {
             upstream: Upstream::Direct {
                 addr: upstream,

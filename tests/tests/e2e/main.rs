@@ -21,4 +21,5 @@ mod routing;
 mod streams;
 mod timeouts;
 mod trust;
+mod upstream_http1;
 mod xds;

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{CaptureConnection, capture_connection};
 use weft_balance::{ClusterState, ConnectionSlot, Outcome};
 use weft_model::{Cluster, RetryPolicy};
@@ -19,14 +18,14 @@ use weft_transport::DialSettings;
 use super::{ATTEMPT_COUNT, Forwarder, UPSTREAM_SERVICE_TIME};
 use crate::body::InFlight;
 use crate::error::Origin;
-use crate::pool::ConnectionUses;
+use crate::pool::{ConnectionUses, PoolClient, UpstreamBody};
 use crate::replay::{BodyReading, ClientBody, ReplayBody, RequestBody};
 use crate::retry::{Next, RetryState, TryOutcome};
 use crate::{HttpVersion, UpstreamError};
 
 /// The outcome of one try.
 pub(super) enum Try {
-    Response(Response<Incoming>),
+    Response(Response<UpstreamBody>),
     Failed(UpstreamError),
 }
 
@@ -161,11 +160,11 @@ impl Forwarder {
         per_try: Option<Duration>,
     ) -> Try {
         let (client, stream) = self.pools.client(endpoint, exchange.version, settings);
-        let mut request = Request::from_parts(head, body);
-        let connection = exchange
-            .max_requests_per_connection
-            .map(|_| capture_connection(&mut request));
-        let request = client.request(request);
+        let request = send(
+            client,
+            Request::from_parts(head, body),
+            exchange.max_requests_per_connection,
+        );
         let now = Instant::now();
         let try_deadline = per_try.map(|t| now + t);
         let bound = match (exchange.deadline, try_deadline) {
@@ -180,9 +179,9 @@ impl Forwarder {
             (None, None) => None,
         };
         let result = match bound {
-            None => request.await.map_err(UpstreamError::from_client),
+            None => request.await,
             Some((at, idle)) => match tokio::time::timeout_at(at.into(), request).await {
-                Ok(result) => result.map_err(UpstreamError::from_client),
+                Ok(result) => result,
                 Err(_) if idle => Err(UpstreamError::StreamIdle),
                 Err(_) => Err(UpstreamError::Timeout(at.saturating_duration_since(now))),
             },
@@ -194,9 +193,6 @@ impl Forwarder {
                 response
                     .headers_mut()
                     .insert(UPSTREAM_SERVICE_TIME, HeaderValue::from(service_ms));
-                if let (Some(limit), Some(connection)) = (exchange.max_requests_per_connection, connection) {
-                    retire_when_used_up(&response, limit, &connection);
-                }
                 // The stream stays counted until the response body is done with.
                 if let Some(stream) = stream {
                     response.extensions_mut().insert(Arc::new(stream));
@@ -245,9 +241,31 @@ async fn connection_slot(
     slot.map(Some).map_err(|_| UpstreamError::Overflow)
 }
 
-/// The cluster's `max_requests_per_connection`: a connection that has served its share is not used for
-/// another request (those in flight on it finish).
-fn retire_when_used_up(response: &Response<Incoming>, limit: u32, connection: &CaptureConnection) {
+/// Sends a try's request on the endpoint's pool. `limit`: the cluster's `max_requests_per_connection`.
+async fn send(
+    client: PoolClient,
+    mut request: Request<RequestBody>,
+    limit: Option<u32>,
+) -> Result<Response<UpstreamBody>, UpstreamError> {
+    match client {
+        PoolClient::Http1(connections) => connections.send(request, limit).await,
+        PoolClient::Http2(client) => {
+            let connection = limit.map(|_| capture_connection(&mut request));
+            let response = client
+                .request(request)
+                .await
+                .map_err(UpstreamError::from_client)?;
+            if let (Some(limit), Some(connection)) = (limit, connection) {
+                retire_when_used_up(&response, limit, &connection);
+            }
+            Ok(response.map(UpstreamBody::detached))
+        }
+    }
+}
+
+/// The cluster's `max_requests_per_connection` on HTTP/2: a connection that has served its share is
+/// not used for another request (those in flight on it finish).
+fn retire_when_used_up<B>(response: &Response<B>, limit: u32, connection: &CaptureConnection) {
     let Some(uses) = response.extensions().get::<ConnectionUses>() else {
         return;
     };

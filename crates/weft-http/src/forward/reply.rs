@@ -23,7 +23,7 @@ pub(super) fn error_response(
     if facts.logged
         && let UpstreamError::Connect(cause) = &err
     {
-        facts.transport_failure = Some(error_chain(cause));
+        facts.transport_failure = Some(error_chain(cause.as_ref()));
     }
     let flags = reply.flags | extra;
     if grpc {
