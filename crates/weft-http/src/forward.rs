@@ -441,12 +441,18 @@ impl Forwarder {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = match Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-        {
+        // HTTP/1 names only the path (the Host header says where it goes); HTTP/2 and CONNECT need
+        // the authority in the URI.
+        let origin_form = upstream_version == HttpVersion::Http1 && parts.method != http::Method::CONNECT;
+        let uri = match origin_form {
+            true => Ok(Uri::from(path)),
+            false => Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority)
+                .path_and_query(path)
+                .build(),
+        };
+        parts.uri = match uri {
             Ok(uri) => uri,
             Err(_) => {
                 facts.details = Some("bad_request");

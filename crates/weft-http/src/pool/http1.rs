@@ -253,18 +253,23 @@ fn classify(err: hyper::Error) -> UpstreamError {
 }
 
 /// An HTTP/1 request names only its path (origin form), or for CONNECT its authority; the app's
-/// Host header says where it goes.
+/// Host header says where it goes. The forwarder sends origin form already; this covers the rest.
 fn request_target(uri: &mut Uri, method: &Method) {
     if uri.authority().is_none() {
         return;
     }
-    let target = match method {
-        &Method::CONNECT => uri.authority().map(|a| a.as_str().to_owned()),
-        _ => uri.path_and_query().map(|p| p.as_str().to_owned()),
-    };
-    *uri = target
-        .and_then(|t| Uri::try_from(t).ok())
-        .unwrap_or_else(|| Uri::from_static("/"));
+    let mut target = http::uri::Parts::default();
+    match method {
+        &Method::CONNECT => target.authority = uri.authority().cloned(),
+        _ => {
+            target.path_and_query = Some(
+                uri.path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            )
+        }
+    }
+    *uri = Uri::from_parts(target).unwrap_or_else(|_| Uri::from_static("/"));
 }
 
 /// A response body from upstream. Over HTTP/1 it carries its connection, driven as the body is read,
@@ -341,5 +346,24 @@ impl Body for UpstreamBody {
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(uri: &str, method: Method) -> String {
+        let mut uri: Uri = uri.parse().expect("a test URI");
+        request_target(&mut uri, &method);
+        uri.to_string()
+    }
+
+    #[test]
+    fn an_http1_request_names_its_path_or_for_connect_its_authority() {
+        assert_eq!(target("http://web:8080/a?b=c", Method::GET), "/a?b=c");
+        assert_eq!(target("http://web:8080", Method::POST), "/");
+        assert_eq!(target("/already?x", Method::GET), "/already?x");
+        assert_eq!(target("http://web:8080/", Method::CONNECT), "web:8080");
     }
 }
