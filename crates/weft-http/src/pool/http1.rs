@@ -203,17 +203,14 @@ impl Http1Connections {
         });
     }
 
-    /// Drops idle connections past the idle timeout; whether any are left.
+    /// Drops idle connections past the idle timeout (closing them once the list is unlocked);
+    /// whether any are left.
     pub(crate) fn expire(&self) -> bool {
-        let expired: Vec<Idle> = {
-            let mut idle = self.lock();
-            let (keep, expired) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|i| i.since.elapsed() < self.settings.idle_timeout);
-            *idle = keep;
-            expired
-        };
-        let any_left = !self.lock().is_empty();
+        let timeout = self.settings.idle_timeout;
+        let mut idle = self.lock();
+        let expired: Vec<Idle> = idle.extract_if(.., |i| i.since.elapsed() >= timeout).collect();
+        let any_left = !idle.is_empty();
+        drop(idle);
         drop(expired);
         any_left
     }
