@@ -190,28 +190,23 @@ impl Pools {
     /// Closes idle HTTP/1 connections past their idle timeout, and drops pools unused for longer than
     /// their idle timeout and a grace period.
     fn sweep(&self) {
+        let Ok(_write) = self.write.try_lock() else {
+            return; // a request is adding a pool: the next sweep comes in a second
+        };
         let now = millis(self.started.elapsed());
         let current = self.pools.load_full();
-        let mut open = Vec::with_capacity(current.len());
-        for entry in current.values() {
-            open.push(match &entry.client {
-                PoolClient::Http1(connections) => connections.expire(),
-                PoolClient::Http2(_) => false,
-            });
-        }
-        let Ok(_write) = self.write.try_lock() else {
-            return; // a request is adding a pool
-        };
         let kept: PoolMap = current
             .iter()
-            .zip(open)
-            .filter(|((key, entry), open)| {
+            .filter(|(key, entry)| {
+                let open = match &entry.client {
+                    PoolClient::Http1(connections) => connections.expire(),
+                    PoolClient::Http2(_) => false,
+                };
                 let unused = now.saturating_sub(entry.last_used.load(Ordering::Relaxed));
-                *open
-                    || entry.streams.load(Ordering::Relaxed) > 0
+                open || entry.streams.load(Ordering::Relaxed) > 0
                     || unused < millis(key.settings.idle_timeout + POOL_EXPIRY_GRACE)
             })
-            .map(|((key, entry), _)| (key.clone(), entry.clone()))
+            .map(|(key, entry)| (key.clone(), entry.clone()))
             .collect();
         if kept.len() != current.len() {
             self.pools.store(Arc::new(kept));
