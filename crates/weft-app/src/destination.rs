@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use weft_model::{HttpSettings, PeerAuthentication, Protocol, Target};
 use weft_telemetry::Peers;
 use weft_telemetry::access_log::AccessLogSet;
-use weft_transport::DialSettings;
+use weft_transport::Direct;
 
 /// Where a connection goes.
 #[derive(Debug, Clone)]
@@ -17,7 +17,7 @@ pub(crate) enum Destination {
     /// bytes to its cluster.
     Target(Target, TargetKey),
     /// One address: the original destination (passthrough) or the app (inbound).
-    Direct(SocketAddr, DialSettings),
+    Direct(Direct),
 }
 
 impl Destination {

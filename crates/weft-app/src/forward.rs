@@ -271,7 +271,7 @@ where
             let authorization = conn.authorization(&inputs, true);
             let upstream = match conn.destination {
                 Destination::Target(_, key) => Upstream::Routes(inputs.live_routes(key)),
-                Destination::Direct(addr, settings) => Upstream::Direct { addr, settings },
+                Destination::Direct(direct) => Upstream::Direct(direct),
             };
             let ctx = Arc::new(HttpContext {
                 authorization,
@@ -416,9 +416,9 @@ async fn forward_tcp<S>(
         return;
     }
     let connected = match &destination {
-        Destination::Direct(addr, settings) => weft_transport::dial(*addr, settings, &inputs.tls, &[])
+        Destination::Direct(direct) => weft_transport::dial(direct.addr, &direct.settings, &inputs.tls, &[])
             .await
-            .map(|io| (io, *addr, None, None))
+            .map(|io| (io, direct.addr, None, None))
             .map_err(TcpConnectError::Connect),
         Destination::Target(
             Target {

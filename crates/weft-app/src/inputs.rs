@@ -13,7 +13,7 @@ use weft_http::Forwarder;
 use weft_model::defaults::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_UPSTREAM_IDLE_TIMEOUT};
 use weft_model::{Bootstrap, Mesh};
 use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter, WorkloadLabels};
-use weft_transport::{Accepted, Binder, DialSettings};
+use weft_transport::{Accepted, Binder, DialSettings, Direct};
 
 use crate::destination::{Destination, LiveRoutes, TargetKey};
 
@@ -157,7 +157,7 @@ impl Inputs {
             tls: None,
             source: None,
         };
-        Destination::Direct(addr, settings)
+        Destination::Direct(Direct { addr, settings })
     }
 
     /// To the app beside us, from `source` when given.
@@ -167,15 +167,15 @@ impl Inputs {
         idle_timeout: Duration,
         source: Option<IpAddr>,
     ) -> Destination {
-        Destination::Direct(
+        Destination::Direct(Direct {
             addr,
-            DialSettings {
+            settings: DialSettings {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout,
                 tls: None,
                 source,
             },
-        )
+        })
     }
 
     /// Labels for the server side of a hop; the caller is unknown until mutual TLS names it.

@@ -22,7 +22,7 @@ use weft_telemetry::{
     ConnectionSecurity, GrpcStatus, Label, Metrics, Peers, Reporter, RequestLabels, RequestProtocol,
     ResponseFlags,
 };
-use weft_transport::DialSettings;
+use weft_transport::Direct;
 
 use crate::body::{BodyTimer, Completion, InFlight, Logged};
 use crate::exchange::PeerExchange;
@@ -61,10 +61,7 @@ pub enum Upstream {
     /// Routed request by request through the current route table.
     Routes(Arc<dyn RouteSource>),
     /// The address the client was going to (egress passthrough, inbound to the app).
-    Direct {
-        addr: SocketAddr,
-        settings: DialSettings,
-    },
+    Direct(Direct),
 }
 
 /// How a request was routed: where it goes and under which policy.
@@ -81,7 +78,7 @@ struct Decision {
 
 enum DecidedTarget {
     Cluster(Arc<Cluster>),
-    Direct(SocketAddr, DialSettings),
+    Direct(Direct),
 }
 
 /// Per-connection facts every request on it shares.
@@ -179,10 +176,10 @@ impl Forwarder {
         logged: bool,
     ) -> Result<Decision, UpstreamError> {
         let table = match upstream {
-            Upstream::Direct { addr, settings } => {
+            Upstream::Direct(direct) => {
                 return Ok(Decision {
                     route_name: None,
-                    target: DecidedTarget::Direct(*addr, settings.clone()),
+                    target: DecidedTarget::Direct(direct.clone()),
                     timeout: None,
                     idle_timeout: stream_idle_timeout,
                     retry: None,
@@ -492,9 +489,9 @@ impl Forwarder {
         let (body, reading) = ClientBody::new(body, grpc);
         let attempt = async {
             match decision.target {
-                DecidedTarget::Direct(endpoint, settings) => {
+                DecidedTarget::Direct(direct) => {
                     let result = self
-                        .try_once(&mut exchange, endpoint, settings, RequestBody::Streamed(body))
+                        .try_once(&mut exchange, direct, RequestBody::Streamed(body))
                         .await;
                     (
                         client_fault(result, &reading),

@@ -42,6 +42,14 @@ impl DialSettings {
     }
 }
 
+/// One address, dialled as it says: the original destination (egress passthrough) or the app beside
+/// the proxy (inbound). What a connection or request goes to when no cluster is involved.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Direct {
+    pub addr: SocketAddr,
+    pub settings: DialSettings,
+}
+
 /// Why an upstream connection could not be made; all are connect failures (`UF`).
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {

@@ -14,7 +14,7 @@ mod prefixed;
 
 pub use binder::{Accepted, Binder, OsBinder, accept, bind_listener};
 pub use connect::{ConnectError, connect};
-pub use dial::{DialError, DialSettings, UpstreamIo, dial};
+pub use dial::{DialError, DialSettings, Direct, UpstreamIo, dial};
 pub use idle::{Activity, IdleIo, InFlight};
 pub use overload::{
     ABUSE_PENALTY, ConnectionPermit, Overload, OverloadLimits, Pressure, Refusal, cgroup_memory_limit,

@@ -15,7 +15,7 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use weft_http::{Forwarder, HttpContext, HttpVersion, Pools, ServeSettings, Upstream};
 use weft_telemetry::{ConnectionSecurity, Label, Metrics, Peers, Reporter, WorkloadLabels};
-use weft_transport::DialSettings;
+use weft_transport::{DialSettings, Direct};
 
 /// How long one input may take end to end; longer is a hang, and fails.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -46,7 +46,7 @@ fn harness() -> &'static Harness {
             Forwarder::new(Pools::new(certificate), metrics, &Default::default())
         };
         let ctx = Arc::new(HttpContext {
-            upstream: Upstream::Direct {
+            upstream: Upstream::Direct(Direct {
                 addr: upstream,
                 settings: DialSettings {
                     connect_timeout: Duration::from_secs(2),
@@ -54,7 +54,7 @@ fn harness() -> &'static Harness {
                     tls: None,
                     source: None,
                 },
-            },
+            }),
             orig_dst: upstream,
             version: HttpVersion::Http1,
             peers: Peers::new(

@@ -13,7 +13,7 @@ use weft_balance::{ClusterState, ConnectionSlot, Outcome};
 use weft_model::{Cluster, RetryPolicy};
 use weft_telemetry::tap::Attempt;
 use weft_telemetry::{ResponseFlags, WorkloadLabels};
-use weft_transport::DialSettings;
+use weft_transport::{DialSettings, Direct};
 
 use super::{ATTEMPT_COUNT, Forwarder, UPSTREAM_SERVICE_TIME};
 use crate::body::InFlight;
@@ -206,17 +206,11 @@ impl Forwarder {
         }
     }
 
-    pub(super) async fn try_once(
-        &self,
-        exchange: &mut Exchange,
-        endpoint: SocketAddr,
-        settings: DialSettings,
-        body: RequestBody,
-    ) -> Try {
+    pub(super) async fn try_once(&self, exchange: &mut Exchange, direct: Direct, body: RequestBody) -> Try {
         let head = exchange.head(false);
         exchange.attempts += 1;
-        exchange.upstream_host = Some(endpoint);
-        self.try_endpoint(exchange, head, endpoint, settings, body, None)
+        exchange.upstream_host = Some(direct.addr);
+        self.try_endpoint(exchange, head, direct.addr, direct.settings, body, None)
             .await
     }
 }
