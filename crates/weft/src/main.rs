@@ -10,6 +10,8 @@ use weft_telemetry::LogControl;
 
 mod demo;
 mod init;
+mod inject;
+mod wait;
 
 /// Exit code for configuration that cannot be used (bad flags exit 2 as well, through clap).
 const EXIT_BAD_CONFIG: u8 = 2;
@@ -94,6 +96,10 @@ enum Command {
     Control(ControlArgs),
     /// Check a directory of Kubernetes/Istio YAML as `weft control` would load it; exit 1 on problems.
     Check { dir: PathBuf },
+    /// Add the sidecar to the pods of Kubernetes manifests and write them to stdout.
+    Inject(inject::InjectArgs),
+    /// Wait until the proxy beside it is ready (a classic sidecar's postStart hook).
+    Wait(wait::WaitArgs),
     /// Start two test services with sidecars on loopback, send traffic through them, report what happened.
     Demo(demo::DemoArgs),
 }
@@ -121,7 +127,8 @@ fn main() -> ExitCode {
             .enable_all()
             .build(),
         // `weft init` runs a few commands and exits.
-        Command::Init(_) => tokio::runtime::Builder::new_current_thread().build(),
+        Command::Init(_) | Command::Inject(_) => tokio::runtime::Builder::new_current_thread().build(),
+        Command::Wait(_) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Command::Demo(_) | Command::Control(_) | Command::Check { .. } => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()
         }
@@ -142,6 +149,8 @@ fn main() -> ExitCode {
             Command::Check { dir } => check(&dir),
             Command::Demo(args) => demo::run(args).await,
             Command::Init(args) => init::run(args),
+            Command::Inject(args) => inject::run(args),
+            Command::Wait(args) => wait::run(args).await,
         }
     })
 }
@@ -149,9 +158,17 @@ fn main() -> ExitCode {
 async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogControl) -> ExitCode {
     let open_files = weft_transport::raise_open_file_limit();
     tracing::debug!(open_files, "open-file limit");
-    let loaded = match &config {
-        Some(path) => weft_model::load_file(path).map_err(|e| e.to_string()),
-        None => weft_model::parse("").map_err(|e| e.to_string()),
+    // An injected pod carries its configuration in the environment (no file to mount per namespace).
+    let inline = std::env::var("WEFT_PROXY_CONFIG")
+        .ok()
+        .filter(|c| !c.trim().is_empty());
+    let loaded = match (&config, inline) {
+        (Some(_), Some(_)) => {
+            Err("--config and WEFT_PROXY_CONFIG both give the configuration; use one".into())
+        }
+        (Some(path), None) => weft_model::load_file(path).map_err(|e| e.to_string()),
+        (None, Some(text)) => weft_model::parse(&text).map_err(|e| format!("WEFT_PROXY_CONFIG: {e}")),
+        (None, None) => weft_model::parse("").map_err(|e| e.to_string()),
     };
     let loaded = loaded.and_then(|(mut bootstrap, mesh)| {
         if let Some(address) = xds_address {
