@@ -3,6 +3,8 @@
 
 mod readiness;
 mod server;
+mod status;
 
 pub use readiness::{NotReady, Readiness, ServerState};
 pub use server::{AdminState, Stat, Views, serve_admin, serve_readiness};
+pub use status::{Status, serve_status};

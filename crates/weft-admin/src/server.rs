@@ -623,7 +623,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
     response
 }
 
-async fn serve<F, Fut>(listener: TcpListener, stop: CancellationToken, handle: F)
+pub(crate) async fn serve<F, Fut>(listener: TcpListener, stop: CancellationToken, handle: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = AdminResponse> + Send + 'static,

@@ -82,11 +82,17 @@ impl App {
         }
         let admin = bind("admin", bootstrap.admin_address)?;
         let readiness_listener = bind("readiness", bootstrap.readiness_address)?;
+        let status_listener = bootstrap
+            .status
+            .as_ref()
+            .map(|s| bind("status", s.address))
+            .transpose()?;
 
         let local = |l: &TcpListener| l.local_addr().expect("a bound listener has an address");
         let addresses = Addresses {
             admin: local(&admin),
             readiness: local(&readiness_listener),
+            status: status_listener.as_ref().map(local),
             outbound: outbound.as_ref().map(local),
             inbound: inbound.as_ref().map(local),
             listeners: explicit
@@ -232,6 +238,18 @@ impl App {
             admin_stop.clone(),
         ));
 
+        if let (Some(listener), Some(settings)) = (status_listener, bootstrap.status.clone()) {
+            let status = weft_admin::Status {
+                readiness: readiness.clone(),
+                metrics: metrics.clone(),
+                settings,
+            };
+            tokio::spawn(weft_admin::serve_status(
+                listener,
+                Arc::new(status),
+                admin_stop.clone(),
+            ));
+        }
         readiness.mark_done(LISTENERS);
         tracing::info!(
             admin = %addresses.admin,
@@ -262,6 +280,7 @@ impl App {
 struct Addresses {
     admin: SocketAddr,
     readiness: SocketAddr,
+    status: Option<SocketAddr>,
     outbound: Option<SocketAddr>,
     inbound: Option<SocketAddr>,
     listeners: Vec<(String, SocketAddr)>,
@@ -298,6 +317,11 @@ impl Running {
 
     pub fn readiness_address(&self) -> SocketAddr {
         self.addresses.readiness
+    }
+
+    /// The status port (app probes, merged metrics), when it is served.
+    pub fn status_address(&self) -> Option<SocketAddr> {
+        self.addresses.status
     }
 
     pub fn outbound_address(&self) -> Option<SocketAddr> {

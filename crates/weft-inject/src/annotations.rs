@@ -15,6 +15,7 @@ const PREFIXES: [&str; 3] = [
     "proxy.istio.io/",
 ];
 const PROXY_CONFIG: &str = "proxy.istio.io/config";
+const REWRITE_PROBES: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
 
 /// The `weft init` flag each capture annotation sets, and how its value is checked.
 const CAPTURE: [(&str, &str, Check); 6] = [
@@ -74,6 +75,50 @@ enum Check {
     Cidrs,
 }
 
+/// The app's metrics, when its `prometheus.io/*` annotations ask for a scrape: merged by the proxy.
+pub(crate) const APP_METRICS_ENV: &str = "ISTIO_PROMETHEUS_ANNOTATIONS";
+/// Where Prometheus finds the pod's metrics once injected: the proxy's, with the app's merged in.
+pub(crate) const PROXY_SCRAPE: [(&str, &str); 3] = [
+    ("prometheus.io/scrape", "true"),
+    ("prometheus.io/port", "15020"),
+    ("prometheus.io/path", "/stats/prometheus"),
+];
+
+/// How the pod is scraped.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Scrape {
+    /// `prometheus.io/scrape: "false"`: left as the pod says.
+    Off,
+    /// The proxy's metrics only (the app asked for no scrape).
+    Proxy,
+    /// The proxy's and the app's (its annotations, in Istio's JSON for the proxy).
+    Merged(String),
+}
+
+/// Reads the pod's `prometheus.io/*` annotations.
+pub(crate) fn scrape(annotations: &Mapping, at: &dyn Fn(&str) -> String) -> Result<Scrape, String> {
+    let get = |key: &str| annotations.get(key).and_then(Value::as_str);
+    let field = at("metadata.annotations");
+    match get("prometheus.io/scrape") {
+        Some("false") => return Ok(Scrape::Off),
+        Some("true") => {}
+        Some(other) => {
+            return Err(format!(
+                "{field}: prometheus.io/scrape is \"{other}\"; it must be \"true\" or \"false\""
+            ));
+        }
+        None => return Ok(Scrape::Proxy),
+    }
+    let Some(port) = get("prometheus.io/port") else {
+        return Ok(Scrape::Proxy);
+    };
+    port.parse::<u16>()
+        .map_err(|e| format!("{field}: prometheus.io/port \"{port}\": {e}"))?;
+    let path = get("prometheus.io/path").unwrap_or("/metrics");
+    let json = serde_json::json!({ "scrape": "true", "port": port, "path": path });
+    Ok(Scrape::Merged(json.to_string()))
+}
+
 /// What a pod's annotations ask of its sidecar.
 #[derive(Debug)]
 pub(crate) struct PodOptions {
@@ -83,6 +128,8 @@ pub(crate) struct PodOptions {
     pub(crate) resources: Value,
     pub(crate) hold_application: bool,
     pub(crate) drain: Duration,
+    /// Whether the app's probes go through the proxy's status port (Istio's default: yes).
+    pub(crate) rewrite_probes: bool,
     /// Annotations read but not acted on, by name.
     pub(crate) warnings: Vec<String>,
 }
@@ -119,6 +166,7 @@ pub(crate) fn read(annotations: &Mapping, at: &dyn Fn(&str) -> String) -> Result
         resources: Value::Mapping(Mapping::new()),
         hold_application: false,
         drain: DEFAULT_DRAIN,
+        rewrite_probes: true,
         warnings: Vec::new(),
     };
     let mut resources: Vec<(&str, &str, String)> = DEFAULT_RESOURCES
@@ -145,6 +193,16 @@ pub(crate) fn read(annotations: &Mapping, at: &dyn Fn(&str) -> String) -> Result
             quantity(value).map_err(|e| format!("{field}: {key}: \"{value}\": {e}"))?;
             resources.retain(|(k, n, _)| !(k == kind && n == name));
             resources.push((kind, name, value.trim().to_owned()));
+        } else if key == REWRITE_PROBES {
+            options.rewrite_probes = match value {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(format!(
+                        "{field}: {key} is \"{other}\"; it must be \"true\" or \"false\""
+                    ));
+                }
+            };
         } else if key == PROXY_CONFIG {
             proxy_config(value, &mut options, &field).map_err(|e| format!("{field}: {key}: {e}"))?;
         } else {

@@ -11,6 +11,7 @@
 mod annotations;
 mod documents;
 mod pod;
+mod probes;
 mod template;
 
 use serde_yaml_ng::{Mapping, Value};

@@ -4,7 +4,8 @@ use serde_json::json;
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::Settings;
-use crate::annotations;
+use crate::annotations::{self, Scrape};
+use crate::probes;
 use crate::template;
 
 /// The proxy container's name; a pod that has it is already injected.
@@ -58,6 +59,7 @@ pub(crate) fn inject(
         return Ok(Outcome::Left("sidecar.istio.io/inject is \"false\"".into()));
     }
     let options = annotations::read(annotations, at)?;
+    let scrape = annotations::scrape(annotations, at)?;
 
     let spec = match pod.get("spec") {
         Some(Value::Mapping(spec)) => spec,
@@ -131,7 +133,27 @@ pub(crate) fn inject(
     let Some(Value::Mapping(spec)) = pod.get_mut("spec") else {
         return Err(format!("{}: missing", at("spec")));
     };
+    let mut warnings = options.warnings;
     let mut proxy = parts.proxy;
+    let mut env = Vec::new();
+    if options.rewrite_probes {
+        let probers = probes::rewrite(sequence(spec, "containers"), at, &mut warnings)?;
+        if !probers.is_empty() {
+            let json = serde_json::to_string(&probers).map_err(|e| e.to_string())?;
+            env.push((probes::APP_PROBERS_ENV, json));
+        }
+    }
+    if let Scrape::Merged(json) = &scrape {
+        env.push((annotations::APP_METRICS_ENV, json.clone()));
+    }
+    if let Some(Value::Sequence(vars)) = proxy.get_mut("env") {
+        for (name, value) in env {
+            let mut var = Mapping::new();
+            var.insert("name".into(), name.into());
+            var.insert("value".into(), value.into());
+            vars.push(Value::Mapping(var));
+        }
+    }
     let mut front = vec![Value::Mapping(parts.init)];
     match settings.placement {
         Placement::Native => {
@@ -158,9 +180,12 @@ pub(crate) fn inject(
     if !annotations.contains_key(DEFAULT_CONTAINER) {
         annotations.insert(DEFAULT_CONTAINER.into(), app_container.into());
     }
-    Ok(Outcome::Injected {
-        warnings: options.warnings,
-    })
+    if scrape != Scrape::Off {
+        for (key, value) in annotations::PROXY_SCRAPE {
+            annotations.insert(key.into(), value.into());
+        }
+    }
+    Ok(Outcome::Injected { warnings })
 }
 
 /// The names of the containers in `spec.<field>`.

@@ -40,6 +40,8 @@ pub const ADMIN_PORT: u16 = 15000;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 pub const READINESS_PORT: u16 = 15021;
+/// The pod's status port (Istio's): app probes, merged metrics, readiness, reached from outside the pod.
+pub const STATUS_PORT: u16 = 15020;
 
 /// Envoy's default route timeout (it covers all retries).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);

@@ -30,6 +30,8 @@ pub struct ProxyFile {
     pub node: NodeFile,
     pub admin: AddressFile,
     pub readiness: AddressFile,
+    /// The status port; default `[::]:15020` in a pod, none on a developer's machine.
+    pub status: AddressFile,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
     #[serde(with = "humantime_serde")]

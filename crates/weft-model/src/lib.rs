@@ -10,6 +10,7 @@ pub mod file;
 mod mesh;
 pub mod policy;
 pub mod route;
+pub mod status;
 
 pub use file::{LoadError, load_file, parse};
 pub use mesh::{

@@ -16,6 +16,14 @@ use crate::route::RouteTable;
 const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
+/// The source for connections to the app at `app`, of its family.
+pub(crate) fn passthrough_source(app: IpAddr) -> IpAddr {
+    match app {
+        IpAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_V4),
+        IpAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_V6),
+    }
+}
+
 /// Where the proxy runs: the defaults for bind addresses follow from it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -78,6 +86,8 @@ pub struct Bootstrap {
     pub node: Node,
     pub admin_address: SocketAddr,
     pub readiness_address: SocketAddr,
+    /// The status port (app probes, merged metrics); `None`: not served.
+    pub status: Option<crate::status::StatusSettings>,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Where dynamic configuration comes from; `None`: the file is the whole configuration.
@@ -478,10 +488,7 @@ impl InboundPolicy {
 
     /// The source address for connections to `app`, when one is bound.
     pub fn source_for(&self, app: SocketAddr) -> Option<IpAddr> {
-        self.passthrough_source.then_some(match app {
-            SocketAddr::V4(_) => IpAddr::V4(INBOUND_PASSTHROUGH_V4),
-            SocketAddr::V6(_) => IpAddr::V6(INBOUND_PASSTHROUGH_V6),
-        })
+        self.passthrough_source.then(|| passthrough_source(app.ip()))
     }
 
     pub fn protocol_for(&self, port: u16) -> Protocol {

@@ -13,6 +13,14 @@ pub mod pb {
     tonic::include_proto!("weft.test.v1");
 }
 
+pub mod health {
+    #![allow(clippy::all, unreachable_pub, missing_debug_implementations)]
+    tonic::include_proto!("grpc.health.v1");
+}
+
+use health::health_check_response::ServingStatus;
+use health::health_server::{Health, HealthServer};
+use health::{HealthCheckRequest, HealthCheckResponse};
 use pb::echo_server::{Echo, EchoServer};
 use pb::{EchoRequest, EchoResponse};
 
@@ -28,6 +36,7 @@ impl GrpcServer {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(EchoServer::new(EchoService { name }))
+                .add_service(HealthServer::new(HealthService))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         Self { addr }
@@ -65,5 +74,27 @@ impl Echo for EchoService {
             })
         });
         Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+/// `grpc.health.v1.Health`: the server is `SERVING`; a service named `down` is `NOT_SERVING`, any
+/// other service is unknown (`NOT_FOUND`), as gRPC's own health server answers.
+#[derive(Debug)]
+struct HealthService;
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let status = match request.into_inner().service.as_str() {
+            "" | "echo" => ServingStatus::Serving,
+            "down" => ServingStatus::NotServing,
+            other => return Err(Status::not_found(format!("unknown service {other}"))),
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status.into(),
+        }))
     }
 }

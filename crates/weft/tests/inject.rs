@@ -110,12 +110,77 @@ fn bad_input_exits_1_naming_document_and_field_and_writes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--control-plane"));
 }
 
+/// A Deployment as its owner wrote it: an HTTP app with probes of every kind (one on a named port),
+/// a second container whose probes fail, and the app's own metrics annotations.
+fn probed_deployment(app: u16, grpc: u16, metrics: u16) -> String {
+    format!(
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: shop}}
+spec:
+  template:
+    metadata:
+      annotations: {{prometheus.io/scrape: \"true\", prometheus.io/port: \"{metrics}\", prometheus.io/path: /metrics}}
+    spec:
+      serviceAccountName: web
+      containers:
+        - name: web
+          image: web:1
+          ports: [{{name: http, containerPort: {app}}}]
+          readinessProbe:
+            httpGet: {{path: /status/204, port: http, httpHeaders: [{{name: X-Probe, value: kubelet}}]}}
+          livenessProbe:
+            tcpSocket: {{port: {app}}}
+          startupProbe:
+            grpc: {{port: {grpc}}}
+        - name: worker
+          image: worker:1
+          readinessProbe:
+            httpGet: {{path: /status/500, port: {app}}}
+          livenessProbe:
+            grpc: {{port: {grpc}, service: down}}
+"
+    )
+}
+
+/// An app's own Prometheus endpoint.
+async fn metrics_app() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let body = match req.uri().path() {
+                            "/metrics" => "# TYPE app_orders_total counter\napp_orders_total 7\n# EOF\n",
+                            _ => "",
+                        };
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(body.as_bytes()),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
 /// The proxy container of an injected pod, run as the kubelet would run it: its command, its
 /// environment (the downward API filled in), its configuration with the mounted files' paths pointed
-/// at files here and its listeners on free loopback ports. It takes its certificate and configuration
+/// at files here and its ports on free loopback ports. It takes its certificate and configuration
 /// from weft control's TLS port and becomes ready; `weft wait` (a classic sidecar's hook) sees it.
+/// The kubelet's rewritten probes, sent to its status port, are carried out against the app from
+/// 127.0.0.6 and answered with their outcome; Prometheus's scrape gets the proxy's metrics and the
+/// app's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_injected_proxy_comes_up_with_its_certificate_from_weft_control() {
+async fn the_injected_proxy_comes_up_and_carries_out_the_apps_probes() {
     let dir = tempfile::tempdir().unwrap();
     let config_dir = dir.path().join("mesh");
     std::fs::create_dir(&config_dir).unwrap();
@@ -132,17 +197,24 @@ async fn the_injected_proxy_comes_up_with_its_certificate_from_weft_control() {
         .issue("shop", "web", Duration::from_secs(600))
         .unwrap();
     std::fs::write(&token, issued).unwrap();
+    let app = weft_test_support::http::HttpServer::start("web").await;
+    let grpc = weft_test_support::grpc::GrpcServer::start("web").await;
+    let metrics = metrics_app().await;
 
-    let manifest = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec:\n  template:\n    spec:\n      serviceAccountName: web\n      containers: [{name: web, image: web:1}]\n";
+    let manifest = probed_deployment(app.addr.port(), grpc.addr.port(), metrics);
     let control_plane = format!("https://localhost:{}", tls.port());
-    let out = weft(&["inject", "--control-plane", &control_plane, "-"], manifest);
+    let out = weft(&["inject", "--control-plane", &control_plane, "-"], &manifest);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pod: serde_json::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
-    let proxy = &pod["spec"]["template"]["spec"]["initContainers"][1];
+    let spec = &pod["spec"]["template"]["spec"];
+    let proxy = &spec["initContainers"][1];
     assert_eq!(proxy["name"], "weft-proxy");
     assert_eq!(proxy["args"], serde_json::json!(["proxy"]));
+    let annotations = &pod["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "15020");
+    assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
 
-    let (admin, readiness) = (free_port(), free_port());
+    let (admin, readiness, status) = (free_port(), free_port(), free_port());
     let mut command = Command::new(WEFT);
     command.args(
         proxy["args"]
@@ -156,6 +228,7 @@ async fn the_injected_proxy_comes_up_with_its_certificate_from_weft_control() {
         let value = match (&var["value"], var["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
             (serde_json::Value::String(value), _) if name == "WEFT_PROXY_CONFIG" => format!(
                 "{}admin: {{ address: 127.0.0.1:{admin} }}\nreadiness: {{ address: 127.0.0.1:{readiness} }}\n\
+                 status: {{ address: 127.0.0.1:{status} }}\n\
                  outbound: {{ address: 127.0.0.1:{} }}\ninbound: {{ address: 127.0.0.1:{} }}\n",
                 value
                     .replace("/var/run/secrets/weft/ca/root-cert.pem", root.to_str().unwrap())
@@ -177,22 +250,125 @@ async fn the_injected_proxy_comes_up_with_its_certificate_from_weft_control() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
+    let stop = scopeguard(move || {
+        let _ = child.kill();
+        let _ = child.wait();
+    });
 
     let url = format!("http://127.0.0.1:{readiness}/healthz/ready");
     let wait = Command::new(WEFT)
         .args(["wait", "--url", &url, "--timeout", "30s"])
         .output()
         .unwrap();
+    assert!(wait.status.success(), "{}", String::from_utf8_lossy(&wait.stderr));
+    let status_addr: std::net::SocketAddr = format!("127.0.0.1:{status}").parse().unwrap();
     let identity =
         weft_test_support::admin_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/identity").await;
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(wait.status.success(), "{}", String::from_utf8_lossy(&wait.stderr));
     assert!(
         identity.1.contains("spiffe://cluster.local/ns/shop/sa/web"),
         "{}",
         identity.1
     );
+
+    // The kubelet's view: each container's probes now ask the status port.
+    let mut outcomes = Vec::new();
+    for container in spec["containers"].as_array().unwrap() {
+        for kind in ["readinessProbe", "livenessProbe", "startupProbe"] {
+            let probe = &container[kind];
+            if probe.is_null() {
+                continue;
+            }
+            assert_eq!(probe["httpGet"]["port"], 15020, "{probe}");
+            let path = probe["httpGet"]["path"].as_str().unwrap();
+            let (code, body) = weft_test_support::admin_get(status_addr, path).await;
+            outcomes.push((path.to_owned(), code, body));
+        }
+    }
+    let code_of = |path: &str| {
+        outcomes
+            .iter()
+            .find(|(p, ..)| p == path)
+            .map(|(_, c, b)| (*c, b.clone()))
+    };
+    assert_eq!(
+        code_of("/app-health/web/readyz").map(|o| o.0),
+        Some(200),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        code_of("/app-health/web/livez").map(|o| o.0),
+        Some(200),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        code_of("/app-health/web/startupz").map(|o| o.0),
+        Some(200),
+        "{outcomes:?}"
+    );
+    let (code, body) = code_of("/app-health/worker/readyz").unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "probe failed: the app answered 500\n")
+    );
+    let (code, body) = code_of("/app-health/worker/livez").unwrap();
+    assert_eq!(code, 503);
+    assert!(body.contains("not SERVING"), "{body}");
+    assert_eq!(
+        weft_test_support::admin_get(status_addr, "/app-health/nobody/livez")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        weft_test_support::admin_get(status_addr, "/healthz/ready")
+            .await
+            .0,
+        200
+    );
+
+    // The app saw the kubelet's probe as the kubelet would have sent it, from the proxy's passthrough
+    // source, with its headers.
+    let probe = app
+        .requests()
+        .into_iter()
+        .find(|r| r.uri.path() == "/status/204")
+        .unwrap();
+    assert_eq!(probe.peer.ip().to_string(), "127.0.0.6");
+    assert_eq!(probe.headers["x-probe"], "kubelet");
+    assert!(
+        probe.headers["user-agent"]
+            .to_str()
+            .unwrap()
+            .starts_with("kube-probe/")
+    );
+
+    let (code, scraped) = weft_test_support::admin_get(status_addr, "/stats/prometheus").await;
+    assert_eq!(code, 200);
+    assert!(scraped.contains("istio_build{"), "the proxy's metrics: {scraped}");
+    assert!(
+        scraped.contains("app_orders_total 7\n"),
+        "the app's metrics: {scraped}"
+    );
+    assert!(!scraped.contains("# EOF"), "{scraped}");
+    // Nothing that changes the proxy is on the status port.
+    assert_eq!(
+        weft_test_support::admin_get(status_addr, "/quitquitquit").await.0,
+        404
+    );
+    drop(stop);
+}
+
+/// Runs `f` when dropped, so the proxy process ends even when an assertion fails.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 #[test]

@@ -19,6 +19,7 @@ impl ProxyFile {
                 .readiness
                 .address
                 .unwrap_or(SocketAddr::new(wildcard, READINESS_PORT)),
+            status: status(self.status.address, self.mode)?,
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             xds: match self.xds {
                 Some(x) if !(x.address.starts_with("http://") || x.address.starts_with("https://")) => {
@@ -513,6 +514,9 @@ fn check_distinct_addresses(
     };
     claim(bootstrap.admin_address, "admin.address".into())?;
     claim(bootstrap.readiness_address, "readiness.address".into())?;
+    if let Some(status) = &bootstrap.status {
+        claim(status.address, "status.address".into())?;
+    }
     if let Some(o) = outbound {
         claim(o.address, "outbound.address".into())?;
     }
@@ -612,6 +616,40 @@ fn tracing(file: &TracingFile, node: &Node) -> Result<Option<TracingSettings>, I
         max_export_batch_size: usize::try_from(number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512)?).unwrap_or(512),
         export_timeout: Duration::from_millis(number("OTEL_BSP_EXPORT_TIMEOUT", 30_000)?),
         tags: Vec::new(),
+    }))
+}
+
+/// The status port: where it listens, and from the environment the injector wrote, what it probes
+/// and scrapes of the app.
+fn status(address: Option<SocketAddr>, mode: Mode) -> Result<Option<crate::status::StatusSettings>, Invalid> {
+    use crate::status::{
+        APP_METRICS_ENV, APP_PROBERS_ENV, StatusSettings, parse_app_metrics, parse_app_probes,
+    };
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let address = match (address, mode) {
+        (Some(address), _) => address,
+        (None, Mode::Pod) => SocketAddr::new(mode.wildcard(), STATUS_PORT),
+        (None, Mode::Local) => return Ok(None),
+    };
+    let pod_ip = env("INSTANCE_IP").and_then(|ip| ip.parse::<IpAddr>().ok());
+    let (app_host, source) = match (mode, pod_ip) {
+        (Mode::Pod, Some(ip)) => (ip, Some(crate::mesh::passthrough_source(ip))),
+        _ => (IpAddr::V4(Ipv4Addr::LOCALHOST), None),
+    };
+    let app_probes = match env(APP_PROBERS_ENV) {
+        Some(json) => parse_app_probes(&json).map_err(|e| invalid(APP_PROBERS_ENV, e))?,
+        None => Default::default(),
+    };
+    let app_metrics = match env(APP_METRICS_ENV) {
+        Some(json) => parse_app_metrics(&json).map_err(|e| invalid(APP_METRICS_ENV, e))?,
+        None => None,
+    };
+    Ok(Some(StatusSettings {
+        address,
+        app_host,
+        source,
+        app_probes,
+        app_metrics,
     }))
 }
 
