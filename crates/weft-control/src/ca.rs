@@ -77,6 +77,16 @@ impl std::fmt::Debug for CertificateAuthority {
     }
 }
 
+/// The names the control plane is reached by: locally, and as the Service `deploy/` installs
+/// (`weft-control` in namespace `weft-system`).
+pub const SERVING_NAMES: [&str; 5] = [
+    "weft-control",
+    "localhost",
+    "weft-control.weft-system",
+    "weft-control.weft-system.svc",
+    "weft-control.weft-system.svc.cluster.local",
+];
+
 impl CertificateAuthority {
     /// A CA whose root lives only in memory (tests, the demo).
     pub fn ephemeral(trust_domain: &str) -> Result<Self, CaError> {
@@ -170,17 +180,17 @@ impl CertificateAuthority {
         &self.trusted
     }
 
-    /// The control plane's own serving certificate (for 15012), signed by the root proxies trust: a
-    /// fresh key, the names clients dial (`weft-control`, `localhost`, loopback) and the control plane's
+    /// The control plane's own serving certificate (for 15012 and the webhook's 15017), signed by the
+    /// root proxies trust: a fresh key, the names clients dial ([`SERVING_NAMES`], loopback) and the control plane's
     /// SPIFFE ID. Returns (PEM chain, PEM key).
     pub fn serving_certificate(&self, extra_dns: &[String]) -> Result<(Vec<String>, String), SignError> {
         let sign = |e: rcgen::Error| SignError::Sign(e.to_string());
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign)?;
         let mut params = CertificateParams::default();
-        let mut sans = vec![
-            SanType::DnsName("weft-control".try_into().map_err(sign)?),
-            SanType::DnsName("localhost".try_into().map_err(sign)?),
-        ];
+        let mut sans = Vec::new();
+        for dns in SERVING_NAMES {
+            sans.push(SanType::DnsName(dns.try_into().map_err(sign)?));
+        }
         for dns in extra_dns {
             sans.push(SanType::DnsName(dns.clone().try_into().map_err(sign)?));
         }

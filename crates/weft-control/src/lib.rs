@@ -9,6 +9,7 @@ pub mod server;
 pub mod tls;
 pub mod tokens;
 pub mod translate;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,6 +51,8 @@ pub struct ControlPlane {
     ca: Arc<ca::CertificateAuthority>,
     catalog: watch::Receiver<Arc<Catalog>>,
     tls_servers: Vec<(tokio::sync::oneshot::Sender<()>, ServerTask)>,
+    /// Other servers (the admission webhook), aborted on stop.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 type ServerTask = JoinHandle<Result<(), tonic::transport::Error>>;
@@ -116,6 +119,7 @@ impl ControlPlane {
             ca,
             catalog: catalog_rx,
             tls_servers: Vec::new(),
+            tasks: Vec::new(),
         })
     }
 
@@ -128,7 +132,7 @@ impl ControlPlane {
     pub async fn serve_tls(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;
-        let incoming = tls::incoming(listener, &self.ca)?;
+        let incoming = tls::incoming(listener, &self.ca, &[b"h2"])?;
         let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(
             self.catalog.clone(),
             self.observed.clone(),
@@ -147,6 +151,26 @@ impl ControlPlane {
         self.tls_servers.push((stop, server));
         tracing::info!(%address, "serving xDS and the CA over TLS");
         Ok(address)
+    }
+
+    /// Serves the sidecar injector (a mutating admission webhook, `POST /inject`) over TLS on `listen`
+    /// (Istio's 15017), injecting with `settings`.
+    pub async fn serve_webhook(
+        &mut self,
+        listen: SocketAddr,
+        settings: weft_inject::Settings,
+    ) -> std::io::Result<(SocketAddr, Arc<webhook::WebhookCounts>)> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let address = listener.local_addr()?;
+        let incoming = tls::incoming(listener, &self.ca, &[b"h2", b"http/1.1"])?;
+        let counts = Arc::new(webhook::WebhookCounts::default());
+        self.tasks.push(tokio::spawn(webhook::serve(
+            incoming,
+            Arc::new(settings),
+            counts.clone(),
+        )));
+        tracing::info!(%address, "serving the sidecar injector (admission webhook, /inject)");
+        Ok((address, counts))
     }
 
     /// The resources in force.
@@ -185,6 +209,9 @@ impl ControlPlane {
         for (stop, server) in self.tls_servers {
             let _ = stop.send(());
             let _ = server.await;
+        }
+        for task in self.tasks {
+            task.abort();
         }
     }
 

@@ -52,6 +52,7 @@ impl AsyncWrite for TlsConn {
 pub fn incoming(
     listener: TcpListener,
     ca: &CertificateAuthority,
+    alpn: &[&[u8]],
 ) -> io::Result<ReceiverStream<Result<TlsConn, io::Error>>> {
     let (chain, key) = ca.serving_certificate(&[]).map_err(io::Error::other)?;
     let certs = chain
@@ -67,7 +68,7 @@ pub fn incoming(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(io::Error::other)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {

@@ -13,6 +13,7 @@ mod documents;
 mod pod;
 mod probes;
 mod template;
+pub mod webhook;
 
 use serde_yaml_ng::{Mapping, Value};
 
@@ -148,6 +149,12 @@ fn object(
             .map(str::to_owned)
     };
     let object_name = text("name").or_else(|| text("generateName")).unwrap_or_default();
+    // The workload is the object that owns the pod template: a Pod made by a controller names it in
+    // its owner reference (a ReplicaSet's name ends in the pod template hash, which is dropped);
+    // a standalone Pod is its own, and a `generateName` prefix loses its trailing dash.
+    let workload = meta
+        .and_then(owner_workload)
+        .unwrap_or_else(|| object_name.trim_end_matches('-').to_owned());
     let described = match text("namespace") {
         Some(ns) => format!("{name} ({kind} {ns}/{object_name})"),
         None => format!("{name} ({kind} {object_name})"),
@@ -174,10 +181,7 @@ fn object(
         true => field.to_owned(),
         false => format!("{path}.{field}"),
     };
-    // The workload is the object that owns the pod template (a standalone Pod is its own); a
-    // `generateName` prefix loses its trailing dash.
-    let workload = object_name.trim_end_matches('-');
-    match pod::inject(pod, workload, settings, &at) {
+    match pod::inject(pod, &workload, settings, &at) {
         Ok(pod::Outcome::Injected { warnings }) => {
             out.injected += 1;
             out.warnings
@@ -194,6 +198,29 @@ fn object(
             problem,
         }),
     }
+}
+
+/// The workload a Pod's controller reference names (`web` for ReplicaSet `web-7d9f8` when the pod's
+/// `pod-template-hash` is `7d9f8`).
+fn owner_workload(meta: &Mapping) -> Option<String> {
+    let owner = meta
+        .get("ownerReferences")?
+        .as_sequence()?
+        .iter()
+        .find(|o| o.get("controller").and_then(Value::as_bool) == Some(true))?;
+    let name = owner.get("name")?.as_str()?;
+    let hash = meta
+        .get("labels")
+        .and_then(|l| l.get("pod-template-hash"))
+        .and_then(Value::as_str);
+    let name = match (owner.get("kind").and_then(Value::as_str), hash) {
+        (Some("ReplicaSet"), Some(hash)) => name
+            .strip_suffix(hash)
+            .and_then(|n| n.strip_suffix('-'))
+            .unwrap_or(name),
+        _ => name,
+    };
+    Some(name.to_owned())
 }
 
 #[cfg(test)]

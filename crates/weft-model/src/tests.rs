@@ -37,7 +37,10 @@ fn pod_mode_binds_all_addresses() {
     );
     assert_eq!(bootstrap.readiness_address, addr("[::]:15021"));
     assert_eq!(bootstrap.status.map(|s| s.address), Some(addr("[::]:15020")));
-    assert!(parse("").unwrap().0.status.is_none(), "no status port on a developer's machine");
+    assert!(
+        parse("").unwrap().0.status.is_none(),
+        "no status port on a developer's machine"
+    );
     assert_eq!(mesh.outbound.unwrap().address, addr("[::]:15001"));
     assert_eq!(mesh.inbound.unwrap().address, addr("[::]:15006"));
 }

@@ -14,6 +14,13 @@ pub(crate) struct InjectArgs {
     /// `.yaml`, `.yml` and `.json` files, in name order), or `-` for stdin.
     #[arg(default_value = "-")]
     inputs: Vec<PathBuf>,
+    #[command(flatten)]
+    injection: InjectionArgs,
+}
+
+/// What the injector puts in pods, for `weft inject` and for weft control's webhook alike.
+#[derive(Args, Debug)]
+pub(crate) struct InjectionArgs {
     /// The image that holds `weft`, run as the init container and as the proxy.
     #[arg(long, env = "WEFT_IMAGE", default_value = concat!("weft:", env!("CARGO_PKG_VERSION")))]
     image: String,
@@ -32,21 +39,32 @@ enum Sidecar {
     Classic,
 }
 
-pub(crate) fn run(args: InjectArgs) -> ExitCode {
-    if !args.control_plane.starts_with("https://") {
-        eprintln!(
-            "error: --control-plane: \"{}\" must start with https:// (pods send their token to the CA)",
-            args.control_plane
-        );
-        return ExitCode::from(crate::EXIT_BAD_CONFIG);
+impl InjectionArgs {
+    pub(crate) fn settings(&self) -> Result<Settings, String> {
+        if !self.control_plane.starts_with("https://") {
+            return Err(format!(
+                "--control-plane: \"{}\" must start with https:// (pods send their token to the CA)",
+                self.control_plane
+            ));
+        }
+        Ok(Settings {
+            image: self.image.clone(),
+            control_plane: self.control_plane.clone(),
+            placement: match self.sidecar {
+                Sidecar::Native => Placement::Native,
+                Sidecar::Classic => Placement::Classic,
+            },
+        })
     }
-    let settings = Settings {
-        image: args.image,
-        control_plane: args.control_plane,
-        placement: match args.sidecar {
-            Sidecar::Native => Placement::Native,
-            Sidecar::Classic => Placement::Classic,
-        },
+}
+
+pub(crate) fn run(args: InjectArgs) -> ExitCode {
+    let settings = match args.injection.settings() {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(crate::EXIT_BAD_CONFIG);
+        }
     };
     let mut output = String::new();
     let mut injected = 0;

@@ -50,6 +50,13 @@ struct ControlArgs {
     /// with `<ca-dir>/ca-cert.pem`).
     #[arg(long, default_value = "127.0.0.1:15012")]
     tls_listen: std::net::SocketAddr,
+    /// Address to serve the sidecar injector on (a mutating admission webhook, `POST /inject`, over
+    /// TLS with a certificate from the CA; Istio's 15017). Not served unless given.
+    #[arg(long)]
+    webhook_listen: Option<std::net::SocketAddr>,
+    /// What the injector puts in pods: the image, the control plane as pods reach it, the placement.
+    #[command(flatten)]
+    injection: inject::InjectionArgs,
     /// Where the CA keeps its root, token key and extra trusted roots (made on first start).
     #[arg(long, env = "WEFT_CA_DIR", default_value = "weft-ca", global = true)]
     ca_dir: PathBuf,
@@ -250,6 +257,19 @@ async fn control(args: ControlArgs) -> ExitCode {
     if let Err(err) = control_plane.serve_tls(args.tls_listen).await {
         eprintln!("error: cannot serve TLS on {}: {err}", args.tls_listen);
         return ExitCode::FAILURE;
+    }
+    if let Some(listen) = args.webhook_listen {
+        let settings = match args.injection.settings() {
+            Ok(settings) => settings,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        };
+        if let Err(err) = control_plane.serve_webhook(listen, settings).await {
+            eprintln!("error: cannot serve the injector on {listen}: {err}");
+            return ExitCode::FAILURE;
+        }
     }
     tokio::select! {
         () = wait_for_signal() => {}
