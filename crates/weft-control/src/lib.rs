@@ -270,8 +270,15 @@ fn fingerprint(dir: &Path) -> Fingerprint {
             continue;
         };
         for entry in entries.flatten() {
+            // Hidden entries are a ConfigMap mount's versions; the visible names are symlinks into
+            // the current one, so their targets' sizes and times are what changes.
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             let path = entry.path();
-            let Ok(meta) = entry.metadata() else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
@@ -308,6 +315,50 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), loaded)
             .await
             .expect("the file was never loaded");
+        cp.stop().await;
+    }
+
+    /// A ConfigMap mounted as the kubelet mounts it: each version in a hidden directory, `..data`
+    /// pointing at the current one, each key a symlink through `..data`. Every resource is loaded
+    /// once, and a new version (the kubelet swapping `..data`) is loaded.
+    #[tokio::test]
+    async fn a_configmap_mount_is_read_once_per_key_and_followed_when_the_kubelet_swaps_it() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let service = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name} }}\nspec: {{ selector: {{ app: {name} }}, ports: [{{ port: 80 }}] }}\n"
+            )
+        };
+        let version = |n: u32, body: &str| {
+            let v = dir.path().join(format!("..2026_12_03_0{n}"));
+            std::fs::create_dir(&v).unwrap();
+            std::fs::write(v.join("mesh.yaml"), body).unwrap();
+            v
+        };
+        let first = version(1, &service("web"));
+        symlink(first.file_name().unwrap(), dir.path().join("..data")).unwrap();
+        symlink("..data/mesh.yaml", dir.path().join("mesh.yaml")).unwrap();
+        let (catalog, problems) = load_dir(dir.path());
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(catalog.services.len(), 1, "each key once");
+
+        let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let second = version(2, &format!("{}---\n{}", service("web"), service("api")));
+        // The kubelet's swap: a new link renamed over `..data`.
+        symlink(second.file_name().unwrap(), dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        let loaded = async {
+            while cp.catalog().services.len() != 2 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), loaded)
+            .await
+            .expect("the new version was never loaded");
+        assert!(cp.problems().is_empty(), "{:?}", cp.problems());
         cp.stop().await;
     }
 }

@@ -618,6 +618,11 @@ fn collect_files(dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Proble
     };
     for entry in entries.flatten() {
         let path = entry.path();
+        // A ConfigMap mount keeps each version in a hidden directory (`..2026_12_03...`, `..data`)
+        // behind the keys' symlinks: the visible names are the files, each once.
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         if path.is_dir() {
             collect_files(&path, files, problems);
         } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {

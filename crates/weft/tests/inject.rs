@@ -410,3 +410,64 @@ fn the_configuration_comes_from_one_place() {
         "{stderr}"
     );
 }
+
+/// The control plane's Deployment in `deploy/` starts `weft` with arguments it accepts: run with
+/// those arguments (addresses moved to free loopback ports, paths to a directory here), it serves
+/// the injector on its webhook port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_planes_deployment_arguments_start_weft_control() {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/control-plane/deployment.yaml"
+    ))
+    .unwrap();
+    let deployment: serde_json::Value = serde_yaml_ng::from_str(&manifest).unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["command"], serde_json::json!(["/usr/local/bin/weft"]));
+    let dir = tempfile::tempdir().unwrap();
+    let (mesh, ca) = (dir.path().join("mesh"), dir.path().join("ca"));
+    std::fs::create_dir(&mesh).unwrap();
+    let webhook = free_port();
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let arg = a.as_str().unwrap();
+            match arg.split_once('=') {
+                Some(("--config-dir", _)) => format!("--config-dir={}", mesh.display()),
+                Some(("--ca-dir", _)) => format!("--ca-dir={}", ca.display()),
+                Some(("--webhook-listen", _)) => format!("--webhook-listen=127.0.0.1:{webhook}"),
+                Some((flag, value)) if value.starts_with("0.0.0.0:") => {
+                    format!("{flag}=127.0.0.1:{}", free_port())
+                }
+                _ => arg.to_owned(),
+            }
+        })
+        .collect();
+    let mut child = Command::new(WEFT)
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let serving = loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", webhook))
+            .await
+            .is_ok()
+        {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        serving,
+        "weft {args:?} did not serve the webhook: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
