@@ -18,6 +18,7 @@ use weft_inject::{DEFAULT_CONTROL_PLANE, Placement, Settings};
 fn settings() -> Settings {
     Settings {
         image: "registry.example.com/weft:0.1.0".into(),
+        init_image: "registry.example.com/weft-init:0.1.0".into(),
         control_plane: DEFAULT_CONTROL_PLANE.into(),
         placement: Placement::Native,
     }

@@ -25,8 +25,10 @@ pub const DEFAULT_CONTROL_PLANE: &str = "https://weft-control.weft-system.svc:15
 /// What every injected pod shares.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The image holding `weft`, run by both the init container and the proxy.
+    /// The proxy's image: `weft` alone (deploy/Dockerfile's `proxy` target).
     pub image: String,
+    /// The capture init container's image: `weft` with iptables (the `init` target).
+    pub init_image: String,
     /// Where the proxy takes its configuration and certificate from (`https://host:15012`).
     pub control_plane: String,
     /// Where the proxy goes in the pod.

@@ -96,6 +96,7 @@ pub(crate) fn inject(
         template::TEMPLATE,
         &[
             ("image", json!(settings.image)),
+            ("init_image", json!(settings.init_image)),
             ("init_args", json!(options.init_args)),
             ("workload_name", json!(workload)),
             ("control_plane", json!(settings.control_plane)),

@@ -3,6 +3,7 @@ use super::*;
 fn settings(placement: Placement) -> Settings {
     Settings {
         image: "weft:test".into(),
+        init_image: "weft-init:test".into(),
         control_plane: DEFAULT_CONTROL_PLANE.into(),
         placement,
     }

@@ -28,6 +28,7 @@ fn inputs() -> Vec<(PathBuf, Settings)> {
             let classic = path.to_str().unwrap().contains("-classic");
             let settings = Settings {
                 image: "registry.example.com/weft:0.1.0".into(),
+                init_image: "registry.example.com/weft-init:0.1.0".into(),
                 control_plane: DEFAULT_CONTROL_PLANE.into(),
                 placement: if classic {
                     Placement::Classic

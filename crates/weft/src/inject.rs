@@ -21,9 +21,12 @@ pub(crate) struct InjectArgs {
 /// What the injector puts in pods, for `weft inject` and for weft control's webhook alike.
 #[derive(Args, Debug)]
 pub(crate) struct InjectionArgs {
-    /// The image that holds `weft`, run as the init container and as the proxy.
+    /// The proxy's image (deploy/Dockerfile's `proxy` target: `weft` alone).
     #[arg(long, env = "WEFT_IMAGE", default_value = concat!("weft:", env!("CARGO_PKG_VERSION")))]
     image: String,
+    /// The capture init container's image (the `init` target: `weft` with iptables).
+    #[arg(long, env = "WEFT_INIT_IMAGE", default_value = concat!("weft-init:", env!("CARGO_PKG_VERSION")))]
+    init_image: String,
     /// The control plane as pods reach it: xDS and the CA on weft control's TLS port.
     #[arg(long, env = "WEFT_CONTROL_PLANE", default_value = weft_inject::DEFAULT_CONTROL_PLANE)]
     control_plane: String,
@@ -49,6 +52,7 @@ impl InjectionArgs {
         }
         Ok(Settings {
             image: self.image.clone(),
+            init_image: self.init_image.clone(),
             control_plane: self.control_plane.clone(),
             placement: match self.sidecar {
                 Sidecar::Native => Placement::Native,

@@ -13,6 +13,7 @@ use support::{WEFT, free_port};
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../weft-inject/tests/corpus");
 const IMAGE: &str = "registry.example.com/weft:0.1.0";
+const INIT_IMAGE: &str = "registry.example.com/weft-init:0.1.0";
 
 fn weft(args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(WEFT)
@@ -33,7 +34,10 @@ fn golden(name: &str) -> String {
 #[test]
 fn inject_reads_files_stdin_and_directories_and_writes_stdout() {
     let file = format!("{CORPUS}/multi-container.in.yaml");
-    let out = weft(&["inject", "--image", IMAGE, &file], "");
+    let out = weft(
+        &["inject", "--image", IMAGE, "--init-image", INIT_IMAGE, &file],
+        "",
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
@@ -41,7 +45,10 @@ fn inject_reads_files_stdin_and_directories_and_writes_stdout() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 pod(s) injected"));
 
-    let out = weft(&["inject", "--image", IMAGE, "-"], &golden("workloads.in.yaml"));
+    let out = weft(
+        &["inject", "--image", IMAGE, "--init-image", INIT_IMAGE, "-"],
+        &golden("workloads.in.yaml"),
+    );
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
@@ -59,7 +66,17 @@ fn inject_reads_files_stdin_and_directories_and_writes_stdout() {
         .unwrap();
     }
     std::fs::write(dir.path().join("notes.txt"), "not a manifest").unwrap();
-    let out = weft(&["inject", "--image", IMAGE, dir.path().to_str().unwrap()], "");
+    let out = weft(
+        &[
+            "inject",
+            "--image",
+            IMAGE,
+            "--init-image",
+            INIT_IMAGE,
+            dir.path().to_str().unwrap(),
+        ],
+        "",
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let expected = format!(
         "{}---\n{}",
