@@ -609,7 +609,7 @@ fn method_not_allowed(allow: &'static str) -> AdminResponse {
     response
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
     respond(status, "text/plain; charset=utf-8", body)
 }
 

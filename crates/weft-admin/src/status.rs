@@ -21,6 +21,7 @@ use weft_model::status::{AppMetrics, AppProbe, ProbeAction, StatusSettings};
 use weft_telemetry::Metrics;
 
 use crate::Readiness;
+use crate::server::text;
 
 /// How long the app gets to answer a scrape of its metrics.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -243,14 +244,4 @@ async fn grpc_health(stream: TcpStream, service: &str) -> Result<(), String> {
         SERVING => Ok(()),
         other => Err(format!("the app's health is {other}, not SERVING")),
     }
-}
-
-fn text(status: StatusCode, body: String) -> StatusResponse {
-    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

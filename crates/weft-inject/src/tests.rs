@@ -45,40 +45,39 @@ fn bad_input_is_refused_naming_the_document_and_the_field() {
         error("metadata: {name: x}\n"),
         "in.yaml: document 1: kind: missing"
     );
-    assert_eq!(
-        error(&deployment(
+    // Each annotation that does not parse, and what is said of it after the document and field.
+    let annotations = [
+        (
             "traffic.sidecar.istio.io/excludeOutboundPorts: \"80,http\"",
-            APP
-        )),
-        "in.yaml: document 1 (Deployment shop/web): spec.template.metadata.annotations: \
-         traffic.sidecar.istio.io/excludeOutboundPorts: \"80,http\": \"http\": invalid digit found in string"
-    );
-    assert_eq!(
-        error(&deployment(
+            "traffic.sidecar.istio.io/excludeOutboundPorts: \"80,http\": \"http\": invalid digit found in string",
+        ),
+        (
             "traffic.sidecar.istio.io/excludeOutboundIPRanges: \"10.0.0.0/33\"",
-            APP
-        )),
-        "in.yaml: document 1 (Deployment shop/web): spec.template.metadata.annotations: \
-         traffic.sidecar.istio.io/excludeOutboundIPRanges: \"10.0.0.0/33\": \"10.0.0.0/33\": prefix length \"33\" is not 0 to 32"
-    );
-    assert_eq!(
-        error(&deployment("sidecar.istio.io/proxyMemory: lots", APP)),
-        "in.yaml: document 1 (Deployment shop/web): spec.template.metadata.annotations: \
-         sidecar.istio.io/proxyMemory: \"lots\": not a Kubernetes quantity (such as 100m, 0.5, 128Mi, 1Gi)"
-    );
-    assert_eq!(
-        error(&deployment("sidecar.istio.io/inject: \"yes\"", APP)),
-        "in.yaml: document 1 (Deployment shop/web): spec.template.metadata.annotations: \
-         sidecar.istio.io/inject is \"yes\"; it must be \"true\" or \"false\""
-    );
-    assert_eq!(
-        error(&deployment(
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges: \"10.0.0.0/33\": \"10.0.0.0/33\": prefix length \"33\" is not 0 to 32",
+        ),
+        (
+            "sidecar.istio.io/proxyMemory: lots",
+            "sidecar.istio.io/proxyMemory: \"lots\": not a Kubernetes quantity (such as 100m, 0.5, 128Mi, 1Gi)",
+        ),
+        (
+            "sidecar.istio.io/inject: \"yes\"",
+            "sidecar.istio.io/inject is \"yes\"; it must be \"true\" or \"false\"",
+        ),
+        (
             "proxy.istio.io/config: \"terminationDrainDuration: soon\"",
-            APP
-        )),
-        "in.yaml: document 1 (Deployment shop/web): spec.template.metadata.annotations: \
-         proxy.istio.io/config: terminationDrainDuration \"soon\": expected number at 0"
-    );
+            "proxy.istio.io/config: terminationDrainDuration \"soon\": expected number at 0",
+        ),
+        (
+            "prometheus.io/scrape: \"yes\"",
+            "prometheus.io/scrape is \"yes\"; it must be \"true\" or \"false\"",
+        ),
+    ];
+    for (annotation, said) in annotations {
+        assert_eq!(
+            error(&deployment(annotation, APP)),
+            format!("in.yaml: document 1 (Deployment shop/web): spec.template.metadata.annotations: {said}")
+        );
+    }
     assert_eq!(
         error(&deployment("", "      containers: []\n")),
         "in.yaml: document 1 (Deployment shop/web): spec.template.spec.containers: missing or empty"

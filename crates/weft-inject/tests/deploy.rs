@@ -4,6 +4,8 @@
 //! failure); elsewhere the test says it skipped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -11,24 +13,11 @@ fn deploy() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
 }
 
-fn tool(name: &str, probe: &[&str]) -> bool {
-    let found = Command::new(name)
-        .args(probe)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("WEFT_REQUIRE_KUBERNETES_VALIDATE").is_none(),
-            "{name} is required here and not installed"
-        );
-        eprintln!("SKIP: {name} is not installed");
-    }
-    found
-}
-
 #[test]
 fn the_kustomization_renders_and_passes_the_kubernetes_schemas_strictly() {
-    if !tool("kubectl", &["version", "--client"]) || !tool("kubernetes-validate", &["--version"]) {
+    if !support::installed("kubectl", &["version", "--client"])
+        || !support::installed("kubernetes-validate", &["--version"])
+    {
         return;
     }
     let rendered = Command::new("kubectl")
@@ -56,20 +45,5 @@ fn the_kustomization_renders_and_passes_the_kubernetes_schemas_strictly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("install.yaml");
     std::fs::write(&path, &text).unwrap();
-    for version in ["1.29.0", "1.37.0"] {
-        let out = Command::new("kubernetes-validate")
-            .args(["--strict", "--quiet", "-k", version])
-            .arg(&path)
-            .output()
-            .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success() && !said.contains("ERROR") && !said.contains("WARN"),
-            "Kubernetes {version}: {said}"
-        );
-    }
+    support::validate_strictly(&[path]);
 }
