@@ -600,7 +600,7 @@ impl Publisher {
 fn own_workload(bootstrap: &Bootstrap) -> weft_telemetry::peer_metadata::OwnWorkload {
     let node = &bootstrap.node;
     weft_telemetry::peer_metadata::OwnWorkload {
-        name: node.workload.clone(),
+        name: node.pod.clone(),
         namespace: node.namespace.clone(),
         workload: node.workload.clone(),
         service_account: node.service_account.clone(),

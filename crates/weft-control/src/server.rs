@@ -242,7 +242,10 @@ fn node_info(node: Option<&Node>) -> (NodeInfo, String) {
         .nth(2)
         .and_then(|w| w.split_once('.'))
         .map(|(w, ns)| (w.to_owned(), ns.to_owned()));
-    let workload = meta("WORKLOAD_NAME")
+    // Its own WorkloadEntry is found by the instance's name (Istio's `NAME`, the pod), not by the
+    // workload it belongs to, which many instances share.
+    let workload = meta("NAME")
+        .or_else(|| meta("WORKLOAD_NAME"))
         .or_else(|| from_id.as_ref().map(|(w, _)| w.clone()))
         .unwrap_or_default();
     let namespace = meta("NAMESPACE")

@@ -60,6 +60,20 @@ pub(crate) fn inject(
     }
     let options = annotations::read(annotations, at)?;
     let scrape = annotations::scrape(annotations, at)?;
+    // Istio's canonical service and revision, from the pod's labels, for the proxy's metrics.
+    let label = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| labels.get(*n).and_then(Value::as_str).map(str::to_owned))
+    };
+    let canonical_service = label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+        .unwrap_or_else(|| workload.to_owned());
+    let canonical_revision = label(&[
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ])
+    .unwrap_or_else(|| "latest".to_owned());
 
     let spec = match pod.get("spec") {
         Some(Value::Mapping(spec)) => spec,
@@ -136,7 +150,10 @@ pub(crate) fn inject(
     };
     let mut warnings = options.warnings;
     let mut proxy = parts.proxy;
-    let mut env = Vec::new();
+    let mut env = vec![
+        ("CANONICAL_SERVICE", canonical_service),
+        ("CANONICAL_REVISION", canonical_revision),
+    ];
     if options.rewrite_probes {
         let probers = probes::rewrite(sequence(spec, "containers"), at, &mut warnings)?;
         if !probers.is_empty() {

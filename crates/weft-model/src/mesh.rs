@@ -172,7 +172,11 @@ pub struct XdsSource {
 #[derive(Debug, Clone, Serialize)]
 pub struct Node {
     pub id: String,
+    /// The workload, as metrics and peers name it: in Kubernetes the pod's owner (`reviews-v2`).
     pub workload: String,
+    /// This instance: in Kubernetes the pod's own name (`reviews-v2-5c7f9d8b4-x2x9q`), which the
+    /// control plane knows it by (Istio's `NAME`).
+    pub pod: String,
     pub namespace: String,
     pub service_account: String,
     /// Istio's labels for this workload's side of its metrics.

@@ -479,7 +479,7 @@ pub(crate) fn node(n: &Node) -> XNode {
     let mut fields = std::collections::HashMap::new();
     fields.insert("NAMESPACE".to_owned(), string(&n.namespace));
     fields.insert("WORKLOAD_NAME".to_owned(), string(&n.workload));
-    fields.insert("NAME".to_owned(), string(&n.workload));
+    fields.insert("NAME".to_owned(), string(&n.pod));
     fields.insert("SERVICE_ACCOUNT".to_owned(), string(&n.service_account));
     XNode {
         id: n.id.clone(),

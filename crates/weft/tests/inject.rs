@@ -286,6 +286,16 @@ async fn the_injected_proxy_comes_up_and_carries_out_the_apps_probes() {
         "{}",
         identity.1
     );
+    // The workload is the Deployment; the instance is the pod, which the control plane knows it by.
+    let mesh = weft_test_support::admin_get(format!("127.0.0.1:{admin}").parse().unwrap(), "/mesh")
+        .await
+        .1;
+    let node: serde_json::Value = serde_json::from_str(&mesh).unwrap();
+    let node = &node["bootstrap"]["node"];
+    assert_eq!(node["workload"], "web", "{node}");
+    assert_eq!(node["pod"], "web-7d9f8-x2x9q", "{node}");
+    assert_eq!(node["id"], "sidecar~127.0.0.1~web-7d9f8-x2x9q.shop", "{node}");
+    assert_eq!(node["canonical_service"], "web", "{node}");
 
     // The kubelet's view: each container's probes now ask the status port.
     let mut outcomes = Vec::new();

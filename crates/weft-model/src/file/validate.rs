@@ -657,10 +657,13 @@ impl NodeFile {
     /// Fills what the file leaves out from the Istio-style environment of a pod.
     fn resolve(self) -> Node {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        // The injector sets WORKLOAD_NAME to the pod's owner; without it the pod is its own workload.
         let workload = self
             .workload
+            .or_else(|| env("WORKLOAD_NAME"))
             .or_else(|| env("POD_NAME"))
             .unwrap_or_else(|| "unknown".into());
+        let pod = env("POD_NAME").unwrap_or_else(|| workload.clone());
         let namespace = self
             .namespace
             .or_else(|| env("POD_NAMESPACE"))
@@ -671,7 +674,7 @@ impl NodeFile {
             .unwrap_or_else(|| "default".into());
         let id = self.id.unwrap_or_else(|| {
             format!(
-                "sidecar~{}~{workload}.{namespace}",
+                "sidecar~{}~{pod}.{namespace}",
                 env("INSTANCE_IP").unwrap_or_default()
             )
         });
@@ -700,6 +703,7 @@ impl NodeFile {
                 .or_else(|| env("ISTIO_META_CLUSTER_ID"))
                 .unwrap_or_else(|| "Kubernetes".into()),
             workload,
+            pod,
             namespace,
             service_account,
         }
