@@ -181,9 +181,13 @@ impl CertificateAuthority {
     }
 
     /// The control plane's own serving certificate (for 15012 and the webhook's 15017), signed by the
-    /// root proxies trust: a fresh key, the names clients dial ([`SERVING_NAMES`], loopback) and the control plane's
+    /// root proxies trust: a fresh key, the names clients dial ([`SERVING_NAMES`], loopback, and
+    /// `extra_ips`: the address it listens on, when that is one address) and the control plane's
     /// SPIFFE ID. Returns (PEM chain, PEM key).
-    pub fn serving_certificate(&self, extra_dns: &[String]) -> Result<(Vec<String>, String), SignError> {
+    pub fn serving_certificate(
+        &self,
+        extra_ips: &[std::net::IpAddr],
+    ) -> Result<(Vec<String>, String), SignError> {
         let sign = |e: rcgen::Error| SignError::Sign(e.to_string());
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(sign)?;
         let mut params = CertificateParams::default();
@@ -191,8 +195,8 @@ impl CertificateAuthority {
         for dns in SERVING_NAMES {
             sans.push(SanType::DnsName(dns.try_into().map_err(sign)?));
         }
-        for dns in extra_dns {
-            sans.push(SanType::DnsName(dns.clone().try_into().map_err(sign)?));
+        for ip in extra_ips {
+            sans.push(SanType::IpAddress(*ip));
         }
         sans.push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
         sans.push(SanType::IpAddress(std::net::Ipv6Addr::LOCALHOST.into()));

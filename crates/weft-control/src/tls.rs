@@ -54,7 +54,13 @@ pub fn incoming(
     ca: &CertificateAuthority,
     alpn: &[&[u8]],
 ) -> io::Result<ReceiverStream<Result<TlsConn, io::Error>>> {
-    let (chain, key) = ca.serving_certificate(&[]).map_err(io::Error::other)?;
+    // Clients that dial the listener's own address (not a name) verify it too.
+    let ip = listener.local_addr()?.ip();
+    let ips: Vec<std::net::IpAddr> = match ip.is_unspecified() || ip.is_loopback() {
+        true => Vec::new(),
+        false => vec![ip],
+    };
+    let (chain, key) = ca.serving_certificate(&ips).map_err(io::Error::other)?;
     let certs = chain
         .iter()
         .take(1)

@@ -57,6 +57,76 @@ impl Control {
         Ok(control)
     }
 
+    /// `https://<control pod>:15012`: xDS and the CA over TLS, as injected pods reach them.
+    pub fn tls_url(&self) -> String {
+        format!("https://{}:15012", self.pod.ip())
+    }
+
+    /// Runs an injected Pod spec (`spec`: the pod's `spec`, as JSON) in `pod` the way the kubelet
+    /// would, up to the app's containers (the test starts those, having no images): the init
+    /// containers in order as root (only weft's: `weft init` with the arguments the injector wrote),
+    /// then the native sidecar as its `runAsUser`, with the environment the spec declares and the
+    /// downward API filled in. The mounts a kubelet would make are files here: the projected token
+    /// (a token from this control plane's CA, standing in for the service-account token it does not
+    /// take yet) and the CA root.
+    pub fn run_injected(&self, pod: &Pod, spec: &serde_json::Value, namespace: &str) -> Result<(), String> {
+        let service_account = spec["serviceAccountName"].as_str().unwrap_or("default");
+        // Beside the pods' logs, readable by the proxy's UID (the CA directory is not).
+        let dir = self.config_dir.parent().unwrap_or(&self.config_dir);
+        let token = dir.join(format!("{}-token", pod.name()));
+        std::fs::write(&token, self.token(namespace, service_account)?).map_err(|e| e.to_string())?;
+        crate::set_mode(&token, 0o644)?;
+        let root = dir.join("ca-root-cert.pem");
+        std::fs::copy(self.ca_dir.join("ca-cert.pem"), &root).map_err(|e| format!("the CA root: {e}"))?;
+        crate::set_mode(&root, 0o644)?;
+        let weft = self.weft.to_string_lossy().into_owned();
+        let init = spec["initContainers"].as_array().cloned().unwrap_or_default();
+        for container in &init {
+            let name = container["name"].as_str().unwrap_or_default();
+            if container["command"] != serde_json::json!(["/usr/local/bin/weft"]) {
+                return Err(format!(
+                    "init container {name}: the pod runner runs only weft's containers"
+                ));
+            }
+            let args: Vec<String> = container["args"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            if container["restartPolicy"] != "Always" {
+                let mut full = vec![weft.as_str()];
+                full.extend(args.iter().map(String::as_str));
+                pod.exec(&full)
+                    .map_err(|e| format!("init container {name}: {e}"))?;
+                continue;
+            }
+            let uid = container["securityContext"]["runAsUser"]
+                .as_u64()
+                .and_then(|u| u32::try_from(u).ok());
+            let ip = pod.ip().to_string();
+            let mut env = Vec::new();
+            for var in container["env"].as_array().into_iter().flatten() {
+                let var_name = var["name"].as_str().unwrap_or_default().to_owned();
+                let value = match (&var["value"], var["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+                    (serde_json::Value::String(v), _) if var_name == "WEFT_PROXY_CONFIG" => v
+                        .replace("/var/run/secrets/weft/ca/root-cert.pem", &root.to_string_lossy())
+                        .replace("/var/run/secrets/tokens/istio-token", &token.to_string_lossy()),
+                    (serde_json::Value::String(v), _) => v.clone(),
+                    (_, Some("metadata.name")) => pod.name().to_owned(),
+                    (_, Some("metadata.namespace")) => namespace.to_owned(),
+                    (_, Some("status.podIP")) => ip.clone(),
+                    (_, Some("spec.serviceAccountName")) => service_account.to_owned(),
+                    _ => return Err(format!("{name}: env {var_name}: the pod runner cannot fill it")),
+                };
+                env.push((var_name, value));
+            }
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let mut full = vec![weft.as_str()];
+            full.extend(args.iter().map(String::as_str));
+            pod.spawn_as("proxy", uid, &env, &full)?;
+        }
+        Ok(())
+    }
+
     /// `http://<control pod>:15010`, for the proxies' `xds.address` and `identity.ca_address`.
     pub fn url(&self) -> String {
         format!("http://{}:{CONTROL_PORT}", self.pod.ip())

@@ -131,7 +131,7 @@ impl Pod {
         )
     }
 
-    fn spawn_as(
+    pub(crate) fn spawn_as(
         &self,
         label: &str,
         uid: Option<u32>,

@@ -219,6 +219,148 @@ async fn mesh_traffic_between_pods_is_mutual_tls_and_apps_see_plain_http() {
     assert!(served >= 1.0, "{server_metrics}");
 }
 
+/// Two Deployments as their owners wrote them, injected (`weft inject`'s library), each run in its
+/// pod the way the kubelet runs a pod: `weft init` with the injector's arguments, the native
+/// sidecar, the app only once the sidecar's startup probe passes from outside the pod. The server is
+/// STRICT: plaintext from outside the pod is refused, yet the kubelet's rewritten probes, sent from
+/// outside to 15020, pass; the client reaches it over mTLS; its metrics are scraped from outside.
+#[tokio::test]
+async fn injected_deployments_run_as_the_kubelet_would_and_a_strict_pods_probes_pass() {
+    require_root!("injected_deployments_run_as_the_kubelet_would_and_a_strict_pods_probes_pass");
+    let network = Network::create(&netns::weft_binary()).unwrap();
+    let client = network.pod("client").unwrap();
+    let server = network.pod("echo").unwrap();
+    // Where the kubelet and Prometheus stand: outside every pod, without a sidecar.
+    let node = network.pod("node").unwrap();
+    let control = Control::start(
+        &network,
+        &[
+            (
+                "echo.yaml",
+                &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]),
+            ),
+            ("peer-authentication.yaml", &peer_authentication("STRICT")),
+        ],
+    )
+    .unwrap();
+    let settings = weft_inject::Settings {
+        image: "weft:test".into(),
+        init_image: "weft-init:test".into(),
+        control_plane: control.tls_url(),
+        placement: weft_inject::Placement::Native,
+    };
+    let injected = |name: &str, probes: &str| {
+        let yaml = format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{ name: {name}, namespace: default }}\n\
+             spec:\n  selector: {{ matchLabels: {{ app: {name} }} }}\n  template:\n\
+             \x20   metadata: {{ labels: {{ app: {name} }} }}\n\
+             \x20   spec:\n      serviceAccountName: {name}\n\
+             \x20     containers:\n        - name: {name}\n          image: {name}:1\n\
+             \x20         ports: [{{ name: http, containerPort: {APP_PORT} }}]\n{probes}"
+        );
+        let out = weft_inject::inject("deployment.yaml", &yaml, &settings).unwrap();
+        assert_eq!(out.injected, 1);
+        let value: serde_json::Value = serde_yaml_ng::from_str(&out.text).unwrap();
+        value["spec"]["template"]["spec"].clone()
+    };
+    let server_spec = injected(
+        "echo",
+        "          readinessProbe: { httpGet: { path: /status/204, port: http } }\n\
+         \x20         livenessProbe: { tcpSocket: { port: 8080 } }\n",
+    );
+    let client_spec = injected("client", "");
+
+    // What the kubelet does: init containers, then the sidecar, then (once its startup probe
+    // passes) the app.
+    let started = |pod: &Pod, spec: &serde_json::Value| {
+        control.run_injected(pod, spec, "default").unwrap();
+        let probe = &spec["initContainers"][1]["startupProbe"]["httpGet"];
+        let addr = SocketAddr::new(
+            pod.ip().into(),
+            u16::try_from(probe["port"].as_u64().unwrap()).unwrap(),
+        );
+        (addr, probe["path"].as_str().unwrap().to_owned())
+    };
+    for (pod, spec) in [(&server, &server_spec), (&client, &client_spec)] {
+        let (addr, path) = started(pod, spec);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(answer) = netns::get(&node, addr, &path, &[]).await
+                && answer.status == StatusCode::OK
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline && pod.is_running("proxy"),
+                "the startup probe of {} never passed:\n{}\ncontrol plane:\n{}",
+                pod.name(),
+                pod.log("proxy"),
+                control.pod().log("control")
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let app = app_in(&server, "echo");
+
+    // The kubelet's rewritten probes, from outside the pod, pass through the proxy's status port.
+    for kind in ["readinessProbe", "livenessProbe"] {
+        let probe = &server_spec["containers"][0][kind]["httpGet"];
+        assert_eq!(probe["port"], 15020, "{kind}: {probe}");
+        let addr = SocketAddr::new(server.ip().into(), 15020);
+        let answer = netns::get(&node, addr, probe["path"].as_str().unwrap(), &[])
+            .await
+            .unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{kind}: {answer:?}");
+    }
+    let probed = app
+        .requests()
+        .into_iter()
+        .find(|r| r.uri.path() == "/status/204")
+        .unwrap();
+    assert_eq!(probed.peer.ip().to_canonical().to_string(), "127.0.0.6");
+    // The same app port from outside, in plaintext: refused under STRICT.
+    let direct = SocketAddr::new(server.ip().into(), APP_PORT);
+    assert!(
+        netns::get(&node, direct, "/", &[]).await.is_err(),
+        "plaintext got through STRICT"
+    );
+
+    // The client pod's app reaches the service over mutual TLS, and the app sees the caller's identity.
+    let answer = netns::get(&client, "10.96.0.20:80".parse().unwrap(), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    assert_eq!(answer.header("x-served-by"), "echo");
+    let seen = app.last_request();
+    let xfcc = seen.headers["x-forwarded-client-cert"].to_str().unwrap();
+    assert!(
+        xfcc.contains("URI=spiffe://cluster.local/ns/default/sa/client"),
+        "{xfcc}"
+    );
+
+    // Prometheus, outside the pod, scrapes 15020 and sees the hop as mutual TLS, named by workload.
+    let scraped = netns::get(
+        &node,
+        SocketAddr::new(server.ip().into(), 15020),
+        "/stats/prometheus",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(scraped.status, StatusCode::OK);
+    let served = metric(
+        &scraped.body,
+        "istio_requests_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_workload", "echo"),
+            ("source_workload", "client"),
+        ],
+    );
+    assert!(served >= 1.0, "{}", scraped.body);
+}
+
 /// The seed's order service: its VirtualService (90/10 canary, `x-canary: true` to v2) and
 /// DestinationRule exactly as the example file has them, over two pods.
 #[tokio::test]
