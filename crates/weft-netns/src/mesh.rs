@@ -34,6 +34,9 @@ impl Control {
         for (name, yaml) in resources {
             control.write(name, yaml)?;
         }
+        // The CA is made here, before weft control starts: made by both at once (weft control at
+        // start, `token` for the first sidecar), one of them finds the other's half-written files.
+        control.token("default", "default")?;
         let weft = control.weft.to_string_lossy();
         let listen = format!("{}:{CONTROL_PORT}", control.pod.ip());
         let tls_listen = format!("{}:15012", control.pod.ip());
