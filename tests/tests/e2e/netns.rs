@@ -232,17 +232,7 @@ async fn injected_deployments_run_as_the_kubelet_would_and_a_strict_pods_probes_
     let server = network.pod("echo").unwrap();
     // Where the kubelet and Prometheus stand: outside every pod, without a sidecar.
     let node = network.pod("node").unwrap();
-    let control = Control::start(
-        &network,
-        &[
-            (
-                "echo.yaml",
-                &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]),
-            ),
-            ("peer-authentication.yaml", &peer_authentication("STRICT")),
-        ],
-    )
-    .unwrap();
+    let control = strict_echo(&network, &server);
     let settings = weft_inject::Settings {
         image: "weft:test".into(),
         init_image: "weft-init:test".into(),
@@ -531,6 +521,21 @@ async fn the_seed_authorization_policy_holds_between_pods() {
     );
 }
 
+/// weft control serving the `echo` service at 10.96.0.20:80 on `server`, with the mesh STRICT.
+fn strict_echo(network: &Network, server: &Pod) -> Control {
+    Control::start(
+        network,
+        &[
+            (
+                "echo.yaml",
+                &service_yaml("echo", "10.96.0.20", 80, &[(server, "v1")]),
+            ),
+            ("peer-authentication.yaml", &peer_authentication("STRICT")),
+        ],
+    )
+    .unwrap()
+}
+
 fn peer_authentication(mode: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: echo, namespace: default }}\n\
@@ -545,17 +550,7 @@ async fn strict_refuses_a_client_without_a_sidecar_and_permissive_lets_it_in() {
     let client = network.pod("client").unwrap();
     let outsider = network.pod("outsider").unwrap();
     let server = network.pod("echo").unwrap();
-    let control = Control::start(
-        &network,
-        &[
-            (
-                "echo.yaml",
-                &service_yaml("echo", "10.96.0.20", 80, &[(&server, "v1")]),
-            ),
-            ("peer-authentication.yaml", &peer_authentication("STRICT")),
-        ],
-    )
-    .unwrap();
+    let control = strict_echo(&network, &server);
     let app = app_in(&server, "echo");
     let outside = HttpServer::serve(
         outsider.listen((Ipv6Addr::UNSPECIFIED, 9000).into()).unwrap(),
