@@ -257,17 +257,17 @@ impl ClusterState {
         let set = self.set.load();
         let detection = set.config.outlier_detection.as_ref()?;
         let reason = endpoint.outlier.record(detection, outcome)?;
-        self.eject(&set, endpoint, detection, reason).then_some(reason)
+        self.eject(endpoint, reason).then_some(reason)
     }
 
-    fn eject(
-        &self,
-        set: &EndpointSet,
-        endpoint: &EndpointState,
-        detection: &OutlierDetection,
-        reason: &'static str,
-    ) -> bool {
+    fn eject(&self, endpoint: &EndpointState, reason: &'static str) -> bool {
         let _outlier = lock(&self.outlier);
+        // The set in force now, not the one the attempt began with: a configuration change swaps it
+        // under this lock, and `max_ejection_percent` counts the members of the current one.
+        let set = self.set.load();
+        let Some(detection) = set.config.outlier_detection.as_ref() else {
+            return false;
+        };
         let counters = &endpoint.outlier;
         if counters.is_ejected() || !set.contains(endpoint) {
             return false; // already out, or removed by a configuration change while the request was in flight
@@ -314,7 +314,7 @@ impl ClusterState {
         let _ = self
             .next_evaluation
             .compare_exchange(0, next, Ordering::AcqRel, Ordering::Acquire);
-        self.update_ejected_gauge(set);
+        self.update_ejected_gauge(&set);
         true
     }
 
