@@ -1,6 +1,7 @@
-//! The sidecar injector as the API server calls it: AdmissionReview JSON over HTTPS, verified with
-//! the control plane's root under the Service's name. The returned JSONPatch, applied to the pod,
-//! gives exactly what `weft inject` writes for the same pod.
+//! The sidecar injector as the API server calls it: AdmissionReview JSON over HTTPS (HTTP/2, which the
+//! API server negotiates, and HTTP/1.1), verified with the control plane's root under the Service's
+//! name. The returned JSONPatch, applied to the pod, gives exactly what `weft inject` writes for the
+//! same pod.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -71,6 +72,13 @@ fn review(uid: &str, pod: &Value) -> Value {
 struct Webhook {
     addr: std::net::SocketAddr,
     connector: tokio_rustls::TlsConnector,
+    /// Whether the client offers HTTP/2 first, as the API server does.
+    http2: bool,
+}
+
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Webhook {
@@ -79,11 +87,21 @@ impl Webhook {
         let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
         let name = ServerName::try_from("weft-control.weft-system.svc").unwrap();
         let tls = self.connector.connect(name, tcp).await.unwrap();
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
+        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        assert_eq!(http2, self.http2, "the protocol the server chose");
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let mut sender = if http2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            Sender::Http2(sender)
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(connection);
+            Sender::Http1(sender)
+        };
         let request = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -91,14 +109,19 @@ impl Webhook {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .unwrap();
-        let response = sender.send_request(request).await.unwrap();
+        let response = match &mut sender {
+            Sender::Http1(s) => s.send_request(request).await.unwrap(),
+            Sender::Http2(s) => s.send_request(request).await.unwrap(),
+        };
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
     }
 }
 
-async fn start() -> (ControlPlane, Webhook, Arc<weft_control::webhook::WebhookCounts>) {
+/// The injector, and a client for it offering HTTP/2 and HTTP/1.1 (the API server's choice) or only
+/// HTTP/1.1.
+async fn start(http2: bool) -> (ControlPlane, Webhook, Arc<weft_control::webhook::WebhookCounts>) {
     let dir = tempfile::tempdir().unwrap();
     let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
         .await
@@ -117,14 +140,25 @@ async fn start() -> (ControlPlane, Webhook, Arc<weft_control::webhook::WebhookCo
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = match http2 {
+        true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        false => vec![b"http/1.1".to_vec()],
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    (cp, Webhook { addr, connector }, counts)
+    (
+        cp,
+        Webhook {
+            addr,
+            connector,
+            http2,
+        },
+        counts,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhooks_patch_makes_the_pod_weft_inject_writes() {
-    let (_cp, webhook, counts) = start().await;
+    let (_cp, webhook, counts) = start(true).await;
     let pod = replica_pod(json!({"sidecar.istio.io/proxyCPU": "50m"}));
     let body = serde_json::to_vec(&review("uid-1", &pod)).unwrap();
     let (status, answer) = webhook.send("POST", "/inject", body).await;
@@ -179,7 +213,7 @@ async fn the_webhooks_patch_makes_the_pod_weft_inject_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_review_the_injector_cannot_act_on_is_allowed_with_a_warning() {
-    let (_cp, webhook, counts) = start().await;
+    let (_cp, webhook, counts) = start(false).await;
     let bad_annotation = replica_pod(json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "all"}));
     let cases = [
         (b"{not json".to_vec(), "", "not JSON"),
