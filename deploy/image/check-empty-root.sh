@@ -20,13 +20,24 @@ trap 'kill "${proxy:-0}" 2>/dev/null || true; rm -rf "$root"' EXIT
 install -D -m 0755 "$binary" "$root/usr/local/bin/weft"
 echo "empty root: $(cd "$root" && find . -mindepth 1 | sort | tr '\n' ' ')"
 chroot --userspec=1337:1337 "$root" /usr/local/bin/weft --version
-port=$((20000 + RANDOM % 20000))
-config="admin: { address: 127.0.0.1:$((port + 1)) }
+# Ports below the kernel's ephemeral range (32768 and up), so that no outgoing connection holds one;
+# another program may still listen on one, so a proxy that cannot bind is tried again elsewhere.
+for attempt in 1 2 3; do
+    port=$((11000 + RANDOM % 15000))
+    config="admin: { address: 127.0.0.1:$((port + 1)) }
 readiness: { address: 127.0.0.1:$port }
 outbound: { address: 127.0.0.1:$((port + 2)) }
 inbound: { address: 127.0.0.1:$((port + 3)) }
 access_log: { path: off }"
-WEFT_PROXY_CONFIG="$config" chroot --userspec=1337:1337 "$root" /usr/local/bin/weft proxy &
-proxy=$!
-chroot --userspec=1337:1337 "$root" /usr/local/bin/weft wait --url "http://127.0.0.1:$port/healthz/ready" --timeout 20s
-echo "ok: weft proxy ran from an empty root and became ready"
+    WEFT_PROXY_CONFIG="$config" chroot --userspec=1337:1337 "$root" /usr/local/bin/weft proxy &
+    proxy=$!
+    if chroot --userspec=1337:1337 "$root" /usr/local/bin/weft wait \
+        --url "http://127.0.0.1:$port/healthz/ready" --timeout 20s; then
+        echo "ok: weft proxy ran from an empty root and became ready"
+        exit 0
+    fi
+    kill "$proxy" 2>/dev/null || true
+    wait "$proxy" 2>/dev/null || true
+    echo "attempt $attempt: the proxy did not become ready on ports $port-$((port + 3))" >&2
+done
+exit 1
