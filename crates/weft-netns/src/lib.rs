@@ -6,6 +6,7 @@
 //!
 //! Needs root. [`missing_prerequisite`] says what is missing, so callers can skip with a reason.
 
+pub mod kubelet;
 mod mesh;
 mod pod;
 

@@ -105,23 +105,13 @@ impl Control {
             let uid = container["securityContext"]["runAsUser"]
                 .as_u64()
                 .and_then(|u| u32::try_from(u).ok());
-            let ip = pod.ip().to_string();
-            let mut env = Vec::new();
-            for var in container["env"].as_array().into_iter().flatten() {
-                let var_name = var["name"].as_str().unwrap_or_default().to_owned();
-                let value = match (&var["value"], var["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
-                    (serde_json::Value::String(v), _) if var_name == "WEFT_PROXY_CONFIG" => v
-                        .replace("/var/run/secrets/weft/ca/root-cert.pem", &root.to_string_lossy())
-                        .replace("/var/run/secrets/tokens/istio-token", &token.to_string_lossy()),
-                    (serde_json::Value::String(v), _) => v.clone(),
-                    (_, Some("metadata.name")) => pod.name().to_owned(),
-                    (_, Some("metadata.namespace")) => namespace.to_owned(),
-                    (_, Some("status.podIP")) => ip.clone(),
-                    (_, Some("spec.serviceAccountName")) => service_account.to_owned(),
-                    _ => return Err(format!("{name}: env {var_name}: the pod runner cannot fill it")),
-                };
-                env.push((var_name, value));
-            }
+            let facts = crate::kubelet::PodFacts {
+                name: pod.name(),
+                namespace,
+                ip: pod.ip().into(),
+                service_account,
+            };
+            let env = crate::kubelet::container_env(container, facts, &root, &token)?;
             let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let mut full = vec![weft.as_str()];
             full.extend(args.iter().map(String::as_str));

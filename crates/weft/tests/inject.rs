@@ -240,25 +240,23 @@ async fn the_injected_proxy_comes_up_and_carries_out_the_apps_probes() {
             .iter()
             .map(|a| a.as_str().unwrap()),
     );
-    for var in proxy["env"].as_array().unwrap() {
-        let name = var["name"].as_str().unwrap();
-        let value = match (&var["value"], var["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
-            (serde_json::Value::String(value), _) if name == "WEFT_PROXY_CONFIG" => format!(
-                "{}admin: {{ address: 127.0.0.1:{admin} }}\nreadiness: {{ address: 127.0.0.1:{readiness} }}\n\
+    let pod = weft_netns::kubelet::PodFacts {
+        name: "web-7d9f8-x2x9q",
+        namespace: "shop",
+        ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        service_account: "web",
+    };
+    for (name, value) in weft_netns::kubelet::container_env(proxy, pod, &root, &token).unwrap() {
+        let value = match name.as_str() {
+            // Its ports on free loopback ports, as the pod's own network would have them free.
+            "WEFT_PROXY_CONFIG" => format!(
+                "{value}admin: {{ address: 127.0.0.1:{admin} }}\nreadiness: {{ address: 127.0.0.1:{readiness} }}\n\
                  status: {{ address: 127.0.0.1:{status} }}\n\
                  outbound: {{ address: 127.0.0.1:{} }}\ninbound: {{ address: 127.0.0.1:{} }}\n",
-                value
-                    .replace("/var/run/secrets/weft/ca/root-cert.pem", root.to_str().unwrap())
-                    .replace("/var/run/secrets/tokens/istio-token", token.to_str().unwrap()),
                 free_port(),
                 free_port(),
             ),
-            (serde_json::Value::String(value), _) => value.clone(),
-            (_, Some("metadata.name")) => "web-7d9f8-x2x9q".into(),
-            (_, Some("metadata.namespace")) => "shop".into(),
-            (_, Some("status.podIP")) => "127.0.0.1".into(),
-            (_, Some("spec.serviceAccountName")) => "web".into(),
-            other => panic!("an env var the kubelet would not know how to fill: {name} {other:?}"),
+            _ => value,
         };
         command.env(name, value);
     }
