@@ -378,9 +378,12 @@ fn start_identity(
         .id
         .parse()
         .map_err(|e: weft_identity::SpiffeIdError| AppError::Identity(e.to_string()))?;
-    let ca =
-        weft_identity::CaClient::with_root(&source.ca_address, &source.token, source.ca_root_pem.as_deref())
-            .map_err(|e| AppError::Identity(e.to_string()))?;
+    let ca = weft_identity::CaClient::with_root(
+        &source.ca_address,
+        source.token.clone(),
+        source.ca_root_pem.as_deref(),
+    )
+    .map_err(|e| AppError::Identity(e.to_string()))?;
     let (renewed, failed) = (metrics.clone(), metrics.clone());
     let events = weft_identity::StoreEvents {
         renewed: Box::new(move |c| {

@@ -16,6 +16,7 @@ use weft_identity::SpiffeId;
 use weft_proto::istio_ca::istio_certificate_service_server::IstioCertificateService;
 use weft_proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
 
+use crate::authn::Authenticator;
 use crate::tokens::TokenIssuer;
 
 /// Istio's defaults: workload certificates for 24 h, at most 90 days; the root for 10 years.
@@ -326,15 +327,16 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     file.write_all(data)
 }
 
-/// The gRPC face of the CA.
+/// The gRPC face of the CA: the caller is whoever `authn` says its token proves.
 #[derive(Debug, Clone)]
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
+    authn: Authenticator,
 }
 
 impl CaService {
-    pub fn new(ca: Arc<CertificateAuthority>) -> Self {
-        Self { ca }
+    pub fn new(ca: Arc<CertificateAuthority>, authn: Authenticator) -> Self {
+        Self { ca, authn }
     }
 }
 
@@ -350,11 +352,17 @@ impl IstioCertificateService for CaService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
-        let caller = self
-            .ca
-            .tokens
-            .verify(token)
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let caller = match self.authn.authenticate(token).await {
+            Ok(caller) => caller,
+            Err(err) if err.is_transient() => {
+                tracing::warn!(%err, "cannot authenticate a certificate request");
+                return Err(Status::unavailable(err.to_string()));
+            }
+            Err(err) => {
+                tracing::warn!(%err, "refused a certificate request");
+                return Err(Status::unauthenticated(err.to_string()));
+            }
+        };
         let request = request.into_inner();
         let requested = Duration::from_secs(u64::try_from(request.validity_duration).unwrap_or(0));
         match self.ca.sign(&request.csr, &caller, requested) {

@@ -2,6 +2,7 @@
 //! directory ([`resources`]), watches it, turns the resources into each proxy's xDS ([`translate`]) and
 //! serves them over ADS ([`server`]).
 
+pub mod authn;
 pub mod ca;
 mod rbac;
 pub mod resources;
@@ -49,6 +50,7 @@ pub struct ControlPlane {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     watcher: JoinHandle<()>,
     ca: Arc<ca::CertificateAuthority>,
+    authn: authn::Authenticator,
     catalog: watch::Receiver<Arc<Catalog>>,
     tls_servers: Vec<(tokio::sync::oneshot::Sender<()>, ServerTask)>,
     /// Other servers (the admission webhook), aborted on stop.
@@ -69,10 +71,24 @@ impl ControlPlane {
     }
 
     /// As [`ControlPlane::start`], with a given CA.
+    /// A control plane outside Kubernetes: the CA authenticates callers with weft's own tokens.
     pub async fn start_with_ca(
         dir: PathBuf,
         listen: SocketAddr,
         ca: Arc<ca::CertificateAuthority>,
+    ) -> std::io::Result<Self> {
+        let authn = authn::Authenticator::WeftTokens(ca.tokens().clone());
+        Self::start_with(dir, listen, ca, authn).await
+    }
+
+    /// Serves xDS on `listen` (plaintext). The CA is served there too only with weft's own tokens: a
+    /// service-account token is a credential for the API server and is sent over TLS only (15012,
+    /// [`ControlPlane::serve_tls`]), as Istio does.
+    pub async fn start_with(
+        dir: PathBuf,
+        listen: SocketAddr,
+        ca: Arc<ca::CertificateAuthority>,
+        authn: authn::Authenticator,
     ) -> std::io::Result<Self> {
         // Fingerprint first, then load: a file written after the load differs from the fingerprint, so the
         // watcher loads it however late its task first runs.
@@ -99,16 +115,22 @@ impl ControlPlane {
             observed.clone(),
         ));
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let plaintext_ca = match &authn {
+            authn::Authenticator::WeftTokens(_) => Some(IstioCertificateServiceServer::new(
+                ca::CaService::new(ca.clone(), authn.clone()),
+            )),
+            authn::Authenticator::Kubernetes(_) => None,
+        };
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .add_service(ads)
-                .add_service(IstioCertificateServiceServer::new(ca::CaService::new(ca.clone())))
+                .add_optional_service(plaintext_ca)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stop.await;
                 }),
         );
-        tracing::info!(%address, "serving xDS (ADS, State of the World) and the CA (istio.v1.auth)");
+        tracing::info!(%address, ?authn, "serving xDS (ADS, State of the World) and, with weft tokens, the CA (istio.v1.auth)");
         Ok(Self {
             address,
             problems,
@@ -117,6 +139,7 @@ impl ControlPlane {
             server,
             watcher,
             ca,
+            authn,
             catalog: catalog_rx,
             tls_servers: Vec::new(),
             tasks: Vec::new(),
@@ -143,6 +166,7 @@ impl ControlPlane {
                 .add_service(ads)
                 .add_service(IstioCertificateServiceServer::new(ca::CaService::new(
                     self.ca.clone(),
+                    self.authn.clone(),
                 )))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;

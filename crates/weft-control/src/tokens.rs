@@ -30,6 +30,7 @@ struct Payload {
     exp: u64,
 }
 
+#[derive(Clone)]
 pub struct TokenIssuer {
     key: hmac::Key,
     trust_domain: String,
@@ -68,6 +69,11 @@ impl TokenIssuer {
         let signed = format!("{PREFIX}.{payload}");
         let mac = B64.encode(hmac::sign(&self.key, signed.as_bytes()).as_ref());
         Ok(format!("{signed}.{mac}"))
+    }
+
+    /// Whether `token` has the shape of one of ours (whoever made it).
+    pub fn is_weft_token(token: &str) -> bool {
+        token.starts_with(PREFIX) && token[PREFIX.len()..].starts_with('.')
     }
 
     /// The identity a token proves.

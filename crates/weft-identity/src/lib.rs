@@ -12,7 +12,7 @@ mod spiffe;
 mod store;
 pub mod tls;
 
-pub use client::{CaClient, CaError};
+pub use client::{BearerToken, CaClient, CaError};
 pub use credentials::{Credentials, CredentialsError};
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use store::{CredentialStore, StoreConfig, StoreEvents};

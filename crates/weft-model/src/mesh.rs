@@ -121,7 +121,7 @@ pub struct IdentitySource {
     #[serde(skip)]
     pub ca_root_pem: Option<String>,
     #[serde(skip)]
-    pub token: String,
+    pub token: weft_identity::BearerToken,
     /// This workload's SPIFFE ID.
     pub id: String,
     #[serde(with = "humantime_serde")]

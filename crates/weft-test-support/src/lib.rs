@@ -6,6 +6,7 @@ pub mod envoy;
 pub mod grpc;
 pub mod h2_frames;
 pub mod http;
+pub mod kube_api;
 pub mod netns;
 mod orig_dst;
 pub mod otlp;

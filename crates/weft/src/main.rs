@@ -54,6 +54,12 @@ struct ControlArgs {
     /// TLS with a certificate from the CA; Istio's 15017). Not served unless given.
     #[arg(long)]
     webhook_listen: Option<std::net::SocketAddr>,
+    /// Run in a Kubernetes cluster: the CA takes the pods' projected service-account tokens (audience
+    /// `istio-ca`) and has the API server review them (TokenReview); weft's own tokens are refused, and
+    /// the CA is served over TLS only. The API server is the one `$KUBECONFIG` (or `~/.kube/config`)
+    /// names, else the pod's own service account's.
+    #[arg(long)]
+    kubernetes: bool,
     /// What the injector puts in pods: the image, the control plane as pods reach it, the placement.
     #[command(flatten)]
     injection: inject::InjectionArgs,
@@ -246,8 +252,20 @@ async fn control(args: ControlArgs) -> ExitCode {
         eprintln!("error: --config-dir: not a directory");
         return ExitCode::from(EXIT_BAD_CONFIG);
     };
+    let authn = if args.kubernetes {
+        match weft_control::authn::TokenReviewer::from_environment(&args.trust_domain).await {
+            Ok(reviewer) => weft_control::authn::Authenticator::Kubernetes(reviewer),
+            Err(err) => {
+                eprintln!("error: --kubernetes: cannot find the API server: {err}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        }
+    } else {
+        weft_control::authn::Authenticator::WeftTokens(ca.tokens().clone())
+    };
     let listen = args.listen;
-    let mut control_plane = match weft_control::ControlPlane::start_with_ca(config_dir, listen, ca).await {
+    let mut control_plane = match weft_control::ControlPlane::start_with(config_dir, listen, ca, authn).await
+    {
         Ok(cp) => cp,
         Err(err) => {
             eprintln!("error: cannot serve xDS on {listen}: {err}");

@@ -10,7 +10,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weft_control::ControlPlane;
 use weft_control::ca::CertificateAuthority;
-use weft_identity::{CaClient, CaError, CredentialStore, SpiffeId, StoreConfig, StoreEvents, csr};
+use weft_identity::{
+    BearerToken, CaClient, CaError, CredentialStore, SpiffeId, StoreConfig, StoreEvents, csr,
+};
 
 fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "default", sa).unwrap()
@@ -45,7 +47,7 @@ async fn the_ca_signs_only_what_the_token_proves() {
         .issue("default", "reviews", Duration::from_secs(300))
         .unwrap();
 
-    let client = CaClient::new(&url, &token).unwrap();
+    let client = CaClient::new(&url, BearerToken::Inline(token.clone())).unwrap();
     let (_, mine) = csr::new_csr(&id("reviews")).unwrap();
     let chain = client.certify(&mine, Duration::from_secs(600)).await.unwrap();
     assert_eq!(chain.len(), 2);
@@ -72,9 +74,9 @@ async fn the_ca_signs_only_what_the_token_proves() {
     for (token, expect) in [
         (expired.as_str(), "expired"),
         (forged.as_str(), "signature is not valid"),
-        ("", "malformed"),
+        ("nonsense", "malformed"),
     ] {
-        let client = CaClient::new(&url, token).unwrap();
+        let client = CaClient::new(&url, BearerToken::Inline(token.to_owned())).unwrap();
         let CaError::Refused(status) = client.certify(&mine, Duration::from_secs(600)).await.unwrap_err()
         else {
             panic!()
@@ -82,6 +84,9 @@ async fn the_ca_signs_only_what_the_token_proves() {
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token:?}");
         assert!(status.message().contains(expect), "{}", status.message());
     }
+    // An empty token is not sent at all.
+    let err = CaClient::new(&url, BearerToken::Inline(" \n".into())).unwrap_err();
+    assert!(err.to_string().contains("the token is empty"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +98,11 @@ async fn certificates_renew_at_half_life() {
         .tokens()
         .issue("default", "reviews", Duration::from_secs(300))
         .unwrap();
-    let client = CaClient::new(&format!("http://{}", cp.address()), &token).unwrap();
+    let client = CaClient::new(
+        &format!("http://{}", cp.address()),
+        BearerToken::Inline(token.clone()),
+    )
+    .unwrap();
     let (events, renewed, failed) = counting_events();
     let stop = CancellationToken::new();
     // A 2 s lifetime: renewals about every second (the CA also backdates by 60 s, which the timing must
@@ -147,7 +156,7 @@ async fn a_failed_renewal_keeps_the_valid_certificate_until_the_ca_returns() {
         .tokens()
         .issue("default", "reviews", Duration::from_secs(300))
         .unwrap();
-    let client = CaClient::new(&format!("http://{address}"), &token).unwrap();
+    let client = CaClient::new(&format!("http://{address}"), BearerToken::Inline(token.clone())).unwrap();
     let (events, _, failed) = counting_events();
     let stop = CancellationToken::new();
     let store = CredentialStore::start(

@@ -11,6 +11,7 @@ mod h2_upstream;
 mod hostile;
 mod http;
 mod identity;
+mod kubernetes;
 mod lifecycle;
 mod metadata_exchange;
 mod mtls;

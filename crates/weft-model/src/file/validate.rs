@@ -328,12 +328,19 @@ fn resolve_identity(i: IdentityFile, node: &Node) -> Result<crate::IdentitySourc
         ));
     }
     let token = match (i.token, i.token_file) {
-        (Some(t), None) => t,
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map(|t| t.trim().to_owned())
-            .map_err(|e| invalid("identity.token_file", format!("{}: {e}", path.display())))?,
+        (Some(t), None) => weft_identity::BearerToken::Inline(t),
+        (None, Some(path)) => weft_identity::BearerToken::File(path),
         _ => return Err(invalid("identity", "give exactly one of token, token_file")),
     };
+    // Read once here, so that a token that is missing or empty is refused with the file; the proxy
+    // reads it again for every certificate request.
+    if let Err(e) = token.read() {
+        let field = match token {
+            weft_identity::BearerToken::Inline(_) => "identity.token",
+            weft_identity::BearerToken::File(_) => "identity.token_file",
+        };
+        return Err(invalid(field, e.to_string()));
+    }
     let trust_domain = i.trust_domain.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
     let id = weft_identity::SpiffeId::new(&trust_domain, &node.namespace, &node.service_account)
         .map_err(|e| invalid("identity.trust_domain", e.to_string()))?;

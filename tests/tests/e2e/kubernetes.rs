@@ -1,0 +1,210 @@
+//! `weft control` in a Kubernetes cluster, against an API server fixture that speaks the real
+//! protocol to `kube`'s client: the CA takes projected service-account tokens and has the API server
+//! review them (TokenReview), binding the identity to the token's service account; a proxy reads its
+//! token file for every certificate request, so a token the kubelet rotated is the one sent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use weft_control::ControlPlane;
+use weft_control::authn::{Authenticator, TokenReviewer};
+use weft_control::ca::CertificateAuthority;
+use weft_identity::{BearerToken, CaClient, CaError, SpiffeId, csr};
+use weft_test_support::kube_api::ApiServer;
+use weft_test_support::{TestProxy, admin_get, assert_eventually, metric};
+
+async fn kube_client(kubeconfig: &str) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(kubeconfig).unwrap();
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+            .await
+            .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+/// A control plane in Kubernetes mode reviewing tokens with `api` (as the client `kubeconfig` says),
+/// serving the CA over TLS. Returns it, its CA and the TLS address.
+async fn control_plane(kubeconfig: &str) -> (ControlPlane, Arc<CertificateAuthority>, String) {
+    let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
+    let reviewer = TokenReviewer::new(kube_client(kubeconfig).await, "cluster.local");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cp = ControlPlane::start_with(
+        dir.keep(),
+        "127.0.0.1:0".parse().unwrap(),
+        ca.clone(),
+        Authenticator::Kubernetes(reviewer),
+    )
+    .await
+    .unwrap();
+    let tls = cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    (cp, ca, format!("https://{tls}"))
+}
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", ns, sa).unwrap()
+}
+
+async fn refusal(client: &CaClient, csr: &str) -> tonic::Status {
+    match client.certify(csr, Duration::from_secs(600)).await {
+        Err(CaError::Refused(status)) => status,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_ca_signs_for_the_service_account_the_api_server_says_the_token_belongs_to() {
+    weft_test_support::init_tracing();
+    let api = ApiServer::start().await;
+    let (cp, ca, url) = control_plane(&api.kubeconfig()).await;
+    let client = |token: &str| {
+        CaClient::with_root(&url, BearerToken::Inline(token.to_owned()), Some(ca.root_pem())).unwrap()
+    };
+    let reviews = api.service_account_token("shop", "reviews", &["istio-ca"]);
+    let (_, mine) = csr::new_csr(&id("shop", "reviews")).unwrap();
+    let chain = client(&reviews)
+        .certify(&mine, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let leaf = weft_identity::Credentials::new(id("shop", "reviews"), chain, String::new()).unwrap();
+    assert_eq!(leaf.id.to_string(), "spiffe://cluster.local/ns/shop/sa/reviews");
+    assert_eq!(api.reviews_of(&reviews), 1, "the CA asked the API server");
+
+    // The token is reviews'; a CSR for payments (or for reviews in another namespace) is refused.
+    for other in [id("shop", "payments"), id("default", "reviews")] {
+        let (_, theirs) = csr::new_csr(&other).unwrap();
+        let status = refusal(&client(&reviews), &theirs).await;
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains(&format!(
+                "asks for {other} but the caller proves spiffe://cluster.local/ns/shop/sa/reviews"
+            )),
+            "{}",
+            status.message()
+        );
+    }
+
+    // Tokens the API server does not vouch for, for this audience: refused, saying why.
+    let legacy = api.service_account_token("shop", "reviews", &[]);
+    let expired = api.service_account_token("shop", "reviews", &["istio-ca"]);
+    api.expire(&expired);
+    let weft_token = ca
+        .tokens()
+        .issue("shop", "reviews", Duration::from_secs(300))
+        .unwrap();
+    for (token, expect) in [
+        (legacy.as_str(), "token audiences is invalid"),
+        (expired.as_str(), "service account token has expired"),
+        ("made-up", "invalid bearer token"),
+        (weft_token.as_str(), "accepts only service-account tokens"),
+    ] {
+        let status = refusal(&client(token), &mine).await;
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{token}");
+        assert!(status.message().contains(expect), "{token}: {}", status.message());
+    }
+    assert_eq!(
+        api.reviews_of(&weft_token),
+        0,
+        "a weft token is not sent to the API server"
+    );
+
+    // Service-account tokens travel over TLS only: the plaintext port has no CA.
+    let plaintext = CaClient::new(
+        &format!("http://{}", cp.address()),
+        BearerToken::Inline(reviews.clone()),
+    )
+    .unwrap();
+    assert_eq!(
+        refusal(&plaintext, &mine).await.code(),
+        tonic::Code::Unimplemented
+    );
+    assert_eq!(
+        api.reviews_of(&reviews),
+        3,
+        "two refused CSRs were reviewed too, nothing more"
+    );
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn when_the_api_server_refuses_the_control_plane_callers_are_told_to_retry() {
+    let api = ApiServer::start().await;
+    // The control plane's own credential is wrong: the API server answers 401.
+    let kubeconfig = api.kubeconfig().replace("token: ", "token: not-");
+    let (cp, ca, url) = control_plane(&kubeconfig).await;
+    let token = api.service_account_token("shop", "reviews", &["istio-ca"]);
+    let client = CaClient::with_root(&url, BearerToken::Inline(token), Some(ca.root_pem())).unwrap();
+    let (_, mine) = csr::new_csr(&id("shop", "reviews")).unwrap();
+    let status = refusal(&client, &mine).await;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{}", status.message());
+    assert!(
+        status
+            .message()
+            .contains("cannot review the token with the API server")
+            && status.message().contains("Unauthorized"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(api.counts().unauthorized, 1);
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_sends_the_token_the_kubelet_rotated_into_its_file() {
+    weft_test_support::init_tracing();
+    let api = ApiServer::start().await;
+    let (cp, ca, url) = control_plane(&api.kubeconfig()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (token_file, root_file) = (dir.path().join("istio-token"), dir.path().join("root.pem"));
+    std::fs::write(&root_file, ca.root_pem()).unwrap();
+    let first = api.service_account_token("shop", "reviews", &["istio-ca"]);
+    std::fs::write(&token_file, format!("{first}\n")).unwrap();
+    // 2 s certificates: a renewal about every second.
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\n\
+         node: {{ workload: reviews-v1, namespace: shop, service_account: reviews }}\n\
+         identity: {{ ca_address: \"{url}\", ca_root_file: \"{}\", token_file: \"{}\", validity: 2s }}\n",
+        root_file.display(),
+        token_file.display()
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.0 == 200,
+        "no certificate"
+    );
+    let identity: serde_json::Value =
+        serde_json::from_str(&admin_get(proxy.admin(), "/identity").await.1).unwrap();
+    assert_eq!(
+        identity["identity"], "spiffe://cluster.local/ns/shop/sa/reviews",
+        "{identity}"
+    );
+
+    // The kubelet writes a new token in place of the old one well before the old one expires (at 80 %
+    // of its life); the next renewal sends the new one. Then the old one expires.
+    let second = api.service_account_token("shop", "reviews", &["istio-ca"]);
+    let tmp = dir.path().join(".istio-token.new");
+    std::fs::write(&tmp, &second).unwrap();
+    std::fs::rename(&tmp, &token_file).unwrap();
+    assert_eventually!(api.reviews_of(&second) >= 1, "the rotated token was never sent");
+    api.expire(&first);
+    let reviews_of_first = api.reviews_of(&first);
+    let renewals = |text: &str| metric(text, "weft_certificate_renewals_total", &[]);
+    let before = renewals(&proxy.metrics().await);
+    assert_eventually!(
+        renewals(&proxy.metrics().await) >= before + 2.0,
+        "no renewals after the old token expired"
+    );
+    assert_eq!(
+        api.reviews_of(&first),
+        reviews_of_first,
+        "the old token is not sent again"
+    );
+    let metrics = proxy.metrics().await;
+    assert_eq!(
+        metric(&metrics, "weft_certificate_renewal_failures_total", &[]),
+        0.0,
+        "no renewal failed: every request carried a token the API server accepts"
+    );
+    proxy.stop().await;
+    cp.stop().await;
+}
