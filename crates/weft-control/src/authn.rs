@@ -96,13 +96,6 @@ impl std::fmt::Debug for TokenReviewer {
 }
 
 impl TokenReviewer {
-    /// A reviewer using the API server the environment names: `$KUBECONFIG` (or `~/.kube/config`),
-    /// else the pod's own service account (in-cluster).
-    pub async fn from_environment(trust_domain: &str) -> Result<Self, kube::Error> {
-        let client = kube::Client::try_default().await?;
-        Ok(Self::new(client, trust_domain))
-    }
-
     pub fn new(client: kube::Client, trust_domain: &str) -> Self {
         Self {
             api: kube::Api::all(client),

@@ -1,9 +1,10 @@
 //! `weft control`: the reference control plane. It reads Kubernetes and Istio resources from a
-//! directory ([`resources`]), watches it, turns the resources into each proxy's xDS ([`translate`]) and
-//! serves them over ADS ([`server`]).
+//! directory ([`resources`]) or from the Kubernetes API ([`kubernetes`]), follows their changes, turns
+//! them into each proxy's xDS ([`translate`]) and serves them over ADS ([`server`]).
 
 pub mod authn;
 pub mod ca;
+pub mod kubernetes;
 mod rbac;
 pub mod resources;
 pub mod server;
@@ -40,6 +41,24 @@ pub fn check(dir: &Path) -> (Vec<String>, Vec<Problem>) {
     (catalog.summary(), problems)
 }
 
+/// Where the mesh's resources come from.
+#[derive(Clone)]
+pub enum Source {
+    /// A directory of YAML files, watched (local use, tests, a ConfigMap mount).
+    Directory(PathBuf),
+    /// The Kubernetes API: listed and watched ([`kubernetes`]).
+    Kubernetes(kube::Client),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Directory(dir) => write!(f, "directory {}", dir.display()),
+            Self::Kubernetes(_) => f.write_str("the Kubernetes API"),
+        }
+    }
+}
+
 /// A running control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -48,7 +67,8 @@ pub struct ControlPlane {
     observed: Arc<Observed>,
     shutdown: tokio::sync::oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
-    watcher: JoinHandle<()>,
+    /// What keeps the catalog current: the directory's watcher, or the API's watches.
+    watchers: Vec<JoinHandle<()>>,
     ca: Arc<ca::CertificateAuthority>,
     authn: authn::Authenticator,
     catalog: watch::Receiver<Arc<Catalog>>,
@@ -78,34 +98,48 @@ impl ControlPlane {
         ca: Arc<ca::CertificateAuthority>,
     ) -> std::io::Result<Self> {
         let authn = authn::Authenticator::WeftTokens(ca.tokens().clone());
-        Self::start_with(dir, listen, ca, authn).await
+        Self::start_with(Source::Directory(dir), listen, ca, authn).await
     }
 
     /// Serves xDS on `listen` (plaintext). The CA is served there too only with weft's own tokens: a
     /// service-account token is a credential for the API server and is sent over TLS only (15012,
     /// [`ControlPlane::serve_tls`]), as Istio does.
+    /// With [`Source::Kubernetes`], returns once every kind has been listed: the first push is of the
+    /// whole mesh.
     pub async fn start_with(
-        dir: PathBuf,
+        source: Source,
         listen: SocketAddr,
         ca: Arc<ca::CertificateAuthority>,
         authn: authn::Authenticator,
     ) -> std::io::Result<Self> {
-        // Fingerprint first, then load: a file written after the load differs from the fingerprint, so the
-        // watcher loads it however late its task first runs.
-        let seen = fingerprint(&dir);
-        let (catalog, problems) = load_dir(&dir);
+        let problems = Arc::new(Mutex::new(Vec::new()));
+        let (catalog_rx, watchers) = match source {
+            Source::Directory(dir) => {
+                // Fingerprint first, then load: a file written after the load differs from the
+                // fingerprint, so the watcher loads it however late its task first runs.
+                let seen = fingerprint(&dir);
+                let (catalog, found) = load_dir(&dir);
+                report(&found);
+                if let Ok(mut p) = problems.lock() {
+                    *p = found;
+                }
+                let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
+                let watcher = tokio::spawn(watch_dir(dir, seen, catalog_tx, problems.clone()));
+                (catalog_rx, vec![watcher])
+            }
+            Source::Kubernetes(client) => {
+                let discovery = kubernetes::discover(client, problems.clone()).await;
+                (discovery.catalog, discovery.tasks)
+            }
+        };
         // What protects workloads, and what is ignored, is worth a line at start; the rest on request.
-        for line in catalog.summary() {
+        for line in catalog_rx.borrow().summary() {
             if line.starts_with("AuthorizationPolicy") || line.contains("ignored") {
                 tracing::info!("{line}");
             } else {
                 tracing::debug!("{line}");
             }
         }
-        report(&problems);
-        let problems = Arc::new(Mutex::new(problems));
-        let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
-        let watcher = tokio::spawn(watch_dir(dir, seen, catalog_tx, problems.clone()));
 
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let address = listener.local_addr()?;
@@ -137,7 +171,7 @@ impl ControlPlane {
             observed,
             shutdown,
             server,
-            watcher,
+            watchers,
             ca,
             authn,
             catalog: catalog_rx,
@@ -228,7 +262,9 @@ impl ControlPlane {
     /// Stops serving; proxies keep their configuration and reconnect when a control plane returns.
     pub async fn stop(self) {
         let _ = self.shutdown.send(());
-        self.watcher.abort();
+        for watcher in self.watchers {
+            watcher.abort();
+        }
         let _ = self.server.await;
         for (stop, server) in self.tls_servers {
             let _ = stop.send(());

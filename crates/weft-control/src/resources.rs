@@ -635,116 +635,153 @@ fn collect_files(dir: &Path, files: &mut Vec<PathBuf>, problems: &mut Vec<Proble
 fn load_text(file: &Path, text: &str, catalog: &mut Catalog, problems: &mut Vec<Problem>) {
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let position = format!("document {}", index + 1);
-        let problem = |resource: &str, field: &str, problem: String| Problem {
-            file: file.into(),
-            resource: resource.into(),
-            field: field.into(),
-            problem,
-        };
         let value = match serde_yaml_ng::Value::deserialize(document) {
             Ok(serde_yaml_ng::Value::Null) => continue, // an empty document between `---`
             Ok(value) => value,
             Err(e) => {
-                problems.push(problem(&position, "-", format!("not YAML: {e}")));
+                problems.push(Problem {
+                    file: file.into(),
+                    resource: position,
+                    field: "-".into(),
+                    problem: format!("not YAML: {e}"),
+                });
                 break; // the parser cannot resynchronise after a syntax error
             }
         };
-        let envelope: Envelope = match serde_yaml_ng::from_value(value) {
-            Ok(e) => e,
-            Err(e) => {
-                problems.push(problem(&position, "-", e.to_string()));
-                continue;
-            }
-        };
-        let Some(kind) = envelope.kind else {
-            problems.push(problem(&position, "kind", "missing".into()));
-            continue;
-        };
-        let Some(metadata) = envelope.metadata else {
-            problems.push(problem(
-                &format!("{kind} ({position})"),
-                "metadata.name",
-                "missing".into(),
-            ));
-            continue;
-        };
-        let resource = format!("{kind} {}/{}", metadata.namespace(), metadata.name);
-        let api = envelope.api_version.unwrap_or_default();
-        let spec = envelope.spec.unwrap_or(serde_yaml_ng::Value::Null);
-        macro_rules! push {
-            ($list:expr, $api_ok:expr) => {{
-                if !$api_ok {
-                    problems.push(problem(
-                        &resource,
-                        "apiVersion",
-                        format!("\"{api}\" is not an API version of {kind}"),
-                    ));
-                    continue;
-                }
-                match serde_path_to_error::deserialize(spec) {
-                    Ok(spec) => $list.push(Resource {
-                        metadata,
-                        spec,
-                        file: file.into(),
-                    }),
-                    Err(e) => {
-                        let path = e.path().to_string();
-                        let field = if path == "." {
-                            "spec".to_owned()
-                        } else {
-                            format!("spec.{path}")
-                        };
-                        problems.push(problem(&resource, &field, e.into_inner().to_string()));
-                    }
-                }
-            }};
+        load_object(file, &position, value, catalog, problems);
+    }
+}
+
+/// Objects from the Kubernetes API (or anywhere else that gives them one by one), each named by
+/// `source` in reports, parsed and checked as [`load_files`] does files: one path from resources to
+/// the catalog, whichever source fed them.
+pub fn load_objects(
+    objects: impl IntoIterator<Item = (PathBuf, serde_yaml_ng::Value)>,
+) -> (Catalog, Vec<Problem>) {
+    let mut catalog = Catalog::default();
+    let mut problems = Vec::new();
+    for (index, (source, value)) in objects.into_iter().enumerate() {
+        load_object(
+            &source,
+            &format!("object {}", index + 1),
+            value,
+            &mut catalog,
+            &mut problems,
+        );
+    }
+    validate(&mut catalog, &mut problems);
+    (catalog, problems)
+}
+
+/// Parses one resource into the catalog (unchecked).
+fn load_object(
+    file: &Path,
+    position: &str,
+    value: serde_yaml_ng::Value,
+    catalog: &mut Catalog,
+    problems: &mut Vec<Problem>,
+) {
+    let problem = |resource: &str, field: &str, problem: String| Problem {
+        file: file.into(),
+        resource: resource.into(),
+        field: field.into(),
+        problem,
+    };
+    let envelope: Envelope = match serde_yaml_ng::from_value(value) {
+        Ok(e) => e,
+        Err(e) => {
+            problems.push(problem(position, "-", e.to_string()));
+            return;
         }
-        let istio = api.starts_with("networking.istio.io/");
-        match kind.as_str() {
-            "Service" => push!(catalog.services, api == "v1"),
-            "WorkloadEntry" => push!(catalog.workload_entries, istio),
-            "VirtualService" => push!(catalog.virtual_services, istio),
-            "DestinationRule" => push!(catalog.destination_rules, istio),
-            "PeerAuthentication" => push!(
-                catalog.peer_authentications,
-                api.starts_with("security.istio.io/")
-            ),
-            "AuthorizationPolicy" => {
-                let before = catalog.authorization_policies.len();
-                push!(
-                    catalog.authorization_policies,
-                    matches!(api.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1")
-                );
-                // Enforced, but where a part cannot be evaluated it fails closed: say which part.
-                if let Some(p) = catalog.authorization_policies.get(before) {
-                    for finding in weft_authz::istio::check(&p.spec) {
-                        problems.push(problem(&resource, &finding.field, finding.problem));
-                    }
+    };
+    let Some(kind) = envelope.kind else {
+        problems.push(problem(position, "kind", "missing".into()));
+        return;
+    };
+    let Some(metadata) = envelope.metadata else {
+        problems.push(problem(
+            &format!("{kind} ({position})"),
+            "metadata.name",
+            "missing".into(),
+        ));
+        return;
+    };
+    let resource = format!("{kind} {}/{}", metadata.namespace(), metadata.name);
+    let api = envelope.api_version.unwrap_or_default();
+    let spec = envelope.spec.unwrap_or(serde_yaml_ng::Value::Null);
+    macro_rules! push {
+        ($list:expr, $api_ok:expr) => {{
+            if !$api_ok {
+                problems.push(problem(
+                    &resource,
+                    "apiVersion",
+                    format!("\"{api}\" is not an API version of {kind}"),
+                ));
+                return;
+            }
+            match serde_path_to_error::deserialize(spec) {
+                Ok(spec) => $list.push(Resource {
+                    metadata,
+                    spec,
+                    file: file.into(),
+                }),
+                Err(e) => {
+                    let path = e.path().to_string();
+                    let field = if path == "." {
+                        "spec".to_owned()
+                    } else {
+                        format!("spec.{path}")
+                    };
+                    problems.push(problem(&resource, &field, e.into_inner().to_string()));
                 }
             }
-            "Telemetry" => {
-                let before = catalog.telemetries.len();
-                push!(catalog.telemetries, api.starts_with("telemetry.istio.io/"));
-                if let Some(t) = catalog.telemetries.get_mut(before) {
-                    for (field, why) in telemetry_findings(&mut t.spec) {
-                        problems.push(problem(&resource, &field, why));
-                    }
+        }};
+    }
+    let istio = api.starts_with("networking.istio.io/");
+    match kind.as_str() {
+        "Service" => push!(catalog.services, api == "v1"),
+        "WorkloadEntry" => push!(catalog.workload_entries, istio),
+        "VirtualService" => push!(catalog.virtual_services, istio),
+        "DestinationRule" => push!(catalog.destination_rules, istio),
+        "PeerAuthentication" => push!(
+            catalog.peer_authentications,
+            api.starts_with("security.istio.io/")
+        ),
+        "AuthorizationPolicy" => {
+            let before = catalog.authorization_policies.len();
+            push!(
+                catalog.authorization_policies,
+                matches!(api.as_str(), "security.istio.io/v1" | "security.istio.io/v1beta1")
+            );
+            // Enforced, but where a part cannot be evaluated it fails closed: say which part.
+            if let Some(p) = catalog.authorization_policies.get(before) {
+                for finding in weft_authz::istio::check(&p.spec) {
+                    problems.push(problem(&resource, &finding.field, finding.problem));
                 }
             }
-            "RequestAuthentication" => problems.push(problem(
-                &resource,
-                "kind",
-                "RequestAuthentication (JWT) is not supported yet: no request is authenticated by it, and AuthorizationPolicy fields that need a JWT fail closed".into(),
-            )),
-            k if NOT_MESH_CONFIGURATION.contains(&k) => {
-                *catalog.ignored.entry(k.to_owned()).or_default() += 1;
-            }
-            other => problems.push(problem(
-                &resource,
-                "kind",
-                format!("{other} is not a kind weft control reads"),
-            )),
         }
+        "Telemetry" => {
+            let before = catalog.telemetries.len();
+            push!(catalog.telemetries, api.starts_with("telemetry.istio.io/"));
+            if let Some(t) = catalog.telemetries.get_mut(before) {
+                for (field, why) in telemetry_findings(&mut t.spec) {
+                    problems.push(problem(&resource, &field, why));
+                }
+            }
+        }
+        "RequestAuthentication" => problems.push(problem(
+            &resource,
+            "kind",
+            "RequestAuthentication (JWT) is not supported yet: no request is authenticated by it, and AuthorizationPolicy fields that need a JWT fail closed".into(),
+        )),
+        k if NOT_MESH_CONFIGURATION.contains(&k) => {
+            *catalog.ignored.entry(k.to_owned()).or_default() += 1;
+        }
+        other => problems.push(problem(
+            &resource,
+            "kind",
+            format!("{other} is not a kind weft control reads"),
+        )),
     }
 }
 

@@ -40,8 +40,14 @@ enum LogFormat {
 struct ControlArgs {
     #[command(subcommand)]
     action: Option<ControlAction>,
-    /// Directory of YAML files (Service, WorkloadEntry, VirtualService, DestinationRule), watched.
-    #[arg(long, env = "WEFT_CONFIG_DIR", required = true)]
+    /// Directory of YAML files (Service, WorkloadEntry, VirtualService, DestinationRule, ...),
+    /// watched. Outside Kubernetes; with `--kubernetes` the resources come from the API server.
+    #[arg(
+        long,
+        env = "WEFT_CONFIG_DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
     config_dir: Option<PathBuf>,
     /// Address to serve ADS and the CA on, plaintext (development).
     #[arg(long, default_value = "127.0.0.1:15010")]
@@ -54,10 +60,11 @@ struct ControlArgs {
     /// TLS with a certificate from the CA; Istio's 15017). Not served unless given.
     #[arg(long)]
     webhook_listen: Option<std::net::SocketAddr>,
-    /// Run in a Kubernetes cluster: the CA takes the pods' projected service-account tokens (audience
-    /// `istio-ca`) and has the API server review them (TokenReview); weft's own tokens are refused, and
-    /// the CA is served over TLS only. The API server is the one `$KUBECONFIG` (or `~/.kube/config`)
-    /// names, else the pod's own service account's.
+    /// Run in a Kubernetes cluster: the mesh (Services, EndpointSlices, Pods, the Istio kinds) is
+    /// listed and watched from the API server; the CA takes the pods' projected service-account tokens
+    /// (audience `istio-ca`) and has the API server review them (TokenReview); weft's own tokens are
+    /// refused, and the CA is served over TLS only. The API server is the one `$KUBECONFIG` (or
+    /// `~/.kube/config`) names, else the pod's own service account's.
     #[arg(long)]
     kubernetes: bool,
     /// What the injector puts in pods: the image, the control plane as pods reach it, the placement.
@@ -248,24 +255,32 @@ async fn control(args: ControlArgs) -> ExitCode {
             }
         };
     }
-    let Some(config_dir) = args.config_dir.filter(|d| d.is_dir()) else {
-        eprintln!("error: --config-dir: not a directory");
-        return ExitCode::from(EXIT_BAD_CONFIG);
-    };
-    let authn = if args.kubernetes {
-        match weft_control::authn::TokenReviewer::from_environment(&args.trust_domain).await {
-            Ok(reviewer) => weft_control::authn::Authenticator::Kubernetes(reviewer),
+    let (source, authn) = if args.kubernetes {
+        match weft_control::kubernetes::client_from_environment().await {
+            Ok(client) => (
+                weft_control::Source::Kubernetes(client.clone()),
+                weft_control::authn::Authenticator::Kubernetes(weft_control::authn::TokenReviewer::new(
+                    client,
+                    &args.trust_domain,
+                )),
+            ),
             Err(err) => {
                 eprintln!("error: --kubernetes: cannot find the API server: {err}");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
         }
     } else {
-        weft_control::authn::Authenticator::WeftTokens(ca.tokens().clone())
+        let Some(config_dir) = args.config_dir.filter(|d| d.is_dir()) else {
+            eprintln!("error: --config-dir: not a directory");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        };
+        (
+            weft_control::Source::Directory(config_dir),
+            weft_control::authn::Authenticator::WeftTokens(ca.tokens().clone()),
+        )
     };
     let listen = args.listen;
-    let mut control_plane = match weft_control::ControlPlane::start_with(config_dir, listen, ca, authn).await
-    {
+    let mut control_plane = match weft_control::ControlPlane::start_with(source, listen, ca, authn).await {
         Ok(cp) => cp,
         Err(err) => {
             eprintln!("error: cannot serve xDS on {listen}: {err}");

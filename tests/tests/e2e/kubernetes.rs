@@ -30,7 +30,7 @@ async fn control_plane(kubeconfig: &str) -> (ControlPlane, Arc<CertificateAuthor
     let reviewer = TokenReviewer::new(kube_client(kubeconfig).await, "cluster.local");
     let dir = tempfile::tempdir().unwrap();
     let mut cp = ControlPlane::start_with(
-        dir.keep(),
+        weft_control::Source::Directory(dir.keep()),
         "127.0.0.1:0".parse().unwrap(),
         ca.clone(),
         Authenticator::Kubernetes(reviewer),
@@ -206,5 +206,105 @@ async fn a_proxy_sends_the_token_the_kubelet_rotated_into_its_file() {
         "no renewal failed: every request carried a token the API server accepts"
     );
     proxy.stop().await;
+    cp.stop().await;
+}
+
+fn pod(name: &str, ip: &str, terminating: bool) -> serde_json::Value {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": "shop", "labels": { "app": "reviews", "version": "v1" } },
+        "spec": { "serviceAccountName": "reviews", "containers": [{ "name": "app", "ports": [{ "name": "http", "containerPort": 9080 }] }] },
+        "status": { "phase": "Running", "podIP": ip, "conditions": [{ "type": "Ready", "status": "True" }] },
+    });
+    if terminating {
+        pod["metadata"]["deletionTimestamp"] = serde_json::json!("2026-12-04T05:00:00Z");
+    }
+    pod
+}
+
+fn slice(pods: &[&str]) -> serde_json::Value {
+    let endpoints: Vec<_> = pods
+        .iter()
+        .map(|p| serde_json::json!({ "addresses": ["10.0.0.1"], "conditions": { "ready": true }, "targetRef": { "kind": "Pod", "name": p, "namespace": "shop" } }))
+        .collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": "reviews-abc", "namespace": "shop", "labels": { "kubernetes.io/service-name": "reviews" } },
+        "addressType": "IPv4",
+        "ports": [{ "name": "http", "port": 9080, "protocol": "TCP" }],
+        "endpoints": endpoints,
+    })
+}
+
+/// The mesh comes from the API server's list and watch: the first catalog holds everything listed;
+/// a terminating pod leaves at once; a watch that dies resumes, and one from a compacted version
+/// lists again.
+#[tokio::test]
+async fn the_control_plane_follows_the_mesh_in_the_api_server() {
+    weft_test_support::init_tracing();
+    let api = ApiServer::start().await;
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\n  namespace: shop\n  resourceVersion: \"1\"\nspec:\n  clusterIP: 10.96.0.10\n  type: ClusterIP\n  selector:\n    app: reviews\n  ports:\n  - name: http\n    port: 9080\n    protocol: TCP\n    targetPort: 9080\n",
+    );
+    api.apply(&pod("reviews-1", "10.1.0.1", false));
+    api.apply(&slice(&["reviews-1"]));
+    let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
+    let client = kube_client(&api.kubeconfig()).await;
+    let cp = ControlPlane::start_with(
+        weft_control::Source::Kubernetes(client.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        ca,
+        Authenticator::Kubernetes(TokenReviewer::new(client, "cluster.local")),
+    )
+    .await
+    .unwrap();
+    let catalog = cp.catalog();
+    assert_eq!(catalog.services.len(), 1, "{catalog:?}");
+    assert_eq!(catalog.workload_entries.len(), 1, "{catalog:?}");
+    let w = &catalog.workload_entries[0].spec;
+    assert_eq!(w.address, "10.1.0.1");
+    assert_eq!(w.service_account.as_deref(), Some("reviews"));
+    assert_eq!(w.ports.get("http"), Some(&9080));
+
+    // Scale up, then the first pod starts terminating: it leaves before its slice is updated.
+    api.apply(&pod("reviews-2", "10.1.0.2", false));
+    api.apply(&slice(&["reviews-1", "reviews-2"]));
+    assert_eventually!(
+        cp.catalog().workload_entries.len() == 2,
+        "never: cp.catalog().workload_entries.len() == 2"
+    );
+    api.apply(&pod("reviews-1", "10.1.0.1", true));
+    let addresses = || {
+        cp.catalog()
+            .workload_entries
+            .iter()
+            .map(|w| w.spec.address.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eventually!(addresses() == ["10.1.0.2"], "never: addresses() == ['10.1.0.2']");
+
+    // The watches die; what changes meanwhile arrives when they resume, without a new list.
+    let lists = api.counts().lists.get("/api/v1/pods").copied().unwrap_or(0);
+    api.break_watches();
+    api.delete("v1", "Pod", "shop", "reviews-1");
+    api.apply(&pod("reviews-3", "10.1.0.3", false));
+    api.apply(&slice(&["reviews-2", "reviews-3"]));
+    assert_eventually!(
+        addresses() == ["10.1.0.2", "10.1.0.3"],
+        "never: addresses() == ['10.1.0.2', '10.1.0.3']"
+    );
+    assert_eq!(
+        api.counts().lists.get("/api/v1/pods").copied().unwrap_or(0),
+        lists,
+        "resumed, not relisted"
+    );
+
+    // History compacted while the watches are down: 410, a new list, and the state it shows.
+    api.compact();
+    api.break_watches();
+    api.delete("v1", "Pod", "shop", "reviews-2");
+    assert_eventually!(addresses() == ["10.1.0.3"], "never: addresses() == ['10.1.0.3']");
+    assert!(api.counts().expired_watches > 0, "{:?}", api.counts());
+    assert!(api.counts().lists.get("/api/v1/pods").copied().unwrap_or(0) > lists);
     cp.stop().await;
 }
