@@ -25,7 +25,7 @@ pub(crate) async fn transparent(inputs: Arc<Inputs>, conn: Accepted) -> Option<S
         protocol: Some(policy.protocol_for(orig_dst.port())),
         peers,
         inbound: true,
-        peer_authentication: policy.peer_authentication,
+        peer_authentication: policy.peer_authentication_for(orig_dst.port()),
         http: policy.http,
         access_log: policy.access_log.clone(),
         tracing: policy.tracing.clone(),

@@ -316,6 +316,31 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default)]
     pub mtls: Option<MutualTls>,
+    /// Modes for single ports of the workload (its container ports, not the Service's), over `mtls`.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<PortNumber, MutualTls>,
+}
+
+/// A port as a map key: a number in YAML (`8080:`), a string in JSON (`"8080":`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortNumber(pub u16);
+
+impl<'de> Deserialize<'de> for PortNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Key {
+            Number(u64),
+            Text(String),
+        }
+        let port = match Key::deserialize(d)? {
+            Key::Number(n) => u16::try_from(n).ok(),
+            Key::Text(t) => t.parse::<u16>().ok(),
+        };
+        port.filter(|p| *p != 0)
+            .map(PortNumber)
+            .ok_or_else(|| serde::de::Error::custom("a port is a number from 1 to 65535"))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -719,12 +744,26 @@ fn load_object(
                 ));
                 return;
             }
-            match serde_path_to_error::deserialize(spec) {
-                Ok(spec) => $list.push(Resource {
-                    metadata,
-                    spec,
-                    file: file.into(),
-                }),
+            let mut unread = Vec::new();
+            let read =
+                serde_path_to_error::deserialize(serde_ignored::Deserializer::new(spec, &mut |path| {
+                    unread.push(spec_field(&path))
+                }));
+            match read {
+                Ok(spec) => {
+                    // Istio's kinds are read field by field: one weft does not apply is named, never
+                    // passed over (Kubernetes' own Service carries many that do not concern the mesh).
+                    if kind != "Service" {
+                        for field in unread {
+                            problems.push(problem(&resource, &field, NOT_APPLIED.into()));
+                        }
+                    }
+                    $list.push(Resource {
+                        metadata,
+                        spec,
+                        file: file.into(),
+                    })
+                }
                 Err(e) => {
                     let path = e.path().to_string();
                     let field = if path == "." {
@@ -782,6 +821,22 @@ fn load_object(
             "kind",
             format!("{other} is not a kind weft control reads"),
         )),
+    }
+}
+
+/// What is said of a field of an Istio resource that weft reads past.
+const NOT_APPLIED: &str = "not supported by weft: this field is not applied (the rest of the resource is)";
+
+/// `spec.http[0].fault`, as users write a field's place (and as `serde_path_to_error` reports one).
+fn spec_field(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => "spec".into(),
+        Path::Seq { parent, index } => format!("{}[{index}]", spec_field(parent)),
+        Path::Map { parent, key } => format!("{}.{key}", spec_field(parent)),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            spec_field(parent)
+        }
     }
 }
 

@@ -488,7 +488,6 @@ impl Builder {
             .find(|w| w.metadata.name == node.workload && w.metadata.namespace() == node.namespace);
         let mut chains = Vec::new();
         let mut seen = BTreeSet::new();
-        let mode = peer_authentication(catalog, me, &node.namespace);
         let (http_authz, tcp_authz) = authorization(catalog, me, &node.namespace);
         let http_rbac = crate::rbac::http_filters(&http_authz);
         let tcp_rbac = crate::rbac::network_filters(&tcp_authz);
@@ -520,11 +519,12 @@ impl Builder {
                     };
                     // Istio's shape: a `tls` chain terminating mutual TLS and/or a `raw_buffer` chain
                     // for plaintext, as the workload's PeerAuthentication allows.
-                    let (tls, plaintext) = match mode {
-                        MtlsMode::Strict => (true, false),
-                        MtlsMode::Disable => (false, true),
-                        MtlsMode::Permissive | MtlsMode::Unset => (true, true),
-                    };
+                    let (tls, plaintext) =
+                        match peer_authentication(catalog, Some(me), &node.namespace, target) {
+                            MtlsMode::Strict => (true, false),
+                            MtlsMode::Disable => (false, true),
+                            MtlsMode::Permissive | MtlsMode::Unset => (true, true),
+                        };
                     for (wanted, transport) in [(tls, "tls"), (plaintext, "raw_buffer")] {
                         if !wanted {
                             continue;
@@ -633,19 +633,21 @@ fn authorization(
     )
 }
 
-/// The mode for a workload, by Istio's precedence: a policy selecting it, then its namespace's, then the
-/// mesh-wide one in the root namespace; `UNSET` defers to the next; PERMISSIVE when none says.
+/// The mode for one port of a workload, by Istio's precedence: a policy selecting it, then its
+/// namespace's, then the mesh-wide one in the root namespace; within a policy, its `portLevelMtls` for
+/// the port over its `mtls`; `UNSET` defers to the next; PERMISSIVE when none says.
 fn peer_authentication(
     catalog: &Catalog,
     me: Option<&Resource<WorkloadEntrySpec>>,
     namespace: &str,
+    port: u16,
 ) -> MtlsMode {
+    let set = |m: &crate::resources::MutualTls| Some(m.mode).filter(|m| *m != MtlsMode::Unset);
     let mode_of = |p: &Resource<crate::resources::PeerAuthenticationSpec>| {
-        p.spec
-            .mtls
-            .as_ref()
-            .map(|m| m.mode)
-            .filter(|m| *m != MtlsMode::Unset)
+        let port_level = p.spec.port_level_mtls.get(&crate::resources::PortNumber(port));
+        port_level
+            .and_then(set)
+            .or_else(|| p.spec.mtls.as_ref().and_then(set))
     };
     by_precedence(
         &catalog.peer_authentications,

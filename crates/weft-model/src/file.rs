@@ -243,6 +243,9 @@ impl Default for InboundFile {
 pub struct InboundPortFile {
     pub port: u16,
     pub protocol: Protocol,
+    /// This port's own mode, over `inbound.peer_authentication` (Istio's `portLevelMtls`).
+    #[serde(default)]
+    pub peer_authentication: Option<crate::PeerAuthentication>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -228,7 +228,11 @@ pub struct InboundPolicy {
     pub idle_timeout: Duration,
     #[serde(serialize_with = "sorted_map")]
     pub ports: HashMap<u16, Protocol>,
+    /// The mode of every port that has none of its own in `port_peer_authentication`.
     pub peer_authentication: PeerAuthentication,
+    /// Ports whose mode is their own (Istio's `portLevelMtls`).
+    #[serde(serialize_with = "sorted_map")]
+    pub port_peer_authentication: HashMap<u16, PeerAuthentication>,
     pub authorization: ListenerAuthorization,
     /// How HTTP is served on the inbound listener.
     pub http: HttpSettings,
@@ -497,6 +501,14 @@ impl InboundPolicy {
 
     pub fn protocol_for(&self, port: u16) -> Protocol {
         self.ports.get(&port).copied().unwrap_or_default()
+    }
+
+    /// The PeerAuthentication mode for connections to the app's `port`.
+    pub fn peer_authentication_for(&self, port: u16) -> PeerAuthentication {
+        self.port_peer_authentication
+            .get(&port)
+            .copied()
+            .unwrap_or(self.peer_authentication)
     }
 }
 

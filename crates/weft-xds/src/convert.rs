@@ -76,7 +76,10 @@ pub enum ListenerSpec {
     /// The inbound capture listener: the app's ports and their protocols.
     VirtualInbound {
         ports: HashMap<u16, Protocol>,
+        /// The listener's mode: the strictest of its ports'.
         peer_authentication: Option<PeerAuthentication>,
+        /// Ports whose mode differs from the listener's.
+        port_peer_authentication: HashMap<u16, PeerAuthentication>,
         authorization: ListenerAuthorization,
         /// The HTTP connection managers' settings, when any chain has one.
         http_settings: Option<HttpSettings>,
@@ -130,7 +133,8 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
     }
     if l.name == VIRTUAL_INBOUND {
         let mut ports = HashMap::new();
-        let (mut tls, mut plaintext) = (false, false);
+        // Per port: whether a chain terminates mutual TLS, whether one takes plaintext.
+        let mut transports: HashMap<u16, (bool, bool)> = HashMap::new();
         // Every chain's RBAC filters, HTTP and TCP apart: the proxy enforces one set per layer for the
         // workload, so chains that disagree are refused rather than merged.
         let mut http_rbac: Option<(String, Vec<weft_authz::RbacFilter>)> = None;
@@ -200,10 +204,11 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
                         "not a port",
                     )
                 })?;
+            let (tls, plaintext) = transports.entry(port).or_default();
             if terminates {
-                tls = true;
+                *tls = true;
             } else {
-                plaintext = true;
+                *plaintext = true;
             }
             let protocol = if targets.http.is_some() {
                 Protocol::Http
@@ -212,13 +217,28 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
             };
             ports.insert(port, protocol);
         }
-        // Istio's shapes: TLS chains only (STRICT), both (PERMISSIVE), plaintext only (DISABLE).
-        let peer_authentication = match (tls, plaintext) {
-            (true, false) => Some(PeerAuthentication::Strict),
-            (true, true) => Some(PeerAuthentication::Permissive),
-            (false, true) => Some(PeerAuthentication::Disable),
-            (false, false) => None,
-        };
+        // Istio's shapes, port by port: TLS chains only (STRICT), both (PERMISSIVE), plaintext only
+        // (DISABLE). Ports the chains do not name take the strictest of them.
+        let mut port_peer_authentication: HashMap<u16, PeerAuthentication> = transports
+            .into_iter()
+            .map(|(port, shape)| {
+                let mode = match shape {
+                    (true, false) => PeerAuthentication::Strict,
+                    (true, true) => PeerAuthentication::Permissive,
+                    _ => PeerAuthentication::Disable,
+                };
+                (port, mode)
+            })
+            .collect();
+        let peer_authentication = port_peer_authentication
+            .values()
+            .copied()
+            .max_by_key(|m| match m {
+                PeerAuthentication::Disable => 0,
+                PeerAuthentication::Permissive => 1,
+                PeerAuthentication::Strict => 2,
+            });
+        port_peer_authentication.retain(|_, mode| Some(*mode) != peer_authentication);
         let filters = |layer: Option<(String, Vec<weft_authz::RbacFilter>)>| layer.map(|(_, f)| f);
         let (http, tcp) = (filters(http_rbac), filters(tcp_rbac));
         let authorization = ListenerAuthorization {
@@ -232,6 +252,7 @@ pub fn listener(l: &Listener) -> Result<ListenerSpec, ResourceError> {
         return Ok(ListenerSpec::VirtualInbound {
             ports,
             peer_authentication,
+            port_peer_authentication,
             authorization,
             http_settings: http_settings.map(|(_, s)| s),
             access_log: access_log::one_set(&ctx, access_logs)?,

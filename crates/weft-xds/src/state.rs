@@ -151,6 +151,7 @@ impl XdsState {
                 ListenerSpec::VirtualInbound {
                     ports,
                     peer_authentication,
+                    port_peer_authentication,
                     authorization,
                     http_settings,
                     access_log,
@@ -159,7 +160,7 @@ impl XdsState {
                     inbound_tracing = resolve_tracing(tracing.as_ref(), &mesh);
                     inbound_ports = Some((
                         ports.clone(),
-                        *peer_authentication,
+                        (*peer_authentication, port_peer_authentication.clone()),
                         authorization.clone(),
                         *http_settings,
                         access_log.clone(),
@@ -183,9 +184,11 @@ impl XdsState {
             if let Some(http) = http {
                 inbound.http = http;
             }
+            let (mode, port_modes) = mode;
             if let Some(mode) = mode {
                 inbound.peer_authentication = mode;
             }
+            inbound.port_peer_authentication.extend(port_modes);
             // The control plane's policies replace the file's; a control plane that sends none leaves
             // the file's in force rather than opening the workload.
             if !authorization.is_empty() {

@@ -458,6 +458,66 @@ async fn peer_authentication_from_the_control_plane_sets_the_inbound_mode() {
     assert!(plaintext().await, "PERMISSIVE lets plaintext in");
 }
 
+/// Istio's `portLevelMtls`: a STRICT workload with one port left to plaintext takes plaintext on that
+/// port alone, and its other port still refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_level_mtls_sets_the_mode_of_one_port() {
+    let app = HttpServer::start("reviews-app").await;
+    let metrics_app = HttpServer::start("reviews-metrics").await;
+    let (app_port, metrics_port) = (app.addr.port(), metrics_app.addr.port());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: reviews }}\nspec:\n  selector: {{ app: reviews }}\n  ports: [{{ name: http, port: {app_port} }}, {{ name: http-metrics, port: {metrics_port} }}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: reviews-v1 }}\n\
+             spec: {{ address: 127.0.0.1, labels: {{ app: reviews, security.istio.io/tlsMode: istio }}, serviceAccount: reviews }}\n\
+             ---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: reviews }}\n\
+             spec:\n  selector: {{ matchLabels: {{ app: reviews }} }}\n  mtls: {{ mode: STRICT }}\n  portLevelMtls:\n    {metrics_port}: {{ mode: DISABLE }}\n"
+        ),
+    )
+    .unwrap();
+    let cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(cp.problems().is_empty(), "{:?}", cp.problems());
+    let proxy = TestProxy::start(&format!(
+        "{}xds: {{ address: \"http://{}\" }}",
+        identity(&cp, "reviews", "1h").replace("workload: reviews", "workload: reviews-v1"),
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let inbound = &dump["mesh"]["inbound"];
+    assert_eq!(inbound["peer_authentication"], "strict", "{inbound}");
+    assert_eq!(
+        inbound["port_peer_authentication"][metrics_port.to_string()],
+        "disable",
+        "{inbound}"
+    );
+
+    let plaintext = |port: u16| {
+        let proxy = &proxy;
+        async move {
+            let pod_addr = SocketAddr::new("127.0.96.7".parse().unwrap(), port);
+            let mut stream = proxy.orig_dst.connect(proxy.inbound(), pod_addr).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: reviews\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response).await;
+            response.starts_with(b"HTTP/1.1 200")
+        }
+    };
+    assert!(plaintext(metrics_port).await, "the DISABLE port takes plaintext");
+    assert_eq!(metrics_app.request_count(), 1);
+    assert!(!plaintext(app_port).await, "the STRICT port refuses plaintext");
+    assert_eq!(app.request_count(), 0);
+}
+
 /// A sidecar whose certificate and configuration come from weft control's TLS port, with a `front`
 /// listener of its own to the `app` cluster at `app`.
 pub(crate) fn sidecar_over_tls(

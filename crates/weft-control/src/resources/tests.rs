@@ -242,3 +242,56 @@ fn upgrade_reaches_a_mesh_cluster_over_xds() {
         assert_eq!(tls.http2_upgrade, upgraded, "{policy}");
     }
 }
+
+#[test]
+fn istio_fields_weft_does_not_apply_are_named_and_the_rest_is_kept() {
+    let (catalog, problems) = load(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: reviews }\n\
+         spec: { selector: { app: reviews }, type: ClusterIP, sessionAffinity: None, ports: [{ name: http, port: 9080 }] }\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: reviews }\n\
+         spec:\n  hosts: [reviews]\n  http:\n  - fault: { abort: { httpStatus: 500 } }\n    route: [{ destination: { host: reviews } }]\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: { name: reviews }\n\
+         spec: { host: reviews, trafficPolicy: { loadBalancer: { consistentHash: { httpHeaderName: x-user } } } }\n",
+    );
+    let fields: Vec<_> = problems
+        .iter()
+        .map(|p| (p.resource.as_str(), p.field.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            ("VirtualService default/reviews", "spec.http[0].fault"),
+            (
+                "DestinationRule default/reviews",
+                "spec.trafficPolicy.loadBalancer.consistentHash"
+            ),
+        ],
+        "the Service's fields that do not concern the mesh are not reported: {problems:?}"
+    );
+    assert!(problems.iter().all(|p| p.problem.contains("not applied")));
+    assert_eq!(
+        catalog.virtual_services.len(),
+        1,
+        "the route itself is still served"
+    );
+    assert_eq!(catalog.destination_rules.len(), 1);
+}
+
+#[test]
+fn port_level_mtls_ports_read_from_yaml_numbers_and_json_strings() {
+    let policy = |ports: &str| {
+        load(&format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{ name: p }}\n\
+             spec: {{ selector: {{ matchLabels: {{ app: a }} }}, portLevelMtls: {ports} }}\n"
+        ))
+    };
+    for ports in ["{ 8080: { mode: DISABLE } }", "{ \"8080\": { mode: DISABLE } }"] {
+        let (catalog, problems) = policy(ports);
+        assert_eq!(problems, vec![], "{ports}");
+        let modes = &catalog.peer_authentications[0].spec.port_level_mtls;
+        assert_eq!(modes[&PortNumber(8080)].mode, MtlsMode::Disable, "{ports}");
+    }
+    let (catalog, problems) = policy("{ 0: { mode: DISABLE } }");
+    assert!(catalog.peer_authentications.is_empty());
+    assert_eq!(problems[0].field, "spec.portLevelMtls.0", "{problems:?}");
+}

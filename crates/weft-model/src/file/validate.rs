@@ -86,6 +86,7 @@ impl ProxyFile {
         });
 
         let mut inbound_ports = HashMap::new();
+        let mut port_peer_authentication = HashMap::new();
         for (i, port) in self.inbound.ports.iter().enumerate() {
             if port.port == 0 {
                 return Err(invalid(
@@ -98,6 +99,9 @@ impl ProxyFile {
                     format!("inbound.ports[{i}].port"),
                     format!("port {} is listed twice", port.port),
                 ));
+            }
+            if let Some(mode) = port.peer_authentication {
+                port_peer_authentication.insert(port.port, mode);
             }
         }
         let inbound_authorization = authorization(
@@ -118,6 +122,7 @@ impl ProxyFile {
             idle_timeout: self.inbound.idle_timeout.unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT),
             ports: inbound_ports,
             peer_authentication: self.inbound.peer_authentication,
+            port_peer_authentication,
             authorization: inbound_authorization,
             http,
             access_log: AccessLogSet::off(),
