@@ -101,6 +101,10 @@ struct Args {
     /// rapid-reset flooders).
     #[arg(long)]
     attack: bool,
+    /// Instead of the usual table: a proxy's memory with a 10-service mesh, a 1,010-service mesh, and
+    /// the 1,010 with a Sidecar scoping the proxy to its namespace's 10 (ADS from `weft control`).
+    #[arg(long)]
+    scoped_memory: bool,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -151,6 +155,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     if args.pair {
         return pair::run(&args, &weft, backend_addr, &client_rt);
+    }
+    if args.scoped_memory {
+        return scoping::run(&weft, &client_rt);
     }
     if args.attack {
         return client_rt.block_on(attack::run(&weft, backend_addr, args.seconds));
@@ -715,6 +722,7 @@ struct Proxy {
 
 mod attack;
 mod pair;
+mod scoping;
 
 impl Proxy {
     /// A proxy whose listeners, clusters and routes are `proxied(listener address)` (YAML).

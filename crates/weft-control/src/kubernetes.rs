@@ -36,10 +36,11 @@ const SETTLE: Duration = Duration::from_millis(50);
 
 /// The Istio kinds weft control reads, under their real API groups and versions (group, version,
 /// kind, plural).
-const ISTIO_KINDS: [(&str, &str, &str, &str); 6] = [
+const ISTIO_KINDS: [(&str, &str, &str, &str); 7] = [
     ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
     ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
     ("networking.istio.io", "v1", "WorkloadEntry", "workloadentries"),
+    ("networking.istio.io", "v1", "Sidecar", "sidecars"),
     (
         "security.istio.io",
         "v1",

@@ -7,6 +7,7 @@ pub mod ca;
 pub mod kubernetes;
 mod rbac;
 pub mod resources;
+pub mod scope;
 pub mod server;
 pub mod tls;
 pub mod tokens;

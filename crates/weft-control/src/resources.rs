@@ -19,6 +19,8 @@ pub struct Metadata {
     pub namespace: Option<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl Metadata {
@@ -110,6 +112,9 @@ pub struct VirtualServiceSpec {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// The namespaces whose proxies get these routes (see [`exported_to`]).
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -225,6 +230,9 @@ pub struct DestinationRuleSpec {
     pub traffic_policy: Option<TrafficPolicy>,
     #[serde(default)]
     pub subsets: Vec<Subset>,
+    /// The namespaces whose proxies apply this rule (see [`exported_to`]).
+    #[serde(default)]
+    pub export_to: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -305,6 +313,74 @@ pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+}
+
+// ---- networking.istio.io Sidecar ----
+
+/// Istio's Sidecar: what the proxies of a namespace (or the workloads it selects) see of the mesh.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarSpec {
+    #[serde(default)]
+    pub workload_selector: Option<SidecarSelector>,
+    #[serde(default)]
+    pub egress: Vec<SidecarEgress>,
+    #[serde(default)]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SidecarSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SidecarEgress {
+    /// `namespace/dnsName`: the namespace `*`, `.` (the Sidecar's own) or a name, `~` for none; the
+    /// name `*`, `*.suffix` or a service's FQDN.
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct OutboundTrafficPolicy {
+    pub mode: OutboundMode,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum OutboundMode {
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
+/// Istio's `exportTo` (and a Service's `networking.istio.io/exportTo` annotation): whether a resource
+/// of `namespace` is visible to the proxies of `viewer`. Empty is Istio's default, `*`: everyone.
+pub fn exported_to(export_to: &[String], namespace: &str, viewer: &str) -> bool {
+    export_to.is_empty()
+        || export_to
+            .iter()
+            .any(|e| e == "*" || e == viewer || (e == "." && namespace == viewer))
+}
+
+/// The annotation by which a Kubernetes Service says who sees it.
+pub const SERVICE_EXPORT_TO: &str = "networking.istio.io/exportTo";
+
+impl Resource<ServiceSpec> {
+    /// The Service's `networking.istio.io/exportTo`, as a list.
+    pub fn export_to(&self) -> Vec<String> {
+        self.metadata
+            .annotations
+            .get(SERVICE_EXPORT_TO)
+            .map(|a| {
+                a.split(',')
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 // ---- security.istio.io PeerAuthentication ----
@@ -466,6 +542,7 @@ pub struct Catalog {
     pub peer_authentications: Vec<Resource<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Resource<weft_authz::istio::AuthorizationPolicySpec>>,
     pub telemetries: Vec<Resource<TelemetrySpec>>,
+    pub sidecars: Vec<Resource<SidecarSpec>>,
     /// Kinds read and left alone because they are not mesh configuration (a Deployment, a
     /// ServiceAccount), with how many of each: reported by name, never silently.
     pub ignored: BTreeMap<String, usize>,
@@ -501,6 +578,20 @@ impl Catalog {
         });
         lines(&mut out, "PeerAuthentication", &self.peer_authentications, |_| {
             "enforced on inbound".into()
+        });
+        lines(&mut out, "Sidecar", &self.sidecars, |spec| {
+            let hosts: Vec<_> = spec.egress.iter().flat_map(|e| e.hosts.iter().cloned()).collect();
+            let mut line = match &spec.workload_selector {
+                Some(_) => "scopes the workloads it selects".to_owned(),
+                None => "scopes its namespace's proxies (mesh-wide in the root namespace)".to_owned(),
+            };
+            if !spec.egress.is_empty() {
+                line.push_str(&format!(" to {}", hosts.join(", ")));
+            }
+            if spec.outbound_traffic_policy.as_ref().map(|p| p.mode) == Some(OutboundMode::RegistryOnly) {
+                line.push_str("; REGISTRY_ONLY: other destinations are refused");
+            }
+            line
         });
         lines(&mut out, "Telemetry", &self.telemetries, |_| {
             "access logging served to the proxies it selects".into()
@@ -782,6 +873,7 @@ fn load_object(
         "WorkloadEntry" => push!(catalog.workload_entries, istio),
         "VirtualService" => push!(catalog.virtual_services, istio),
         "DestinationRule" => push!(catalog.destination_rules, istio),
+        "Sidecar" => push!(catalog.sidecars, istio),
         "PeerAuthentication" => push!(
             catalog.peer_authentications,
             api.starts_with("security.istio.io/")
@@ -887,6 +979,7 @@ pub fn keep_last_good(previous: &Catalog, next: &mut Catalog, problems: &[Proble
         &mut next.telemetries,
         problems,
     );
+    carry("Sidecar", &previous.sidecars, &mut next.sidecars, problems);
     // A policy that stops parsing keeps its last good version: an edit with a typo must never open a
     // workload that the policy protected.
     carry(
@@ -1080,6 +1173,88 @@ fn validate(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
         }
         true
     });
+    validate_scoping(catalog, problems);
+}
+
+/// `exportTo` entries and Sidecar hosts: what scopes the mesh is refused when it does not parse, so a
+/// typo never reads as "visible to nobody" or "to everyone".
+fn validate_scoping(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
+    fn bad_export(export_to: &[String]) -> Option<String> {
+        export_to
+            .iter()
+            .find(|e| !(matches!(e.as_str(), "*" | "." | "~") || is_dns_label(e)))
+            .map(|e| format!("\"{e}\" is not `*`, `.`, `~` or a namespace"))
+    }
+    let mut refuse = |file: &Path, resource: String, field: &str, problem: String| {
+        problems.push(Problem {
+            file: file.into(),
+            resource,
+            field: field.into(),
+            problem,
+        });
+        false
+    };
+    catalog.services.retain(|s| match bad_export(&s.export_to()) {
+        Some(why) => refuse(
+            &s.file,
+            format!("Service {}/{}", s.metadata.namespace(), s.metadata.name),
+            &format!("metadata.annotations.{SERVICE_EXPORT_TO}"),
+            why,
+        ),
+        None => true,
+    });
+    catalog
+        .virtual_services
+        .retain(|v| match bad_export(&v.spec.export_to) {
+            Some(why) => refuse(
+                &v.file,
+                format!("VirtualService {}/{}", v.metadata.namespace(), v.metadata.name),
+                "spec.exportTo",
+                why,
+            ),
+            None => true,
+        });
+    catalog
+        .destination_rules
+        .retain(|d| match bad_export(&d.spec.export_to) {
+            Some(why) => refuse(
+                &d.file,
+                format!("DestinationRule {}/{}", d.metadata.namespace(), d.metadata.name),
+                "spec.exportTo",
+                why,
+            ),
+            None => true,
+        });
+    catalog.sidecars.retain(|sc| {
+        let resource = format!("Sidecar {}/{}", sc.metadata.namespace(), sc.metadata.name);
+        for (i, egress) in sc.spec.egress.iter().enumerate() {
+            for (j, host) in egress.hosts.iter().enumerate() {
+                let valid = host.split_once('/').is_some_and(|(ns, name)| {
+                    (matches!(ns, "*" | "." | "~") || is_dns_label(ns)) && !name.is_empty()
+                });
+                if !valid {
+                    return refuse(
+                        &sc.file,
+                        resource,
+                        &format!("spec.egress[{i}].hosts[{j}]"),
+                        format!("\"{host}\" is not `namespace/host` (namespace `*`, `.`, `~` or a name)"),
+                    );
+                }
+            }
+        }
+        true
+    });
+}
+
+/// A Kubernetes namespace name: lower-case letters, digits and `-`, at most 63.
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// Istio's patterns are RE2; the proxy compiles them with the same engine as this check.

@@ -49,6 +49,7 @@ use crate::resources::{
     Catalog, DestinationRuleSpec, HttpMatch, IstioRetryOn, LoggingMode, MtlsMode, PortProtocol, Resource,
     ServicePort, ServiceSpec, StringMatch, TargetPort, TrafficPolicy, WorkloadEntrySpec, fqdn, resolve_host,
 };
+use crate::scope::Scope;
 use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, SubstitutionFormatString, data_source, substitution_format_string,
@@ -58,6 +59,8 @@ use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{FileAccessLog
 pub const OUTBOUND_CAPTURE_PORT: u32 = 15001;
 pub const INBOUND_CAPTURE_PORT: u32 = 15006;
 const ROUTER_FILTER: &str = "envoy.filters.http.router";
+/// Istio's cluster that refuses what it is sent (egress under REGISTRY_ONLY).
+const BLACKHOLE: &str = "BlackHoleCluster";
 /// Istio's cluster for inbound connections to ports no Service declares.
 const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
 /// The label Istio's injector puts on workloads that have a sidecar.
@@ -97,7 +100,9 @@ impl Snapshot {
     }
 }
 
-struct Builder {
+struct Builder<'a> {
+    /// What this proxy sees of the mesh.
+    scope: Scope<'a>,
     clusters: BTreeMap<String, Cluster>,
     endpoints: BTreeMap<String, ClusterLoadAssignment>,
     listeners: BTreeMap<String, Listener>,
@@ -114,6 +119,7 @@ pub fn snapshot(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
         .find(|w| w.metadata.name == node.workload && w.metadata.namespace() == node.namespace);
     let (client, server) = access_logging(catalog, me, &node.namespace);
     let mut b = Builder {
+        scope: Scope::of(catalog, me, &node.namespace),
         clusters: BTreeMap::new(),
         endpoints: BTreeMap::new(),
         listeners: BTreeMap::new(),
@@ -122,6 +128,9 @@ pub fn snapshot(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
         server_log: server.then(istio_access_log).into_iter().collect(),
     };
     for service in &catalog.services {
+        if !b.scope.sees_service(service) {
+            continue;
+        }
         for port in &service.spec.ports {
             b.outbound(catalog, service, port);
         }
@@ -153,11 +162,11 @@ fn insert<M: Message + Name>(snapshot: &mut Snapshot, resources: BTreeMap<String
         .insert(M::type_url(), TypeResources { version, resources });
 }
 
-impl Builder {
+impl Builder<'_> {
     fn outbound(&mut self, catalog: &Catalog, service: &Resource<ServiceSpec>, port: &ServicePort) {
         let namespace = service.metadata.namespace();
         let host = fqdn(&service.metadata.name, namespace);
-        let rule = destination_rule(catalog, &host);
+        let rule = destination_rule(catalog, &self.scope, &host);
         let policy = rule.and_then(|r| r.traffic_policy.as_ref());
 
         let default_cluster = cluster_name(port.port, "", &host);
@@ -401,7 +410,7 @@ impl Builder {
             domains.push(format!("{d}:{}", port.port));
             domains.push(d);
         }
-        let routes = match virtual_service(catalog, host) {
+        let routes = match virtual_service(catalog, &self.scope, host) {
             Some(vs) => vs
                 .spec
                 .http
@@ -471,13 +480,28 @@ impl Builder {
                 ..Default::default()
             },
         );
+        // Istio's egress: what the proxy does not know passes through, or with the Sidecar's
+        // REGISTRY_ONLY goes to the BlackHoleCluster (a static cluster without endpoints).
+        let egress = if self.scope.registry_only() {
+            self.clusters.insert(
+                BLACKHOLE.into(),
+                Cluster {
+                    name: BLACKHOLE.into(),
+                    cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+                    ..Default::default()
+                },
+            );
+            BLACKHOLE
+        } else {
+            crate::PASSTHROUGH
+        };
         self.listeners.insert(
             "virtualOutbound".into(),
             Listener {
                 name: "virtualOutbound".into(),
                 address: Some(socket("0.0.0.0", OUTBOUND_CAPTURE_PORT)),
                 use_original_dst: Some(BoolValue { value: true }),
-                default_filter_chain: Some(filter_chain(tcp_proxy(crate::PASSTHROUGH, &self.client_log))),
+                default_filter_chain: Some(filter_chain(tcp_proxy(egress, &self.client_log))),
                 ..Default::default()
             },
         );
@@ -775,24 +799,38 @@ fn cluster_name(port: u16, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
 }
 
-fn destination_rule<'a>(catalog: &'a Catalog, host: &str) -> Option<&'a DestinationRuleSpec> {
+/// The DestinationRule for `host` that this proxy sees, its own namespace's first (Istio's order).
+fn destination_rule<'a>(
+    catalog: &'a Catalog,
+    scope: &Scope<'_>,
+    host: &str,
+) -> Option<&'a DestinationRuleSpec> {
     catalog
         .destination_rules
         .iter()
-        .find(|r| resolve_host(&r.spec.host, r.metadata.namespace()) == host)
+        .filter(|r| scope.sees(&r.spec.export_to, r.metadata.namespace()))
+        .filter(|r| resolve_host(&r.spec.host, r.metadata.namespace()) == host)
+        .min_by_key(|r| r.metadata.namespace() != scope.namespace())
         .map(|r| &r.spec)
 }
 
+/// The VirtualService for `host` that this proxy sees, its own namespace's first.
 fn virtual_service<'a>(
     catalog: &'a Catalog,
+    scope: &Scope<'_>,
     host: &str,
 ) -> Option<&'a Resource<crate::resources::VirtualServiceSpec>> {
-    catalog.virtual_services.iter().find(|vs| {
-        vs.spec
-            .hosts
-            .iter()
-            .any(|h| resolve_host(h, vs.metadata.namespace()) == host)
-    })
+    catalog
+        .virtual_services
+        .iter()
+        .filter(|vs| scope.sees(&vs.spec.export_to, vs.metadata.namespace()))
+        .filter(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .any(|h| resolve_host(h, vs.metadata.namespace()) == host)
+        })
+        .min_by_key(|vs| vs.metadata.namespace() != scope.namespace())
 }
 
 /// Istio's endpoint metadata for the client side's metric labels: `filter_metadata.istio.workload` =
@@ -847,7 +885,7 @@ fn workloads_of<'a>(
 }
 
 /// A service with no selector selects nothing (its endpoints are managed elsewhere).
-fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub(crate) fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && labels_match(selector, labels)
 }
 

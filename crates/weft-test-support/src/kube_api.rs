@@ -274,13 +274,14 @@ impl ApiServer {
 }
 
 /// The kinds served from the start: the built-in ones weft control watches and the Istio kinds.
-const SERVED: [(&str, &str); 9] = [
+const SERVED: [(&str, &str); 10] = [
     ("v1", "Service"),
     ("v1", "Pod"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     ("networking.istio.io/v1", "VirtualService"),
     ("networking.istio.io/v1", "DestinationRule"),
     ("networking.istio.io/v1", "WorkloadEntry"),
+    ("networking.istio.io/v1", "Sidecar"),
     ("security.istio.io/v1", "PeerAuthentication"),
     ("security.istio.io/v1", "AuthorizationPolicy"),
     ("telemetry.istio.io/v1", "Telemetry"),

@@ -308,3 +308,102 @@ async fn the_control_plane_follows_the_mesh_in_the_api_server() {
     assert!(api.counts().lists.get("/api/v1/pods").copied().unwrap_or(0) > lists);
     cp.stop().await;
 }
+
+/// What each proxy is sent follows what its namespace sees: a `Sidecar` from the API server scopes
+/// one namespace's proxies to their own services, an EndpointSlice change reaches only the proxies
+/// that see the service, and an edit of the Sidecar (an Istio CRD) widens the scope at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_from_the_api_server_scopes_what_each_proxy_is_sent() {
+    weft_test_support::init_tracing();
+    let api = ApiServer::start().await;
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: reviews, namespace: shop }\n\
+         spec: { clusterIP: 10.96.0.10, selector: { app: reviews }, ports: [{ name: http, port: 9080 }] }\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: default, namespace: batch }\n\
+         spec: { egress: [{ hosts: [\"./*\"] }] }\n",
+    );
+    api.apply(&pod("reviews-1", "10.1.0.1", false));
+    api.apply(&slice(&["reviews-1"]));
+    let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
+    let client = kube_client(&api.kubeconfig()).await;
+    let mut cp = ControlPlane::start_with(
+        weft_control::Source::Kubernetes(client.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        ca.clone(),
+        Authenticator::Kubernetes(TokenReviewer::new(client, "cluster.local")),
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "https://{}",
+        cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root_file = dir.path().join("root.pem");
+    std::fs::write(&root_file, ca.root_pem()).unwrap();
+    let proxy_in = |namespace: &str, sa: &str| {
+        let token_file = dir.path().join(format!("{namespace}-token"));
+        std::fs::write(
+            &token_file,
+            api.service_account_token(namespace, sa, &["istio-ca"]),
+        )
+        .unwrap();
+        format!(
+            "access_log: {{ path: off }}\n\
+             node: {{ workload: {sa}, namespace: {namespace}, service_account: {sa} }}\n\
+             identity: {{ ca_address: \"{url}\", ca_root_file: \"{root}\", token_file: \"{}\" }}\n\
+             xds: {{ address: \"{url}\", root_file: \"{root}\" }}\n",
+            token_file.display(),
+            root = root_file.display(),
+        )
+    };
+    let web = TestProxy::start(&proxy_in("shop", "web")).await;
+    let batch = TestProxy::start(&proxy_in("batch", "job")).await;
+    for proxy in [&web, &batch] {
+        assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    }
+    let clusters = |proxy: &TestProxy| {
+        let admin = proxy.admin();
+        async move { admin_get(admin, "/clusters").await.1 }
+    };
+    const REVIEWS: &str = "outbound|9080||reviews.shop.svc.cluster.local::10.1.0.1:9080";
+    assert_eventually!(clusters(&web).await.contains(REVIEWS), "web never got reviews");
+    assert!(
+        !clusters(&batch).await.contains("reviews.shop"),
+        "batch's Sidecar keeps shop out: {}",
+        clusters(&batch).await
+    );
+
+    // Scale-up: the new endpoint reaches web; batch, which does not see reviews, is sent nothing.
+    let batch_pushes = cp.pushes("sidecar~~job.batch");
+    assert!(batch_pushes > 0, "batch's node id is not what this test thinks");
+    api.apply(&pod("reviews-2", "10.1.0.2", false));
+    api.apply(&slice(&["reviews-1", "reviews-2"]));
+    assert_eventually!(
+        clusters(&web)
+            .await
+            .contains("reviews.shop.svc.cluster.local::10.1.0.2:9080"),
+        "the new endpoint never reached web"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        cp.pushes("sidecar~~job.batch"),
+        batch_pushes,
+        "batch was pushed a change it cannot see"
+    );
+
+    // The Sidecar edited in the API server: batch now sees shop.
+    api.apply_yaml(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: default, namespace: batch }\n\
+         spec: { egress: [{ hosts: [\"./*\", \"shop/*\"] }] }\n",
+    );
+    assert_eventually!(
+        clusters(&batch)
+            .await
+            .contains("reviews.shop.svc.cluster.local::10.1.0.2:9080"),
+        "the Sidecar edit never widened batch's scope"
+    );
+    web.stop().await;
+    batch.stop().await;
+    cp.stop().await;
+}

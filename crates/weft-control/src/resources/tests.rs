@@ -295,3 +295,134 @@ fn port_level_mtls_ports_read_from_yaml_numbers_and_json_strings() {
     assert!(catalog.peer_authentications.is_empty());
     assert_eq!(problems[0].field, "spec.portLevelMtls.0", "{problems:?}");
 }
+
+/// Istio's scoping: a Service's `exportTo` annotation, a VirtualService's and DestinationRule's
+/// `exportTo`, and the Sidecar that applies to a workload (by selector, its namespace's, the root
+/// namespace's) decide what each proxy is sent.
+#[test]
+fn each_proxy_is_sent_what_its_namespace_sees() {
+    let service = |name: &str, ns: &str, annotations: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {ns}, annotations: {{ {annotations} }} }}\n\
+             spec: {{ selector: {{ app: {name} }}, ports: [{{ name: http, port: 80 }}] }}\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{ name: {name}, namespace: {ns} }}\n\
+             spec: {{ address: 10.0.0.1, labels: {{ app: {name} }} }}\n"
+        )
+    };
+    let text = [
+        service("web", "shop", ""),
+        service("cart", "shop", ""),
+        service("ratings", "reviews", ""),
+        service("stars", "reviews", ""),
+        service("ledger", "bank", "networking.istio.io/exportTo: \".\""),
+        service("audit", "bank", "networking.istio.io/exportTo: \"shop, bank\""),
+        "---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: default, namespace: shop }\n\
+         spec: { egress: [{ hosts: [\"./*\", \"reviews/ratings.reviews.svc.cluster.local\", \"bank/*\"] }] }\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: locked, namespace: shop }\n\
+         spec: { workloadSelector: { labels: { app: cart } }, egress: [{ hosts: [\"./web.shop.svc.cluster.local\"] }], outboundTrafficPolicy: { mode: REGISTRY_ONLY } }\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: { name: ratings, namespace: reviews }\n\
+         spec: { hosts: [ratings], exportTo: [\".\"], http: [{ timeout: 3s, route: [{ destination: { host: ratings } }] }] }\n"
+            .to_owned(),
+    ]
+    .concat();
+    let (catalog, problems) = load(&text);
+    assert_eq!(problems, vec![]);
+    let clusters = |workload: &str, namespace: &str| {
+        let snap = snapshot(
+            &catalog,
+            &NodeInfo {
+                workload: workload.into(),
+                namespace: namespace.into(),
+            },
+        );
+        snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"]
+            .resources
+            .keys()
+            .filter_map(|k| k.strip_prefix("outbound|80||"))
+            .map(|k| k.trim_end_matches(".svc.cluster.local").to_owned())
+            .chain(
+                snap.types["type.googleapis.com/envoy.config.cluster.v3.Cluster"]
+                    .resources
+                    .keys()
+                    .filter(|k| *k == "BlackHoleCluster")
+                    .cloned(),
+            )
+            .collect::<Vec<_>>()
+    };
+    // The namespace's Sidecar: its own services, one of reviews', what bank exports to it.
+    assert_eq!(
+        clusters("web", "shop"),
+        ["audit.bank", "cart.shop", "ratings.reviews", "web.shop"]
+    );
+    // The Sidecar selecting cart wins over the namespace's, and refuses the rest.
+    assert_eq!(clusters("cart", "shop"), ["web.shop", "BlackHoleCluster"]);
+    // No Sidecar in reviews: everything exported to it.
+    assert_eq!(
+        clusters("ratings", "reviews"),
+        ["cart.shop", "ratings.reviews", "stars.reviews", "web.shop"]
+    );
+    assert_eq!(
+        clusters("ledger", "bank"),
+        [
+            "audit.bank",
+            "cart.shop",
+            "ledger.bank",
+            "ratings.reviews",
+            "stars.reviews",
+            "web.shop"
+        ]
+    );
+
+    // A VirtualService exported to its own namespace routes there only.
+    let timeout_of = |namespace: &str| {
+        let snap = snapshot(
+            &catalog,
+            &NodeInfo {
+                workload: "x".into(),
+                namespace: namespace.into(),
+            },
+        );
+        let routes =
+            &snap.types["type.googleapis.com/envoy.config.route.v3.RouteConfiguration"].resources["80"];
+        let routes =
+            <envoy_types::pb::envoy::config::route::v3::RouteConfiguration as prost::Message>::decode(
+                routes.value.as_slice(),
+            )
+            .unwrap();
+        let vhost = routes
+            .virtual_hosts
+            .iter()
+            .find(|v| v.domains.iter().any(|d| d == "ratings.reviews.svc.cluster.local"))
+            .unwrap();
+        match &vhost.routes[0].action {
+            Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(r)) => r.timeout,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(timeout_of("reviews").map(|t| t.seconds), Some(3));
+    assert_eq!(
+        timeout_of("shop").map(|t| t.seconds),
+        Some(0),
+        "shop gets the default route"
+    );
+}
+
+#[test]
+fn scoping_that_does_not_parse_is_refused_by_name() {
+    let (catalog, problems) = load(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: { name: s, namespace: shop }\n\
+         spec: { egress: [{ hosts: [\"reviews.default.svc.cluster.local\"] }] }\n\
+         ---\napiVersion: v1\nkind: Service\nmetadata: { name: a, annotations: { networking.istio.io/exportTo: \"Shop\" } }\n\
+         spec: { ports: [{ port: 80 }] }\n",
+    );
+    assert!(catalog.sidecars.is_empty() && catalog.services.is_empty());
+    let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "metadata.annotations.networking.istio.io/exportTo",
+            "spec.egress[0].hosts[0]"
+        ],
+        "{problems:?}"
+    );
+}
