@@ -193,6 +193,7 @@ impl Http1Connections {
                 home: self.clone(),
                 reuse,
             }),
+            ended: false,
         })
     }
 
@@ -275,6 +276,9 @@ fn request_target(uri: &mut Uri, method: &Method) {
 pub(crate) struct UpstreamBody {
     body: Incoming,
     connection: Option<Lease>,
+    /// The body has ended: hyper's `is_end_stream` knows that only of bodies with a length, so a
+    /// chunked body's end is the `None` it yields.
+    ended: bool,
 }
 
 #[derive(Debug)]
@@ -290,6 +294,7 @@ impl UpstreamBody {
         Self {
             body,
             connection: None,
+            ended: false,
         }
     }
 
@@ -298,7 +303,7 @@ impl UpstreamBody {
         if let Some(lease) = self.connection.take()
             && lease.reuse
             && !lease.connection.ended
-            && self.body.is_end_stream()
+            && (self.ended || self.body.is_end_stream())
         {
             lease.home.put_back(lease.connection);
         }
@@ -323,7 +328,10 @@ impl Body for UpstreamBody {
             lease.connection.drive(cx);
             frame = Pin::new(&mut this.body).poll_frame(cx);
         }
-        if this.body.is_end_stream() || matches!(frame, Poll::Ready(None)) {
+        if matches!(frame, Poll::Ready(None)) {
+            this.ended = true;
+        }
+        if this.ended || this.body.is_end_stream() {
             // hyper sees the end of the response, and readies the connection for the next request.
             lease.connection.drive(cx);
             this.release();
@@ -332,7 +340,7 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.ended || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
