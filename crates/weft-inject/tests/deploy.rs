@@ -34,7 +34,8 @@ fn the_kustomization_renders_and_passes_the_kubernetes_schemas_strictly() {
     for kind in [
         "kind: Namespace",
         "kind: ServiceAccount",
-        "kind: ConfigMap",
+        "kind: ClusterRole\n",
+        "kind: ClusterRoleBinding",
         "kind: Deployment",
         "kind: Service\n",
         "kind: MutatingWebhookConfiguration",

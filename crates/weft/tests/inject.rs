@@ -437,8 +437,9 @@ fn the_configuration_comes_from_one_place() {
 }
 
 /// The control plane's Deployment in `deploy/` starts `weft` with arguments it accepts: run with
-/// those arguments (addresses moved to free loopback ports, paths to a directory here), it serves
-/// the injector on its webhook port.
+/// those arguments (addresses moved to free loopback ports, paths to a directory here, the API server
+/// a fixture named by `$KUBECONFIG`), it lists the mesh from the API server and serves the injector on
+/// its webhook port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_planes_deployment_arguments_start_weft_control() {
     let manifest = std::fs::read_to_string(concat!(
@@ -450,8 +451,10 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["command"], serde_json::json!(["/usr/local/bin/weft"]));
     let dir = tempfile::tempdir().unwrap();
-    let (mesh, ca) = (dir.path().join("mesh"), dir.path().join("ca"));
-    std::fs::create_dir(&mesh).unwrap();
+    let ca = dir.path().join("ca");
+    let api = weft_test_support::kube_api::ApiServer::start().await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let webhook = free_port();
     let args: Vec<String> = container["args"]
         .as_array()
@@ -460,7 +463,6 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
         .map(|a| {
             let arg = a.as_str().unwrap();
             match arg.split_once('=') {
-                Some(("--config-dir", _)) => format!("--config-dir={}", mesh.display()),
                 Some(("--ca-dir", _)) => format!("--ca-dir={}", ca.display()),
                 Some(("--webhook-listen", _)) => format!("--webhook-listen=127.0.0.1:{webhook}"),
                 Some((flag, value)) if value.starts_with("0.0.0.0:") => {
@@ -470,8 +472,10 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
             }
         })
         .collect();
+    assert!(args.iter().any(|a| a == "--kubernetes"), "{args:?}");
     let mut child = Command::new(WEFT)
         .args(&args)
+        .env("KUBECONFIG", &kubeconfig)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -494,5 +498,10 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
         serving,
         "weft {args:?} did not serve the webhook: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        api.counts().lists.contains_key("/api/v1/services"),
+        "the mesh was not listed from the API server: {:?}",
+        api.counts()
     );
 }
