@@ -366,8 +366,9 @@ impl Running {
     }
 }
 
-/// Starts the credential store; every new certificate becomes new TLS material, published for the next
-/// handshakes. Readiness waits for the first.
+/// Starts where certificates come from (the CA's credential store, or the watched files); every new
+/// certificate becomes new TLS material, published for the next handshakes. Readiness waits for the
+/// first.
 fn start_identity(
     source: &weft_model::IdentitySource,
     readiness: &Readiness,
@@ -378,12 +379,6 @@ fn start_identity(
         .id
         .parse()
         .map_err(|e: weft_identity::SpiffeIdError| AppError::Identity(e.to_string()))?;
-    let ca = weft_identity::CaClient::with_root(
-        &source.ca_address,
-        source.token.clone(),
-        source.ca_root_pem.as_deref(),
-    )
-    .map_err(|e| AppError::Identity(e.to_string()))?;
     let (renewed, failed) = (metrics.clone(), metrics.clone());
     let events = weft_identity::StoreEvents {
         renewed: Box::new(move |c| {
@@ -401,17 +396,52 @@ fn start_identity(
             failed.certificate_failures.inc();
         }),
     };
-    let store = weft_identity::CredentialStore::start(
-        weft_identity::StoreConfig {
-            id,
-            validity: source.validity,
-        },
-        ca,
-        events,
-        stop.clone(),
-    );
-    let (tx, rx) = watch::channel(None);
+    let material = match &source.provider {
+        weft_model::CertificateProvider::Ca {
+            ca_address,
+            ca_root_pem,
+            token,
+            validity,
+        } => {
+            let ca = weft_identity::CaClient::with_root(ca_address, token.clone(), ca_root_pem.as_deref())
+                .map_err(|e| AppError::Identity(e.to_string()))?;
+            let config = weft_identity::StoreConfig {
+                id,
+                validity: *validity,
+            };
+            let store = weft_identity::CredentialStore::start(config, ca, events, stop.clone());
+            material_of(store, stop.clone())
+        }
+        weft_model::CertificateProvider::Files {
+            cert_file,
+            key_file,
+            roots_file,
+        } => {
+            let files = weft_identity::files::CertificateFiles {
+                cert: cert_file.clone(),
+                key: key_file.clone(),
+                roots: roots_file.clone(),
+            };
+            weft_identity::files::watch_files(id, files, events, stop.clone())
+        }
+    };
+    let mut first = material.clone();
     let readiness = readiness.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            arrived = first.wait_for(Option::is_some) => if arrived.is_ok() { readiness.mark_done(CERTIFICATE) },
+            () = stop.cancelled() => {}
+        }
+    });
+    Ok(material)
+}
+
+/// The TLS material of each certificate the store gets from the CA.
+fn material_of(
+    store: weft_identity::CredentialStore,
+    stop: CancellationToken,
+) -> watch::Receiver<Option<weft_identity::tls::TlsMaterial>> {
+    let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let mut credentials = store.watch();
         loop {
@@ -420,7 +450,6 @@ fn start_identity(
                 match weft_identity::tls::TlsMaterial::new(c, &[]) {
                     Ok(material) => {
                         tx.send_replace(Some(material));
-                        readiness.mark_done(CERTIFICATE);
                     }
                     Err(err) => {
                         tracing::error!(error = %err, "cannot use the new certificate; keeping the previous one")
@@ -433,7 +462,7 @@ fn start_identity(
             }
         }
     });
-    Ok(rx)
+    rx
 }
 
 /// Starts the ADS client; its updates replace the configuration snapshot.

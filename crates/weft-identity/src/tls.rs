@@ -27,6 +27,8 @@ pub enum TlsError {
     Pem(String),
     #[error("the trust bundle has no usable root: {0}")]
     Roots(String),
+    #[error("the certificate does not chain to a trusted root: {0}")]
+    Untrusted(String),
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }
@@ -156,18 +158,26 @@ impl TlsMaterial {
 
     /// The trusted roots as PEM.
     pub fn roots_pem(&self) -> String {
-        use base64::Engine as _;
-        let mut pem = String::new();
-        for der in self.root_ders.iter() {
-            let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-            pem.push_str("-----BEGIN CERTIFICATE-----\n");
-            for line in text.as_bytes().chunks(64) {
-                pem.push_str(&String::from_utf8_lossy(line));
-                pem.push('\n');
-            }
-            pem.push_str("-----END CERTIFICATE-----\n");
-        }
-        pem
+        self.root_ders.iter().map(|der| pem_certificate(der)).collect()
+    }
+
+    /// Whether the workload's own chain leads to one of the trusted roots, as a peer will check it.
+    pub fn verify_own_chain(&self) -> Result<(), TlsError> {
+        let Some((leaf, intermediates)) = self.chain.split_first() else {
+            return Err(TlsError::Pem("the chain is empty".to_owned()));
+        };
+        let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| TlsError::Pem(e.to_string()))?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.anchors,
+            intermediates,
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| TlsError::Untrusted(e.to_string()))
     }
 
     /// The workload chain as presented (leaf first) and the trusted roots, for admin.
@@ -262,6 +272,19 @@ impl TlsMaterial {
         config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
+}
+
+/// One certificate as PEM text.
+pub(crate) fn pem_certificate(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let text = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 /// The SPIFFE identity in a peer's leaf certificate (its single URI SAN), if it has one.

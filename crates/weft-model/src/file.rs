@@ -99,12 +99,23 @@ pub enum AccessLogFormatName {
     Json,
 }
 
-/// Where the proxy gets its workload certificate: a CA speaking Istio's CreateCertificate.
+/// Where the proxy gets its workload certificate: a CA speaking Istio's CreateCertificate
+/// (`ca_address`), or PEM files another agent keeps current (`cert_file`, `key_file`, `roots_file`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFile {
     /// `http://host:15010`, or `https://host:15012` with `ca_root_file`.
-    pub ca_address: String,
+    #[serde(default)]
+    pub ca_address: Option<String>,
+    /// The workload certificate, leaf first (cert-manager's `tls.crt`, Istio's `cert-chain.pem`).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (`tls.key`, `key.pem`).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The roots peers are verified against (`ca.crt`, `root-cert.pem`).
+    #[serde(default)]
+    pub roots_file: Option<PathBuf>,
     /// PEM root to verify an `https://` CA with.
     #[serde(default)]
     pub ca_root_file: Option<PathBuf>,

@@ -14,9 +14,9 @@ pub mod status;
 
 pub use file::{LoadError, load_file, parse};
 pub use mesh::{
-    Bootstrap, Cluster, Egress, Endpoint, ExplicitListener, HttpLimits, HttpSettings, IdentitySource,
-    InboundPolicy, LbPolicy, ListenerAuthorization, Mesh, Mode, Node, OutboundPolicy, OverloadSettings,
-    PeerAuthentication, Protocol, Target, UpstreamTls, XdsSource,
+    Bootstrap, CertificateProvider, Cluster, Egress, Endpoint, ExplicitListener, HttpLimits, HttpSettings,
+    IdentitySource, InboundPolicy, LbPolicy, ListenerAuthorization, Mesh, Mode, Node, OutboundPolicy,
+    OverloadSettings, PeerAuthentication, Protocol, Target, UpstreamTls, XdsSource,
 };
 pub use policy::{Backoff, CircuitBreakers, OutlierDetection, RetryBudget, RetryOn, RetryPolicy};
 pub use route::RouteTable;

@@ -117,15 +117,31 @@ pub struct OverloadSettings {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct IdentitySource {
-    pub ca_address: String,
-    #[serde(skip)]
-    pub ca_root_pem: Option<String>,
-    #[serde(skip)]
-    pub token: weft_identity::BearerToken,
     /// This workload's SPIFFE ID.
     pub id: String,
-    #[serde(with = "humantime_serde")]
-    pub validity: Duration,
+    pub provider: CertificateProvider,
+}
+
+/// Where the workload certificate comes from.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateProvider {
+    /// A CA speaking Istio's CreateCertificate: the proxy makes its key, asks, and renews at half life.
+    Ca {
+        ca_address: String,
+        #[serde(skip)]
+        ca_root_pem: Option<String>,
+        #[serde(skip)]
+        token: weft_identity::BearerToken,
+        #[serde(with = "humantime_serde")]
+        validity: Duration,
+    },
+    /// PEM files another agent keeps current (cert-manager, istio-csr), read again when they change.
+    Files {
+        cert_file: std::path::PathBuf,
+        key_file: std::path::PathBuf,
+        roots_file: std::path::PathBuf,
+    },
 }
 
 /// Istio's PeerAuthentication modes.

@@ -284,3 +284,55 @@ fn route_errors_name_the_field() {
     let (field, _) = invalid("outbound: { services: [{ address: 1.2.3.4:80, route: nope }] }");
     assert_eq!(field, "outbound.services[0].route");
 }
+
+#[test]
+fn an_identity_comes_from_a_ca_or_from_certificate_files_and_half_of_each_is_refused_by_name() {
+    let node = "node: { namespace: shop, service_account: reviews }\n";
+    let (bootstrap, _) = parse(&format!(
+        "{node}identity: {{ cert_file: /c/tls.crt, key_file: /c/tls.key, roots_file: /c/ca.crt }}"
+    ))
+    .unwrap();
+    let identity = bootstrap.identity.unwrap();
+    assert_eq!(identity.id, "spiffe://cluster.local/ns/shop/sa/reviews");
+    assert!(matches!(
+        identity.provider,
+        crate::CertificateProvider::Files { ref cert_file, .. } if cert_file.as_os_str() == "/c/tls.crt"
+    ));
+    let (bootstrap, _) = parse(&format!(
+        "{node}identity: {{ ca_address: http://127.0.0.1:15010, token: t }}"
+    ))
+    .unwrap();
+    assert!(matches!(
+        bootstrap.identity.unwrap().provider,
+        crate::CertificateProvider::Ca { .. }
+    ));
+
+    let refused = [
+        (
+            "identity: { cert_file: /c/tls.crt, key_file: /c/tls.key }",
+            "identity",
+            "all of cert_file",
+        ),
+        (
+            "identity: { ca_address: http://127.0.0.1:15010, token: t, cert_file: /c/tls.crt }",
+            "identity",
+            "not both",
+        ),
+        ("identity: { token: t }", "identity", "give ca_address"),
+        (
+            "identity: { cert_file: /a, key_file: /b, roots_file: /c, token: t }",
+            "identity.token",
+            "not to certificate files",
+        ),
+        (
+            "identity: { cert_file: /a, key_file: /b, roots_file: /c, validity: 1h }",
+            "identity.validity",
+            "not to certificate files",
+        ),
+    ];
+    for (yaml, field, problem) in refused {
+        let (f, p) = invalid(&format!("{node}{yaml}"));
+        assert_eq!(f, field, "{yaml}: {p}");
+        assert!(p.contains(problem), "{yaml}: {p}");
+    }
+}

@@ -541,12 +541,12 @@ impl Metrics {
 
         weft.register(
             "certificate_renewals",
-            "Workload certificates received from the CA",
+            "Workload certificates received from the CA or loaded from certificate files",
             certificate_renewals.clone(),
         );
         weft.register(
             "certificate_renewal_failures",
-            "Failed certificate requests (the valid certificate stays in use)",
+            "Failed certificate requests, or certificate files that do not make a usable certificate (the valid certificate stays in use)",
             certificate_failures.clone(),
         );
         weft.register(

@@ -649,3 +649,131 @@ async fn traffic_continues_on_the_old_certificate_while_the_ca_is_down() {
     assert_eq!(get(&http, client.listener("front")).await, StatusCode::OK);
     cp.stop().await;
 }
+
+/// Writes a certificate for `sa` from the control plane's CA as an agent such as cert-manager would:
+/// chain, key and root in three files, each replaced whole.
+fn write_certificate_files(cp: &ControlPlane, dir: &std::path::Path, sa: &str, key_of: Option<&str>) {
+    let id = weft_identity::SpiffeId::new("cluster.local", "default", sa).unwrap();
+    let (key, csr) = weft_identity::csr::new_csr(&id).unwrap();
+    let chain = cp.ca().sign(&csr, &id, Duration::from_secs(3600)).unwrap();
+    let key = match key_of {
+        Some(other) => other.to_owned(),
+        None => key.serialize_pem(),
+    };
+    for (name, text) in [
+        ("tls.crt", chain[..chain.len() - 1].concat()),
+        ("tls.key", key),
+        ("ca.crt", cp.ca().root_pem().to_owned()),
+    ] {
+        std::fs::write(dir.join(".next"), text).unwrap();
+        std::fs::rename(dir.join(".next"), dir.join(name)).unwrap();
+    }
+}
+
+async fn serial(proxy: &TestProxy) -> String {
+    let (_, body) = admin_get(proxy.admin(), "/identity").await;
+    let identity: serde_json::Value = serde_json::from_str(&body).unwrap();
+    identity["serial"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Certificates that another agent keeps on disk (cert-manager, istio-csr): the proxy takes its
+/// identity from them, follows each rotation of the files under load without a failed request, and
+/// keeps the certificate in use when a change does not make a usable one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_files_are_followed_under_load() {
+    weft_test_support::init_tracing();
+    let cp = control_plane().await;
+    let app = HttpServer::start("app").await;
+    let server = server_side(&cp, &app, "strict").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_certificate_files(&cp, dir.path(), "productpage", None);
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let client = TestProxy::start(&format!(
+        "node: {{ workload: productpage, namespace: default, service_account: productpage }}\n\
+         identity: {{ cert_file: \"{}\", key_file: \"{}\", roots_file: \"{}\" }}\n\
+         listeners: [{{ name: front, address: 127.0.0.1:0, cluster: reviews }}]\n\
+         clusters: [{{ name: reviews, endpoints: [\"{}\"], tls: {{ identities: [\"{REVIEWS}\"] }} }}]",
+        path("tls.crt"),
+        path("tls.key"),
+        path("ca.crt"),
+        server.listener("inbound"),
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(client.admin(), "/ready").await.0 == 200,
+        "the proxy did not become ready with its certificate files"
+    );
+    let front = client.listener("front");
+    assert_eq!(get(&plain_client(false), front).await, StatusCode::OK);
+    assert_eq!(
+        app.last_request().headers["x-forwarded-client-cert"],
+        format!("By={REVIEWS};URI={PRODUCTPAGE}"),
+        "the server side proved the identity the files carry"
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let http = plain_client(false);
+            let (mut sent, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if get(&http, front).await != StatusCode::OK {
+                    failed += 1;
+                }
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (sent, failed)
+        }
+    });
+
+    // Three rotations, each seen by the proxy and used by the next handshakes.
+    let mut serials = vec![serial(&client).await];
+    for _ in 0..3 {
+        write_certificate_files(&cp, dir.path(), "productpage", None);
+        let before = serials.last().unwrap().clone();
+        assert_eventually!(
+            serial(&client).await != before,
+            "the rotated files were not picked up"
+        );
+        serials.push(serial(&client).await);
+    }
+    let metrics = client.metrics().await;
+    assert_eq!(metric(&metrics, "weft_certificate_renewals_total", &[]), 4.0);
+
+    // A key that is not the certificate's, then someone else's certificate: each is reported and the
+    // certificate in use stays.
+    let failures = || async {
+        metric(
+            &client.metrics().await,
+            "weft_certificate_renewal_failures_total",
+            &[],
+        )
+    };
+    let in_use = serials.last().unwrap().clone();
+    let wrong_key = weft_identity::csr::new_csr(
+        &weft_identity::SpiffeId::new("cluster.local", "default", "productpage").unwrap(),
+    )
+    .unwrap()
+    .0
+    .serialize_pem();
+    for (sa, key) in [("productpage", Some(wrong_key.as_str())), ("ratings", None)] {
+        let before = failures().await;
+        write_certificate_files(&cp, dir.path(), sa, key);
+        assert_eventually!(
+            failures().await > before,
+            "the bad change ({sa}) was not reported"
+        );
+        assert_eq!(serial(&client).await, in_use);
+    }
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (sent, failed) = load.await.unwrap();
+    assert!(sent > 100, "only {sent} requests");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} requests failed across the rotations"
+    );
+    assert_eq!(get(&plain_client(false), front).await, StatusCode::OK);
+}

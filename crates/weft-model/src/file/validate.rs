@@ -326,35 +326,83 @@ fn read_root(field: &str, address: &str, path: Option<&Path>) -> Result<Option<S
 }
 
 fn resolve_identity(i: IdentityFile, node: &Node) -> Result<crate::IdentitySource, Invalid> {
-    if !(i.ca_address.starts_with("http://") || i.ca_address.starts_with("https://")) {
-        return Err(invalid(
-            "identity.ca_address",
-            format!("\"{}\" must start with http:// or https://", i.ca_address),
-        ));
-    }
-    let token = match (i.token, i.token_file) {
-        (Some(t), None) => weft_identity::BearerToken::Inline(t),
-        (None, Some(path)) => weft_identity::BearerToken::File(path),
-        _ => return Err(invalid("identity", "give exactly one of token, token_file")),
-    };
-    // Read once here, so that a token that is missing or empty is refused with the file; the proxy
-    // reads it again for every certificate request.
-    if let Err(e) = token.read() {
-        let field = match token {
-            weft_identity::BearerToken::Inline(_) => "identity.token",
-            weft_identity::BearerToken::File(_) => "identity.token_file",
-        };
-        return Err(invalid(field, e.to_string()));
-    }
     let trust_domain = i.trust_domain.unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
     let id = weft_identity::SpiffeId::new(&trust_domain, &node.namespace, &node.service_account)
         .map_err(|e| invalid("identity.trust_domain", e.to_string()))?;
+    let files = (i.cert_file, i.key_file, i.roots_file);
+    let provider = match (i.ca_address, files) {
+        (Some(ca_address), (None, None, None)) => {
+            if !(ca_address.starts_with("http://") || ca_address.starts_with("https://")) {
+                return Err(invalid(
+                    "identity.ca_address",
+                    format!("\"{ca_address}\" must start with http:// or https://"),
+                ));
+            }
+            let token = match (i.token, i.token_file) {
+                (Some(t), None) => weft_identity::BearerToken::Inline(t),
+                (None, Some(path)) => weft_identity::BearerToken::File(path),
+                _ => return Err(invalid("identity", "give exactly one of token, token_file")),
+            };
+            // Read once here, so that a token that is missing or empty is refused with the file; the
+            // proxy reads it again for every certificate request.
+            if let Err(e) = token.read() {
+                let field = match token {
+                    weft_identity::BearerToken::Inline(_) => "identity.token",
+                    weft_identity::BearerToken::File(_) => "identity.token_file",
+                };
+                return Err(invalid(field, e.to_string()));
+            }
+            crate::CertificateProvider::Ca {
+                ca_root_pem: read_root("identity.ca_root_file", &ca_address, i.ca_root_file.as_deref())?,
+                ca_address,
+                token,
+                validity: i.validity.unwrap_or(DEFAULT_CERT_VALIDITY),
+            }
+        }
+        (None, (Some(cert_file), Some(key_file), Some(roots_file))) => {
+            // What only a CA uses would do nothing here: refused rather than ignored.
+            let ca_only = [
+                ("identity.ca_root_file", i.ca_root_file.is_some()),
+                ("identity.token", i.token.is_some()),
+                ("identity.token_file", i.token_file.is_some()),
+                ("identity.validity", i.validity.is_some()),
+            ];
+            if let Some((field, _)) = ca_only.iter().find(|(_, given)| *given) {
+                return Err(invalid(
+                    *field,
+                    "applies to a CA (ca_address), not to certificate files",
+                ));
+            }
+            // The files may not be there yet (the agent writing them starts beside the proxy): the
+            // proxy waits for them, not ready, and names what is missing.
+            crate::CertificateProvider::Files {
+                cert_file,
+                key_file,
+                roots_file,
+            }
+        }
+        (None, (None, None, None)) => {
+            return Err(invalid(
+                "identity",
+                "give ca_address (a CA) or cert_file, key_file and roots_file (certificate files)",
+            ));
+        }
+        (Some(_), _) => {
+            return Err(invalid(
+                "identity",
+                "give either ca_address or certificate files (cert_file, key_file, roots_file), not both",
+            ));
+        }
+        (None, _) => {
+            return Err(invalid(
+                "identity",
+                "certificate files need all of cert_file, key_file and roots_file",
+            ));
+        }
+    };
     Ok(crate::IdentitySource {
-        ca_root_pem: read_root("identity.ca_root_file", &i.ca_address, i.ca_root_file.as_deref())?,
-        ca_address: i.ca_address,
-        token,
         id: id.to_string(),
-        validity: i.validity.unwrap_or(DEFAULT_CERT_VALIDITY),
+        provider,
     })
 }
 
