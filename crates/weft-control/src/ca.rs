@@ -17,6 +17,7 @@ use weft_proto::istio_ca::istio_certificate_service_server::IstioCertificateServ
 use weft_proto::istio_ca::{IstioCertificateRequest, IstioCertificateResponse};
 
 use crate::authn::Authenticator;
+use crate::monitoring::Refusal;
 use crate::tokens::TokenIssuer;
 
 /// Istio's defaults: workload certificates for 24 h, at most 90 days; the root for 10 years.
@@ -332,11 +333,17 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 pub struct CaService {
     ca: Arc<CertificateAuthority>,
     authn: Authenticator,
+    observed: Arc<crate::Observed>,
 }
 
 impl CaService {
-    pub fn new(ca: Arc<CertificateAuthority>, authn: Authenticator) -> Self {
-        Self { ca, authn }
+    /// `observed`: where signed and refused requests are counted.
+    pub fn new(ca: Arc<CertificateAuthority>, authn: Authenticator, observed: Arc<crate::Observed>) -> Self {
+        Self { ca, authn, observed }
+    }
+
+    fn refused(&self, reason: Refusal) {
+        self.observed.monitoring.refused(reason);
     }
 }
 
@@ -351,15 +358,20 @@ impl IstioCertificateService for CaService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
+            .ok_or_else(|| {
+                self.refused(Refusal::unauthenticated);
+                Status::unauthenticated("missing `authorization: Bearer <token>`")
+            })?;
         let caller = match self.authn.authenticate(token).await {
             Ok(caller) => caller,
             Err(err) if err.is_transient() => {
                 tracing::warn!(%err, "cannot authenticate a certificate request");
+                self.refused(Refusal::unavailable);
                 return Err(Status::unavailable(err.to_string()));
             }
             Err(err) => {
                 tracing::warn!(%err, "refused a certificate request");
+                self.refused(Refusal::unauthenticated);
                 return Err(Status::unauthenticated(err.to_string()));
             }
         };
@@ -368,11 +380,18 @@ impl IstioCertificateService for CaService {
         match self.ca.sign(&request.csr, &caller, requested) {
             Ok(cert_chain) => {
                 tracing::info!(identity = %caller, "signed a workload certificate");
+                self.observed.monitoring.signed();
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
-            Err(err @ SignError::OtherIdentity { .. }) => Err(Status::permission_denied(err.to_string())),
+            Err(err @ SignError::OtherIdentity { .. }) => {
+                self.refused(Refusal::other_identity);
+                Err(Status::permission_denied(err.to_string()))
+            }
             Err(err @ SignError::Sign(_)) => Err(Status::internal(err.to_string())),
-            Err(err) => Err(Status::invalid_argument(err.to_string())),
+            Err(err) => {
+                self.refused(Refusal::invalid_csr);
+                Err(Status::invalid_argument(err.to_string()))
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod authn;
 pub mod ca;
 pub mod kubernetes;
+pub mod monitoring;
 mod rbac;
 pub mod resources;
 pub mod scope;
@@ -152,7 +153,7 @@ impl ControlPlane {
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let plaintext_ca = match &authn {
             authn::Authenticator::WeftTokens(_) => Some(IstioCertificateServiceServer::new(
-                ca::CaService::new(ca.clone(), authn.clone()),
+                ca::CaService::new(ca.clone(), authn.clone(), observed.clone()),
             )),
             authn::Authenticator::Kubernetes(_) => None,
         };
@@ -202,6 +203,7 @@ impl ControlPlane {
                 .add_service(IstioCertificateServiceServer::new(ca::CaService::new(
                     self.ca.clone(),
                     self.authn.clone(),
+                    self.observed.clone(),
                 )))
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
@@ -230,6 +232,24 @@ impl ControlPlane {
         )));
         tracing::info!(%address, "serving the sidecar injector (admission webhook, /inject)");
         Ok((address, counts))
+    }
+
+    /// Serves the monitoring port (Istio's 15014): `/metrics` and `/debug/syncz`. Returns the bound
+    /// address.
+    pub async fn serve_monitoring(&mut self, listen: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let address = listener.local_addr()?;
+        let observed = self.observed.clone();
+        self.tasks.push(tokio::spawn(async move {
+            monitoring::serve(listener, observed).await;
+        }));
+        tracing::info!(%address, "serving monitoring (/metrics, /debug/syncz)");
+        Ok(address)
+    }
+
+    /// What the monitoring port reports.
+    pub fn monitoring(&self) -> &monitoring::Monitoring {
+        &self.observed.monitoring
     }
 
     /// The resources in force.

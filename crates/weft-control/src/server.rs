@@ -43,6 +43,8 @@ pub struct Observed {
     pub nacks: Mutex<Vec<NackRecord>>,
     /// Responses sent, per node id.
     pub pushes: Mutex<BTreeMap<String, u64>>,
+    /// What the monitoring port reports.
+    pub monitoring: crate::monitoring::Monitoring,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +77,7 @@ impl AggregatedDiscoveryService for AdsServer {
             observed: self.observed.clone(),
             node: None,
             node_id: String::new(),
+            stream: None,
             snapshot: Snapshot::default(),
             subscriptions: BTreeMap::new(),
             nonce: 0,
@@ -106,13 +109,22 @@ struct AdsStream {
     observed: Arc<Observed>,
     node: Option<NodeInfo>,
     node_id: String,
+    /// The stream's number in the monitoring report, once the proxy has said who it is.
+    stream: Option<u64>,
     snapshot: Snapshot,
     subscriptions: BTreeMap<String, Subscription>,
     nonce: u64,
 }
 
 impl AdsStream {
-    async fn run(mut self, mut requests: Streaming<DiscoveryRequest>) {
+    async fn run(mut self, requests: Streaming<DiscoveryRequest>) {
+        self.serve(requests).await;
+        if let Some(stream) = self.stream {
+            self.observed.monitoring.disconnected(stream);
+        }
+    }
+
+    async fn serve(&mut self, mut requests: Streaming<DiscoveryRequest>) {
         loop {
             tokio::select! {
                 request = requests.message() => match request {
@@ -143,11 +155,27 @@ impl AdsStream {
         if self.node.is_none() {
             let (info, id) = node_info(request.node.as_ref());
             tracing::info!(node = %id, workload = %info.workload, namespace = %info.namespace, "proxy connected");
+            self.stream = Some(
+                self.observed
+                    .monitoring
+                    .connected(&id, &info.workload, &info.namespace),
+            );
             self.snapshot = snapshot(&self.catalog.borrow(), &info);
             self.node = Some(info);
             self.node_id = id;
         }
         let type_url = request.type_url.clone();
+        if let Some(stream) = self.stream
+            && !request.response_nonce.is_empty()
+        {
+            self.observed.monitoring.answered(
+                stream,
+                &type_url,
+                &request.response_nonce,
+                &request.version_info,
+                request.error_detail.as_ref().map(|e| e.message.as_str()),
+            );
+        }
         if let Some(error) = &request.error_detail {
             tracing::warn!(node = %self.node_id, %type_url, reason = %error.message, "proxy rejected configuration (NACK)");
             if let Ok(mut nacks) = self.observed.nacks.lock() {
@@ -216,6 +244,11 @@ impl AdsStream {
         };
         if let Ok(mut pushes) = self.observed.pushes.lock() {
             *pushes.entry(self.node_id.clone()).or_default() += 1;
+        }
+        if let Some(stream) = self.stream {
+            self.observed
+                .monitoring
+                .sent(stream, type_url, &response.version_info, &response.nonce);
         }
         self.tx.send(Ok(response)).await.map_err(|_| ())
     }

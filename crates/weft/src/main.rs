@@ -60,6 +60,10 @@ struct ControlArgs {
     /// TLS with a certificate from the CA; Istio's 15017). Not served unless given.
     #[arg(long)]
     webhook_listen: Option<std::net::SocketAddr>,
+    /// Address to serve weft control's own metrics (`/metrics`) and per-proxy sync status
+    /// (`/debug/syncz`) on (Istio's 15014), plain HTTP.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    monitoring_listen: std::net::SocketAddr,
     /// Run in a Kubernetes cluster: the mesh (Services, EndpointSlices, Pods, the Istio kinds) is
     /// listed and watched from the API server; the CA takes the pods' projected service-account tokens
     /// (audience `istio-ca`) and has the API server review them (TokenReview); weft's own tokens are
@@ -289,6 +293,13 @@ async fn control(args: ControlArgs) -> ExitCode {
     };
     if let Err(err) = control_plane.serve_tls(args.tls_listen).await {
         eprintln!("error: cannot serve TLS on {}: {err}", args.tls_listen);
+        return ExitCode::FAILURE;
+    }
+    if let Err(err) = control_plane.serve_monitoring(args.monitoring_listen).await {
+        eprintln!(
+            "error: cannot serve monitoring on {}: {err}",
+            args.monitoring_listen
+        );
         return ExitCode::FAILURE;
     }
     if let Some(listen) = args.webhook_listen {

@@ -456,6 +456,7 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let webhook = free_port();
+    let monitoring = free_port();
     let args: Vec<String> = container["args"]
         .as_array()
         .unwrap()
@@ -465,6 +466,7 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
             match arg.split_once('=') {
                 Some(("--ca-dir", _)) => format!("--ca-dir={}", ca.display()),
                 Some(("--webhook-listen", _)) => format!("--webhook-listen=127.0.0.1:{webhook}"),
+                Some(("--monitoring-listen", _)) => format!("--monitoring-listen=127.0.0.1:{monitoring}"),
                 Some((flag, value)) if value.starts_with("0.0.0.0:") => {
                     format!("{flag}=127.0.0.1:{}", free_port())
                 }
@@ -492,12 +494,35 @@ async fn the_control_planes_deployment_arguments_start_weft_control() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // The port Prometheus scrapes (the pod's prometheus.io annotations) serves weft control's metrics.
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "15014");
+    let metrics = if serving {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", monitoring))
+            .await
+            .unwrap();
+        let path = annotations["prometheus.io/path"].as_str().unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text
+    } else {
+        String::new()
+    };
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     assert!(
         serving,
         "weft {args:?} did not serve the webhook: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        metrics.starts_with("HTTP/1.1 200") && metrics.contains("weft_control_xds_connected_proxies 0"),
+        "{metrics}"
     );
     assert!(
         api.counts().lists.contains_key("/api/v1/services"),

@@ -465,3 +465,83 @@ async fn a_change_is_pushed_once_and_only_as_the_types_it_changes() {
     let (_, dump) = admin_get(proxy.admin(), "/mesh").await;
     assert!(dump.contains("\"timeout\": \"12s\""), "{dump}");
 }
+
+/// weft control's monitoring port: Prometheus metrics of its own (connected proxies, pushes by type,
+/// certificates signed and refused) and `/debug/syncz`, each connected proxy's ACKed state per type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_planes_monitoring_port_reports_proxies_pushes_and_certificates() {
+    let v1 = HttpServer::start("v1").await;
+    let v2 = HttpServer::start("v2").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "order.yaml", &order_yaml(&v1, &v2));
+    let mut cp = ControlPlane::start(dir.path().into(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let monitoring = cp.serve_monitoring("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let token = cp
+        .ca()
+        .tokens()
+        .issue("default", "client", Duration::from_secs(3600))
+        .unwrap();
+    let proxy = TestProxy::start(&format!(
+        "node: {{ workload: client, namespace: default, service_account: client }}\n\
+         xds: {{ address: \"http://{0}\", initial_fetch_timeout: 10s }}\n\
+         identity: {{ ca_address: \"http://{0}\", token: \"{token}\" }}",
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    // A request with a token for nobody is refused, and counted.
+    let forged = weft_identity::CaClient::new(
+        &format!("http://{}", cp.address()),
+        weft_identity::BearerToken::Inline("forged".into()),
+    )
+    .unwrap();
+    let id = weft_identity::SpiffeId::new("cluster.local", "default", "client").unwrap();
+    let (_, csr) = weft_identity::csr::new_csr(&id).unwrap();
+    assert!(forged.certify(&csr, Duration::from_secs(3600)).await.is_err());
+
+    let metrics = || async { admin_get(monitoring, "/metrics").await.1 };
+    assert_eventually!(
+        metrics().await.contains("weft_control_xds_connected_proxies 1"),
+        "{}",
+        metrics().await
+    );
+    let text = metrics().await;
+    for line in [
+        "weft_control_certificates_signed_total 1",
+        "weft_control_certificate_requests_refused_total{reason=\"unauthenticated\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+    for ty in ["cds", "eds", "lds", "rds"] {
+        let pushed = format!("weft_control_xds_pushes_total{{type=\"{ty}\"}}");
+        assert!(text.contains(&pushed), "{pushed} in {text}");
+    }
+
+    // Every type the proxy was sent, it ACKed: SYNCED, at the version sent.
+    let syncz = || async {
+        let (status, body) = admin_get(monitoring, "/debug/syncz").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
+    assert_eventually!(
+        syncz().await[0]["types"]
+            .as_object()
+            .is_some_and(|types| types.len() == 4 && types.values().all(|t| t["status"] == "SYNCED")),
+        "{}",
+        syncz().await
+    );
+    let report = syncz().await;
+    assert_eq!(report[0]["workload"], "client");
+    assert_eq!(report[0]["namespace"], "default");
+    let cds = &report[0]["types"]["cds"];
+    assert_eq!(cds["acked"], cds["sent"]);
+
+    proxy.stop().await;
+    assert_eventually!(
+        metrics().await.contains("weft_control_xds_connected_proxies 0"),
+        "the stopped proxy is still counted"
+    );
+    assert_eq!(syncz().await, serde_json::json!([]));
+}
