@@ -92,6 +92,8 @@ pub struct HttpServer {
     seen: Arc<Mutex<Vec<Recorded>>>,
     connections: Arc<AtomicUsize>,
     fault: Arc<Mutex<Fault>>,
+    /// Cancelled: the server is gone, as a killed process is (listener and connections closed).
+    killed: tokio_util::sync::CancellationToken,
 }
 
 /// A fault the server injects into every request until told otherwise (requests are still recorded).
@@ -122,12 +124,20 @@ impl HttpServer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let log = seen.clone();
-        let accepted = connections.clone();
+        let counted = connections.clone();
         let fault = Arc::new(Mutex::new(Fault::None));
         let injected = fault.clone();
+        let killed = tokio_util::sync::CancellationToken::new();
+        let kill = killed.clone();
         tokio::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
-                accepted.fetch_add(1, Ordering::SeqCst);
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = kill.cancelled() => return,
+                };
+                let Ok((stream, peer)) = accepted else { return };
+                let kill = kill.clone();
+                counted.fetch_add(1, Ordering::SeqCst);
                 let log = log.clone();
                 let injected = injected.clone();
                 tokio::spawn(async move {
@@ -140,9 +150,11 @@ impl HttpServer {
                     // An app that buffers little, so tests that measure the proxy's memory measure
                     // the proxy's.
                     builder.http1().max_buf_size(64 * 1024);
-                    let _ = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = served => {}
+                        () = kill.cancelled() => {}
+                    }
                 });
             }
         });
@@ -151,7 +163,14 @@ impl HttpServer {
             seen,
             connections,
             fault,
+            killed,
         }
+    }
+
+    /// Stops the server the way a killed process stops: the listener and every connection close at
+    /// once, requests in flight unanswered.
+    pub fn kill(&self) {
+        self.killed.cancel();
     }
 
     /// Injects `fault` into the requests that arrive from now on.

@@ -407,3 +407,173 @@ async fn a_sidecar_from_the_api_server_scopes_what_each_proxy_is_sent() {
     batch.stop().await;
     cp.stop().await;
 }
+
+/// A pod of `reviews` in `shop` at `ip`, serving on 9080.
+fn reviews_pod(name: &str, ip: &str, terminating: bool) -> serde_json::Value {
+    let mut pod = pod(name, ip, terminating);
+    pod["metadata"]["labels"]["pod"] = serde_json::json!(name);
+    pod
+}
+
+/// The EndpointSlice controller's view of `pods` (name, IP): ready unless terminating.
+fn reviews_slice(pods: &[(&str, &str, bool)]) -> serde_json::Value {
+    let endpoints: Vec<_> = pods
+        .iter()
+        .map(|(name, ip, terminating)| {
+            serde_json::json!({
+                "addresses": [ip],
+                "conditions": { "ready": !terminating, "serving": true, "terminating": terminating },
+                "targetRef": { "kind": "Pod", "name": name, "namespace": "shop" },
+            })
+        })
+        .collect();
+    let mut slice = slice(&[]);
+    slice["endpoints"] = serde_json::json!(endpoints);
+    slice
+}
+
+/// A Deployment scaled up and down under load, the way the cluster does it: new pods join when ready;
+/// a pod being removed turns terminating (and leaves the endpoints) while its app still serves, and
+/// its process is killed only after the grace period. Not one request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_scaled_up_and_down_under_load_fail_no_request() {
+    weft_test_support::init_tracing();
+    use weft_test_support::http::{HttpServer, client, drain_body, empty};
+    const CLUSTER_IP: &str = "127.0.96.51";
+    let ips = ["127.0.51.1", "127.0.51.2", "127.0.51.3", "127.0.51.4"];
+    let names = ["reviews-1", "reviews-2", "reviews-3", "reviews-4"];
+    let mut apps = Vec::new();
+    for (ip, name) in ips.iter().zip(names) {
+        apps.push(HttpServer::start_on(format!("{ip}:9080").parse().unwrap(), name).await);
+    }
+    let api = ApiServer::start().await;
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\n  namespace: shop\nspec:\n  clusterIP: {CLUSTER_IP}\n  selector:\n    app: reviews\n  ports:\n  - name: http\n    port: 9080\n    targetPort: 9080\n"
+    ));
+    for i in 0..2 {
+        api.apply(&reviews_pod(names[i], ips[i], false));
+    }
+    api.apply(&reviews_slice(&[
+        (names[0], ips[0], false),
+        (names[1], ips[1], false),
+    ]));
+    let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
+    let kube = kube_client(&api.kubeconfig()).await;
+    let cp = ControlPlane::start_with(
+        weft_control::Source::Kubernetes(kube.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        ca,
+        Authenticator::Kubernetes(TokenReviewer::new(kube, "cluster.local")),
+    )
+    .await
+    .unwrap();
+    let proxy = TestProxy::start(&format!(
+        "access_log: {{ path: off }}\n\
+         node: {{ workload: web, namespace: shop }}\n\
+         xds: {{ address: \"http://{}\" }}\n",
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    let endpoints = || async {
+        let clusters = admin_get(proxy.admin(), "/clusters").await.1;
+        ips.iter()
+            .filter(|ip| {
+                clusters.contains(&format!(
+                    "outbound|9080||reviews.shop.svc.cluster.local::{ip}:9080"
+                ))
+            })
+            .map(|ip| (*ip).to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eventually!(endpoints().await == ips[..2], "{:?}", endpoints().await);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let http = client(
+            proxy
+                .orig_dst
+                .connector(proxy.outbound(), format!("{CLUSTER_IP}:9080").parse().unwrap()),
+            false,
+        );
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let (mut sent, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let request = http::Request::get("http://reviews.shop:9080/reviews")
+                    .body(empty())
+                    .unwrap();
+                match http.request(request).await {
+                    Ok(response) if response.status() == 200 => {
+                        drain_body(response.into_body()).await.unwrap();
+                    }
+                    Ok(response) => failed.push(format!("status {}", response.status())),
+                    Err(err) => failed.push(err.to_string()),
+                }
+                sent += 1;
+            }
+            (sent, failed)
+        }));
+    }
+    let served = |i: usize| apps[i].request_count();
+
+    // Scale up to four: each new pod takes requests once it is ready and listed.
+    for i in 2..4 {
+        api.apply(&reviews_pod(names[i], ips[i], false));
+        let listed: Vec<_> = (0..=i).map(|j| (names[j], ips[j], false)).collect();
+        api.apply(&reviews_slice(&listed));
+        let before = served(i);
+        assert_eventually!(served(i) > before + 20, "{} took no requests", names[i]);
+    }
+
+    // Scale down to two: each pod turns terminating and leaves; its app is killed after the grace.
+    for i in 0..2 {
+        api.apply(&reviews_pod(names[i], ips[i], true));
+        let listed: Vec<_> = (0..4).map(|j| (names[j], ips[j], j <= i)).collect();
+        api.apply(&reviews_slice(&listed));
+        assert_eventually!(
+            !endpoints().await.contains(&ips[i].to_owned()),
+            "{} is still an endpoint",
+            names[i]
+        );
+        // The grace period: what was in flight on the terminating pod finishes, and nothing new
+        // comes, though its app still answers.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let after_removal = served(i);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            served(i),
+            after_removal,
+            "{} was sent requests after it left",
+            names[i]
+        );
+        apps[i].kill();
+        api.delete("v1", "Pod", "shop", names[i]);
+        let remaining: Vec<_> = (i + 1..4).map(|j| (names[j], ips[j], false)).collect();
+        api.apply(&reviews_slice(&remaining));
+    }
+    let before = (served(2), served(3));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        served(2) > before.0 && served(3) > before.1,
+        "the two pods left share the load"
+    );
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut sent, mut failed) = (0, Vec::new());
+    for task in load {
+        let (s, f) = task.await.unwrap();
+        sent += s;
+        failed.extend(f);
+    }
+    assert!(sent > 200, "only {sent} requests");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed, first: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    proxy.stop().await;
+    cp.stop().await;
+}
