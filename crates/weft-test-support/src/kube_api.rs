@@ -96,6 +96,8 @@ struct State {
     /// Token -> times a review of it was answered.
     reviewed: HashMap<String, u64>,
     objects: Objects,
+    /// Resource paths whose lists are held unanswered until released (a slow API server).
+    held_lists: std::collections::HashSet<String>,
 }
 
 #[derive(Debug)]
@@ -403,6 +405,19 @@ impl ApiServer {
         self.state.lock().unwrap().objects.served.remove(&path);
     }
 
+    /// Holds every list of a kind unanswered (an API server slow to list it) until
+    /// [`ApiServer::release_lists`].
+    pub fn hold_lists(&self, api_version: &str, kind: &str) {
+        let path = resource_path(api_version, kind);
+        self.state.lock().unwrap().held_lists.insert(path);
+    }
+
+    pub fn release_lists(&self, api_version: &str, kind: &str) {
+        let path = resource_path(api_version, kind);
+        self.state.lock().unwrap().held_lists.remove(&path);
+        self.changes.send_modify(|v| *v += 1);
+    }
+
     /// The current resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.state.lock().unwrap().objects.version
@@ -462,6 +477,12 @@ async fn handle(
     }
     if method == Method::GET {
         let query = query_of(req.uri().query().unwrap_or_default());
+        let mut released = changes.subscribe();
+        while !query.contains_key("watch") && state.lock().unwrap().held_lists.contains(&path) {
+            if released.changed().await.is_err() {
+                break;
+            }
+        }
         return list_or_watch(&path, &query, state, changes);
     }
     if method != Method::POST || path != "/apis/authentication.k8s.io/v1/tokenreviews" {

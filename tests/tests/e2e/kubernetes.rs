@@ -577,3 +577,66 @@ async fn pods_scaled_up_and_down_under_load_fail_no_request() {
     proxy.stop().await;
     cp.stop().await;
 }
+
+/// A namespace of 100 services already in the cluster when weft control starts, with an API server
+/// slow to list one kind: the first catalog, and so the first configuration a proxy gets, holds all
+/// of them and every endpoint, never part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_sync_of_a_hundred_service_namespace_is_whole() {
+    let api = ApiServer::start().await;
+    for n in 0..100u32 {
+        let (name, ip) = (format!("svc-{n}"), format!("10.2.{}.{}", n / 200, n % 200 + 1));
+        api.apply_yaml(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  clusterIP: 10.96.1.{}\n  selector:\n    app: {name}\n  ports:\n  - name: http\n    port: 9080\n",
+            n + 1
+        ));
+        let mut pod = pod(&format!("{name}-0"), &ip, false);
+        pod["metadata"]["labels"] = serde_json::json!({ "app": name });
+        api.apply(&pod);
+        let mut slice = reviews_slice(&[(&format!("{name}-0"), &ip, false)]);
+        slice["metadata"]["name"] = serde_json::json!(format!("{name}-abc"));
+        slice["metadata"]["labels"]["kubernetes.io/service-name"] = serde_json::json!(name);
+        api.apply(&slice);
+    }
+    // The API server is slow to list EndpointSlices: weft control waits for them before it serves.
+    api.hold_lists("discovery.k8s.io/v1", "EndpointSlice");
+    let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
+    let kube = kube_client(&api.kubeconfig()).await;
+    let starting = tokio::spawn(ControlPlane::start_with(
+        weft_control::Source::Kubernetes(kube.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        ca,
+        Authenticator::Kubernetes(TokenReviewer::new(kube, "cluster.local")),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!starting.is_finished(), "served before every kind was listed");
+    api.release_lists("discovery.k8s.io/v1", "EndpointSlice");
+    let cp = starting.await.unwrap().unwrap();
+    let catalog = cp.catalog();
+    assert_eq!(
+        (catalog.services.len(), catalog.workload_entries.len()),
+        (100, 100)
+    );
+    let proxy = TestProxy::start(&format!(
+        "node: {{ workload: web, namespace: shop }}\nxds: {{ address: \"http://{}\" }}\n",
+        cp.address()
+    ))
+    .await;
+    assert_eventually!(admin_get(proxy.admin(), "/ready").await.0 == 200, "not ready");
+    // Ready means the first configuration arrived; it was already the whole namespace.
+    let clusters = admin_get(proxy.admin(), "/clusters").await.1;
+    let endpoints = (0..100u32)
+        .filter(|n| {
+            clusters.contains(&format!(
+                "outbound|9080||svc-{n}.shop.svc.cluster.local::10.2.{}.{}:9080",
+                n / 200,
+                n % 200 + 1
+            ))
+        })
+        .count();
+    assert_eq!(endpoints, 100, "{clusters}");
+    // One response per type (clusters, endpoints, listeners, routes), nothing sent after to fill in.
+    assert_eq!(cp.pushes("sidecar~~web.shop"), 4);
+    proxy.stop().await;
+    cp.stop().await;
+}
