@@ -12,6 +12,8 @@ pub mod csr;
 pub mod files;
 mod spiffe;
 mod store;
+#[cfg(test)]
+mod test_ca;
 pub mod tls;
 
 pub use client::{BearerToken, CaClient, CaError};

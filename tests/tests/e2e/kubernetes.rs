@@ -41,6 +41,19 @@ async fn control_plane(kubeconfig: &str) -> (ControlPlane, Arc<CertificateAuthor
     (cp, ca, format!("https://{tls}"))
 }
 
+/// weft control in Kubernetes mode: the mesh discovered from the API server `kubeconfig` names, and
+/// tokens reviewed by it. Returns once every kind has been listed.
+async fn discovering(kubeconfig: String, ca: Arc<CertificateAuthority>) -> std::io::Result<ControlPlane> {
+    let client = kube_client(&kubeconfig).await;
+    ControlPlane::start_with(
+        weft_control::Source::Kubernetes(client.clone()),
+        "127.0.0.1:0".parse().unwrap(),
+        ca,
+        Authenticator::Kubernetes(TokenReviewer::new(client, "cluster.local")),
+    )
+    .await
+}
+
 fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", ns, sa).unwrap()
 }
@@ -249,15 +262,7 @@ async fn the_control_plane_follows_the_mesh_in_the_api_server() {
     api.apply(&pod("reviews-1", "10.1.0.1", false));
     api.apply(&slice(&["reviews-1"]));
     let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
-    let client = kube_client(&api.kubeconfig()).await;
-    let cp = ControlPlane::start_with(
-        weft_control::Source::Kubernetes(client.clone()),
-        "127.0.0.1:0".parse().unwrap(),
-        ca,
-        Authenticator::Kubernetes(TokenReviewer::new(client, "cluster.local")),
-    )
-    .await
-    .unwrap();
+    let cp = discovering(api.kubeconfig(), ca.clone()).await.unwrap();
     let catalog = cp.catalog();
     assert_eq!(catalog.services.len(), 1, "{catalog:?}");
     assert_eq!(catalog.workload_entries.len(), 1, "{catalog:?}");
@@ -325,15 +330,7 @@ async fn a_sidecar_from_the_api_server_scopes_what_each_proxy_is_sent() {
     api.apply(&pod("reviews-1", "10.1.0.1", false));
     api.apply(&slice(&["reviews-1"]));
     let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
-    let client = kube_client(&api.kubeconfig()).await;
-    let mut cp = ControlPlane::start_with(
-        weft_control::Source::Kubernetes(client.clone()),
-        "127.0.0.1:0".parse().unwrap(),
-        ca.clone(),
-        Authenticator::Kubernetes(TokenReviewer::new(client, "cluster.local")),
-    )
-    .await
-    .unwrap();
+    let mut cp = discovering(api.kubeconfig(), ca.clone()).await.unwrap();
     let url = format!(
         "https://{}",
         cp.serve_tls("127.0.0.1:0".parse().unwrap()).await.unwrap()
@@ -458,15 +455,7 @@ async fn pods_scaled_up_and_down_under_load_fail_no_request() {
         (names[1], ips[1], false),
     ]));
     let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
-    let kube = kube_client(&api.kubeconfig()).await;
-    let cp = ControlPlane::start_with(
-        weft_control::Source::Kubernetes(kube.clone()),
-        "127.0.0.1:0".parse().unwrap(),
-        ca,
-        Authenticator::Kubernetes(TokenReviewer::new(kube, "cluster.local")),
-    )
-    .await
-    .unwrap();
+    let cp = discovering(api.kubeconfig(), ca.clone()).await.unwrap();
     let proxy = TestProxy::start(&format!(
         "access_log: {{ path: off }}\n\
          node: {{ workload: web, namespace: shop }}\n\
@@ -601,13 +590,7 @@ async fn the_initial_sync_of_a_hundred_service_namespace_is_whole() {
     // The API server is slow to list EndpointSlices: weft control waits for them before it serves.
     api.hold_lists("discovery.k8s.io/v1", "EndpointSlice");
     let ca = Arc::new(CertificateAuthority::ephemeral("cluster.local").unwrap());
-    let kube = kube_client(&api.kubeconfig()).await;
-    let starting = tokio::spawn(ControlPlane::start_with(
-        weft_control::Source::Kubernetes(kube.clone()),
-        "127.0.0.1:0".parse().unwrap(),
-        ca,
-        Authenticator::Kubernetes(TokenReviewer::new(kube, "cluster.local")),
-    ));
+    let starting = tokio::spawn(discovering(api.kubeconfig(), ca));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!starting.is_finished(), "served before every kind was listed");
     api.release_lists("discovery.k8s.io/v1", "EndpointSlice");

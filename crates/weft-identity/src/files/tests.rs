@@ -1,27 +1,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{CertificateParams, KeyPair, SanType};
 use time::OffsetDateTime;
 
 use super::*;
-
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
-}
+use crate::test_ca::TestCa;
 
 impl TestCa {
-    fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let root_pem = params.self_signed(&key).unwrap().pem();
-        Self {
-            issuer: Issuer::from_ca_cert_pem(&root_pem, key).unwrap(),
-            root_pem,
-        }
-    }
-
     /// A certificate for `sa` and its key, as PEM.
     fn issue(&self, sa: &str) -> (String, String) {
         let key = KeyPair::generate().unwrap();

@@ -1,32 +1,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use rcgen::{CertificateParams, KeyPair, SanType};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::*;
-
-/// A throwaway CA for tests.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
-}
+use crate::test_ca::TestCa;
 
 impl TestCa {
-    fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let root = params.self_signed(&key).unwrap();
-        let root_pem = root.pem();
-        Self {
-            issuer: Issuer::from_ca_cert_pem(&root_pem, key).unwrap(),
-            root_pem,
-        }
-    }
-
     /// Credentials for `sa`, valid from `start` for `lifetime` (relative to now).
     fn credentials_at(&self, sa: &str, start: i64, lifetime: i64) -> Arc<Credentials> {
         let id = SpiffeId::new("cluster.local", "default", sa).unwrap();
