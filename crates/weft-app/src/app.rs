@@ -412,17 +412,8 @@ fn start_identity(
             let store = weft_identity::CredentialStore::start(config, ca, events, stop.clone());
             material_of(store, stop.clone())
         }
-        weft_model::CertificateProvider::Files {
-            cert_file,
-            key_file,
-            roots_file,
-        } => {
-            let files = weft_identity::files::CertificateFiles {
-                cert: cert_file.clone(),
-                key: key_file.clone(),
-                roots: roots_file.clone(),
-            };
-            weft_identity::files::watch_files(id, files, events, stop.clone())
+        weft_model::CertificateProvider::Files(files) => {
+            weft_identity::files::watch_files(id, files.clone(), events, stop.clone())
         }
     };
     let mut first = material.clone();

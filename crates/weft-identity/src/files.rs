@@ -22,14 +22,14 @@ use crate::{Credentials, SpiffeId, StoreEvents};
 const POLL: Duration = Duration::from_secs(1);
 
 /// Where the workload's certificate lives on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CertificateFiles {
     /// The workload certificate, leaf first, then any intermediates.
-    pub cert: PathBuf,
+    pub cert_file: PathBuf,
     /// Its private key (PKCS#8, SEC1 or PKCS#1 PEM).
-    pub key: PathBuf,
-    /// The roots peers' certificates are verified against; the first that signs the chain is its root.
-    pub roots: PathBuf,
+    pub key_file: PathBuf,
+    /// The roots peers' certificates are verified against, all trusted (a root rotation lists two).
+    pub roots_file: PathBuf,
 }
 
 /// What the three files held when last read.
@@ -44,9 +44,9 @@ impl CertificateFiles {
     fn read(&self) -> Result<Contents, String> {
         let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
         Ok(Contents {
-            cert: read(&self.cert)?,
-            key: read(&self.key)?,
-            roots: read(&self.roots)?,
+            cert: read(&self.cert_file)?,
+            key: read(&self.key_file)?,
+            roots: read(&self.roots_file)?,
         })
     }
 
@@ -65,30 +65,34 @@ impl CertificateFiles {
             }
             Ok(ders.iter().map(|der| pem_certificate(der)).collect())
         };
-        let mut chain = certificates(&self.cert, &contents.cert)?;
-        let roots = certificates(&self.roots, &contents.roots)?;
+        let mut chain = certificates(&self.cert_file, &contents.cert)?;
+        let roots = certificates(&self.roots_file, &contents.roots)?;
         // A chain file that ends in its root (istio-csr writes them so) keeps it among the roots only.
         chain.retain(|pem| !roots.contains(pem));
         if chain.is_empty() {
             return Err(format!(
                 "{}: holds only roots, no workload certificate",
-                self.cert.display()
+                self.cert_file.display()
             ));
         }
         let key = String::from_utf8(contents.key.clone())
-            .map_err(|_| format!("{}: is not PEM text", self.key.display()))?;
+            .map_err(|_| format!("{}: is not PEM text", self.key_file.display()))?;
         chain.push(roots[0].clone());
-        let credentials =
-            Credentials::new(id.clone(), chain, key).map_err(|e| format!("{}: {e}", self.cert.display()))?;
+        let credentials = Credentials::new(id.clone(), chain, key)
+            .map_err(|e| format!("{}: {e}", self.cert_file.display()))?;
         let material = TlsMaterial::new(Arc::new(credentials), &roots[1..])
-            .map_err(|e| format!("{} or {}: {e}", self.cert.display(), self.key.display()))?;
+            .map_err(|e| format!("{} or {}: {e}", self.cert_file.display(), self.key_file.display()))?;
         // Building the server side checks that the key is the certificate's.
         material
             .server_config()
-            .map_err(|e| format!("{}: {e}", self.key.display()))?;
-        material
-            .verify_own_chain()
-            .map_err(|e| format!("{} against {}: {e}", self.cert.display(), self.roots.display()))?;
+            .map_err(|e| format!("{}: {e}", self.key_file.display()))?;
+        material.verify_own_chain().map_err(|e| {
+            format!(
+                "{} against {}: {e}",
+                self.cert_file.display(),
+                self.roots_file.display()
+            )
+        })?;
         Ok(material)
     }
 }

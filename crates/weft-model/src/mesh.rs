@@ -137,11 +137,7 @@ pub enum CertificateProvider {
         validity: Duration,
     },
     /// PEM files another agent keeps current (cert-manager, istio-csr), read again when they change.
-    Files {
-        cert_file: std::path::PathBuf,
-        key_file: std::path::PathBuf,
-        roots_file: std::path::PathBuf,
-    },
+    Files(weft_identity::files::CertificateFiles),
 }
 
 /// Istio's PeerAuthentication modes.

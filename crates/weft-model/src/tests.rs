@@ -296,7 +296,7 @@ fn an_identity_comes_from_a_ca_or_from_certificate_files_and_half_of_each_is_ref
     assert_eq!(identity.id, "spiffe://cluster.local/ns/shop/sa/reviews");
     assert!(matches!(
         identity.provider,
-        crate::CertificateProvider::Files { ref cert_file, .. } if cert_file.as_os_str() == "/c/tls.crt"
+        crate::CertificateProvider::Files(ref files) if files.cert_file.as_os_str() == "/c/tls.crt"
     ));
     let (bootstrap, _) = parse(&format!(
         "{node}identity: {{ ca_address: http://127.0.0.1:15010, token: t }}"

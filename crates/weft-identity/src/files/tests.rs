@@ -33,9 +33,9 @@ impl Dir {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let files = CertificateFiles {
-            cert: dir.path().join("cert-chain.pem"),
-            key: dir.path().join("key.pem"),
-            roots: dir.path().join("root-cert.pem"),
+            cert_file: dir.path().join("cert-chain.pem"),
+            key_file: dir.path().join("key.pem"),
+            roots_file: dir.path().join("root-cert.pem"),
         };
         Self { dir, files }
     }
@@ -43,9 +43,9 @@ impl Dir {
     /// Writes the three files the way a Secret volume changes: each file replaced whole.
     fn write(&self, cert: &str, key: &str, roots: &str) {
         for (path, text) in [
-            (&self.files.cert, cert),
-            (&self.files.key, key),
-            (&self.files.roots, roots),
+            (&self.files.cert_file, cert),
+            (&self.files.key_file, key),
+            (&self.files.roots_file, roots),
         ] {
             let next = self.dir.path().join(".next");
             std::fs::write(&next, text).unwrap();
@@ -91,9 +91,9 @@ fn certificate_files_that_do_not_make_a_usable_certificate_are_refused_naming_fi
     let stranger = TestCa::new();
     let paths = |f: &CertificateFiles| {
         (
-            f.cert.display().to_string(),
-            f.key.display().to_string(),
-            f.roots.display().to_string(),
+            f.cert_file.display().to_string(),
+            f.key_file.display().to_string(),
+            f.roots_file.display().to_string(),
         )
     };
     let (cert_path, key_path, roots_path) = paths(&dir.files);
@@ -126,7 +126,7 @@ fn certificate_files_that_do_not_make_a_usable_certificate_are_refused_naming_fi
     );
     let reason = refused(&cert, &key, "");
     assert!(reason.starts_with(&roots_path), "{reason}");
-    std::fs::remove_file(&dir.files.key).unwrap();
+    std::fs::remove_file(&dir.files.key_file).unwrap();
     let reason = dir.files.load(&id("reviews")).err().unwrap();
     assert!(reason.starts_with(&key_path), "{reason}");
 }

@@ -375,11 +375,11 @@ fn resolve_identity(i: IdentityFile, node: &Node) -> Result<crate::IdentitySourc
             }
             // The files may not be there yet (the agent writing them starts beside the proxy): the
             // proxy waits for them, not ready, and names what is missing.
-            crate::CertificateProvider::Files {
+            crate::CertificateProvider::Files(weft_identity::files::CertificateFiles {
                 cert_file,
                 key_file,
                 roots_file,
-            }
+            })
         }
         (None, (None, None, None)) => {
             return Err(invalid(
