@@ -105,6 +105,12 @@ struct Args {
     /// the 1,010 with a Sidecar scoping the proxy to its namespace's 10 (ADS from `weft control`).
     #[arg(long)]
     scoped_memory: bool,
+    /// Instead of the usual table: for each mesh size (services, comma-separated), weft control's load
+    /// time and memory, a whole-mesh and a Sidecar-scoped proxy's readiness and memory, and how long a
+    /// VirtualService edit and an endpoint change take to be applied (`weft control` and `weft proxy`
+    /// processes, ADS).
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    mesh_scale: Vec<usize>,
 }
 
 /// The path every benchmark request asks for (the seed's policy allows `/orders/*`).
@@ -155,6 +161,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     if args.pair {
         return pair::run(&args, &weft, backend_addr, &client_rt);
+    }
+    if !args.mesh_scale.is_empty() {
+        return scale::run(&weft, &args.mesh_scale, &client_rt);
     }
     if args.scoped_memory {
         return scoping::run(&weft, &client_rt);
@@ -722,6 +731,7 @@ struct Proxy {
 
 mod attack;
 mod pair;
+mod scale;
 mod scoping;
 
 impl Proxy {

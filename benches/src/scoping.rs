@@ -153,7 +153,7 @@ async fn settled(admin: SocketAddr) -> anyhow::Result<usize> {
     bail!("the proxy's configuration did not settle")
 }
 
-async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+pub(crate) async fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(admin).await?;
     stream

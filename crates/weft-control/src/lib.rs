@@ -4,6 +4,7 @@
 
 pub mod authn;
 pub mod ca;
+mod index;
 pub mod kubernetes;
 pub mod monitoring;
 mod rbac;
@@ -33,6 +34,9 @@ pub use server::{NackRecord, Observed};
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 /// The plaintext xDS port (Istio's 15010, for development).
 pub const XDS_PORT: u16 = 15010;
+/// The largest DiscoveryRequest taken: a proxy subscribing to the endpoints of 10,000 services names
+/// 30,000 load assignments (about 2 MiB), near gRPC's 4 MiB default.
+const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// How often the directory is checked for changes: pushes follow a file change within about this long.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -149,7 +153,8 @@ impl ControlPlane {
         let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(
             catalog_rx.clone(),
             observed.clone(),
-        ));
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let plaintext_ca = match &authn {
             authn::Authenticator::WeftTokens(_) => Some(IstioCertificateServiceServer::new(
@@ -195,7 +200,8 @@ impl ControlPlane {
         let ads = AggregatedDiscoveryServiceServer::new(server::AdsServer::new(
             self.catalog.clone(),
             self.observed.clone(),
-        ));
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
             tonic::transport::Server::builder()

@@ -546,6 +546,8 @@ pub struct Catalog {
     /// Kinds read and left alone because they are not mesh configuration (a Deployment, a
     /// ServiceAccount), with how many of each: reported by name, never silently.
     pub ignored: BTreeMap<String, usize>,
+    /// Indexes and translated snapshots, made on first use.
+    pub(crate) derived: crate::index::Derived,
 }
 
 impl Catalog {
@@ -1071,12 +1073,20 @@ fn validate(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
             }
         }
     });
-    let hosts: Vec<String> = catalog
+    let hosts: std::collections::HashSet<String> = catalog
         .services
         .iter()
         .map(|s| fqdn(&s.metadata.name, s.metadata.namespace()))
         .collect();
-    let destination_rules = catalog.destination_rules.clone();
+    // Per host, the subsets its DestinationRules define.
+    let mut subsets: std::collections::HashMap<String, std::collections::HashSet<&str>> =
+        std::collections::HashMap::new();
+    for dr in &catalog.destination_rules {
+        subsets
+            .entry(resolve_host(&dr.spec.host, dr.metadata.namespace()))
+            .or_default()
+            .extend(dr.spec.subsets.iter().map(|s| s.name.as_str()));
+    }
     catalog.virtual_services.retain(|vs| {
         let resource = format!("VirtualService {}/{}", vs.metadata.namespace(), vs.metadata.name);
         for (i, rule) in vs.spec.http.iter().enumerate() {
@@ -1143,10 +1153,7 @@ fn validate(catalog: &mut Catalog, problems: &mut Vec<Problem>) {
                     return false;
                 }
                 if let Some(subset) = &dest.destination.subset {
-                    let defined = destination_rules.iter().any(|dr| {
-                        resolve_host(&dr.spec.host, dr.metadata.namespace()) == host
-                            && dr.spec.subsets.iter().any(|s| &s.name == subset)
-                    });
+                    let defined = subsets.get(&host).is_some_and(|s| s.contains(subset.as_str()));
                     if !defined {
                         report(
                             problems,

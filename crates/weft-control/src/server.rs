@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::resources::Catalog;
-use crate::translate::{NodeInfo, Snapshot, snapshot};
+use crate::translate::{NodeInfo, Snapshot};
 
 /// Push order that never sends a reference before what it refers to (Envoy's make-before-break).
 const ORDER: [&str; 4] = [
@@ -78,7 +78,7 @@ impl AggregatedDiscoveryService for AdsServer {
             node: None,
             node_id: String::new(),
             stream: None,
-            snapshot: Snapshot::default(),
+            snapshot: Arc::default(),
             subscriptions: BTreeMap::new(),
             nonce: 0,
         };
@@ -111,7 +111,7 @@ struct AdsStream {
     node_id: String,
     /// The stream's number in the monitoring report, once the proxy has said who it is.
     stream: Option<u64>,
-    snapshot: Snapshot,
+    snapshot: Arc<Snapshot>,
     subscriptions: BTreeMap<String, Subscription>,
     nonce: u64,
 }
@@ -160,7 +160,7 @@ impl AdsStream {
                     .monitoring
                     .connected(&id, &info.workload, &info.namespace),
             );
-            self.snapshot = snapshot(&self.catalog.borrow(), &info);
+            self.snapshot = self.catalog.borrow().snapshot_for(&info);
             self.node = Some(info);
             self.node_id = id;
         }
@@ -205,7 +205,7 @@ impl AdsStream {
 
     async fn push_changes(&mut self) -> Result<(), ()> {
         let Some(node) = &self.node else { return Ok(()) };
-        let next = snapshot(&self.catalog.borrow(), node);
+        let next = self.catalog.borrow().snapshot_for(node);
         if next == self.snapshot {
             return Ok(());
         }

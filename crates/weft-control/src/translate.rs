@@ -364,7 +364,8 @@ impl Builder<'_> {
         port: &ServicePort,
         subset: &BTreeMap<String, String>,
     ) {
-        let lb_endpoints = workloads_of(catalog, service)
+        let lb_endpoints = catalog
+            .workloads_of(service)
             .filter(|w| labels_match(subset, &w.spec.labels))
             .filter_map(|w| {
                 let port = endpoint_port(port, &w.spec)?;
@@ -600,7 +601,8 @@ fn mesh_identities(
     service: &Resource<ServiceSpec>,
     subset: &BTreeMap<String, String>,
 ) -> Option<Vec<String>> {
-    let workloads: Vec<_> = workloads_of(catalog, service)
+    let workloads: Vec<_> = catalog
+        .workloads_of(service)
         .filter(|w| labels_match(subset, &w.spec.labels))
         .collect();
     let meshed = !workloads.is_empty()
@@ -806,10 +808,8 @@ fn destination_rule<'a>(
     host: &str,
 ) -> Option<&'a DestinationRuleSpec> {
     catalog
-        .destination_rules
-        .iter()
+        .destination_rules_of(host)
         .filter(|r| scope.sees(&r.spec.export_to, r.metadata.namespace()))
-        .filter(|r| resolve_host(&r.spec.host, r.metadata.namespace()) == host)
         .min_by_key(|r| r.metadata.namespace() != scope.namespace())
         .map(|r| &r.spec)
 }
@@ -821,15 +821,8 @@ fn virtual_service<'a>(
     host: &str,
 ) -> Option<&'a Resource<crate::resources::VirtualServiceSpec>> {
     catalog
-        .virtual_services
-        .iter()
+        .virtual_services_of(host)
         .filter(|vs| scope.sees(&vs.spec.export_to, vs.metadata.namespace()))
-        .filter(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .any(|h| resolve_host(h, vs.metadata.namespace()) == host)
-        })
         .min_by_key(|vs| vs.metadata.namespace() != scope.namespace())
 }
 
@@ -872,16 +865,6 @@ fn telemetry_metadata(
         .collect(),
         ..Default::default()
     }
-}
-
-fn workloads_of<'a>(
-    catalog: &'a Catalog,
-    service: &'a Resource<ServiceSpec>,
-) -> impl Iterator<Item = &'a Resource<WorkloadEntrySpec>> {
-    catalog.workload_entries.iter().filter(move |w| {
-        w.metadata.namespace() == service.metadata.namespace()
-            && selects(&service.spec.selector, &w.spec.labels)
-    })
 }
 
 /// A service with no selector selects nothing (its endpoints are managed elsewhere).
