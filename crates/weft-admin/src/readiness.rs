@@ -1,7 +1,7 @@
 //! Readiness: the proxy is ready once every startup step has reported done, and stops being ready when it
 //! starts draining. The reason for not being ready is always available, for humans reading a probe.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 /// Why the proxy is not ready.
@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 pub enum NotReady {
     /// It is draining: ready no more.
     Draining,
-    /// These startup steps have not reported done.
-    WaitingFor(Vec<&'static str>),
+    /// These startup steps have not reported done, each with what it still waits for when it said.
+    WaitingFor(Vec<String>),
 }
 
 impl std::fmt::Display for NotReady {
@@ -38,6 +38,8 @@ pub struct Readiness {
 #[derive(Debug)]
 struct State {
     waiting_for: BTreeSet<&'static str>,
+    /// What a step still waits for, in its own words.
+    details: BTreeMap<&'static str, String>,
     draining: bool,
 }
 
@@ -46,6 +48,7 @@ impl Readiness {
     pub fn new(steps: &[&'static str]) -> Self {
         let state = State {
             waiting_for: steps.iter().copied().collect(),
+            details: BTreeMap::new(),
             draining: false,
         };
         Self {
@@ -56,6 +59,16 @@ impl Readiness {
     pub fn mark_done(&self, step: &'static str) {
         self.with(|s| {
             s.waiting_for.remove(step);
+            s.details.remove(step);
+        });
+    }
+
+    /// What `step` still waits for, shown with it until it is done.
+    pub fn set_detail(&self, step: &'static str, detail: String) {
+        self.with(|s| {
+            if s.waiting_for.contains(step) {
+                s.details.insert(step, detail);
+            }
         });
     }
 
@@ -71,7 +84,15 @@ impl Readiness {
             } else if s.waiting_for.is_empty() {
                 Ok(())
             } else {
-                Err(NotReady::WaitingFor(s.waiting_for.iter().copied().collect()))
+                Err(NotReady::WaitingFor(
+                    s.waiting_for
+                        .iter()
+                        .map(|step| match s.details.get(step) {
+                            Some(detail) => format!("{step} ({detail})"),
+                            None => (*step).to_owned(),
+                        })
+                        .collect(),
+                ))
             }
         })
     }
@@ -102,7 +123,13 @@ mod tests {
         let reason = |r: &Readiness| r.check().map_err(|e| e.to_string());
         assert_eq!(reason(&r), Err("waiting for certificate, listeners".into()));
         assert_eq!(r.state(), ServerState::Initializing);
+        r.set_detail("listeners", "2 of 3 bound".into());
+        assert_eq!(
+            reason(&r),
+            Err("waiting for certificate, listeners (2 of 3 bound)".into())
+        );
         r.mark_done("listeners");
+        r.set_detail("listeners", "a detail after done is not shown".into());
         assert_eq!(reason(&r), Err("waiting for certificate".into()));
         r.mark_done("certificate");
         assert_eq!(reason(&r), Ok(()));

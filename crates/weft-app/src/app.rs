@@ -471,18 +471,20 @@ fn start_xds(
         root_pem: source.root_pem.clone(),
         node: bootstrap.node.clone(),
         initial_fetch_timeout: source.initial_fetch_timeout,
+        max_message_bytes: source.max_message_bytes,
     };
-    let (config, readiness) = (config.clone(), readiness.clone());
+    let (config, readiness, waiting) = (config.clone(), readiness.clone(), readiness.clone());
     let (counted, connected) = (metrics.clone(), metrics.clone());
     let hooks = weft_xds::Hooks {
         update: Box::new(move |mesh| {
             config.publish(mesh);
         }),
         ready: Box::new(move || readiness.mark_done(CONFIG)),
-        counted: Box::new(move |ty, accepted| {
+        waiting: Box::new(move |what| waiting.set_detail(CONFIG, what)),
+        counted: Box::new(move |ty, outcome| {
             let labels = XdsLabels {
-                resource_type: ty.name(),
-                result: if accepted { "accepted" } else { "rejected" },
+                resource_type: ty.map_or("unknown", weft_xds::ResourceType::name),
+                result: outcome.name(),
             };
             counted.xds_updates.get_or_create(&labels).inc();
         }),

@@ -28,8 +28,14 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// sidecar-to-sidecar hop. 256 KiB is also what the proxy opens upstream streams with.
 pub const DEFAULT_INITIAL_STREAM_WINDOW_SIZE: u32 = 256 * 1024;
 pub const DEFAULT_INITIAL_CONNECTION_WINDOW_SIZE: u32 = 1024 * 1024;
-/// Envoy's `initial_fetch_timeout`: after it the proxy serves with what it has.
+/// Envoy's `initial_fetch_timeout`: after it the proxy serves with part of a configuration.
 pub const DEFAULT_INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// The largest xDS response a proxy takes. gRPC's 4 MiB default is about 7,000 clusters; Istio raises
+/// it, and so does weft.
+pub const DEFAULT_XDS_MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// The bounds a configured `xds.max_message_bytes` must keep (gRPC frames a message with a 32-bit
+/// length).
+pub const XDS_MAX_MESSAGE_BYTES_RANGE: std::ops::RangeInclusive<u64> = (64 << 10)..=(2 << 30);
 /// Istio's trust domain and certificate lifetime defaults.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(24 * 3600);

@@ -140,6 +140,9 @@ pub struct XdsFile {
     pub address: String,
     #[serde(default, with = "humantime_serde")]
     pub initial_fetch_timeout: Option<Duration>,
+    /// The largest response taken, in bytes.
+    #[serde(default)]
+    pub max_message_bytes: Option<u64>,
     /// PEM root to verify an `https://` control plane with.
     #[serde(default)]
     pub root_file: Option<PathBuf>,

@@ -178,6 +178,7 @@ pub struct XdsSource {
     pub root_pem: Option<String>,
     #[serde(with = "humantime_serde")]
     pub initial_fetch_timeout: Duration,
+    pub max_message_bytes: usize,
 }
 
 /// Who this proxy is: the workload it serves.

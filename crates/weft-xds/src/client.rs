@@ -88,6 +88,29 @@ pub struct XdsConfig {
     pub root_pem: Option<String>,
     pub node: Node,
     pub initial_fetch_timeout: Duration,
+    /// The largest response taken (gRPC's 4 MiB default holds about 7,000 clusters).
+    pub max_message_bytes: usize,
+}
+
+/// What became of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every resource in it was applied (ACK).
+    Accepted,
+    /// Some resource in it was refused (NACK).
+    Rejected,
+    /// It was larger than `max_message_bytes`: not read at all.
+    TooLarge,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::TooLarge => "too_large",
+        }
+    }
 }
 
 /// What the admin port shows about the xDS stream.
@@ -101,6 +124,12 @@ pub struct XdsStatus {
     /// The resources as received, for the config dump.
     #[serde(skip)]
     pub received: ReceivedResources,
+    /// Responses received since start.
+    pub responses: u64,
+    /// Whether `initial_fetch_timeout` has passed.
+    pub initial_fetch_timed_out: bool,
+    /// Why the stream last failed, while it is down.
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -120,10 +149,12 @@ pub struct Nack {
 pub struct Hooks {
     /// A new model to publish.
     pub update: Box<dyn Fn(Mesh) + Send + Sync>,
-    /// The first complete configuration arrived, or the initial-fetch timeout passed.
+    /// The first complete configuration arrived, or part of one and the initial-fetch timeout passed.
     pub ready: Box<dyn Fn() + Send + Sync>,
-    /// Counters: (type, accepted).
-    pub counted: Box<dyn Fn(ResourceType, bool) + Send + Sync>,
+    /// What the first configuration still lacks, each time that changes until it is ready.
+    pub waiting: Box<dyn Fn(String) + Send + Sync>,
+    /// Counters: the response's type (unknown for one too large to read) and what became of it.
+    pub counted: Box<dyn Fn(Option<ResourceType>, Outcome) + Send + Sync>,
     pub connected: Box<dyn Fn(bool) + Send + Sync>,
 }
 
@@ -141,11 +172,11 @@ pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks, stop: CancellationToke
     }));
     let hooks = Arc::new(hooks);
     let timeout = config.initial_fetch_timeout;
-    let ready_hooks = hooks.clone();
+    let (ready_hooks, timer_status) = (hooks.clone(), status.clone());
     let stop_timer = stop.clone();
     tokio::spawn(async move {
         tokio::select! {
-            () = tokio::time::sleep(timeout) => (ready_hooks.ready)(),
+            () = tokio::time::sleep(timeout) => initial_fetch_timed_out(&timer_status, &ready_hooks, timeout),
             () = stop_timer.cancelled() => {}
         }
     });
@@ -157,6 +188,7 @@ pub fn spawn(config: XdsConfig, base: Mesh, hooks: Hooks, stop: CancellationToke
         state: XdsState::default(),
         received: ReceivedResources::default(),
         streams: BTreeMap::new(),
+        reported_too_large: None,
     };
     tokio::spawn(async move {
         tokio::select! {
@@ -176,6 +208,8 @@ struct Client {
     received: ReceivedResources,
     /// Per type: last accepted version and the names subscribed (versions survive reconnects).
     streams: BTreeMap<ResourceType, Subscription>,
+    /// The last "response too large" logged, so that each reconnect does not log it again.
+    reported_too_large: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -190,6 +224,8 @@ struct Subscription {
 enum StreamError {
     #[error("stream failed: {0}")]
     Grpc(#[from] tonic::Status),
+    #[error("a response is larger than xds.max_message_bytes: {0}")]
+    TooLarge(String),
     #[error("invalid control plane address: {0}")]
     Address(String),
 }
@@ -198,17 +234,38 @@ impl Client {
     async fn run(mut self) {
         let mut attempt = 0u32;
         loop {
-            let got_responses = match self.stream().await {
+            let (got_responses, error) = match self.stream().await {
                 Ok(()) => {
                     tracing::warn!(control_plane = %self.config.address, "xDS stream closed by the control plane");
-                    true
+                    (true, "the control plane closed the stream".to_owned())
+                }
+                Err((_, StreamError::TooLarge(message))) => {
+                    if self.reported_too_large.as_ref() != Some(&message) {
+                        tracing::error!(
+                            control_plane = %self.config.address,
+                            limit = self.config.max_message_bytes,
+                            %message,
+                            "a response from the control plane is larger than xds.max_message_bytes and was not read; \
+                             keeping the last configuration and retrying slowly. Raise xds.max_message_bytes, or scope \
+                             what this proxy is sent (Istio's Sidecar egress.hosts)"
+                        );
+                        self.reported_too_large = Some(message.clone());
+                    }
+                    (self.hooks.counted)(None, Outcome::TooLarge);
+                    self.record_failure(format!(
+                        "a response is larger than xds.max_message_bytes: {message}"
+                    ));
+                    // It will not shrink by itself, and every proxy of the mesh meets it at once: retry at
+                    // the slowest pace, spread over its second half.
+                    tokio::time::sleep(BACKOFF_MAX.mul_f64(0.5 + rand::random::<f64>() / 2.0)).await;
+                    continue;
                 }
                 Err((got, err)) => {
                     tracing::warn!(control_plane = %self.config.address, error = %err, "xDS stream failed; keeping the last configuration");
-                    got
+                    (got, err.to_string())
                 }
             };
-            self.set_connected(false);
+            self.record_failure(error);
             attempt = if got_responses {
                 0
             } else {
@@ -226,7 +283,9 @@ impl Client {
             CONNECT_TIMEOUT,
         )
         .map_err(|e| (false, StreamError::Address(e.to_string())))?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(self.config.max_message_bytes)
+            .max_encoding_message_size(self.config.max_message_bytes);
         let (tx, rx) = mpsc::unbounded_channel();
         // Nonces do not survive a stream; versions and subscriptions do.
         for sub in self.streams.values_mut() {
@@ -244,6 +303,9 @@ impl Client {
             .map_err(|e| (false, e.into()))?
             .into_inner();
         self.set_connected(true);
+        if let Ok(mut status) = self.status.lock() {
+            status.last_error = None;
+        }
         tracing::info!(control_plane = %self.config.address, "xDS stream open");
         let mut got = false;
         loop {
@@ -253,6 +315,9 @@ impl Client {
                     self.handle(response, &tx);
                 }
                 Ok(None) => return Ok(()),
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    return Err((got, StreamError::TooLarge(status.message().to_owned())));
+                }
                 Err(status) => return Err((got, status.into())),
             }
         }
@@ -284,19 +349,28 @@ impl Client {
         }
     }
 
+    /// Applies a response, publishes the result, then answers it: an ACK says the configuration is in
+    /// force (Envoy's order), so a control plane that sees it knows traffic follows the change.
     fn handle(&mut self, response: DiscoveryResponse, tx: &mpsc::UnboundedSender<DiscoveryRequest>) {
         let Some(ty) = ResourceType::from_type_url(&response.type_url) else {
             tracing::warn!(type_url = %response.type_url, "ignoring a response of a type never asked for");
             return;
         };
+        if let Ok(mut status) = self.status.lock() {
+            status.responses += 1;
+        }
         let errors = self.apply(ty, &response);
         let sub = self.subscription(ty);
         sub.nonce = response.nonce.clone();
         sub.received = true;
         if errors.is_empty() {
             sub.version = response.version_info.clone();
+        }
+        self.publish();
+
+        if errors.is_empty() {
             let _ = tx.send(self.request(ty, None));
-            (self.hooks.counted)(ty, true);
+            (self.hooks.counted)(Some(ty), Outcome::Accepted);
             tracing::debug!(r#type = ty.name(), version = %response.version_info, "xDS update accepted");
         } else {
             let reason = errors
@@ -306,7 +380,7 @@ impl Client {
                 .join("; ");
             tracing::warn!(r#type = ty.name(), version = %response.version_info, %reason, "xDS update rejected (NACK)");
             let _ = tx.send(self.request(ty, Some(reason.clone())));
-            (self.hooks.counted)(ty, false);
+            (self.hooks.counted)(Some(ty), Outcome::Rejected);
             if let Ok(mut status) = self.status.lock() {
                 status.types.entry(ty).or_default().last_nack = Some(Nack {
                     version: response.version_info.clone(),
@@ -327,8 +401,6 @@ impl Client {
             self.subscription(dependent).names = names;
             let _ = tx.send(self.request(dependent, None));
         }
-
-        self.publish();
     }
 
     /// Applies what is valid in a response; returns what was rejected.
@@ -429,15 +501,26 @@ impl Client {
         errors
     }
 
+    /// What the configuration still lacks: a wildcard type not received yet, then every resource
+    /// referenced and not received (warming).
+    fn missing(&self) -> Vec<String> {
+        let mut missing: Vec<String> = [ResourceType::Cluster, ResourceType::Listener]
+            .into_iter()
+            .filter(|t| !self.streams.get(t).is_some_and(|s| s.received))
+            .map(|t| format!("{}s (none received yet)", t.name()))
+            .collect();
+        missing.extend(self.state.warming());
+        missing
+    }
+
     fn publish(&mut self) {
-        let warming = self.state.warming();
-        let complete = warming.is_empty()
-            && [ResourceType::Cluster, ResourceType::Listener]
-                .iter()
-                .all(|t| self.streams.get(t).is_some_and(|s| s.received));
+        let missing = self.missing();
+        let complete = missing.is_empty();
+        let mut timed_out = false;
         if let Ok(mut status) = self.status.lock() {
-            status.warming = warming;
+            status.warming.clone_from(&missing);
             status.received = self.received.clone();
+            timed_out = status.initial_fetch_timed_out;
             for (ty, sub) in &self.streams {
                 let entry = status.types.entry(*ty).or_default();
                 entry.accepted_version = sub.version.clone();
@@ -450,8 +533,25 @@ impl Client {
             }
         }
         (self.hooks.update)(self.state.build(&self.base));
-        if complete {
+        if complete || timed_out {
             (self.hooks.ready)();
+        } else {
+            (self.hooks.waiting)(summary(&missing));
+        }
+    }
+
+    /// The stream is down: why, for the admin view and, before any configuration, for readiness.
+    fn record_failure(&self, error: String) {
+        self.set_connected(false);
+        let first = self.status.lock().is_ok_and(|mut status| {
+            status.last_error = Some(error.clone());
+            status.responses == 0
+        });
+        if first {
+            (self.hooks.waiting)(format!(
+                "no configuration from {} yet: {error}",
+                self.config.address
+            ));
         }
     }
 
@@ -461,6 +561,41 @@ impl Client {
         }
         (self.hooks.connected)(connected);
     }
+}
+
+/// `initial_fetch_timeout` passed. A partial configuration is served from now on, and what it lacks is
+/// logged. With none at all the proxy stays not ready: reporting ready with nothing from the control
+/// plane would let the pod's traffic flow unmeshed.
+fn initial_fetch_timed_out(status: &Mutex<XdsStatus>, hooks: &Hooks, timeout: Duration) {
+    let Ok(mut status) = status.lock() else {
+        return;
+    };
+    status.initial_fetch_timed_out = true;
+    if status.responses == 0 {
+        tracing::warn!(
+            control_plane = %status.control_plane,
+            error = status.last_error.as_deref().unwrap_or("none yet"),
+            "no configuration from the control plane after initial_fetch_timeout ({timeout:?}); not ready until one arrives"
+        );
+    } else if !status.warming.is_empty() {
+        tracing::warn!(
+            control_plane = %status.control_plane,
+            missing = %summary(&status.warming),
+            "initial_fetch_timeout ({timeout:?}) passed with part of the configuration; serving it, ready"
+        );
+        drop(status);
+        (hooks.ready)();
+    }
+}
+
+/// The first few of a list of what is missing, and how many more.
+fn summary(missing: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = format!("missing {}", missing[..missing.len().min(SHOWN)].join(", "));
+    if missing.len() > SHOWN {
+        text.push_str(&format!(" and {} more", missing.len() - SHOWN));
+    }
+    text
 }
 
 /// Fully jittered exponential backoff: uniform in [0, min(max, base * 2^attempt)].

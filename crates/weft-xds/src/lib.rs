@@ -7,4 +7,4 @@ pub mod dump;
 pub mod received;
 pub mod state;
 
-pub use client::{Hooks, ResourceType, XdsConfig, XdsStatus, spawn};
+pub use client::{Hooks, Outcome, ResourceType, XdsConfig, XdsStatus, spawn};

@@ -201,17 +201,20 @@ async fn proxy(config: Option<PathBuf>, xds_address: Option<String>, log: LogCon
                     "--xds-address: \"{address}\" must start with http:// or https://"
                 ));
             }
-            let initial_fetch_timeout = bootstrap
-                .xds
-                .as_ref()
-                .map_or(weft_model::defaults::DEFAULT_INITIAL_FETCH_TIMEOUT, |x| {
-                    x.initial_fetch_timeout
-                });
-            let root_pem = bootstrap.xds.as_ref().and_then(|x| x.root_pem.clone());
+            let file = bootstrap.xds.take();
             bootstrap.xds = Some(weft_model::XdsSource {
                 address,
-                initial_fetch_timeout,
-                root_pem,
+                initial_fetch_timeout: file
+                    .as_ref()
+                    .map_or(weft_model::defaults::DEFAULT_INITIAL_FETCH_TIMEOUT, |x| {
+                        x.initial_fetch_timeout
+                    }),
+                max_message_bytes: file
+                    .as_ref()
+                    .map_or(weft_model::defaults::DEFAULT_XDS_MAX_MESSAGE_BYTES, |x| {
+                        x.max_message_bytes
+                    }),
+                root_pem: file.and_then(|x| x.root_pem),
             });
         }
         Ok((bootstrap, mesh))

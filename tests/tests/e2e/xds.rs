@@ -298,8 +298,11 @@ async fn losing_the_control_plane_changes_nothing_and_a_new_one_resyncs() {
     cp.stop().await;
 }
 
+/// With no configuration at all, the initial-fetch timeout does not make the proxy ready: a pod
+/// reported ready with nothing from its control plane would send its traffic around the mesh. The
+/// reason says which control plane and why.
 #[tokio::test]
-async fn without_a_control_plane_the_proxy_is_not_ready_until_the_initial_fetch_timeout() {
+async fn without_a_control_plane_the_proxy_stays_not_ready_and_says_why() {
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -308,14 +311,132 @@ async fn without_a_control_plane_the_proxy_is_not_ready_until_the_initial_fetch_
         "xds: {{ address: \"http://{dead}\", initial_fetch_timeout: 1s }}"
     ))
     .await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready")
+            .await
+            .1
+            .contains(&format!("no configuration from http://{dead} yet")),
+        "the reason never named the control plane: {}",
+        admin_get(proxy.admin(), "/ready").await.1
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let (status, body) = admin_get(proxy.admin(), "/ready").await;
     assert_eq!(
-        (status, body.as_str()),
-        (503, "not ready: waiting for xds config\n")
+        status, 503,
+        "ready with no configuration after the timeout: {body}"
+    );
+    assert!(
+        body.starts_with("not ready: waiting for xds config (no configuration from"),
+        "{body}"
+    );
+}
+
+/// A first configuration that lacks something waits for it, naming what is missing; once the
+/// initial-fetch timeout has passed, the part that arrived is served and the proxy is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_first_configuration_names_what_is_missing_until_the_initial_fetch_timeout() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::util::pack_any;
+    use weft_test_support::envoy::*;
+
+    let xds = weft_test_support::xds::TestXdsServer::start().await;
+    // A cluster whose endpoints never come, and no listeners at all.
+    xds.set(&url::<Cluster>(), "c1", vec![pack_any(eds_cluster("web"))]);
+    let proxy = TestProxy::start(&format!(
+        "xds: {{ address: \"{}\", initial_fetch_timeout: 3s }}",
+        xds.url()
+    ))
+    .await;
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.1
+            == "not ready: waiting for xds config (missing Listeners (none received yet), ClusterLoadAssignment \"web\")\n",
+        "{}",
+        admin_get(proxy.admin(), "/ready").await.1
+    );
+    xds.set(&url::<Listener>(), "l1", vec![]);
+    assert_eventually!(
+        admin_get(proxy.admin(), "/ready").await.1
+            == "not ready: waiting for xds config (missing ClusterLoadAssignment \"web\")\n",
+        "{}",
+        admin_get(proxy.admin(), "/ready").await.1
     );
     assert_eventually!(
         admin_get(proxy.admin(), "/ready").await.0 == 200,
-        "initial fetch timeout did not end the wait"
+        "the initial fetch timeout did not end the wait of a partial configuration"
+    );
+}
+
+/// A response larger than `xds.max_message_bytes` is not a reconnect loop: it is counted, the reason is
+/// on /ready, and the proxy retries slowly. A proxy with the default limit (64 MiB) takes the same
+/// response (gRPC's own 4 MiB default would have refused it at about 7,000 clusters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_over_max_message_bytes_is_counted_and_retried_slowly() {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::util::pack_any;
+    use weft_test_support::envoy::*;
+
+    let web = HttpServer::start("web").await;
+    let xds = weft_test_support::xds::TestXdsServer::start().await;
+    let names: Vec<String> = (0..2_000)
+        .map(|i| format!("outbound|8080||service-{i}.default.svc.cluster.local"))
+        .collect();
+    xds.set(
+        &url::<Cluster>(),
+        "c1",
+        names.iter().map(|n| pack_any(eds_cluster(n))).collect(),
+    );
+    xds.set(
+        &url::<ClusterLoadAssignment>(),
+        "e1",
+        names.iter().map(|n| endpoints(n, web.addr)).collect(),
+    );
+    xds.set(&url::<Listener>(), "l1", vec![]);
+
+    let small = TestProxy::start(&format!(
+        "xds: {{ address: \"{}\", initial_fetch_timeout: 1s, max_message_bytes: 65536 }}",
+        xds.url()
+    ))
+    .await;
+    assert_eventually!(
+        weft_test_support::metric(
+            &small.metrics().await,
+            "weft_xds_updates_total",
+            &[("resource_type", "unknown"), ("result", "too_large")]
+        ) >= 1.0,
+        "the oversized response was not counted"
+    );
+    let (status, body) = admin_get(small.admin(), "/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("larger than xds.max_message_bytes"), "{body}");
+    let first_requests = || {
+        xds.requests()
+            .iter()
+            .filter(|r| r.type_url == url::<Cluster>() && r.response_nonce.is_empty())
+            .count()
+    };
+    // The next attempt comes 7.5-15 s later (an ordinary failure's backoff starts at 250 ms).
+    let streams = first_requests();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        first_requests(),
+        streams,
+        "a new stream within 3 s: a reconnect loop"
+    );
+    assert_eq!(admin_get(small.admin(), "/ready").await.0, 503);
+
+    let default = TestProxy::start(&format!("xds: {{ address: \"{}\" }}", xds.url())).await;
+    assert_eventually!(
+        admin_get(default.admin(), "/ready").await.0 == 200,
+        "the proxy with the default limit never took the configuration: {}",
+        admin_get(default.admin(), "/ready").await.1
+    );
+    let (_, clusters) = admin_get(default.admin(), "/clusters").await;
+    assert!(
+        clusters.contains("outbound|8080||service-1999.default.svc.cluster.local::"),
+        "{clusters}"
     );
 }
 

@@ -32,6 +32,7 @@ impl ProxyFile {
                     root_pem: read_root("xds.root_file", &x.address, x.root_file.as_deref())?,
                     address: x.address,
                     initial_fetch_timeout: x.initial_fetch_timeout.unwrap_or(DEFAULT_INITIAL_FETCH_TIMEOUT),
+                    max_message_bytes: xds_max_message_bytes(x.max_message_bytes)?,
                 }),
                 None => None,
             },
@@ -768,4 +769,22 @@ impl NodeFile {
             service_account,
         }
     }
+}
+
+fn xds_max_message_bytes(bytes: Option<u64>) -> Result<usize, Invalid> {
+    let Some(bytes) = bytes else {
+        return Ok(DEFAULT_XDS_MAX_MESSAGE_BYTES);
+    };
+    if !XDS_MAX_MESSAGE_BYTES_RANGE.contains(&bytes) {
+        return Err(invalid(
+            "xds.max_message_bytes",
+            format!(
+                "{bytes} is outside {}..={} bytes",
+                XDS_MAX_MESSAGE_BYTES_RANGE.start(),
+                XDS_MAX_MESSAGE_BYTES_RANGE.end()
+            ),
+        ));
+    }
+    usize::try_from(bytes)
+        .map_err(|_| invalid("xds.max_message_bytes", format!("{bytes} does not fit in memory")))
 }
