@@ -103,8 +103,10 @@ impl Snapshot {
 struct Builder<'a> {
     /// What this proxy sees of the mesh.
     scope: Scope<'a>,
-    clusters: BTreeMap<String, Cluster>,
-    endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    /// Clusters and load assignments are final once made: kept encoded (a `Cluster` is several KiB as
+    /// a struct and a few hundred bytes encoded, and a proxy may see 30,000 of them).
+    clusters: BTreeMap<String, Any>,
+    endpoints: BTreeMap<String, Any>,
     listeners: BTreeMap<String, Listener>,
     routes: BTreeMap<String, RouteConfiguration>,
     /// Access logs of the client side (outbound listeners) and the server side (inbound).
@@ -138,24 +140,27 @@ pub fn snapshot(catalog: &Catalog, node: &NodeInfo) -> Snapshot {
     b.capture_listeners(catalog, node);
 
     let mut snapshot = Snapshot::default();
-    insert(&mut snapshot, b.clusters);
-    insert(&mut snapshot, b.endpoints);
+    insert_packed::<Cluster>(&mut snapshot, b.clusters);
+    insert_packed::<ClusterLoadAssignment>(&mut snapshot, b.endpoints);
     insert(&mut snapshot, b.listeners);
     insert(&mut snapshot, b.routes);
     snapshot
 }
 
 fn insert<M: Message + Name>(snapshot: &mut Snapshot, resources: BTreeMap<String, M>) {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    let resources: BTreeMap<String, Any> = resources
+    let packed = resources
         .into_iter()
-        .map(|(name, m)| {
-            let any = pack_any(m);
-            name.hash(&mut hasher);
-            any.value.hash(&mut hasher);
-            (name, any)
-        })
+        .map(|(name, m)| (name, pack_any(m)))
         .collect();
+    insert_packed::<M>(snapshot, packed);
+}
+
+fn insert_packed<M: Name>(snapshot: &mut Snapshot, resources: BTreeMap<String, Any>) {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for (name, any) in &resources {
+        name.hash(&mut hasher);
+        any.value.hash(&mut hasher);
+    }
     let version = format!("{:016x}", hasher.finish());
     snapshot
         .types
@@ -334,7 +339,7 @@ impl Builder<'_> {
             .collect();
         self.clusters.insert(
             name.to_owned(),
-            Cluster {
+            pack_any(Cluster {
                 name: name.to_owned(),
                 cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
                 eds_cluster_config: Some(EdsClusterConfig {
@@ -352,7 +357,7 @@ impl Builder<'_> {
                 typed_extension_protocol_options,
                 transport_socket: identities.map(|ids| upstream_tls(&ids)),
                 ..Default::default()
-            },
+            }),
         );
     }
 
@@ -382,14 +387,14 @@ impl Builder<'_> {
             .collect();
         self.endpoints.insert(
             cluster.to_owned(),
-            ClusterLoadAssignment {
+            pack_any(ClusterLoadAssignment {
                 cluster_name: cluster.to_owned(),
                 endpoints: vec![LocalityLbEndpoints {
                     lb_endpoints,
                     ..Default::default()
                 }],
                 ..Default::default()
-            },
+            }),
         );
     }
 
@@ -474,23 +479,23 @@ impl Builder<'_> {
     fn capture_listeners(&mut self, catalog: &Catalog, node: &NodeInfo) {
         self.clusters.insert(
             crate::PASSTHROUGH.into(),
-            Cluster {
+            pack_any(Cluster {
                 name: crate::PASSTHROUGH.into(),
                 cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
                 lb_policy: XLbPolicy::ClusterProvided as i32,
                 ..Default::default()
-            },
+            }),
         );
         // Istio's egress: what the proxy does not know passes through, or with the Sidecar's
         // REGISTRY_ONLY goes to the BlackHoleCluster (a static cluster without endpoints).
         let egress = if self.scope.registry_only() {
             self.clusters.insert(
                 BLACKHOLE.into(),
-                Cluster {
+                pack_any(Cluster {
                     name: BLACKHOLE.into(),
                     cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
                     ..Default::default()
-                },
+                }),
             );
             BLACKHOLE
         } else {
