@@ -124,13 +124,14 @@ impl ControlPlane {
                 // Fingerprint first, then load: a file written after the load differs from the
                 // fingerprint, so the watcher loads it however late its task first runs.
                 let seen = fingerprint(&dir);
-                let (catalog, found) = load_dir(&dir);
+                let mut loader = resources::DirLoader::default();
+                let (catalog, found) = loader.load(&dir);
                 report(&found);
                 if let Ok(mut p) = problems.lock() {
                     *p = found;
                 }
                 let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
-                let watcher = tokio::spawn(watch_dir(dir, seen, catalog_tx, problems.clone()));
+                let watcher = tokio::spawn(watch_dir(dir, loader, seen, catalog_tx, problems.clone()));
                 (catalog_rx, vec![watcher])
             }
             Source::Kubernetes(client) => {
@@ -318,6 +319,7 @@ fn report(problems: &[Problem]) {
 /// catalog if its content differs.
 async fn watch_dir(
     dir: PathBuf,
+    mut loader: resources::DirLoader,
     mut seen: Fingerprint,
     catalog: watch::Sender<Arc<Catalog>>,
     problems: Arc<Mutex<Vec<Problem>>>,
@@ -329,7 +331,7 @@ async fn watch_dir(
             continue;
         }
         seen = now;
-        let (mut next, found) = load_dir(&dir);
+        let (mut next, found) = loader.load(&dir);
         report(&found);
         resources::keep_last_good(&catalog.borrow(), &mut next, &found);
         if let Ok(mut p) = problems.lock() {

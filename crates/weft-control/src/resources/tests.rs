@@ -426,3 +426,43 @@ fn scoping_that_does_not_parse_is_refused_by_name() {
         "{problems:?}"
     );
 }
+
+/// Loading a directory again parses only the files that changed, and gives what a fresh load gives.
+#[test]
+fn a_directory_loaded_again_parses_only_the_changed_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = |name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name} }}\nspec: {{ selector: {{ app: {name} }}, ports: [{{ port: {port} }}] }}\n"
+        )
+    };
+    for name in ["a", "b", "c"] {
+        std::fs::write(dir.path().join(format!("{name}.yaml")), service(name, 80)).unwrap();
+    }
+    let mut loader = DirLoader::default();
+    let (first, problems) = loader.load(dir.path());
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!((first.services.len(), loader.parsed), (3, 3));
+
+    // A different size, so the change shows whatever the file system's time resolution.
+    std::fs::write(dir.path().join("b.yaml"), service("b", 8080)).unwrap();
+    std::fs::write(dir.path().join("d.yaml"), "kind: [broken\n").unwrap();
+    std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
+    let (second, problems) = loader.load(dir.path());
+    assert_eq!(loader.parsed, 2, "only b.yaml and the new d.yaml are parsed");
+    assert_eq!(
+        (second, problems),
+        load_dir(dir.path()),
+        "the same as a fresh load"
+    );
+    let (again, _) = loader.load(dir.path());
+    assert_eq!(loader.parsed, 0);
+    assert_eq!(
+        again
+            .services
+            .iter()
+            .map(|s| s.spec.ports[0].port)
+            .collect::<Vec<_>>(),
+        [80, 8080]
+    );
+}
